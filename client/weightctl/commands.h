@@ -1,0 +1,12 @@
+// The sub-commands of weightctl. Each takes argv with argv[0] = the sub-command name and
+// returns the process exit code: 0 on success, 1 on an error it reported, 2 on a usage error.
+#ifndef WEIGHTD_CLIENT_WEIGHTCTL_COMMANDS_H_
+#define WEIGHTD_CLIENT_WEIGHTCTL_COMMANDS_H_
+
+namespace weightd::cli {
+
+int InspectMain(int argc, char** argv);
+
+}  // namespace weightd::cli
+
+#endif  // WEIGHTD_CLIENT_WEIGHTCTL_COMMANDS_H_

@@ -1,0 +1,301 @@
+#include "weightd/checkpoint.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "weightd/file_util.h"
+#include "weightd/mapped_file.h"
+#include "weightd/safetensors.h"
+#include "weightd/status_macros.h"
+#include "weightd/unique_fd.h"
+
+namespace weightd {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr absl::string_view kIndexName = "model.safetensors.index.json";
+constexpr uint64_t kMaxIndexBytes = 256ull << 20;
+
+// Parses model.safetensors.index.json into (tensor name -> shard file name).
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ParseIndex(
+    const std::string& path) {
+  WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxIndexBytes));
+  nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded() || !doc.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid JSON object"));
+  }
+  auto wm = doc.find("weight_map");
+  if (wm == doc.end() || !wm->is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": missing 'weight_map' object (tensor name -> shard file)"));
+  }
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(wm->size());
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    if (!it.value().is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
+                                                     it.key(), "' is not a file name string"));
+    }
+    std::string file = it.value().get<std::string>();
+    // The shard must live in the checkpoint directory: no path components.
+    if (file.empty() || absl::StrContains(file, "/") || file == "." || file == "..") {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
+                                                     it.key(), "' names '", file,
+                                                     "', which is not a plain file name"));
+    }
+    out.emplace_back(it.key(), std::move(file));
+  }
+  return out;
+}
+
+// Parses the headers of `paths` on a few threads. Results are in input order; the first error
+// in input order wins so that messages are deterministic.
+absl::StatusOr<std::vector<SafetensorsFile>> ReadHeaders(const std::vector<std::string>& paths) {
+  std::vector<absl::StatusOr<SafetensorsFile>> results(paths.size(),
+                                                       absl::UnknownError("not read"));
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t nthreads = std::min<size_t>({paths.size(), static_cast<size_t>(hw), 16});
+  std::atomic<size_t> next{0};
+  auto work = [&]() {
+    for (size_t i = next.fetch_add(1); i < paths.size(); i = next.fetch_add(1)) {
+      results[i] = ReadSafetensorsFile(paths[i]);
+    }
+  };
+  if (nthreads <= 1) {
+    work();
+  } else {
+    std::vector<std::thread> threads;
+    threads.reserve(nthreads - 1);
+    for (size_t i = 0; i + 1 < nthreads; ++i) threads.emplace_back(work);
+    work();
+    for (std::thread& t : threads) t.join();
+  }
+  std::vector<SafetensorsFile> out;
+  out.reserve(paths.size());
+  for (auto& r : results) {
+    if (!r.ok()) return std::move(r).status();
+    out.push_back(*std::move(r));
+  }
+  return out;
+}
+
+}  // namespace
+
+struct Checkpoint::State {
+  std::string dir;
+  std::vector<CheckpointFile> files;
+  std::vector<CheckpointTensor> tensors;
+  absl::flat_hash_map<absl::string_view, uint32_t> by_name;
+  uint64_t total_bytes = 0;
+  std::optional<ModelConfig> config;
+
+  mutable absl::Mutex map_mu;
+  mutable std::vector<std::unique_ptr<MappedFile>> maps ABSL_GUARDED_BY(map_mu);
+  mutable std::vector<UniqueFd> fds ABSL_GUARDED_BY(map_mu);
+};
+
+Checkpoint::Checkpoint(std::unique_ptr<State> state) : state_(std::move(state)) {}
+Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
+Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
+Checkpoint::~Checkpoint() = default;
+
+const std::string& Checkpoint::dir() const { return state_->dir; }
+const std::vector<CheckpointFile>& Checkpoint::files() const { return state_->files; }
+const std::vector<CheckpointTensor>& Checkpoint::tensors() const { return state_->tensors; }
+uint64_t Checkpoint::total_bytes() const { return state_->total_bytes; }
+const std::optional<ModelConfig>& Checkpoint::config() const { return state_->config; }
+
+const CheckpointTensor* Checkpoint::Find(absl::string_view name) const {
+  auto it = state_->by_name.find(name);
+  return it == state_->by_name.end() ? nullptr : &state_->tensors[it->second];
+}
+
+absl::StatusOr<const ModelConfig*> Checkpoint::RequireConfig(absl::string_view needed_for) const {
+  if (state_->config) return &*state_->config;
+  return absl::InvalidArgumentError(absl::StrCat("checkpoint '", state_->dir,
+                                                 "' has no config.json, needed for ",
+                                                 needed_for));
+}
+
+absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
+  auto state = std::make_unique<State>();
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) {
+    return absl::NotFoundError(absl::StrCat("checkpoint path '", path, "' does not exist"));
+  }
+
+  std::vector<std::string> shard_names;
+  std::vector<std::pair<std::string, std::string>> index;
+  bool have_index = false;
+  std::string index_path;
+  if (fs::is_directory(st)) {
+    state->dir = path;
+    index_path = (fs::path(path) / std::string(kIndexName)).string();
+    if (fs::exists(index_path, ec)) {
+      have_index = true;
+      WD_ASSIGN_OR_RETURN(index, ParseIndex(index_path));
+      for (const auto& [tensor, file] : index) shard_names.push_back(file);
+      std::sort(shard_names.begin(), shard_names.end());
+      shard_names.erase(std::unique(shard_names.begin(), shard_names.end()), shard_names.end());
+      for (const std::string& f : shard_names) {
+        if (!fs::is_regular_file(fs::path(path) / f, ec)) {
+          return absl::NotFoundError(absl::StrCat(index_path, ": names shard '", f,
+                                                  "', which does not exist in '", path, "'"));
+        }
+      }
+    } else {
+      for (const auto& entry : fs::directory_iterator(path, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (absl::EndsWith(name, ".safetensors") && entry.is_regular_file()) {
+          shard_names.push_back(name);
+        }
+      }
+      if (ec) return ErrnoError(ec.value(), absl::StrCat("list directory '", path, "'"));
+      std::sort(shard_names.begin(), shard_names.end());
+      if (shard_names.empty()) {
+        return absl::NotFoundError(absl::StrCat("'", path, "' contains no *.safetensors files and "
+                                                "no ", kIndexName));
+      }
+    }
+  } else {
+    const fs::path p(path);
+    state->dir = p.has_parent_path() ? p.parent_path().string() : std::string(".");
+    shard_names.push_back(p.filename().string());
+  }
+
+  std::vector<std::string> paths;
+  paths.reserve(shard_names.size());
+  for (const std::string& n : shard_names) paths.push_back((fs::path(state->dir) / n).string());
+  WD_ASSIGN_OR_RETURN(std::vector<SafetensorsFile> headers, ReadHeaders(paths));
+
+  size_t count = 0;
+  for (const SafetensorsFile& h : headers) count += h.header.tensors.size();
+  state->tensors.reserve(count);
+  for (uint32_t fi = 0; fi < headers.size(); ++fi) {
+    SafetensorsFile& h = headers[fi];
+    CheckpointFile& cf = state->files.emplace_back();
+    cf.path = h.path;
+    cf.name = shard_names[fi];
+    cf.file_size = h.file_size;
+    cf.data_offset = h.data_offset;
+    cf.metadata = std::move(h.header.metadata);
+    for (TensorInfo& t : h.header.tensors) {
+      CheckpointTensor& ct = state->tensors.emplace_back();
+      ct.name = std::move(t.name);
+      ct.dtype = t.dtype;
+      ct.shape = std::move(t.shape);
+      ct.file = fi;
+      ct.offset = h.data_offset + t.begin;
+      ct.nbytes = t.end - t.begin;
+      state->total_bytes += ct.nbytes;
+    }
+  }
+  std::sort(state->tensors.begin(), state->tensors.end(),
+            [](const CheckpointTensor& a, const CheckpointTensor& b) { return a.name < b.name; });
+  for (size_t i = 1; i < state->tensors.size(); ++i) {
+    const CheckpointTensor& a = state->tensors[i - 1];
+    const CheckpointTensor& b = state->tensors[i];
+    if (a.name == b.name) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", a.name, "' is stored in two shards: '", state->files[a.file].path,
+          "' and '", state->files[b.file].path, "'"));
+    }
+  }
+  state->by_name.reserve(state->tensors.size());
+  for (uint32_t i = 0; i < state->tensors.size(); ++i) {
+    state->by_name.emplace(state->tensors[i].name, i);
+  }
+
+  if (have_index) {
+    absl::flat_hash_map<absl::string_view, absl::string_view> listed;
+    listed.reserve(index.size());
+    for (const auto& [tensor, file] : index) listed.emplace(tensor, file);
+    for (const auto& [tensor, file] : index) {
+      auto it = state->by_name.find(tensor);
+      if (it == state->by_name.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(index_path, ": tensor '", tensor,
+                                                       "' is listed in shard '", file,
+                                                       "' but that shard does not contain it"));
+      }
+      const CheckpointTensor& t = state->tensors[it->second];
+      if (state->files[t.file].name != file) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            index_path, ": tensor '", tensor, "' is listed in shard '", file,
+            "' but is stored in '", state->files[t.file].name, "'"));
+      }
+    }
+    for (const CheckpointTensor& t : state->tensors) {
+      if (!listed.contains(t.name)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", t.name, "' is stored in '", state->files[t.file].path, "' but ",
+            index_path, " does not list it"));
+      }
+    }
+  }
+
+  const std::string config_path = (fs::path(state->dir) / "config.json").string();
+  if (fs::exists(config_path, ec)) {
+    WD_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::Load(config_path));
+    state->config = std::move(cfg);
+  }
+  {
+    absl::MutexLock lock(&state->map_mu);
+    state->maps.resize(state->files.size());
+    state->fds.resize(state->files.size());
+  }
+  return Checkpoint(std::move(state));
+}
+
+absl::StatusOr<std::span<const std::byte>> Checkpoint::MapTensor(const CheckpointTensor& t) const {
+  if (t.file >= state_->files.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' has no such file"));
+  }
+  const MappedFile* m = nullptr;
+  {
+    absl::MutexLock lock(&state_->map_mu);
+    std::unique_ptr<MappedFile>& slot = state_->maps[t.file];
+    if (!slot) {
+      WD_ASSIGN_OR_RETURN(MappedFile mf, MappedFile::Open(state_->files[t.file].path));
+      slot = std::make_unique<MappedFile>(std::move(mf));
+    }
+    m = slot.get();
+  }
+  if (t.offset + t.nbytes > m->size()) {
+    return absl::DataLossError(absl::StrCat("'", state_->files[t.file].path, "' is ", m->size(),
+                                            " bytes, too short for tensor '", t.name,
+                                            "' at offset ", t.offset, " (file truncated?)"));
+  }
+  return m->bytes().subspan(t.offset, t.nbytes);
+}
+
+absl::Status Checkpoint::ReadAt(uint32_t file, uint64_t offset, uint64_t len, void* dst) const {
+  if (file >= state_->files.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("no file #", file, " in the checkpoint"));
+  }
+  int fd = -1;
+  {
+    absl::MutexLock lock(&state_->map_mu);
+    UniqueFd& slot = state_->fds[file];
+    if (!slot) {
+      WD_ASSIGN_OR_RETURN(slot, UniqueFd::Open(state_->files[file].path, O_RDONLY));
+    }
+    fd = slot.get();
+  }
+  return PreadExact(fd, dst, len, offset, state_->files[file].path);
+}
+
+}  // namespace weightd

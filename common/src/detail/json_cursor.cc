@@ -1,0 +1,237 @@
+#include "detail/json_cursor.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace weightd::detail {
+namespace {
+
+bool IsWs(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+void AppendUtf8(uint32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+}  // namespace
+
+void JsonCursor::SkipWhitespace() {
+  while (pos_ < text_.size() && IsWs(text_[pos_])) ++pos_;
+}
+
+char JsonCursor::Peek() {
+  SkipWhitespace();
+  return pos_ < text_.size() ? text_[pos_] : '\0';
+}
+
+std::string JsonCursor::Where() const {
+  if (pos_ >= text_.size()) return absl::StrCat("at byte ", pos_, " (end of header)");
+  const unsigned char c = static_cast<unsigned char>(text_[pos_]);
+  if (c >= 0x20 && c < 0x7F) return absl::StrFormat("at byte %d (found '%c')", pos_, c);
+  return absl::StrFormat("at byte %d (found byte 0x%02x)", pos_, c);
+}
+
+absl::Status JsonCursor::Error(absl::string_view message) const {
+  return absl::InvalidArgumentError(absl::StrCat("invalid JSON: ", message, " ", Where()));
+}
+
+absl::Status JsonCursor::Expect(char c) {
+  if (Peek() != c || AtEnd()) return Error(absl::StrCat("expected '", std::string(1, c), "'"));
+  ++pos_;
+  return absl::OkStatus();
+}
+
+bool JsonCursor::Consume(char c) {
+  if (Peek() == c && !AtEnd()) {
+    ++pos_;
+    return true;
+  }
+  return false;
+}
+
+absl::Status JsonCursor::ParseString(std::string* out) {
+  if (Peek() != '"' || AtEnd()) return Error("expected a string");
+  ++pos_;
+  out->clear();
+  while (true) {
+    // Fast path: copy the run of plain characters in one go.
+    size_t run = pos_;
+    while (run < text_.size()) {
+      const unsigned char c = static_cast<unsigned char>(text_[run]);
+      if (c == '"' || c == '\\' || c < 0x20) break;
+      ++run;
+    }
+    out->append(text_.data() + pos_, run - pos_);
+    pos_ = run;
+    if (pos_ >= text_.size()) return Error("unterminated string");
+    const char c = text_[pos_];
+    if (c == '"') {
+      ++pos_;
+      return absl::OkStatus();
+    }
+    if (c != '\\') return Error("control character inside a string");
+    if (pos_ + 1 >= text_.size()) return Error("unterminated escape");
+    const char e = text_[pos_ + 1];
+    pos_ += 2;
+    switch (e) {
+      case '"': out->push_back('"'); break;
+      case '\\': out->push_back('\\'); break;
+      case '/': out->push_back('/'); break;
+      case 'b': out->push_back('\b'); break;
+      case 'f': out->push_back('\f'); break;
+      case 'n': out->push_back('\n'); break;
+      case 'r': out->push_back('\r'); break;
+      case 't': out->push_back('\t'); break;
+      case 'u': {
+        auto read_hex4 = [&](uint32_t* v) -> bool {
+          if (pos_ + 4 > text_.size()) return false;
+          uint32_t r = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int h = HexValue(text_[pos_ + i]);
+            if (h < 0) return false;
+            r = (r << 4) | static_cast<uint32_t>(h);
+          }
+          pos_ += 4;
+          *v = r;
+          return true;
+        };
+        uint32_t cp = 0;
+        if (!read_hex4(&cp)) return Error("bad \\u escape");
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+          uint32_t lo = 0;
+          if (pos_ + 2 > text_.size() || text_[pos_] != '\\' || text_[pos_ + 1] != 'u') {
+            return Error("unpaired UTF-16 surrogate in \\u escape");
+          }
+          pos_ += 2;
+          if (!read_hex4(&lo) || lo < 0xDC00 || lo > 0xDFFF) {
+            return Error("unpaired UTF-16 surrogate in \\u escape");
+          }
+          cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+          return Error("unpaired UTF-16 surrogate in \\u escape");
+        }
+        AppendUtf8(cp, out);
+        break;
+      }
+      default:
+        pos_ -= 1;
+        return Error("unknown escape");
+    }
+  }
+}
+
+absl::Status JsonCursor::ParseUint64(uint64_t* out, absl::string_view what) {
+  const char first = Peek();
+  if (first == '-') return Error(absl::StrCat(what, " must not be negative"));
+  if (first < '0' || first > '9' || AtEnd()) {
+    return Error(absl::StrCat(what, " must be a non-negative integer"));
+  }
+  if (first == '0' && pos_ + 1 < text_.size() && text_[pos_ + 1] >= '0' &&
+      text_[pos_ + 1] <= '9') {
+    return Error(absl::StrCat(what, " has a leading zero"));
+  }
+  uint64_t v = 0;
+  while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') {
+    const uint64_t digit = static_cast<uint64_t>(text_[pos_] - '0');
+    if (v > (UINT64_MAX - digit) / 10) {
+      return Error(absl::StrCat(what, " does not fit in 64 bits"));
+    }
+    v = v * 10 + digit;
+    ++pos_;
+  }
+  if (pos_ < text_.size() && (text_[pos_] == '.' || text_[pos_] == 'e' || text_[pos_] == 'E')) {
+    return Error(absl::StrCat(what, " must be an integer"));
+  }
+  *out = v;
+  return absl::OkStatus();
+}
+
+absl::Status JsonCursor::SkipNumber() {
+  if (pos_ < text_.size() && text_[pos_] == '-') ++pos_;
+  auto digits = [&]() {
+    const size_t start = pos_;
+    while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
+    return pos_ - start;
+  };
+  if (pos_ < text_.size() && text_[pos_] == '0') {
+    ++pos_;
+  } else if (digits() == 0) {
+    return Error("malformed number");
+  }
+  if (pos_ < text_.size() && text_[pos_] == '.') {
+    ++pos_;
+    if (digits() == 0) return Error("malformed number");
+  }
+  if (pos_ < text_.size() && (text_[pos_] == 'e' || text_[pos_] == 'E')) {
+    ++pos_;
+    if (pos_ < text_.size() && (text_[pos_] == '+' || text_[pos_] == '-')) ++pos_;
+    if (digits() == 0) return Error("malformed number");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status JsonCursor::SkipLiteral(absl::string_view word) {
+  if (text_.substr(pos_, word.size()) != word) return Error("unexpected token");
+  pos_ += word.size();
+  return absl::OkStatus();
+}
+
+absl::Status JsonCursor::SkipValue(int depth) {
+  if (depth > kMaxDepth) return Error("nesting deeper than 64 levels");
+  std::string scratch;
+  switch (Peek()) {
+    case '"':
+      return ParseString(&scratch);
+    case '{': {
+      ++pos_;
+      if (Consume('}')) return absl::OkStatus();
+      do {
+        if (absl::Status s = ParseString(&scratch); !s.ok()) return s;
+        if (absl::Status s = Expect(':'); !s.ok()) return s;
+        if (absl::Status s = SkipValue(depth + 1); !s.ok()) return s;
+      } while (Consume(','));
+      return Expect('}');
+    }
+    case '[': {
+      ++pos_;
+      if (Consume(']')) return absl::OkStatus();
+      do {
+        if (absl::Status s = SkipValue(depth + 1); !s.ok()) return s;
+      } while (Consume(','));
+      return Expect(']');
+    }
+    case 't':
+      return SkipLiteral("true");
+    case 'f':
+      return SkipLiteral("false");
+    case 'n':
+      return SkipLiteral("null");
+    default:
+      if (AtEnd()) return Error("expected a value");
+      return SkipNumber();
+  }
+}
+
+}  // namespace weightd::detail

@@ -1,0 +1,122 @@
+#include "weightd/model_config.h"
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "weightd/file_util.h"
+#include "weightd/status_macros.h"
+
+namespace weightd {
+namespace {
+
+constexpr uint64_t kMaxConfigBytes = 16ull << 20;
+
+template <typename Map, typename T>
+void PutIfAbsent(Map& m, const std::string& k, T v) {
+  m.try_emplace(k, std::move(v));
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> ModelConfig::Parse(absl::string_view json, absl::string_view label) {
+  nlohmann::json doc = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded()) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": not valid JSON"));
+  }
+  if (!doc.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": top level is not a JSON object"));
+  }
+  ModelConfig cfg;
+  cfg.label_ = std::string(label);
+  // Top-level fields first, then `text_config` fills in what the top level lacks.
+  auto absorb = [&cfg](const nlohmann::json& obj) {
+    for (auto it = obj.begin(); it != obj.end(); ++it) {
+      const nlohmann::json& v = it.value();
+      if (v.is_boolean()) {
+        PutIfAbsent(cfg.bools_, it.key(), v.get<bool>());
+      } else if (v.is_number_integer()) {
+        PutIfAbsent(cfg.ints_, it.key(), v.get<int64_t>());
+      } else if (v.is_number_float()) {
+        const double d = v.get<double>();
+        // Some writers emit integral fields as 4096.0.
+        if (d == static_cast<double>(static_cast<int64_t>(d))) {
+          PutIfAbsent(cfg.ints_, it.key(), static_cast<int64_t>(d));
+        }
+      } else if (v.is_string()) {
+        PutIfAbsent(cfg.strings_, it.key(), v.get<std::string>());
+      }
+    }
+  };
+  absorb(doc);
+  if (auto tc = doc.find("text_config"); tc != doc.end() && tc->is_object()) absorb(*tc);
+  if (auto a = doc.find("architectures"); a != doc.end()) {
+    if (!a->is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": 'architectures' must be an array of strings"));
+    }
+    for (const auto& e : *a) {
+      if (!e.is_string()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(label, ": 'architectures' must be an array of strings"));
+      }
+      cfg.architectures_.push_back(e.get<std::string>());
+    }
+  }
+  cfg.model_type_ = cfg.GetString("model_type").value_or("");
+  return cfg;
+}
+
+absl::StatusOr<ModelConfig> ModelConfig::Load(const std::string& path) {
+  WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxConfigBytes));
+  return Parse(text, path);
+}
+
+std::optional<int64_t> ModelConfig::GetInt(absl::string_view key) const {
+  auto it = ints_.find(key);
+  if (it == ints_.end()) return std::nullopt;
+  return it->second;
+}
+
+std::optional<bool> ModelConfig::GetBool(absl::string_view key) const {
+  auto it = bools_.find(key);
+  if (it == bools_.end()) return std::nullopt;
+  return it->second;
+}
+
+std::optional<std::string> ModelConfig::GetString(absl::string_view key) const {
+  auto it = strings_.find(key);
+  if (it == strings_.end()) return std::nullopt;
+  return it->second;
+}
+
+absl::StatusOr<int64_t> ModelConfig::RequireInt(absl::string_view key,
+                                                absl::string_view needed_for) const {
+  if (std::optional<int64_t> v = GetInt(key)) return *v;
+  return absl::InvalidArgumentError(absl::StrCat(label_, ": missing integer field '", key,
+                                                 "', needed for ", needed_for));
+}
+
+std::optional<int64_t> ModelConfig::num_key_value_heads() const {
+  if (auto v = GetInt("num_key_value_heads")) return v;
+  return num_attention_heads();
+}
+
+std::optional<int64_t> ModelConfig::HeadDim() const {
+  if (auto v = GetInt("head_dim")) return v;
+  auto h = hidden_size();
+  auto n = num_attention_heads();
+  if (!h || !n || *n <= 0) return std::nullopt;
+  return *h / *n;
+}
+
+std::optional<int64_t> ModelConfig::num_experts() const {
+  if (auto v = GetInt("num_local_experts")) return v;
+  return GetInt("num_experts");
+}
+
+std::optional<std::string> ModelConfig::torch_dtype() const {
+  if (auto v = GetString("torch_dtype")) return v;
+  return GetString("dtype");
+}
+
+}  // namespace weightd
