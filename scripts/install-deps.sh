@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what building and testing weightd needs, skipping what is already there.
+# Debian packages for C++ dependencies, PyPI for the Python test helpers.
+set -euo pipefail
+
+APT_PACKAGES=(
+  build-essential cmake ninja-build pkg-config git
+  clang libclang-rt-14-dev
+  liburing-dev libabsl-dev nlohmann-json3-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libsystemd-dev systemd
+  python3 python3-pip
+)
+PIP_PACKAGES=(numpy safetensors pytest)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing Debian packages: ${missing[*]}"
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+need_pip=()
+for p in "${PIP_PACKAGES[@]}"; do
+  "$PYTHON" -c "import $p" 2>/dev/null || need_pip+=("$p")
+done
+if ((${#need_pip[@]})); then
+  echo "install-deps: installing Python packages: ${need_pip[*]}"
+  "$PYTHON" -m pip install -q --disable-pip-version-check "${need_pip[@]}" ||
+    "$PYTHON" -m pip install -q --disable-pip-version-check --break-system-packages "${need_pip[@]}"
+fi
