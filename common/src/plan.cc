@@ -577,9 +577,10 @@ absl::Status Builder::LayOut(const Group& g, int r, RankTarget* out) const {
       const int64_t v = s[0];
       const int64_t vp = (v + kVocabPadding - 1) / kVocabPadding * kVocabPadding;
       if (vp % tp) {
-        return Indivisible(absl::StrCat(DimLabel(*m->rule, 0), " padded to a multiple of 64 = ", vp,
-                                        ", vocab rows"),
-                           vp, T(m->tensor).name);
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--tp ", tp, " does not divide the padded vocabulary of tensor '", T(m->tensor).name,
+            "': ", DimLabel(*m->rule, 0), " has ", v, " rows, padded to a multiple of 64 = ", vp,
+            "; choose a --tp that divides ", vp));
       }
       const int64_t p = vp / tp;
       const int64_t start = std::min(r * p, v), end = std::min((r + 1) * p, v);
@@ -658,6 +659,16 @@ absl::StatusOr<Plan> Builder::Build() {
     for (int r = 0; r < opts_.tp; ++r) ranks.push_back(r);
   }
   // Lay out every (rank, target) first; sources get their indices once all uses are known.
+  // Report the most fundamental divisibility problem first (heads before vocab padding), in
+  // the order a user reads a model card, rather than in target-name order.
+  for (ParallelStyle first :
+       {ParallelStyle::kQkv, ParallelStyle::kMoeW13, ParallelStyle::kMoeW2,
+        ParallelStyle::kMergedColumn, ParallelStyle::kColumn, ParallelStyle::kRow}) {
+    for (const auto& [name, g] : groups_) {
+      RankTarget scratch;
+      if (g.style == first) WD_RETURN_IF_ERROR(LayOut(g, ranks[0], &scratch));
+    }
+  }
   std::vector<std::vector<RankTarget>> per_rank(ranks.size());
   for (size_t ri = 0; ri < ranks.size(); ++ri) {
     per_rank[ri].resize(groups_.size());
