@@ -4,11 +4,10 @@
 // headers and sparse data (ftruncate), written once to a temp dir. The checkpoint is opened once
 // (header parsing is header_parse_bench's subject); each iteration times BuildPlan for all 8
 // ranks, and separately PlanToJson. Target (issue 3): BuildPlan < 50 ms.
+#include <benchmark/benchmark.h>
 #include <unistd.h>
 
 #include <filesystem>
-
-#include <benchmark/benchmark.h>
 
 #include "support/synthetic_checkpoint.h"
 #include "weightd/checkpoint.h"
@@ -18,9 +17,9 @@ namespace {
 
 const weightd::Checkpoint& Llama70B() {
   static const weightd::Checkpoint* ckpt = [] {
-    const std::string dir = (std::filesystem::temp_directory_path() /
-                             ("wd_plan_bench_70b_" + std::to_string(getpid())))
-                                .string();
+    const std::string dir =
+        (std::filesystem::temp_directory_path() / ("wd_plan_bench_70b_" + std::to_string(getpid())))
+            .string();
     weightd::testing::WriteSyntheticCheckpoint(
         dir, weightd::testing::LlamaTensors(8192, 64, 8, 128, 28672, 128256, 80), 30,
         weightd::testing::LlamaConfig(8192, 64, 8, 28672, 128256, 80));

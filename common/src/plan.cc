@@ -265,6 +265,7 @@ std::string Builder::NearestNames(absl::string_view name) const {
 
 absl::Status Builder::MapTensors() {
   std::vector<std::string> unmapped;
+  std::string first_unmapped;
   for (uint32_t i = 0; i < ckpt_.tensors().size(); ++i) {
     const std::string& orig = T(i).name;
     auto skipped = [&](absl::string_view n) {
@@ -310,6 +311,7 @@ absl::Status Builder::MapTensors() {
       }
     }
     if (rule == nullptr) {
+      if (unmapped.empty()) first_unmapped = orig;
       unmapped.push_back(orig == name ? orig : absl::StrCat(orig, "' (renamed '", name));
       if (unmapped.size() <= 5) {
         unmapped.back() =
@@ -353,7 +355,7 @@ absl::Status Builder::MapTensors() {
                                 : "",
         "\nIf these tensors are not weights the engine uses, skip them with --skip SUBSTRING "
         "(e.g. --skip ",
-        ckpt_.tensors().empty() ? "NAME" : "<part of the name>",
+        std::string(absl::string_view(first_unmapped).substr(first_unmapped.rfind('.') + 1)),
         ") or a \"skip\" rule in a --recipe file; if they are, add a \"params\" rule "
         "(docs/RECIPES.md)."));
   }
