@@ -16,6 +16,9 @@ struct Command {
 constexpr Command kCommands[] = {
     {"inspect", weightd::cli::InspectMain,
      "list the tensors, files and architecture of a checkpoint"},
+    {"plan", weightd::cli::PlanMain, "show how a checkpoint maps to per-rank engine parameters"},
+    {"shard", weightd::cli::ShardMain,
+     "write per-rank safetensors in vLLM's sharded-state layout (offline)"},
 };
 
 void PrintUsage(FILE* out) {
