@@ -2,6 +2,7 @@
 // Every rejection is checked by code and by the substrings a user needs: the file and the tensor.
 #include "weightd/safetensors.h"
 
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -72,10 +73,18 @@ TEST(SafetensorsLengthTest, EmptyHeaderIsNotJson) {
 
 // --- JSON syntax -----------------------------------------------------------------------------
 
-class SafetensorsBadJsonTest : public ::testing::TestWithParam<std::pair<const char*, std::string>> {};
+struct BadJson {
+  BadJson(const char* l, std::string j) : label(l), json(std::move(j)) {}
+  const char* label;
+  std::string json;
+};
+// Keeps test names short: ctest's discovered names include the printed parameter.
+void PrintTo(const BadJson& c, std::ostream* os) { *os << c.label; }
+
+class SafetensorsBadJsonTest : public ::testing::TestWithParam<BadJson> {};
 
 TEST_P(SafetensorsBadJsonTest, IsRejectedWithFileName) {
-  EXPECT_THAT(ParseJson(GetParam().second, 4), StatusIs(kInvalid, Subs({kFile})));
+  EXPECT_THAT(ParseJson(GetParam().json, 4), StatusIs(kInvalid, Subs({kFile})));
 }
 
 const char kGood[] = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
@@ -87,37 +96,37 @@ std::string Nest(int depth, char open, char close, const std::string& inner) {
 INSTANTIATE_TEST_SUITE_P(
     Variants, SafetensorsBadJsonTest,
     ::testing::Values(
-        std::make_pair("truncated_in_object", std::string(kGood).substr(0, 30)),
-        std::make_pair("truncated_in_string", std::string(R"({"a":{"dty)")),
-        std::make_pair("truncated_after_brace", std::string("{")),
-        std::make_pair("trailing_garbage", std::string(kGood) + "x"),
-        std::make_pair("two_objects", std::string(kGood) + "{}"),
-        std::make_pair("trailing_comma", std::string(R"({"a":{"dtype":"F32","shape":[1],)"
+        BadJson("truncated_in_object", std::string(kGood).substr(0, 30)),
+        BadJson("truncated_in_string", std::string(R"({"a":{"dty)")),
+        BadJson("truncated_after_brace", std::string("{")),
+        BadJson("trailing_garbage", std::string(kGood) + "x"),
+        BadJson("two_objects", std::string(kGood) + "{}"),
+        BadJson("trailing_comma", std::string(R"({"a":{"dtype":"F32","shape":[1],)"
                                                      R"("data_offsets":[0,4]},})")),
-        std::make_pair("array_top_level", std::string("[]")),
-        std::make_pair("string_top_level", std::string(R"("abc")")),
-        std::make_pair("number_top_level", std::string("4")),
-        std::make_pair("null_top_level", std::string("null")),
-        std::make_pair("unquoted_key", std::string(R"({a:{}})")),
-        std::make_pair("single_quotes", std::string(R"({'a':{}})")),
-        std::make_pair("bad_escape", std::string(R"({"a\q":{"dtype":"F32","shape":[1],)"
+        BadJson("array_top_level", std::string("[]")),
+        BadJson("string_top_level", std::string(R"("abc")")),
+        BadJson("number_top_level", std::string("4")),
+        BadJson("null_top_level", std::string("null")),
+        BadJson("unquoted_key", std::string(R"({a:{}})")),
+        BadJson("single_quotes", std::string(R"({'a':{}})")),
+        BadJson("bad_escape", std::string(R"({"a\q":{"dtype":"F32","shape":[1],)"
                                                  R"("data_offsets":[0,4]}})")),
-        std::make_pair("short_u_escape", std::string(R"({"a\u12":{}})")),
-        std::make_pair("non_hex_u_escape", std::string(R"({"a\uZZZZ":{}})")),
-        std::make_pair("unpaired_high_surrogate", std::string(R"({"a\ud800":{}})")),
-        std::make_pair("lone_low_surrogate", std::string(R"({"a\udc00":{}})")),
-        std::make_pair("escape_at_end", std::string("{\"a\\")),
-        std::make_pair("control_char_in_string", std::string("{\"a\nb\":{}}")),
-        std::make_pair("bad_literal", std::string(R"({"a":{"x":tru,"dtype":"F32"}})")),
-        std::make_pair("bad_number", std::string(R"({"a":{"x":1.,"dtype":"F32"}})")),
-        std::make_pair("nul_byte", std::string("{\0}", 3)),
-        std::make_pair("deep_arrays_top_level", Nest(10000, '[', ']', "")),
-        std::make_pair("deep_objects_top_level", Nest(10000, '{', '}', "")),
-        std::make_pair("deep_arrays_as_tensor", "{\"a\":" + Nest(10000, '[', ']', "") + "}"),
-        std::make_pair("deep_arrays_in_unknown_key",
+        BadJson("short_u_escape", std::string(R"({"a\u12":{}})")),
+        BadJson("non_hex_u_escape", std::string(R"({"a\uZZZZ":{}})")),
+        BadJson("unpaired_high_surrogate", std::string(R"({"a\ud800":{}})")),
+        BadJson("lone_low_surrogate", std::string(R"({"a\udc00":{}})")),
+        BadJson("escape_at_end", std::string("{\"a\\")),
+        BadJson("control_char_in_string", std::string("{\"a\nb\":{}}")),
+        BadJson("bad_literal", std::string(R"({"a":{"x":tru,"dtype":"F32"}})")),
+        BadJson("bad_number", std::string(R"({"a":{"x":1.,"dtype":"F32"}})")),
+        BadJson("nul_byte", std::string("{\0}", 3)),
+        BadJson("deep_arrays_top_level", Nest(10000, '[', ']', "")),
+        BadJson("deep_objects_top_level", Nest(10000, '{', '}', "")),
+        BadJson("deep_arrays_as_tensor", "{\"a\":" + Nest(10000, '[', ']', "") + "}"),
+        BadJson("deep_arrays_in_unknown_key",
                        R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":)" +
                            Nest(10000, '[', ']', "") + "}}"),
-        std::make_pair("deep_objects_in_unknown_key",
+        BadJson("deep_objects_in_unknown_key",
                        R"({"a":{"x":)" + [] {
                          std::string s;
                          for (int i = 0; i < 10000; ++i) s += R"({"k":)";
@@ -125,8 +134,8 @@ INSTANTIATE_TEST_SUITE_P(
                          s += std::string(10000, '}');
                          return s;
                        }() + "}}"),
-        std::make_pair("deep_unterminated", "{\"a\":{\"x\":" + std::string(10000, '['))),
-    [](const auto& info) { return std::string(info.param.first); });
+        BadJson("deep_unterminated", "{\"a\":{\"x\":" + std::string(10000, '['))),
+    [](const auto& info) { return std::string(info.param.label); });
 
 TEST(SafetensorsJsonTest, ModerateNestingInUnknownKeysIsAccepted) {
   // Unknown keys are tolerated so the format can grow; nesting within the cap must not fail.
@@ -160,6 +169,8 @@ struct FieldCase {
   const char* value;  // entry value JSON for tensor "t.w" with 4 data bytes
   const char* expected;
 };
+
+void PrintTo(const FieldCase& c, std::ostream* os) { *os << c.label; }
 
 class SafetensorsFieldTest : public ::testing::TestWithParam<FieldCase> {};
 
