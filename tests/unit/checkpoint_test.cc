@@ -155,12 +155,41 @@ TEST(CheckpointTest, BadIndexFiles) {
   dir.Write(kIndex, R"({"metadata": {}})");
   EXPECT_THAT(Checkpoint::Open(dir.path()),
               StatusIs(kInvalid, Subs({index.c_str(), "missing 'weight_map'"})));
+  dir.Write(kIndex, R"({"weight_map": [], "metadata": {}})");
+  EXPECT_THAT(Checkpoint::Open(dir.path()),
+              StatusIs(kInvalid, Subs({index.c_str(), "'weight_map' is not an object"})));
+  dir.Write(kIndex, R"({"weight_map": {}} x)");
+  EXPECT_THAT(Checkpoint::Open(dir.path()),
+              StatusIs(kInvalid, Subs({index.c_str(), "not a valid JSON object"})));
   dir.Write(kIndex, R"({"weight_map": {"a": 3}})");
   EXPECT_THAT(Checkpoint::Open(dir.path()),
               StatusIs(kInvalid, Subs({index.c_str(), "'a'", "not a file name"})));
   dir.Write(kIndex, R"({"weight_map": {"a": "../model-00001-of-00002.safetensors"}})");
   EXPECT_THAT(Checkpoint::Open(dir.path()),
               StatusIs(kInvalid, Subs({index.c_str(), "'a'", "not a plain file name"})));
+}
+
+TEST(CheckpointTest, IndexListsATensorTwice) {
+  TempDir dir;
+  TwoShards shards;
+  shards.Write(dir);
+  // Raw text: a JSON object with a repeated key, which a map-building parser would hide.
+  dir.Write(kIndex, absl::StrCat(R"({"weight_map": {"a": ")", kShard1, R"(", "b": ")", kShard1,
+                                 R"(", "c": ")", kShard2, R"(", "a": ")", kShard1, R"("}})"));
+  EXPECT_THAT(Checkpoint::Open(dir.path()),
+              StatusIs(kInvalid, Subs({kIndex, "'a'", "listed twice"})));
+}
+
+TEST(CheckpointTest, IndexMetadataIsIgnored) {
+  TempDir dir;
+  TwoShards shards;
+  shards.Write(dir);
+  dir.Write(kIndex, absl::StrCat(R"({"metadata": {"total_size": 27, "x": [1, {"y": null}]},)",
+                                 R"("weight_map": {"a": ")", kShard1, R"(", "b": ")", kShard1,
+                                 R"(", "c": ")", kShard2, R"("}})"));
+  absl::StatusOr<Checkpoint> ckpt = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  EXPECT_EQ(ckpt->tensors().size(), 3u);
 }
 
 TEST(CheckpointTest, BadShardHeaderNamesTheShard) {
