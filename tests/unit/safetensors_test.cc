@@ -466,6 +466,36 @@ TEST(SafetensorsAcceptTest, UnicodeEscapesInNames) {
   EXPECT_EQ(f->header.tensors[1].name, "raw.\xc3\xa9");
 }
 
+TEST(SafetensorsAcceptTest, EscapesAndControlCharactersAtEveryPositionOfALongName) {
+  // The string scanner skips plain characters several bytes at a time; a special character
+  // must be seen wherever it falls within such a chunk.
+  const std::string base = "model.layers.17.mlp.experts.203.gate_proj.weight";
+  for (size_t i = 0; i <= base.size(); ++i) {
+    SCOPED_TRACE(i);
+    SafetensorsBuilder esc;
+    esc.AddRawKey(base.substr(0, i) + "\\t" + base.substr(i),
+                  R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
+    esc.SetDataSize(1);
+    absl::StatusOr<SafetensorsFile> f = Parse(esc.Bytes());
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(f->header.tensors[0].name, base.substr(0, i) + "\t" + base.substr(i));
+    for (char bad : {'\x01', '\x1f', '\n'}) {
+      SafetensorsBuilder ctl;
+      ctl.AddRawKey(base.substr(0, i) + bad + base.substr(i),
+                    R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
+      ctl.SetDataSize(1);
+      EXPECT_THAT(Parse(ctl.Bytes()), StatusIs(kInvalid, Subs({kFile, "control character"})));
+    }
+    SafetensorsBuilder quote;
+    quote.AddRawKey(base.substr(0, i) + "\\\"" + base.substr(i),
+                    R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
+    quote.SetDataSize(1);
+    f = Parse(quote.Bytes());
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(f->header.tensors[0].name, base.substr(0, i) + "\"" + base.substr(i));
+  }
+}
+
 TEST(SafetensorsAcceptTest, EscapedNamesAreComparedDecodedForDuplicates) {
   SafetensorsBuilder b;
   b.AddRaw("w", R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
