@@ -20,6 +20,7 @@
 //
 // Reported: wall time (ms) and tensors/s; bytes/s of header JSON for the in-memory benches.
 // Target: BM_CheckpointOpen/index < 100 ms on the 2-core development machine.
+#include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -27,11 +28,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <benchmark/benchmark.h>
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -141,9 +140,8 @@ class SyntheticCheckpoint {
     std::string index = R"({"metadata":{"total_size":0},"weight_map":{)";
     for (int s = 0; s < kShards; ++s) {
       const std::string file = absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, kShards);
-      auto [json, data_size] =
-          ShardHeader(specs, static_cast<size_t>(s) * kTensorsPerShard,
-                      static_cast<size_t>(s + 1) * kTensorsPerShard);
+      auto [json, data_size] = ShardHeader(specs, static_cast<size_t>(s) * kTensorsPerShard,
+                                           static_cast<size_t>(s + 1) * kTensorsPerShard);
       std::string prefix(8, '\0');
       for (int i = 0; i < 8; ++i) prefix[i] = static_cast<char>((json.size() >> (8 * i)) & 0xFF);
       const std::string path = absl::StrCat(with_index_, "/", file);
@@ -214,8 +212,8 @@ void BM_ParseHeader(benchmark::State& state) {
     benchmark::DoNotOptimize(h->tensors.data());
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * json.size()));
-  state.counters["tensors/s"] = benchmark::Counter(kTensorsPerShard,
-                                                   benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tensors/s"] =
+      benchmark::Counter(kTensorsPerShard, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_ParseHeader)->Unit(benchmark::kMillisecond);
 
@@ -226,8 +224,8 @@ void BM_NlohmannHeader(benchmark::State& state) {
     benchmark::DoNotOptimize(doc.size());
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * json.size()));
-  state.counters["tensors/s"] = benchmark::Counter(kTensorsPerShard,
-                                                   benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tensors/s"] =
+      benchmark::Counter(kTensorsPerShard, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_NlohmannHeader)->Unit(benchmark::kMillisecond);
 

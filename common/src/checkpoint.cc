@@ -74,8 +74,8 @@ absl::StatusOr<Index> ParseIndex(const std::string& path) {
         if (absl::Status s = cur.Expect(':'); !s.ok()) return not_json(s);
         if (cur.Peek() != '"') {
           if (absl::Status s = cur.SkipValue(1); !s.ok()) return not_json(s);
-          return absl::InvalidArgumentError(absl::StrCat(
-              path, ": weight_map entry for tensor '", tensor, "' is not a file name string"));
+          return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
+                                                         tensor, "' is not a file name string"));
         }
         if (absl::Status s = cur.ParseString(&file); !s.ok()) return not_json(s);
         auto it = file_ids.find(file);

@@ -83,9 +83,9 @@ TEST(CheckpointTest, OpensDirectoryWithIndex) {
   EXPECT_EQ(ckpt->Find("d"), nullptr);
   EXPECT_EQ(ckpt->total_bytes(), 16u + 6u + 5u);
   EXPECT_FALSE(ckpt->config().has_value());
-  EXPECT_THAT(ckpt->RequireConfig("tensor-parallel sharding"),
-              StatusIs(kInvalid, Subs({dir.path().c_str(), "config.json",
-                                       "tensor-parallel sharding"})));
+  EXPECT_THAT(
+      ckpt->RequireConfig("tensor-parallel sharding"),
+      StatusIs(kInvalid, Subs({dir.path().c_str(), "config.json", "tensor-parallel sharding"})));
 }
 
 TEST(CheckpointTest, IndexNamesMissingFile) {
@@ -222,9 +222,9 @@ TEST(CheckpointTest, DirectoryWithoutIndexUsesEverySafetensorsFile) {
 TEST(CheckpointTest, DirectoryWithNoShards) {
   TempDir dir;
   dir.Write("config.json", "{}");
-  EXPECT_THAT(Checkpoint::Open(dir.path()),
-              StatusIs(absl::StatusCode::kNotFound,
-                       Subs({dir.path().c_str(), "no *.safetensors files"})));
+  EXPECT_THAT(
+      Checkpoint::Open(dir.path()),
+      StatusIs(absl::StatusCode::kNotFound, Subs({dir.path().c_str(), "no *.safetensors files"})));
 }
 
 TEST(CheckpointTest, SingleFilePath) {
@@ -279,7 +279,8 @@ TEST(CheckpointDataTest, MapTensorAndReadAtReturnTheExactBytes) {
     const SafetensorsBuilder* shard;
     uint64_t begin, n;
   };
-  const Want kWant[] = {{"a", &shards.s1, 0, 16}, {"b", &shards.s1, 16, 6}, {"c", &shards.s2, 0, 5}};
+  const Want kWant[] = {
+      {"a", &shards.s1, 0, 16}, {"b", &shards.s1, 16, 6}, {"c", &shards.s2, 0, 5}};
   for (const Want& w : kWant) {
     SCOPED_TRACE(w.name);
     const CheckpointTensor* t = ckpt->Find(w.name);
@@ -315,8 +316,8 @@ TEST(CheckpointDataTest, ReadAtAfterTruncationIsDataLoss) {
   EXPECT_THAT(ckpt->ReadAt(b->file, b->offset, b->nbytes, buf.data()),
               StatusIs(absl::StatusCode::kDataLoss, Subs({shard_path.c_str(), "truncated"})));
   // The mapping is created after the truncation here, so it sees the short size and refuses.
-  EXPECT_THAT(ckpt->MapTensor(*b),
-              StatusIs(absl::StatusCode::kDataLoss, Subs({shard_path.c_str(), "'b'", "truncated"})));
+  EXPECT_THAT(ckpt->MapTensor(*b), StatusIs(absl::StatusCode::kDataLoss,
+                                            Subs({shard_path.c_str(), "'b'", "truncated"})));
 }
 
 }  // namespace

@@ -49,10 +49,10 @@ TEST(SafetensorsLengthTest, FileShorterThanEightBytes) {
 TEST(SafetensorsLengthTest, HeaderLengthLargerThanFile) {
   const std::string json = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})";
   std::string bytes = absl::StrCat(LengthPrefix(json.size() + 2), json, "x");
-  EXPECT_THAT(Parse(bytes),
-              StatusIs(kInvalid, Subs({kFile, absl::StrCat("header length ", json.size() + 2)
-                                                   .c_str(),
-                                       "larger than"})));
+  EXPECT_THAT(
+      Parse(bytes),
+      StatusIs(kInvalid, Subs({kFile, absl::StrCat("header length ", json.size() + 2).c_str(),
+                               "larger than"})));
   // A header length of exactly what follows (no data section) is fine as far as length goes.
   EXPECT_THAT(Parse(LengthPrefix(1000)), StatusIs(kInvalid, Subs({kFile, "larger than"})));
 }
@@ -95,46 +95,48 @@ std::string Nest(int depth, char open, char close, const std::string& inner) {
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, SafetensorsBadJsonTest,
-    ::testing::Values(
-        BadJson("truncated_in_object", std::string(kGood).substr(0, 30)),
-        BadJson("truncated_in_string", std::string(R"({"a":{"dty)")),
-        BadJson("truncated_after_brace", std::string("{")),
-        BadJson("trailing_garbage", std::string(kGood) + "x"),
-        BadJson("two_objects", std::string(kGood) + "{}"),
-        BadJson("trailing_comma", std::string(R"({"a":{"dtype":"F32","shape":[1],)"
-                                                     R"("data_offsets":[0,4]},})")),
-        BadJson("array_top_level", std::string("[]")),
-        BadJson("string_top_level", std::string(R"("abc")")),
-        BadJson("number_top_level", std::string("4")),
-        BadJson("null_top_level", std::string("null")),
-        BadJson("unquoted_key", std::string(R"({a:{}})")),
-        BadJson("single_quotes", std::string(R"({'a':{}})")),
-        BadJson("bad_escape", std::string(R"({"a\q":{"dtype":"F32","shape":[1],)"
-                                                 R"("data_offsets":[0,4]}})")),
-        BadJson("short_u_escape", std::string(R"({"a\u12":{}})")),
-        BadJson("non_hex_u_escape", std::string(R"({"a\uZZZZ":{}})")),
-        BadJson("unpaired_high_surrogate", std::string(R"({"a\ud800":{}})")),
-        BadJson("lone_low_surrogate", std::string(R"({"a\udc00":{}})")),
-        BadJson("escape_at_end", std::string("{\"a\\")),
-        BadJson("control_char_in_string", std::string("{\"a\nb\":{}}")),
-        BadJson("bad_literal", std::string(R"({"a":{"x":tru,"dtype":"F32"}})")),
-        BadJson("bad_number", std::string(R"({"a":{"x":1.,"dtype":"F32"}})")),
-        BadJson("nul_byte", std::string("{\0}", 3)),
-        BadJson("deep_arrays_top_level", Nest(10000, '[', ']', "")),
-        BadJson("deep_objects_top_level", Nest(10000, '{', '}', "")),
-        BadJson("deep_arrays_as_tensor", "{\"a\":" + Nest(10000, '[', ']', "") + "}"),
-        BadJson("deep_arrays_in_unknown_key",
-                       R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":)" +
-                           Nest(10000, '[', ']', "") + "}}"),
-        BadJson("deep_objects_in_unknown_key",
-                       R"({"a":{"x":)" + [] {
-                         std::string s;
-                         for (int i = 0; i < 10000; ++i) s += R"({"k":)";
-                         s += "1";
-                         s += std::string(10000, '}');
-                         return s;
-                       }() + "}}"),
-        BadJson("deep_unterminated", "{\"a\":{\"x\":" + std::string(10000, '['))),
+    ::testing::Values(BadJson("truncated_in_object", std::string(kGood).substr(0, 30)),
+                      BadJson("truncated_in_string", std::string(R"({"a":{"dty)")),
+                      BadJson("truncated_after_brace", std::string("{")),
+                      BadJson("trailing_garbage", std::string(kGood) + "x"),
+                      BadJson("two_objects", std::string(kGood) + "{}"),
+                      BadJson("trailing_comma", std::string(R"({"a":{"dtype":"F32","shape":[1],)"
+                                                            R"("data_offsets":[0,4]},})")),
+                      BadJson("array_top_level", std::string("[]")),
+                      BadJson("string_top_level", std::string(R"("abc")")),
+                      BadJson("number_top_level", std::string("4")),
+                      BadJson("null_top_level", std::string("null")),
+                      BadJson("unquoted_key", std::string(R"({a:{}})")),
+                      BadJson("single_quotes", std::string(R"({'a':{}})")),
+                      BadJson("bad_escape", std::string(R"({"a\q":{"dtype":"F32","shape":[1],)"
+                                                        R"("data_offsets":[0,4]}})")),
+                      BadJson("short_u_escape", std::string(R"({"a\u12":{}})")),
+                      BadJson("non_hex_u_escape", std::string(R"({"a\uZZZZ":{}})")),
+                      BadJson("unpaired_high_surrogate", std::string(R"({"a\ud800":{}})")),
+                      BadJson("lone_low_surrogate", std::string(R"({"a\udc00":{}})")),
+                      BadJson("escape_at_end", std::string("{\"a\\")),
+                      BadJson("control_char_in_string", std::string("{\"a\nb\":{}}")),
+                      BadJson("bad_literal", std::string(R"({"a":{"x":tru,"dtype":"F32"}})")),
+                      BadJson("bad_number", std::string(R"({"a":{"x":1.,"dtype":"F32"}})")),
+                      BadJson("nul_byte", std::string("{\0}", 3)),
+                      BadJson("deep_arrays_top_level", Nest(10000, '[', ']', "")),
+                      BadJson("deep_objects_top_level", Nest(10000, '{', '}', "")),
+                      BadJson("deep_arrays_as_tensor", "{\"a\":" + Nest(10000, '[', ']', "") + "}"),
+                      BadJson("deep_arrays_in_unknown_key",
+                              R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":)" +
+                                  Nest(10000, '[', ']', "") + "}}"),
+                      BadJson(
+                          "deep_objects_in_unknown_key", R"({"a":{"x":)" +
+                                                             [] {
+                                                               std::string s;
+                                                               for (int i = 0; i < 10000; ++i)
+                                                                 s += R"({"k":)";
+                                                               s += "1";
+                                                               s += std::string(10000, '}');
+                                                               return s;
+                                                             }() +
+                                                             "}}"),
+                      BadJson("deep_unterminated", "{\"a\":{\"x\":" + std::string(10000, '['))),
     [](const auto& info) { return std::string(info.param.label); });
 
 TEST(SafetensorsJsonTest, ModerateNestingInUnknownKeysIsAccepted) {
@@ -161,7 +163,8 @@ TEST(SafetensorsEntryTest, EmptyTensorName) {
 TEST(SafetensorsEntryTest, EntryNotAnObject) {
   SafetensorsBuilder b;
   b.AddRaw("layer.w", "[1,2]").SetDataSize(0);
-  EXPECT_THAT(Parse(b.Bytes()), StatusIs(kInvalid, Subs({kFile, "'layer.w'", "not a JSON object"})));
+  EXPECT_THAT(Parse(b.Bytes()),
+              StatusIs(kInvalid, Subs({kFile, "'layer.w'", "not a JSON object"})));
 }
 
 struct FieldCase {
@@ -207,11 +210,13 @@ INSTANTIATE_TEST_SUITE_P(
                   "must not be negative"},
         FieldCase{"shape_string_dim", R"({"dtype":"U8","shape":["4"],"data_offsets":[0,4]})",
                   "shape dimension"},
-        FieldCase{"shape_dim_over_int64", R"({"dtype":"U8","shape":[9223372036854775808],)"
-                                          R"("data_offsets":[0,4]})",
+        FieldCase{"shape_dim_over_int64",
+                  R"({"dtype":"U8","shape":[9223372036854775808],)"
+                  R"("data_offsets":[0,4]})",
                   "exceeds 2^63-1"},
-        FieldCase{"shape_dim_over_uint64", R"({"dtype":"U8","shape":[18446744073709551616],)"
-                                           R"("data_offsets":[0,4]})",
+        FieldCase{"shape_dim_over_uint64",
+                  R"({"dtype":"U8","shape":[18446744073709551616],)"
+                  R"("data_offsets":[0,4]})",
                   "does not fit in 64 bits"},
         FieldCase{"shape_unterminated", R"({"dtype":"U8","shape":[4,"data_offsets":[0,4]})",
                   "invalid JSON"},
@@ -304,8 +309,7 @@ TEST(SafetensorsLayoutTest, TensorContainedInAnother) {
 TEST(SafetensorsLayoutTest, HoleBetweenTensors) {
   SafetensorsBuilder b;
   b.AddEntry("a", "U8", {4}, 0, 4).AddEntry("b", "U8", {4}, 8, 12).SetDataSize(12);
-  EXPECT_THAT(Parse(b.Bytes()),
-              StatusIs(kInvalid, Subs({kFile, "'b'", "'a'", "hole of 4 bytes"})));
+  EXPECT_THAT(Parse(b.Bytes()), StatusIs(kInvalid, Subs({kFile, "'b'", "'a'", "hole of 4 bytes"})));
 }
 
 TEST(SafetensorsLayoutTest, HoleAtStart) {
@@ -348,10 +352,10 @@ TEST(SafetensorsAcceptTest, AllFifteenDtypes) {
     uint64_t size;
   };
   const Expect kAll[] = {
-      {"F64", DType::kF64, 8},   {"F32", DType::kF32, 4},         {"F16", DType::kF16, 2},
-      {"BF16", DType::kBF16, 2}, {"I64", DType::kI64, 8},         {"I32", DType::kI32, 4},
-      {"I16", DType::kI16, 2},   {"I8", DType::kI8, 1},           {"U64", DType::kU64, 8},
-      {"U32", DType::kU32, 4},   {"U16", DType::kU16, 2},         {"U8", DType::kU8, 1},
+      {"F64", DType::kF64, 8},   {"F32", DType::kF32, 4},        {"F16", DType::kF16, 2},
+      {"BF16", DType::kBF16, 2}, {"I64", DType::kI64, 8},        {"I32", DType::kI32, 4},
+      {"I16", DType::kI16, 2},   {"I8", DType::kI8, 1},          {"U64", DType::kU64, 8},
+      {"U32", DType::kU32, 4},   {"U16", DType::kU16, 2},        {"U8", DType::kU8, 1},
       {"BOOL", DType::kBool, 1}, {"F8_E4M3", DType::kF8E4M3, 1}, {"F8_E5M2", DType::kF8E5M2, 1},
   };
   SafetensorsBuilder b;
@@ -439,8 +443,8 @@ TEST(SafetensorsAcceptTest, EmptyMetadataAndMetadataAfterTensors) {
 TEST(SafetensorsRejectTest, NonStringMetadataValue) {
   for (const char* v : {"1", "true", "null", "[\"a\"]", "{\"a\":\"b\"}"}) {
     const std::string json = absl::StrCat(R"({"__metadata__":{"format":"pt","total":)", v, "}}");
-    EXPECT_THAT(ParseJson(json), StatusIs(kInvalid, Subs({kFile, "__metadata__", "'total'",
-                                                          "must be a string"})))
+    EXPECT_THAT(ParseJson(json),
+                StatusIs(kInvalid, Subs({kFile, "__metadata__", "'total'", "must be a string"})))
         << v;
   }
 }
@@ -456,7 +460,7 @@ TEST(SafetensorsAcceptTest, UnicodeEscapesInNames) {
   SafetensorsBuilder b;
   // \u00e9 is é (2 UTF-8 bytes), \u4e2d is 中 (3), the surrogate pair is U+1F600 (4), \u0041 is A.
   b.AddRawKey(R"(caf\u00e9.\u4e2d.\ud83d\ude00.\u0041\n\"\/)",
-           R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
+              R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
   b.AddRaw("raw.\xc3\xa9", R"({"dtype":"U8","shape":[1],"data_offsets":[1,2]})");
   b.SetDataSize(2);
   absl::StatusOr<SafetensorsFile> f = Parse(b.Bytes());
@@ -505,8 +509,9 @@ TEST(SafetensorsAcceptTest, EscapedNamesAreComparedDecodedForDuplicates) {
 }
 
 TEST(SafetensorsAcceptTest, WhitespaceAndPaddingAreAllowed) {
-  const std::string json = " \t\r\n{ \"w\" : { \"dtype\" : \"U8\" , \"shape\" : [ 2 ] , "
-                           "\"data_offsets\" : [ 0 , 2 ] } }      ";
+  const std::string json =
+      " \t\r\n{ \"w\" : { \"dtype\" : \"U8\" , \"shape\" : [ 2 ] , "
+      "\"data_offsets\" : [ 0 , 2 ] } }      ";
   absl::StatusOr<SafetensorsFile> f = ParseJson(json, 2);
   ASSERT_TRUE(f.ok()) << f.status();
   EXPECT_EQ(f->header.tensors[0].nbytes(), 2u);

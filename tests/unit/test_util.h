@@ -32,9 +32,9 @@ namespace weightd::testing {
 
 inline uint64_t SizeOfDtype(absl::string_view dtype) {
   static const std::pair<const char*, uint64_t> kSizes[] = {
-      {"F64", 8},  {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8},     {"I32", 4},
-      {"I16", 2},  {"I8", 1},  {"U64", 8}, {"U32", 4},  {"U16", 2},     {"U8", 1},
-      {"BOOL", 1}, {"F8_E4M3", 1},         {"F8_E5M2", 1}};
+      {"F64", 8}, {"F32", 4}, {"F16", 2},  {"BF16", 2},    {"I64", 8},
+      {"I32", 4}, {"I16", 2}, {"I8", 1},   {"U64", 8},     {"U32", 4},
+      {"U16", 2}, {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
   for (const auto& [name, size] : kSizes) {
     if (dtype == name) return size;
   }
@@ -80,9 +80,9 @@ class SafetensorsBuilder {
   // An entry with explicit offsets; the data section is not grown (see SetDataSize).
   SafetensorsBuilder& AddEntry(absl::string_view name, absl::string_view dtype,
                                const std::vector<int64_t>& shape, uint64_t begin, uint64_t end) {
-    return AddRaw(name, absl::StrCat(R"({"dtype":")", dtype, R"(","shape":[)",
-                                     absl::StrJoin(shape, ","), R"(],"data_offsets":[)", begin,
-                                     ",", end, "]}"));
+    return AddRaw(name,
+                  absl::StrCat(R"({"dtype":")", dtype, R"(","shape":[)", absl::StrJoin(shape, ","),
+                               R"(],"data_offsets":[)", begin, ",", end, "]}"));
   }
 
   // `value_json` is written verbatim as the entry's value.
@@ -131,8 +131,7 @@ class TempDir {
  public:
   TempDir() {
     const char* base = std::getenv("TEST_TMPDIR");
-    std::string tmpl =
-        absl::StrCat(base != nullptr ? base : "/tmp", "/weightd_test_XXXXXX");
+    std::string tmpl = absl::StrCat(base != nullptr ? base : "/tmp", "/weightd_test_XXXXXX");
     if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
     path_ = tmpl;
   }
@@ -182,7 +181,6 @@ MATCHER_P2(StatusIs, code, substrings,
   }
   return true;
 }
-
 
 inline std::vector<std::string> Subs(std::initializer_list<const char*> l) {
   return std::vector<std::string>(l.begin(), l.end());
