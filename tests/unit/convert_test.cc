@@ -1,5 +1,5 @@
 // Dtype conversion: checked exhaustively against oracles that do not share the implementation's
-// bit tricks (the compiler's IEEE _Float16 conversion; nearest-candidate search in double).
+// bit tricks (arithmetic decoding of binary16, nearest-candidate search in double).
 #include "weightd/kernels/convert.h"
 
 #include <gtest/gtest.h>
@@ -59,18 +59,64 @@ TEST(ConvertTest, F32ToBF16SpecialValues) {
   EXPECT_EQ(F32ToBF16Bits(0x7F7FFFFFu), 0x7F80);  // FLT_MAX rounds to Inf, as torch does
 }
 
-TEST(ConvertTest, F32ToF16MatchesCompilerIeeeConversion) {
-  for (uint64_t b = 0; b < (1ull << 32); b += 31) {
+// IEEE binary16 decoded arithmetically (sign, exponent, mantissa), independent of bit tricks.
+double HalfValue(uint16_t h) {
+  const int sign = (h >> 15) ? -1 : 1;
+  const int exp = (h >> 10) & 0x1F;
+  const int mant = h & 0x3FF;
+  if (exp == 0) return sign * std::ldexp(static_cast<double>(mant), -24);
+  if (exp == 31)
+    return mant ? std::numeric_limits<double>::quiet_NaN()
+                : sign * std::numeric_limits<double>::infinity();
+  return sign * std::ldexp(1.0 + mant / 1024.0, exp - 15);
+}
+
+// The binary16 nearest to x (ties to the even mantissa), found by searching the sorted finite
+// positive halves; beyond 65504 the next candidate is 2^16, which stands for Inf.
+uint16_t OracleF16(float x) {
+  const uint16_t sign = std::signbit(x) ? 0x8000 : 0;
+  const double a = std::fabs(static_cast<double>(x));
+  if (std::isinf(a)) return sign | 0x7C00;
+  // Positive finite halves 0x0000..0x7BFF are increasing in value; 0x7C00 plays 65536.
+  auto value = [](uint32_t h) {
+    return h == 0x7C00 ? 65536.0 : HalfValue(static_cast<uint16_t>(h));
+  };
+  uint32_t lo = 0, hi = 0x7C00;
+  if (a >= value(hi)) return sign | 0x7C00;
+  while (hi - lo > 1) {  // invariant: value(lo) <= a < value(hi)
+    const uint32_t mid = (lo + hi) / 2;
+    if (value(mid) <= a)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  const double dl = a - value(lo), dh = value(hi) - a;
+  const uint32_t pick = (dh < dl || (dh == dl && (lo & 1))) ? hi : lo;
+  return static_cast<uint16_t>(sign | pick);
+}
+
+TEST(ConvertTest, F32ToF16MatchesNearestCandidateOracle) {
+  for (uint64_t b = 0; b < (1ull << 32); b += 4099) {
     const uint32_t x = static_cast<uint32_t>(b);
     const float f = FromBits(x);
     if (std::isnan(f)) {
       EXPECT_EQ(F32ToF16Bits(x), ((x >> 16) & 0x8000) | 0x7E00);
       continue;
     }
-    const _Float16 h = static_cast<_Float16>(f);
-    uint16_t want;
-    std::memcpy(&want, &h, 2);
-    ASSERT_EQ(F32ToF16Bits(x), want) << std::hex << x << " " << f;
+    ASSERT_EQ(F32ToF16Bits(x), OracleF16(f)) << std::hex << x << " " << f;
+  }
+  // Every rounding boundary: midpoints between consecutive halves, and one float either side.
+  for (uint32_t h = 0; h < 0x7C00; ++h) {
+    const double mid = (HalfValue(static_cast<uint16_t>(h)) +
+                        (h + 1 == 0x7C00 ? 65536.0 : HalfValue(static_cast<uint16_t>(h + 1)))) /
+                       2;
+    const float m = static_cast<float>(mid);
+    for (float f : {m, std::nextafter(m, 0.f), std::nextafter(m, 1e9f)}) {
+      uint32_t fb;
+      std::memcpy(&fb, &f, 4);
+      ASSERT_EQ(F32ToF16Bits(fb), OracleF16(f)) << std::hex << fb;
+      ASSERT_EQ(F32ToF16Bits(fb | 0x80000000u), OracleF16(-f)) << std::hex << fb;
+    }
   }
 }
 
@@ -92,10 +138,8 @@ TEST(ConvertTest, F32ToF16Boundaries) {
 
 TEST(ConvertTest, HalfWidthsToF32AreExactForAllPatterns) {
   for (uint32_t h = 0; h < 0x10000; ++h) {
-    _Float16 hf;
     const uint16_t hb = static_cast<uint16_t>(h);
-    std::memcpy(&hf, &hb, 2);
-    const float want = static_cast<float>(hf);
+    const float want = static_cast<float>(HalfValue(hb));
     const uint32_t got = F16ToF32Bits(hb);
     if (std::isnan(want)) {
       EXPECT_TRUE(std::isnan(FromBits(got)));
