@@ -1,0 +1,227 @@
+#include "weightd/executor.h"
+
+#include <fcntl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "weightd/crc32c.h"
+#include "weightd/file_util.h"
+#include "weightd/kernels/copy.h"
+#include "weightd/status_macros.h"
+#include "weightd/unique_fd.h"
+
+namespace weightd {
+namespace {
+
+struct PieceRef {
+  size_t rank;
+  const PlanPiece* piece;
+  uint64_t row_bytes;  // bytes per row of this piece's source view
+};
+
+struct WorkUnit {
+  uint32_t source;
+  uint64_t begin, end;  // byte range within the source
+};
+
+int64_t Prod(const Index3& a) { return a[0] * a[1] * a[2]; }
+
+// Checks that a piece stays inside its source, its target and the arena, so a plan that
+// disagrees with itself fails the load instead of corrupting memory.
+absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,
+                        uint64_t arena_size) {
+  auto bad = [&](absl::string_view why) {
+    return absl::InternalError(absl::StrCat("plan piece for target '",
+                                            p.target < rp.targets.size() ? rp.targets[p.target].name : "?",
+                                            "' of rank ", rp.rank, ": ", why));
+  };
+  if (p.source >= plan.sources.size()) return bad("source index out of range");
+  if (p.target >= rp.targets.size()) return bad("target index out of range");
+  const PlanSource& s = plan.sources[p.source];
+  const PlanTarget& t = rp.targets[p.target];
+  for (int d = 0; d < 3; ++d) {
+    if (p.extent[d] < 0 || p.src_start[d] < 0 || p.dst_start[d] < 0 ||
+        p.src_start[d] + p.extent[d] > p.src_shape[d] ||
+        p.dst_start[d] + p.extent[d] > p.dst_shape[d]) {
+      return bad(absl::StrCat("box exceeds its shape in dim ", d));
+    }
+  }
+  if (static_cast<uint64_t>(Prod(p.src_shape)) * DTypeSize(s.dtype) != s.nbytes) {
+    return bad(absl::StrCat("source view does not match the ", s.nbytes, " bytes of '", s.name,
+                            "'"));
+  }
+  if (static_cast<uint64_t>(Prod(p.dst_shape)) * DTypeSize(t.dtype) != t.nbytes) {
+    return bad("target view does not match the target's bytes");
+  }
+  if (t.offset + t.nbytes > arena_size || t.offset + t.nbytes < t.offset) {
+    return bad("target lies outside the arena");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
+                             const ExecutorOptions& options, LoadProgress* progress) {
+  if (rank_arenas.size() != plan.ranks.size()) {
+    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(),
+                                            " arenas for ", plan.ranks.size(), " ranks"));
+  }
+  std::vector<std::byte*> bases(plan.ranks.size());
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    std::span<std::byte> w = rank_arenas[r]->writable();
+    if (w.size() < plan.ranks[r].arena_bytes || (w.empty() && plan.ranks[r].arena_bytes > 0)) {
+      return absl::InternalError(absl::StrCat("arena of rank ", plan.ranks[r].rank,
+                                              " is not host-writable or smaller than ",
+                                              plan.ranks[r].arena_bytes, " bytes"));
+    }
+    bases[r] = w.data();
+  }
+
+  // Pieces grouped by source, over all ranks: the basis of reading each byte once.
+  std::vector<std::vector<PieceRef>> by_source(plan.sources.size());
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    const RankPlan& rp = plan.ranks[r];
+    for (const PlanPiece& p : rp.pieces) {
+      WD_RETURN_IF_ERROR(CheckPiece(plan, rp, p, rank_arenas[r]->size()));
+      const uint64_t row_bytes =
+          static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
+      by_source[p.source].push_back({r, &p, std::max<uint64_t>(row_bytes, 1)});
+    }
+  }
+
+  const int threads = std::max(1, options.threads);
+  const uint64_t chunk = std::max<uint64_t>(
+      1 << 20, std::min(options.chunk_bytes, options.buffer_budget / threads));
+  std::vector<WorkUnit> units;
+  uint64_t total = 0;
+  for (uint32_t s = 0; s < plan.sources.size(); ++s) {
+    if (by_source[s].empty()) continue;
+    const uint64_t nbytes = plan.sources[s].nbytes;
+    total += nbytes;
+    // Chunk boundaries must fall on a row boundary of every piece's view of this source.
+    uint64_t g = 1;
+    for (const PieceRef& pr : by_source[s]) g = std::lcm(g, pr.row_bytes);
+    const uint64_t step = g >= chunk ? g : chunk - chunk % g;
+    if (nbytes == 0) {
+      units.push_back({s, 0, 0});
+      continue;
+    }
+    for (uint64_t b = 0; b < nbytes; b += step) units.push_back({s, b, std::min(nbytes, b + step)});
+  }
+  progress->bytes_total.store(total);
+
+  std::vector<UniqueFd> files(plan.files.size());
+  for (size_t f = 0; f < plan.files.size(); ++f) {
+    WD_ASSIGN_OR_RETURN(files[f], UniqueFd::Open(plan.files[f].path, O_RDONLY));
+  }
+
+  std::atomic<size_t> next{0};
+  absl::Mutex mu;
+  absl::Status first_error;  // guarded by mu
+  std::atomic<bool> failed{false};
+  auto worker = [&]() {
+    std::vector<std::byte> buffer;
+    for (;;) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      if (progress->cancel.load(std::memory_order_relaxed)) {
+        absl::MutexLock l(&mu);
+        if (first_error.ok()) first_error = absl::CancelledError("load cancelled (unload --force)");
+        failed = true;
+        return;
+      }
+      const size_t i = next.fetch_add(1);
+      if (i >= units.size()) return;
+      const WorkUnit& u = units[i];
+      const PlanSource& src = plan.sources[u.source];
+      const uint64_t len = u.end - u.begin;
+      if (buffer.size() < len) buffer.resize(len);
+      absl::Status s = PreadExact(files[src.file].get(), buffer.data(), len, src.offset + u.begin,
+                                  absl::StrCat(plan.files[src.file].path, " (tensor '", src.name,
+                                               "')"));
+      if (s.ok()) {
+        for (const PieceRef& pr : by_source[u.source]) {
+          const PlanPiece& p = *pr.piece;
+          const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
+          kernels::CopyPieceRowsHost(p, src.dtype, t.dtype, buffer.data(),
+                                     static_cast<int64_t>(u.begin / pr.row_bytes),
+                                     static_cast<int64_t>(u.end / pr.row_bytes),
+                                     bases[pr.rank] + t.offset);
+        }
+        progress->bytes_done.fetch_add(len, std::memory_order_relaxed);
+      } else {
+        absl::MutexLock l(&mu);
+        if (first_error.ok()) first_error = s;
+        failed = true;
+        return;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(units.size(), 1)));
+  for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+  {
+    absl::MutexLock l(&mu);
+    if (!first_error.ok()) return first_error;
+  }
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    const RankPlan& rp = plan.ranks[r];
+    for (const PlanZeroFill& z : rp.zero_fills) {
+      if (z.target >= rp.targets.size() || z.offset + z.nbytes > rp.targets[z.target].nbytes) {
+        return absl::InternalError(absl::StrCat("zero-fill of rank ", rp.rank,
+                                                " lies outside its target"));
+      }
+      kernels::ZeroFillHost(z, bases[r] + rp.targets[z.target].offset);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
+                                           absl::string_view model, int device, int threads) {
+  const RankPlan& rp = plan.ranks[rank_index];
+  std::span<const std::byte> bytes = arena.readable();
+  Manifest m;
+  m.model = std::string(model);
+  m.rank = static_cast<uint32_t>(rp.rank);
+  m.device = device;
+  m.arenas.push_back({arena.size(), arena.kind()});
+  m.tensors.resize(rp.targets.size());
+  for (size_t i = 0; i < rp.targets.size(); ++i) {
+    const PlanTarget& t = rp.targets[i];
+    ManifestTensor& mt = m.tensors[i];
+    mt.name = t.name;
+    mt.dtype = t.dtype;
+    mt.shape = t.shape;
+    mt.strides = ContiguousStrides(t.shape);
+    mt.arena = 0;
+    mt.offset = t.offset;
+    mt.nbytes = t.nbytes;
+    if (t.offset + t.nbytes > arena.size()) {
+      return absl::InternalError(absl::StrCat("target '", t.name, "' lies outside its arena"));
+    }
+  }
+  if (bytes.size() >= arena.size()) {
+    std::atomic<size_t> next{0};
+    auto worker = [&]() {
+      for (size_t i; (i = next.fetch_add(1)) < m.tensors.size();) {
+        m.tensors[i].crc32c = Crc32c(bytes.data() + m.tensors[i].offset, m.tensors[i].nbytes);
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < std::max(1, threads); ++i) pool.emplace_back(worker);
+    worker();
+    for (std::thread& t : pool) t.join();
+  }
+  return m;
+}
+
+}  // namespace weightd
