@@ -1,5 +1,6 @@
 #include "weightd/registry.h"
 
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -286,7 +287,7 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   if (cancelled) {
     LogInfo("load %s: cancelled after %.2f s; unloaded", name, secs);
   } else if (status.ok()) {
-    LogInfo("load %s: done %s in %.2f s (%.2f GB/s)", name, FormatBytes(bytes), secs,
+    LogInfo("load %s: done %s in %.3f s (%.2f GB/s)", name, FormatBytes(bytes), secs,
             secs > 0 ? bytes / secs / 1e9 : 0.0);
   } else {
     LogError("load %s: failed after %.2f s: %s", name, secs, status.message());
