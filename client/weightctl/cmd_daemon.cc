@@ -184,12 +184,20 @@ int StatusMain(int argc, char** argv) {
   AddSocket(p, &socket);
   std::vector<std::string> rest;
   p.Repeated("--model", "NAME", &rest, "show only NAME (or give NAME as the argument)");
-  // NAME is optional: accept it as a trailing argument.
-  if (argc >= 2 && argv[argc - 1][0] != '-' &&
-      (argc < 3 || absl::string_view(argv[argc - 2]) != "--socket")) {
-    name = argv[argc - 1];
-    --argc;
+  // NAME is an optional positional, which ArgParser has no notion of: take the first bare
+  // argument that is not an option's value out of argv.
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    const absl::string_view a = argv[i];
+    if (i > 0 && name.empty() && !a.empty() && a[0] != '-') {
+      name = argv[i];
+      continue;
+    }
+    args.push_back(argv[i]);
+    if ((a == "--socket" || a == "--model") && i + 1 < argc) args.push_back(argv[++i]);
   }
+  argc = static_cast<int>(args.size());
+  argv = args.data();
   if (int rc = ParseOrExit(p, argc, argv); rc >= 0) return rc;
   if (!rest.empty()) name = rest.back();
   auto c = Client::Connect(socket);
