@@ -6,14 +6,14 @@
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
+#include <numeric>
 #include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "detail/json_cursor.h"
 #include "weightd/file_util.h"
 #include "weightd/mapped_file.h"
 #include "weightd/safetensors.h"
@@ -29,36 +29,81 @@ namespace {
 constexpr absl::string_view kIndexName = "model.safetensors.index.json";
 constexpr uint64_t kMaxIndexBytes = 256ull << 20;
 
-// Parses model.safetensors.index.json into (tensor name -> shard file name).
-absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ParseIndex(
-    const std::string& path) {
+// model.safetensors.index.json: each listed tensor with the shard that holds it.
+struct Index {
+  std::vector<std::string> files;                         // distinct shard names, first-seen order
+  std::vector<std::pair<std::string, uint32_t>> entries;  // tensor name -> index into `files`
+};
+
+// Parses the index with the strict cursor rather than nlohmann: a DeepSeek-size index lists
+// ~100k tensors, and building a DOM of it cost more than reading all shard headers together.
+absl::StatusOr<Index> ParseIndex(const std::string& path) {
   WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxIndexBytes));
-  nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded() || !doc.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid JSON object"));
+  auto not_json = [&](const absl::Status& s) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not a valid JSON object (", s.message(), ")"));
+  };
+  detail::JsonCursor cur(text);
+  if (absl::Status s = cur.Expect('{'); !s.ok()) return not_json(s);
+  Index index;
+  absl::flat_hash_map<std::string, uint32_t> file_ids;
+  bool have_map = false;
+  std::string key, file;
+  if (!cur.Consume('}')) {
+    do {
+      if (absl::Status s = cur.ParseString(&key); !s.ok()) return not_json(s);
+      if (absl::Status s = cur.Expect(':'); !s.ok()) return not_json(s);
+      if (key != "weight_map") {
+        if (absl::Status s = cur.SkipValue(1); !s.ok()) return not_json(s);
+        continue;
+      }
+      if (have_map) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": 'weight_map' appears twice"));
+      }
+      have_map = true;
+      if (cur.Peek() != '{') {
+        if (absl::Status s = cur.SkipValue(1); !s.ok()) return not_json(s);
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": 'weight_map' is not an object (tensor name -> shard file)"));
+      }
+      cur.Expect('{').IgnoreError();
+      if (cur.Consume('}')) continue;
+      do {
+        std::string tensor;
+        if (absl::Status s = cur.ParseString(&tensor); !s.ok()) return not_json(s);
+        if (absl::Status s = cur.Expect(':'); !s.ok()) return not_json(s);
+        if (cur.Peek() != '"') {
+          if (absl::Status s = cur.SkipValue(1); !s.ok()) return not_json(s);
+          return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
+                                                         tensor, "' is not a file name string"));
+        }
+        if (absl::Status s = cur.ParseString(&file); !s.ok()) return not_json(s);
+        auto it = file_ids.find(file);
+        if (it == file_ids.end()) {
+          // The shard must live in the checkpoint directory: no path components.
+          if (file.empty() || absl::StrContains(file, "/") || file == "." || file == "..") {
+            return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
+                                                           tensor, "' names '", file,
+                                                           "', which is not a plain file name"));
+          }
+          it = file_ids.emplace(file, static_cast<uint32_t>(index.files.size())).first;
+          index.files.push_back(file);
+        }
+        index.entries.emplace_back(std::move(tensor), it->second);
+      } while (cur.Consume(','));
+      if (absl::Status s = cur.Expect('}'); !s.ok()) return not_json(s);
+    } while (cur.Consume(','));
+    if (absl::Status s = cur.Expect('}'); !s.ok()) return not_json(s);
   }
-  auto wm = doc.find("weight_map");
-  if (wm == doc.end() || !wm->is_object()) {
+  cur.SkipWhitespace();
+  if (!cur.AtEnd()) {
+    return not_json(cur.Error("unexpected content after the JSON object"));
+  }
+  if (!have_map) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": missing 'weight_map' object (tensor name -> shard file)"));
   }
-  std::vector<std::pair<std::string, std::string>> out;
-  out.reserve(wm->size());
-  for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it.value().is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
-                                                     it.key(), "' is not a file name string"));
-    }
-    std::string file = it.value().get<std::string>();
-    // The shard must live in the checkpoint directory: no path components.
-    if (file.empty() || absl::StrContains(file, "/") || file == "." || file == "..") {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": weight_map entry for tensor '",
-                                                     it.key(), "' names '", file,
-                                                     "', which is not a plain file name"));
-    }
-    out.emplace_back(it.key(), std::move(file));
-  }
-  return out;
+  return index;
 }
 
 // Parses the headers of `paths` on a few threads. Results are in input order; the first error
@@ -139,7 +184,7 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
   }
 
   std::vector<std::string> shard_names;
-  std::vector<std::pair<std::string, std::string>> index;
+  Index index;
   bool have_index = false;
   std::string index_path;
   if (fs::is_directory(st)) {
@@ -148,9 +193,8 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
     if (fs::exists(index_path, ec)) {
       have_index = true;
       WD_ASSIGN_OR_RETURN(index, ParseIndex(index_path));
-      for (const auto& [tensor, file] : index) shard_names.push_back(file);
+      shard_names = index.files;
       std::sort(shard_names.begin(), shard_names.end());
-      shard_names.erase(std::unique(shard_names.begin(), shard_names.end()), shard_names.end());
       for (const std::string& f : shard_names) {
         if (!fs::is_regular_file(fs::path(path) / f, ec)) {
           return absl::NotFoundError(absl::StrCat(index_path, ": names shard '", f,
@@ -184,7 +228,8 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
 
   size_t count = 0;
   for (const SafetensorsFile& h : headers) count += h.header.tensors.size();
-  state->tensors.reserve(count);
+  std::vector<CheckpointTensor> unsorted;
+  unsorted.reserve(count);
   for (uint32_t fi = 0; fi < headers.size(); ++fi) {
     SafetensorsFile& h = headers[fi];
     CheckpointFile& cf = state->files.emplace_back();
@@ -194,7 +239,7 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
     cf.data_offset = h.data_offset;
     cf.metadata = std::move(h.header.metadata);
     for (TensorInfo& t : h.header.tensors) {
-      CheckpointTensor& ct = state->tensors.emplace_back();
+      CheckpointTensor& ct = unsorted.emplace_back();
       ct.name = std::move(t.name);
       ct.dtype = t.dtype;
       ct.shape = std::move(t.shape);
@@ -204,8 +249,15 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
       state->total_bytes += ct.nbytes;
     }
   }
-  std::sort(state->tensors.begin(), state->tensors.end(),
-            [](const CheckpointTensor& a, const CheckpointTensor& b) { return a.name < b.name; });
+  // Sorting a permutation instead of the tensors themselves: moving ~100-byte records with
+  // strings and vectors inside dominated the sort for 100k tensors.
+  std::vector<uint32_t> order(unsorted.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::sort(order.begin(), order.end(),
+            [&](uint32_t a, uint32_t b) { return unsorted[a].name < unsorted[b].name; });
+  state->tensors.reserve(unsorted.size());
+  for (uint32_t i : order) state->tensors.push_back(std::move(unsorted[i]));
+  unsorted = std::vector<CheckpointTensor>();
   for (size_t i = 1; i < state->tensors.size(); ++i) {
     const CheckpointTensor& a = state->tensors[i - 1];
     const CheckpointTensor& b = state->tensors[i];
@@ -221,10 +273,16 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
   }
 
   if (have_index) {
-    absl::flat_hash_map<absl::string_view, absl::string_view> listed;
-    listed.reserve(index.size());
-    for (const auto& [tensor, file] : index) listed.emplace(tensor, file);
-    for (const auto& [tensor, file] : index) {
+    // Position in state->files of each shard the index names (files are in shard_names order).
+    std::vector<uint32_t> file_pos(index.files.size());
+    for (size_t i = 0; i < index.files.size(); ++i) {
+      file_pos[i] = static_cast<uint32_t>(
+          std::lower_bound(shard_names.begin(), shard_names.end(), index.files[i]) -
+          shard_names.begin());
+    }
+    std::vector<bool> listed(state->tensors.size(), false);
+    for (const auto& [tensor, file_id] : index.entries) {
+      const std::string& file = index.files[file_id];
       auto it = state->by_name.find(tensor);
       if (it == state->by_name.end()) {
         return absl::InvalidArgumentError(absl::StrCat(index_path, ": tensor '", tensor,
@@ -232,14 +290,22 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
                                                        "' but that shard does not contain it"));
       }
       const CheckpointTensor& t = state->tensors[it->second];
-      if (state->files[t.file].name != file) {
+      if (t.file != file_pos[file_id]) {
         return absl::InvalidArgumentError(absl::StrCat(
             index_path, ": tensor '", tensor, "' is listed in shard '", file,
             "' but is stored in '", state->files[t.file].name, "'"));
       }
+      if (listed[it->second]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path, ": tensor '", tensor, "' is listed twice in weight_map"));
+      }
+      listed[it->second] = true;
     }
-    for (const CheckpointTensor& t : state->tensors) {
-      if (!listed.contains(t.name)) {
+    // Every entry is distinct and found, so equal counts mean every tensor is listed.
+    if (index.entries.size() != state->tensors.size()) {
+      for (uint32_t i = 0; i < state->tensors.size(); ++i) {
+        if (listed[i]) continue;
+        const CheckpointTensor& t = state->tensors[i];
         return absl::InvalidArgumentError(absl::StrCat(
             "tensor '", t.name, "' is stored in '", state->files[t.file].path, "' but ",
             index_path, " does not list it"));

@@ -242,12 +242,15 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view json,
     }
   }
 
-  std::sort(header.tensors.begin(), header.tensors.end(),
-            [](const TensorInfo& a, const TensorInfo& b) {
-              if (a.begin != b.begin) return a.begin < b.begin;
-              if (a.end != b.end) return a.end < b.end;
-              return a.name < b.name;
-            });
+  auto data_order = [](const TensorInfo& a, const TensorInfo& b) {
+    if (a.begin != b.begin) return a.begin < b.begin;
+    if (a.end != b.end) return a.end < b.end;
+    return a.name < b.name;
+  };
+  // Writers usually emit tensors in data order already; checking is cheaper than sorting.
+  if (!std::is_sorted(header.tensors.begin(), header.tensors.end(), data_order)) {
+    std::sort(header.tensors.begin(), header.tensors.end(), data_order);
+  }
   // The data section must be covered exactly: no overlaps, no holes, nothing after the end.
   uint64_t cursor = 0;
   const TensorInfo* prev = nullptr;
