@@ -25,6 +25,14 @@ struct PieceRef {
   uint64_t row_bytes;  // bytes per row of this piece's source view
 };
 
+// A piece that copies its whole source, unchanged, onto its whole target: the source's bytes
+// are the target's bytes, so the source can be read straight into the arena.
+bool IsDirect(const Plan& plan, const RankPlan& rp, const PlanPiece& p) {
+  return plan.sources[p.source].dtype == rp.targets[p.target].dtype &&
+         p.src_start == Index3{0, 0, 0} && p.dst_start == Index3{0, 0, 0} &&
+         p.extent == p.src_shape && p.extent == p.dst_shape;
+}
+
 struct WorkUnit {
   uint32_t source;
   uint64_t begin, end;  // byte range within the source
@@ -86,12 +94,17 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 
   // Pieces grouped by source, over all ranks: the basis of reading each byte once.
   std::vector<std::vector<PieceRef>> by_source(plan.sources.size());
+  // Per source, the index in by_source[s] of a direct piece (read target), or -1.
+  std::vector<int> direct(plan.sources.size(), -1);
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
     for (const PlanPiece& p : rp.pieces) {
       WD_RETURN_IF_ERROR(CheckPiece(plan, rp, p, rank_arenas[r]->size()));
       const uint64_t row_bytes =
           static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
+      if (direct[p.source] < 0 && IsDirect(plan, rp, p)) {
+        direct[p.source] = static_cast<int>(by_source[p.source].size());
+      }
       by_source[p.source].push_back({r, &p, std::max<uint64_t>(row_bytes, 1)});
     }
   }
@@ -141,15 +154,27 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
       const WorkUnit& u = units[i];
       const PlanSource& src = plan.sources[u.source];
       const uint64_t len = u.end - u.begin;
-      if (buffer.size() < len) buffer.resize(len);
-      absl::Status s = PreadExact(files[src.file].get(), buffer.data(), len, src.offset + u.begin,
+      // Read straight into the arena when a piece copies this source verbatim (saves a copy of
+      // every byte); the other pieces of the source then copy from there.
+      const int d = direct[u.source];
+      std::byte* dst = nullptr;
+      if (d >= 0) {
+        const PieceRef& pr = by_source[u.source][d];
+        dst = bases[pr.rank] + plan.ranks[pr.rank].targets[pr.piece->target].offset + u.begin;
+      } else {
+        if (buffer.size() < len) buffer.resize(len);
+        dst = buffer.data();
+      }
+      absl::Status s = PreadExact(files[src.file].get(), dst, len, src.offset + u.begin,
                                   absl::StrCat(plan.files[src.file].path, " (tensor '", src.name,
                                                "')"));
       if (s.ok()) {
-        for (const PieceRef& pr : by_source[u.source]) {
+        for (size_t k = 0; k < by_source[u.source].size(); ++k) {
+          if (static_cast<int>(k) == d) continue;
+          const PieceRef& pr = by_source[u.source][k];
           const PlanPiece& p = *pr.piece;
           const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
-          kernels::CopyPieceRowsHost(p, src.dtype, t.dtype, buffer.data(),
+          kernels::CopyPieceRowsHost(p, src.dtype, t.dtype, dst,
                                      static_cast<int64_t>(u.begin / pr.row_bytes),
                                      static_cast<int64_t>(u.end / pr.row_bytes),
                                      bases[pr.rank] + t.offset);

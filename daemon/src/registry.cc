@@ -231,7 +231,11 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     ExecutorOptions eo;
     eo.threads = config_.io_threads;
     eo.buffer_budget = config_.pinned_budget;
+    const absl::Time t_exec = absl::Now();
     WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress));
+    const absl::Time t_seal = absl::Now();
+    LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s", name,
+             absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec));
     for (size_t i = 0; i < arenas.size(); ++i) {
       WD_RETURN_IF_ERROR(arenas[i]->Seal());
       WD_ASSIGN_OR_RETURN(Manifest man, BuildRankManifest(plan, i, *arenas[i], name,
@@ -245,6 +249,8 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       manifest_sizes.push_back(bytes.size());
       tensor_counts.push_back(static_cast<uint32_t>(man.tensors.size()));
     }
+    LogDebug("load %s: seal+checksums+manifests %.3f s", name,
+             absl::ToDoubleSeconds(absl::Now() - t_seal));
     return absl::OkStatus();
   };
   const absl::Status status = run();
