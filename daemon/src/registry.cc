@@ -412,8 +412,9 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
 
 void Registry::ReleaseConnection(uint64_t connection) {
   absl::MutexLock l(&mu_);
-  for (auto& [n, m] : models_) {
-    std::erase_if(m->leases, [&](const LeaseInfo& x) {
+  for (auto& entry : models_) {
+    const std::string& n = entry.first;
+    std::erase_if(entry.second->leases, [&](const LeaseInfo& x) {
       if (x.connection != connection) return false;
       LogInfo("detach %s rank %d: pid %d lease %llu (connection closed)", n, x.rank, x.peer.pid,
               static_cast<unsigned long long>(x.id));

@@ -111,6 +111,9 @@ struct Server::Impl {
   std::map<uint64_t, Connection> conns;  // owned by the Run() thread only
   uint64_t next_id = 1;
   std::atomic<bool> stop{false};
+  // Connections refused at the cap, kept open briefly: closing a unix socket with unread data
+  // (the client's hello) resets the peer before it can read the refusal.
+  std::deque<std::pair<UniqueFd, absl::Time>> refused;
   uint64_t requests_total = 0, errors_total = 0, refused_total = 0;
 
   void Accept();
@@ -121,6 +124,12 @@ struct Server::Impl {
   void Handle(Connection& c, const Request& r);
   std::string Metrics();
   void UpdateInterest(Connection& c);
+  static void Drain(int fd) {
+    for (int i = 0; i < 64; ++i) {
+      auto p = RecvPacket(fd, 256);
+      if (!p.ok() || p->would_block || p->eof) return;
+    }
+  }
 };
 
 uint64_t RaiseFileLimit() {
@@ -241,6 +250,10 @@ absl::Status Server::Run() {
       if (!c.hello && now - c.accepted > s.options.hello_timeout) expired.push_back(id);
     }
     for (uint64_t id : expired) s.Close(id, "no hello before the timeout");
+    while (!s.refused.empty() && now - s.refused.front().second > absl::Milliseconds(250)) {
+      Impl::Drain(s.refused.front().first.get());
+      s.refused.pop_front();
+    }
   }
   LogInfo("stopping: closing %zu connections", s.conns.size());
   return absl::OkStatus();
@@ -263,6 +276,11 @@ void Server::Impl::Accept() {
                                                     "weightd is at its connection limit (",
                                                     options.max_connections,
                                                     " connections; config max_connections)"))));
+      if (refused.size() >= 256) {
+        Drain(refused.front().first.get());
+        refused.pop_front();
+      }
+      refused.emplace_back(std::move(fd), absl::Now());
       continue;
     }
     ucred cred{};

@@ -438,9 +438,13 @@ TEST_F(DaemonTest, ThousandConnectionsAndTheCap) {
   // Beyond max_connections (1010) a connection gets one refusal and is closed.
   std::vector<UniqueFd> extra;
   bool refused = false;
+  std::string seen;
   for (int i = 0; i < 20 && !refused; ++i) {
     auto fd = ConnectSeqpacket(g_socket);
-    if (!fd.ok()) continue;
+    if (!fd.ok()) {
+      seen += fd.status().ToString() + "\n";
+      continue;
+    }
     // Say hello at once: a silent connection would be dropped by the hello timeout.
     (void)SendPacket(fd->get(), R"({"op":"hello","version":1})");
     pollfd p{fd->get(), POLLIN, 0};
@@ -448,10 +452,11 @@ TEST_F(DaemonTest, ThousandConnectionsAndTheCap) {
       auto pkt = RecvPacket(fd->get(), 1 << 16);
       refused = pkt.ok() && pkt->data.find("RESOURCE_EXHAUSTED") != std::string::npos &&
                 pkt->data.find("max_connections") != std::string::npos;
+      seen += (pkt.ok() ? pkt->data : pkt.status().ToString()) + "\n";
     }
     extra.push_back(std::move(*fd));
   }
-  EXPECT_TRUE(refused);
+  EXPECT_TRUE(refused) << seen;
   // Leave the daemon as we found it: wait until it has noticed the closed connections.
   socks.clear();
   extra.clear();
