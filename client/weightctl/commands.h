@@ -6,6 +6,8 @@
 namespace weightd::cli {
 
 int InspectMain(int argc, char** argv);
+int PlanMain(int argc, char** argv);
+int ShardMain(int argc, char** argv);
 
 // Daemon commands (cmd_daemon.cc).
 int LoadMain(int argc, char** argv);

@@ -23,6 +23,9 @@ constexpr Command kCommands[] = {
     {"attach", weightd::cli::AttachMain, "attach to a rank, summarize, optionally verify"},
     {"unload", weightd::cli::UnloadMain, "unload a model"},
     {"metrics", weightd::cli::MetricsMain, "print the daemon's Prometheus metrics"},
+    {"plan", weightd::cli::PlanMain, "show how a checkpoint maps to per-rank engine parameters"},
+    {"shard", weightd::cli::ShardMain,
+     "write per-rank safetensors in vLLM's sharded-state layout (offline)"},
 };
 
 void PrintUsage(FILE* out) {

@@ -265,6 +265,7 @@ std::string Builder::NearestNames(absl::string_view name) const {
 
 absl::Status Builder::MapTensors() {
   std::vector<std::string> unmapped;
+  std::string first_unmapped;
   for (uint32_t i = 0; i < ckpt_.tensors().size(); ++i) {
     const std::string& orig = T(i).name;
     auto skipped = [&](absl::string_view n) {
@@ -310,6 +311,7 @@ absl::Status Builder::MapTensors() {
       }
     }
     if (rule == nullptr) {
+      if (unmapped.empty()) first_unmapped = orig;
       unmapped.push_back(orig == name ? orig : absl::StrCat(orig, "' (renamed '", name));
       if (unmapped.size() <= 5) {
         unmapped.back() =
@@ -353,7 +355,7 @@ absl::Status Builder::MapTensors() {
                                 : "",
         "\nIf these tensors are not weights the engine uses, skip them with --skip SUBSTRING "
         "(e.g. --skip ",
-        ckpt_.tensors().empty() ? "NAME" : "<part of the name>",
+        std::string(absl::string_view(first_unmapped).substr(first_unmapped.rfind('.') + 1)),
         ") or a \"skip\" rule in a --recipe file; if they are, add a \"params\" rule "
         "(docs/RECIPES.md)."));
   }
@@ -577,9 +579,10 @@ absl::Status Builder::LayOut(const Group& g, int r, RankTarget* out) const {
       const int64_t v = s[0];
       const int64_t vp = (v + kVocabPadding - 1) / kVocabPadding * kVocabPadding;
       if (vp % tp) {
-        return Indivisible(absl::StrCat(DimLabel(*m->rule, 0), " padded to a multiple of 64 = ", vp,
-                                        ", vocab rows"),
-                           vp, T(m->tensor).name);
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--tp ", tp, " does not divide the padded vocabulary of tensor '", T(m->tensor).name,
+            "': ", DimLabel(*m->rule, 0), " has ", v, " rows, padded to a multiple of 64 = ", vp,
+            "; choose a --tp that divides ", vp));
       }
       const int64_t p = vp / tp;
       const int64_t start = std::min(r * p, v), end = std::min((r + 1) * p, v);
@@ -658,6 +661,16 @@ absl::StatusOr<Plan> Builder::Build() {
     for (int r = 0; r < opts_.tp; ++r) ranks.push_back(r);
   }
   // Lay out every (rank, target) first; sources get their indices once all uses are known.
+  // Report the most fundamental divisibility problem first (heads before vocab padding), in
+  // the order a user reads a model card, rather than in target-name order.
+  for (ParallelStyle first :
+       {ParallelStyle::kQkv, ParallelStyle::kMoeW13, ParallelStyle::kMoeW2,
+        ParallelStyle::kMergedColumn, ParallelStyle::kColumn, ParallelStyle::kRow}) {
+    for (const auto& [name, g] : groups_) {
+      RankTarget scratch;
+      if (g.style == first) WD_RETURN_IF_ERROR(LayOut(g, ranks[0], &scratch));
+    }
+  }
   std::vector<std::vector<RankTarget>> per_rank(ranks.size());
   for (size_t ri = 0; ri < ranks.size(); ++ri) {
     per_rank[ri].resize(groups_.size());

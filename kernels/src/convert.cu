@@ -71,7 +71,8 @@ __global__ void ConvertKernel(int op, const void* __restrict__ src, void* __rest
             DevF32ToF16(static_cast<uint32_t>(static_cast<const uint16_t*>(src)[i]) << 16);
         break;
       case kF16ToBF16:
-        static_cast<uint16_t*>(dst)[i] = DevF32ToBF16(DevF16ToF32(static_cast<const uint16_t*>(src)[i]));
+        static_cast<uint16_t*>(dst)[i] =
+            DevF32ToBF16(DevF16ToF32(static_cast<const uint16_t*>(src)[i]));
         break;
     }
   }
@@ -100,8 +101,8 @@ absl::Status LaunchConvertDevice(DType from, const void* src, DType to, void* ds
   if (from == DType::kBF16 && to == DType::kF16) op = kBF16ToF16;
   if (from == DType::kF16 && to == DType::kBF16) op = kF16ToBF16;
   if (op < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("no device conversion from ", DTypeName(from),
-                                                   " to ", DTypeName(to)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("no device conversion from ", DTypeName(from), " to ", DTypeName(to)));
   }
   constexpr int kThreads = 256;
   const int64_t want = (n + kThreads - 1) / kThreads;

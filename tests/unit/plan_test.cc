@@ -1,0 +1,229 @@
+// BuildPlan against the worked examples of VLLM_LAYOUT.md (expected numbers come from the
+// document, not from the planner), on header-only synthetic checkpoints.
+#include "weightd/plan.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "support/synthetic_checkpoint.h"
+#include "weightd/checkpoint.h"
+
+namespace weightd {
+namespace {
+
+using testing::LlamaConfig;
+using testing::LlamaTensors;
+using testing::WriteSyntheticCheckpoint;
+
+class PlanTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("wd_plan_test_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  Checkpoint Make(const std::vector<testing::SyntheticTensor>& t, const std::string& cfg,
+                  int shards = 3) {
+    EXPECT_TRUE(WriteSyntheticCheckpoint(dir_.string(), t, shards, cfg));
+    auto c = Checkpoint::Open(dir_.string());
+    EXPECT_TRUE(c.ok()) << c.status();
+    return *std::move(c);
+  }
+  // Llama-3-8B with 2 layers (the per-layer numbers are what matter).
+  Checkpoint Llama3_8B() {
+    return Make(LlamaTensors(4096, 32, 8, 128, 14336, 128256, 2),
+                LlamaConfig(4096, 32, 8, 14336, 128256, 2));
+  }
+
+  std::filesystem::path dir_;
+};
+
+const PlanTarget& Target(const RankPlan& r, const std::string& name) {
+  for (const PlanTarget& t : r.targets) {
+    if (t.name == name) return t;
+  }
+  ADD_FAILURE() << "no target " << name;
+  static PlanTarget none;
+  return none;
+}
+
+std::vector<const PlanPiece*> PiecesOf(const Plan& p, const RankPlan& r,
+                                       const std::string& target) {
+  std::vector<const PlanPiece*> out;
+  for (const PlanPiece& pc : r.pieces) {
+    if (r.targets[pc.target].name == target) out.push_back(&pc);
+  }
+  std::sort(out.begin(), out.end(),
+            [](const PlanPiece* a, const PlanPiece* b) { return a->dst_start < b->dst_start; });
+  return out;
+}
+
+TEST_F(PlanTest, Llama3_8BShapesMatchTheLayoutTable) {
+  Checkpoint c = Llama3_8B();
+  struct Row {
+    int tp;
+    int64_t qkv, o_in, gate_up, down_in, vocab;
+  };
+  // VLLM_LAYOUT.md, "Worked example: Llama-3-8B".
+  for (const Row& row :
+       {Row{1, 6144, 4096, 28672, 14336, 128256}, Row{2, 3072, 2048, 14336, 7168, 64128},
+        Row{4, 1536, 1024, 7168, 3584, 32064}, Row{8, 768, 512, 3584, 1792, 16032},
+        Row{16, 512, 256, 1792, 896, 8016}}) {
+    PlanOptions o;
+    o.tp = row.tp;
+    auto plan = BuildPlan(c, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_EQ(plan->ranks.size(), static_cast<size_t>(row.tp));
+    for (const RankPlan& r : plan->ranks) {
+      EXPECT_EQ(Target(r, "model.layers.1.self_attn.qkv_proj.weight").shape,
+                (std::vector<int64_t>{row.qkv, 4096}));
+      EXPECT_EQ(Target(r, "model.layers.1.self_attn.o_proj.weight").shape,
+                (std::vector<int64_t>{4096, row.o_in}));
+      EXPECT_EQ(Target(r, "model.layers.0.mlp.gate_up_proj.weight").shape,
+                (std::vector<int64_t>{row.gate_up, 4096}));
+      EXPECT_EQ(Target(r, "model.layers.0.mlp.down_proj.weight").shape,
+                (std::vector<int64_t>{4096, row.down_in}));
+      EXPECT_EQ(Target(r, "model.embed_tokens.weight").shape,
+                (std::vector<int64_t>{row.vocab, 4096}));
+      EXPECT_EQ(Target(r, "lm_head.weight").shape, (std::vector<int64_t>{row.vocab, 4096}));
+      for (const PlanTarget& t : r.targets) EXPECT_EQ(t.offset % 256, 0u) << t.name;
+    }
+    // Every source byte is read once, whatever T: KV replication and replicated norms included.
+    EXPECT_EQ(plan->read_bytes, plan->checkpoint_bytes) << "tp " << row.tp;
+  }
+}
+
+TEST_F(PlanTest, QkvRowsForTheDocumentedRanks) {
+  Checkpoint c = Llama3_8B();
+  PlanOptions o;
+  o.tp = 8;
+  o.rank = 5;
+  auto plan = BuildPlan(c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->ranks.size(), 1u);
+  auto pcs = PiecesOf(*plan, plan->ranks[0], "model.layers.0.self_attn.qkv_proj.weight");
+  ASSERT_EQ(pcs.size(), 3u);
+  // T=8, r=5: Q rows 2560-3071, K/V rows 640-767.
+  EXPECT_EQ(plan->sources[pcs[0]->source].name, "model.layers.0.self_attn.q_proj.weight");
+  EXPECT_EQ(pcs[0]->src_start[1], 2560);
+  EXPECT_EQ(pcs[0]->extent[1], 512);
+  EXPECT_EQ(plan->sources[pcs[1]->source].name, "model.layers.0.self_attn.k_proj.weight");
+  EXPECT_EQ(pcs[1]->src_start[1], 640);
+  EXPECT_EQ(pcs[1]->extent[1], 128);
+  EXPECT_EQ(pcs[1]->dst_start[1], 512);
+  EXPECT_EQ(plan->sources[pcs[2]->source].name, "model.layers.0.self_attn.v_proj.weight");
+  EXPECT_EQ(pcs[2]->src_start[1], 640);
+  EXPECT_EQ(pcs[2]->dst_start[1], 640);
+
+  // T=16, r=5: Q rows 1280-1535, K/V rows 256-383 (same as rank 4).
+  o.tp = 16;
+  for (int r : {4, 5}) {
+    o.rank = r;
+    auto p16 = BuildPlan(c, o);
+    ASSERT_TRUE(p16.ok());
+    auto q = PiecesOf(*p16, p16->ranks[0], "model.layers.0.self_attn.qkv_proj.weight");
+    ASSERT_EQ(q.size(), 3u);
+    EXPECT_EQ(q[0]->src_start[1], r * 256);
+    EXPECT_EQ(q[1]->src_start[1], 256);
+    EXPECT_EQ(q[2]->src_start[1], 256);
+  }
+}
+
+TEST_F(PlanTest, VocabPaddingExample) {
+  // V 32001, T 2 -> Vp 32064, P 16032; rank 1 holds tokens 16032..32000 then 63 zero rows.
+  Checkpoint c =
+      Make(LlamaTensors(128, 4, 4, 32, 256, 32001, 1), LlamaConfig(128, 4, 4, 256, 32001, 1));
+  PlanOptions o;
+  o.tp = 2;
+  auto plan = BuildPlan(c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const RankPlan& r1 = plan->ranks[1];
+  const PlanTarget& emb = Target(r1, "model.embed_tokens.weight");
+  EXPECT_EQ(emb.shape, (std::vector<int64_t>{16032, 128}));
+  auto pcs = PiecesOf(*plan, r1, "model.embed_tokens.weight");
+  ASSERT_EQ(pcs.size(), 1u);
+  EXPECT_EQ(pcs[0]->src_start[1], 16032);
+  EXPECT_EQ(pcs[0]->extent[1], 15969);
+  uint64_t zero = 0;
+  for (const PlanZeroFill& z : r1.zero_fills) {
+    if (r1.targets[z.target].name == "model.embed_tokens.weight") {
+      zero += z.nbytes;
+      EXPECT_EQ(z.offset, 15969u * 128 * 2);
+    }
+  }
+  EXPECT_EQ(zero, 63u * 128 * 2);
+  EXPECT_TRUE(plan->ranks[0].zero_fills.empty());
+}
+
+TEST_F(PlanTest, MixtralExpertShapesAndExpertParallel) {
+  std::vector<testing::SyntheticTensor> t = LlamaTensors(4096, 32, 8, 128, 14336, 32000, 1);
+  // Replace the dense MLP by 8 experts.
+  std::erase_if(t, [](const testing::SyntheticTensor& x) {
+    return x.name.find(".mlp.") != std::string::npos;
+  });
+  t.push_back({"model.layers.0.block_sparse_moe.gate.weight", "BF16", {8, 4096}});
+  for (int e = 0; e < 8; ++e) {
+    const std::string p = "model.layers.0.block_sparse_moe.experts." + std::to_string(e) + ".";
+    t.push_back({p + "w1.weight", "BF16", {14336, 4096}});
+    t.push_back({p + "w2.weight", "BF16", {4096, 14336}});
+    t.push_back({p + "w3.weight", "BF16", {14336, 4096}});
+  }
+  std::string cfg = LlamaConfig(4096, 32, 8, 14336, 32000, 1, "MixtralForCausalLM");
+  cfg.insert(cfg.size() - 1, ", \"num_local_experts\": 8");
+  Checkpoint c = Make(t, cfg, 4);
+  PlanOptions o;
+  o.tp = 2;
+  auto plan = BuildPlan(c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const RankPlan& r = plan->ranks[1];
+  EXPECT_EQ(Target(r, "model.layers.0.block_sparse_moe.experts.w13_weight").shape,
+            (std::vector<int64_t>{8, 14336, 4096}));
+  EXPECT_EQ(Target(r, "model.layers.0.block_sparse_moe.experts.w2_weight").shape,
+            (std::vector<int64_t>{8, 4096, 7168}));
+  EXPECT_EQ(Target(r, "model.embed_tokens.weight").shape, (std::vector<int64_t>{16000, 4096}));
+
+  o.tp = 3;  // 8 experts over 3 ranks: 3, 3, 2
+  o.expert_parallel = true;
+  auto ep = BuildPlan(c, o);
+  ASSERT_FALSE(ep.ok());  // 32 heads are not divisible by 3
+  EXPECT_NE(ep.status().message().find("num_attention_heads"), std::string::npos);
+}
+
+TEST_F(PlanTest, JsonRoundTripIsExactAndDeterministic) {
+  Checkpoint c =
+      Make(LlamaTensors(256, 8, 2, 32, 512, 1000, 2), LlamaConfig(256, 8, 2, 512, 1000, 2));
+  PlanOptions o;
+  o.tp = 4;
+  o.dtype = DType::kF32;
+  auto a = BuildPlan(c, o);
+  auto b = BuildPlan(c, o);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const std::string ja = PlanToJson(*a);
+  EXPECT_EQ(ja, PlanToJson(*b));
+  auto back = PlanFromJson(ja);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(PlanToJson(*back), ja);
+  EXPECT_FALSE(a->ranks[0].transforms.empty());  // BF16 -> F32 casts are listed
+  auto broken = PlanFromJson(R"({"checkpoint": "x"})");
+  EXPECT_FALSE(broken.ok());
+}
+
+TEST_F(PlanTest, OptionErrors) {
+  Checkpoint c = Make(LlamaTensors(64, 4, 2, 16, 128, 100, 1), LlamaConfig(64, 4, 2, 128, 100, 1));
+  PlanOptions o;
+  o.tp = 2;
+  o.rank = 2;
+  auto p = BuildPlan(c, o);
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("--rank 2"), std::string::npos);
+  o.rank.reset();
+  o.dtype = DType::kI32;
+  EXPECT_FALSE(BuildPlan(c, o).ok());
+}
+
+}  // namespace
+}  // namespace weightd
