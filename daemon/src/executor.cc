@@ -111,7 +111,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 
   const int threads = std::max(1, options.threads);
   const uint64_t chunk = std::max<uint64_t>(
-      1 << 20, std::min(options.chunk_bytes, options.buffer_budget / threads));
+      64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads));
   std::vector<WorkUnit> units;
   uint64_t total = 0;
   for (uint32_t s = 0; s < plan.sources.size(); ++s) {

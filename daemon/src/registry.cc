@@ -86,13 +86,25 @@ Registry::Registry(Backend* backend, DaemonConfig config)
     : backend_(backend), config_(std::move(config)), self_uid_(::geteuid()) {}
 
 Registry::~Registry() {
-  std::vector<std::thread> threads;
+  std::vector<LoadThread> threads;
   {
     absl::MutexLock l(&mu_);
     for (auto& [name, m] : models_) m->progress.cancel = true;
     threads.swap(threads_);
   }
-  for (std::thread& t : threads) t.join();
+  for (LoadThread& t : threads) t.thread.join();
+}
+
+void Registry::ReapThreads() {
+  // A finished model's thread has at most its last log line left to run.
+  for (auto it = threads_.begin(); it != threads_.end();) {
+    if (it->model->finished) {
+      it->thread.join();
+      it = threads_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 bool Registry::MayAdminister(const Peer& peer) const {
@@ -175,7 +187,8 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
   models_[name] = m;
   ++running_loads_;
   ++loads_total_;
-  threads_.emplace_back([this, m] { RunLoad(m); });
+  ReapThreads();
+  threads_.push_back({std::thread([this, m] { RunLoad(m); }), m});
   return absl::OkStatus();
 }
 
@@ -469,13 +482,13 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
 
 void Registry::WaitForLoads() {
   for (;;) {
-    std::vector<std::thread> threads;
+    std::vector<LoadThread> threads;
     {
       absl::MutexLock l(&mu_);
       if (threads_.empty()) return;
       threads.swap(threads_);
     }
-    for (std::thread& t : threads) t.join();
+    for (LoadThread& t : threads) t.thread.join();
   }
 }
 

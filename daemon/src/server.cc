@@ -180,9 +180,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->listen_fd =
       UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!impl->listen_fd) return ErrnoError(errno, "socket(AF_UNIX, SOCK_SEQPACKET)");
-  WD_SYSCALL_OR_RETURN(
-      ::bind(impl->listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)),
-      absl::StrCat("bind to ", path));
+  // A restrictive umask while binding: the socket file never exists with looser permissions
+  // than socket_mode, not even between bind and chmod.
+  const mode_t old_umask = ::umask(0177);
+  const int bound = ::bind(impl->listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  const int bind_errno = errno;
+  ::umask(old_umask);
+  if (bound != 0) return ErrnoError(bind_errno, absl::StrCat("bind to ", path));
   WD_SYSCALL_OR_RETURN(::chmod(path.c_str(), options.socket_mode),
                        absl::StrCat("chmod of ", path));
   WD_SYSCALL_OR_RETURN(::listen(impl->listen_fd.get(), 4096), absl::StrCat("listen on ", path));

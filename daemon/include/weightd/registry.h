@@ -133,7 +133,13 @@ class Registry {
   const uid_t self_uid_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Model>> models_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::thread> threads_ ABSL_GUARDED_BY(mu_);
+  struct LoadThread {
+    std::thread thread;
+    std::shared_ptr<Model> model;  // model->finished says when the thread may be joined
+  };
+  // Joins the threads of finished loads (called when a new load starts).
+  void ReapThreads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<LoadThread> threads_ ABSL_GUARDED_BY(mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
   int running_loads_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t loads_total_ ABSL_GUARDED_BY(mu_) = 0;
