@@ -14,7 +14,8 @@
 //      + CRC32C of every tensor); compared, in the same run, with a plain pread of the same
 //      files by the same number of threads into a reused 64 MiB buffer per thread (the
 //      ceiling for any loader that reads through the page cache). Best of 3 each.
-// Usage: attach_bench [--quick] [--threads N]   (--quick: smaller load checkpoint, fewer iterations)
+// Usage: attach_bench [--quick] [--threads N]   (--quick: smaller load checkpoint, fewer
+// iterations)
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -48,7 +49,8 @@ void WriteCheckpoint(const std::string& path, int n, size_t bytes, const std::st
   std::string header = "{";
   for (int i = 0; i < n; ++i) {
     char buf[256];
-    std::snprintf(buf, sizeof(buf), "%s\"%s.%06d.weight\":{\"dtype\":\"U8\",\"shape\":[%zu],"
+    std::snprintf(buf, sizeof(buf),
+                  "%s\"%s.%06d.weight\":{\"dtype\":\"U8\",\"shape\":[%zu],"
                   "\"data_offsets\":[%zu,%zu]}",
                   i ? "," : "", prefix.c_str(), i, bytes, i * bytes, (i + 1) * bytes);
     header += buf;
@@ -100,10 +102,11 @@ void BenchAttach(weightd::Client& c, const std::string& name, int iters, double 
     ms.push_back(Ms(t1 - t0));
   }
   std::sort(ms.begin(), ms.end());
-  std::printf("attach %-8s %7zu tensors: median %8.3f ms  p99 %8.3f ms  min %8.3f ms  "
-              "(target <= %.0f ms: %s)\n",
-              name.c_str(), tensors, ms[ms.size() / 2], ms[ms.size() * 99 / 100], ms.front(),
-              target_ms, ms[ms.size() / 2] <= target_ms ? "met" : "MISSED");
+  std::printf(
+      "attach %-8s %7zu tensors: median %8.3f ms  p99 %8.3f ms  min %8.3f ms  "
+      "(target <= %.0f ms: %s)\n",
+      name.c_str(), tensors, ms[ms.size() / 2], ms[ms.size() * 99 / 100], ms.front(), target_ms,
+      ms[ms.size() / 2] <= target_ms ? "met" : "MISSED");
 }
 
 double PreadAll(const std::vector<std::string>& files, int threads) {
@@ -133,8 +136,8 @@ double PreadAll(const std::vector<std::string>& files, int threads) {
       for (size_t i; (i = next.fetch_add(1)) < units.size();) {
         size_t done = 0;
         while (done < units[i].len) {
-          const ssize_t n = ::pread(units[i].fd, buf.data() + done, units[i].len - done,
-                                    units[i].off + done);
+          const ssize_t n =
+              ::pread(units[i].fd, buf.data() + done, units[i].len - done, units[i].off + done);
           if (n <= 0) break;
           done += n;
         }
@@ -156,7 +159,8 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = std::atoi(argv[++i]);
   }
-  weightd::InitLogging(std::getenv("WEIGHTD_BENCH_DEBUG") ? weightd::LogLevel::kDebug : weightd::LogLevel::kWarning);
+  weightd::InitLogging(std::getenv("WEIGHTD_BENCH_DEBUG") ? weightd::LogLevel::kDebug
+                                                          : weightd::LogLevel::kWarning);
   char tmpl[] = "/tmp/weightd-bench-XXXXXX";
   const std::string dir = ::mkdtemp(tmpl);
   std::filesystem::create_directories(dir + "/small");
@@ -209,10 +213,11 @@ int main(int argc, char** argv) {
     best_load = std::min(best_load, secs);
     (void)c->Unload(name);
   }
-  std::printf("load from page cache, %.2f GB: host backend %.3f s = %.2f GB/s; plain %d-thread "
-              "pread %.3f s = %.2f GB/s; ratio %.2f\n",
-              bytes / 1e9, best_load, bytes / best_load / 1e9, threads, best_pread,
-              bytes / best_pread / 1e9, best_pread / best_load);
+  std::printf(
+      "load from page cache, %.2f GB: host backend %.3f s = %.2f GB/s; plain %d-thread "
+      "pread %.3f s = %.2f GB/s; ratio %.2f\n",
+      bytes / 1e9, best_load, bytes / best_load / 1e9, threads, best_pread,
+      bytes / best_pread / 1e9, best_pread / best_load);
   (*server)->Stop();
   loop.join();
   std::filesystem::remove_all(dir);

@@ -73,16 +73,22 @@ int main(int argc, char** argv) {
           a == "--log-level") {
         ++i;
       }
-    } else if (a == "--config" || a == "--socket" || a == "--backend" ||
-               a == "--pinned-budget" || a == "--log-level") {
+    } else if (a == "--config" || a == "--socket" || a == "--backend" || a == "--pinned-budget" ||
+               a == "--log-level") {
       return Usage(absl::StrCat("option ", a, " needs a value"));
     }
-    if (a == "--config") config_path = value;
-    else if (a == "--socket") socket = value;
-    else if (a == "--backend") backend = value;
-    else if (a == "--pinned-budget") budget = value;
-    else if (a == "--log-level") log_level = value;
-    else return Usage(absl::StrCat("unknown option '", argv[i], "'"));
+    if (a == "--config")
+      config_path = value;
+    else if (a == "--socket")
+      socket = value;
+    else if (a == "--backend")
+      backend = value;
+    else if (a == "--pinned-budget")
+      budget = value;
+    else if (a == "--log-level")
+      log_level = value;
+    else
+      return Usage(absl::StrCat("unknown option '", argv[i], "'"));
   }
 
   DaemonConfig config;

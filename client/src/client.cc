@@ -133,8 +133,8 @@ absl::StatusOr<std::string> ReadSealedManifest(int fd, uint64_t expected) {
   struct stat st;
   WD_SYSCALL_OR_RETURN(::fstat(fd, &st), "fstat of the manifest memfd");
   if (static_cast<uint64_t>(st.st_size) != expected || expected > kMaxManifestBytes) {
-    return absl::InternalError(absl::StrCat("manifest memfd has ", st.st_size,
-                                            " bytes, the reply announced ", expected));
+    return absl::InternalError(
+        absl::StrCat("manifest memfd has ", st.st_size, " bytes, the reply announced ", expected));
   }
   std::string bytes(expected, '\0');
   WD_RETURN_IF_ERROR(PreadExact(fd, bytes.data(), expected, 0, "manifest memfd"));
@@ -226,9 +226,9 @@ absl::Status Attachment::Verify() const {
     }
     const uint32_t c = Crc32c(t.data, t.nbytes);
     if (c != t.crc32c) {
-      return absl::DataLossError(absl::StrFormat(
-          "tensor '%s' of model '%s' rank %d: CRC32C %08x != manifest %08x", t.name,
-          impl_->model, impl_->rank, c, t.crc32c));
+      return absl::DataLossError(
+          absl::StrFormat("tensor '%s' of model '%s' rank %d: CRC32C %08x != manifest %08x", t.name,
+                          impl_->model, impl_->rank, c, t.crc32c));
     }
   }
   return absl::OkStatus();
@@ -361,8 +361,8 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
                                             " arena fds"));
   }
   if (m.model != name || static_cast<int>(m.rank) != rank) {
-    return absl::InternalError(absl::StrCat("manifest is for model '", m.model, "' rank ",
-                                            m.rank, ", not '", name, "' rank ", rank));
+    return absl::InternalError(absl::StrCat("manifest is for model '", m.model, "' rank ", m.rank,
+                                            ", not '", name, "' rank ", rank));
   }
   std::vector<const std::byte*> bases(m.arenas.size(), nullptr);
   for (size_t i = 0; i < m.arenas.size(); ++i) {

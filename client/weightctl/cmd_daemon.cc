@@ -20,7 +20,8 @@ namespace {
 using json = nlohmann::json;
 
 int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "weightctl: %s: %s\n", std::string(absl::StatusCodeToString(s.code())).c_str(),
+  std::fprintf(stderr, "weightctl: %s: %s\n",
+               std::string(absl::StatusCodeToString(s.code())).c_str(),
                std::string(s.message()).c_str());
   return 1;
 }
@@ -61,9 +62,8 @@ std::string ProgressLine(const ModelInfo& m) {
   const int filled = static_cast<int>(frac * kWidth);
   const double eta = gbps > 0 ? (m.bytes_total - m.bytes_done) / (gbps * 1e9) : 0.0;
   return absl::StrFormat("%-20s loading   [%s%s] %5.1f%% %s / %s %.2f GB/s ETA %.0f s", m.name,
-                         std::string(filled, '#'), std::string(kWidth - filled, '.'),
-                         100 * frac, HumanBytes(m.bytes_done), HumanBytes(m.bytes_total), gbps,
-                         eta);
+                         std::string(filled, '#'), std::string(kWidth - filled, '.'), 100 * frac,
+                         HumanBytes(m.bytes_done), HumanBytes(m.bytes_total), gbps, eta);
 }
 
 void PrintModel(const ModelInfo& m) {
@@ -78,9 +78,14 @@ void PrintModel(const ModelInfo& m) {
 }
 
 json ModelJson(const ModelInfo& m) {
-  json j = {{"name", m.name},       {"state", m.state},          {"checkpoint", m.checkpoint},
-            {"backend", m.backend}, {"tp", m.tp},                {"bytes_total", m.bytes_total},
-            {"bytes_done", m.bytes_done}, {"seconds", m.seconds}};
+  json j = {{"name", m.name},
+            {"state", m.state},
+            {"checkpoint", m.checkpoint},
+            {"backend", m.backend},
+            {"tp", m.tp},
+            {"bytes_total", m.bytes_total},
+            {"bytes_done", m.bytes_done},
+            {"seconds", m.seconds}};
   if (!m.error.empty()) j["error"] = m.error;
   json ranks = json::array();
   for (const RankStatusInfo& r : m.ranks) {
@@ -88,8 +93,11 @@ json ModelJson(const ModelInfo& m) {
     for (const LeaseStatus& l : r.leases) {
       leases.push_back({{"lease", l.lease}, {"pid", l.pid}, {"uid", l.uid}});
     }
-    ranks.push_back({{"rank", r.rank}, {"device", r.device}, {"state", r.state},
-                     {"arena_bytes", r.arena_bytes}, {"tensors", r.tensors},
+    ranks.push_back({{"rank", r.rank},
+                     {"device", r.device},
+                     {"state", r.state},
+                     {"arena_bytes", r.arena_bytes},
+                     {"tensors", r.tensors},
                      {"leases", leases}});
   }
   j["ranks"] = ranks;
@@ -263,8 +271,8 @@ int AttachMain(int argc, char** argv) {
   if (!a.ok()) return Fail(a.status());
   const double attach_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("model %s rank %d: %zu tensors, %s, lease %llu, attached in %.2f ms\n",
-              name.c_str(), a->rank(), a->tensors().size(), HumanBytes(a->total_bytes()).c_str(),
+  std::printf("model %s rank %d: %zu tensors, %s, lease %llu, attached in %.2f ms\n", name.c_str(),
+              a->rank(), a->tensors().size(), HumanBytes(a->total_bytes()).c_str(),
               static_cast<unsigned long long>(a->lease()), attach_ms);
   if (verify) {
     const auto t1 = std::chrono::steady_clock::now();

@@ -24,8 +24,12 @@ T Get(absl::string_view in, size_t at) {
   return v;
 }
 
-bool MulOverflow(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
-bool AddOverflow(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_add_overflow(a, b, out); }
+bool MulOverflow(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+bool AddOverflow(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_add_overflow(a, b, out);
+}
 
 absl::Status Bad(absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("invalid manifest: ", what));
@@ -111,9 +115,9 @@ absl::StatusOr<Manifest> DecodeManifest(absl::string_view in) {
   if (std::memcmp(in.data(), kMagic, 8) != 0) return Bad("bad magic (expected \"WDMANIF\\0\")");
   const uint32_t version = Get<uint32_t>(in, 8);
   if (version != kManifestVersion) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "manifest version ", version, " is not supported (this client reads version ",
-        kManifestVersion, ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("manifest version ", version, " is not supported (this client reads version ",
+                     kManifestVersion, ")"));
   }
   if (Get<uint32_t>(in, 12) != kManifestHeaderSize) {
     return Bad(absl::StrCat("header_size ", Get<uint32_t>(in, 12), " != ", kManifestHeaderSize));
@@ -195,8 +199,8 @@ absl::StatusOr<Manifest> DecodeManifest(absl::string_view in) {
     t.nbytes = Get<uint64_t>(in, at + 24);
     t.crc32c = Get<uint32_t>(in, at + 32);
     if (t.arena >= num_arenas) {
-      return Bad(absl::StrCat("tensor '", name, "': arena ", t.arena, " >= ", num_arenas,
-                              " arenas"));
+      return Bad(
+          absl::StrCat("tensor '", name, "': arena ", t.arena, " >= ", num_arenas, " arenas"));
     }
     if (!InBounds(t.offset, t.nbytes, m.arenas[t.arena].size)) {
       return Bad(absl::StrCat("tensor '", name, "': bytes [", t.offset, ", +", t.nbytes,
@@ -216,10 +220,9 @@ absl::StatusOr<Manifest> DecodeManifest(absl::string_view in) {
       if (t.shape[d] == 0) empty = true;
       uint64_t span;
       if (MulOverflow(numel, static_cast<uint64_t>(t.shape[d]), &numel) ||
-          (t.shape[d] > 0 &&
-           (MulOverflow(static_cast<uint64_t>(t.shape[d] - 1), static_cast<uint64_t>(t.strides[d]),
-                        &span) ||
-            AddOverflow(max_index, span, &max_index)))) {
+          (t.shape[d] > 0 && (MulOverflow(static_cast<uint64_t>(t.shape[d] - 1),
+                                          static_cast<uint64_t>(t.strides[d]), &span) ||
+                              AddOverflow(max_index, span, &max_index)))) {
         return Bad(absl::StrCat("tensor '", name, "': shape/strides overflow 64 bits"));
       }
     }

@@ -12,18 +12,17 @@ namespace {
 using json = nlohmann::json;
 
 constexpr std::pair<Op, absl::string_view> kOps[] = {
-    {Op::kHello, "hello"},   {Op::kList, "list"},     {Op::kLoad, "load"},
-    {Op::kStatus, "status"}, {Op::kAttach, "attach"}, {Op::kDetach, "detach"},
+    {Op::kHello, "hello"},   {Op::kList, "list"},       {Op::kLoad, "load"},
+    {Op::kStatus, "status"}, {Op::kAttach, "attach"},   {Op::kDetach, "detach"},
     {Op::kUnload, "unload"}, {Op::kMetrics, "metrics"},
 };
 
 absl::Status FieldError(absl::string_view ctx, absl::string_view field, absl::string_view want) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(ctx, "field '", field, "' must be ", want));
+  return absl::InvalidArgumentError(absl::StrCat(ctx, "field '", field, "' must be ", want));
 }
 
-absl::StatusOr<int64_t> GetInt(const json& j, absl::string_view ctx, const char* field,
-                               int64_t lo, int64_t hi) {
+absl::StatusOr<int64_t> GetInt(const json& j, absl::string_view ctx, const char* field, int64_t lo,
+                               int64_t hi) {
   const json& v = j.at(field);
   if (!v.is_number_integer()) {
     return FieldError(ctx, field, absl::StrCat("an integer in [", lo, ", ", hi, "]"));
@@ -137,9 +136,8 @@ absl::StatusOr<LoadSpec> ParseLoadSpecObject(const json& j, absl::string_view ct
     return FieldError(ctx, "checkpoint", "a non-empty string (the checkpoint path)");
   }
   if (!s.devices.empty() && !s.ranks.empty() && s.devices.size() != s.ranks.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(ctx, "'devices' has ", s.devices.size(), " entries but 'ranks' has ",
-                     s.ranks.size()));
+    return absl::InvalidArgumentError(absl::StrCat(ctx, "'devices' has ", s.devices.size(),
+                                                   " entries but 'ranks' has ", s.ranks.size()));
   }
   for (int r : s.ranks) {
     if (r >= s.tp) {

@@ -17,9 +17,8 @@ namespace weightd {
 
 absl::Status SendPacket(int sock, absl::string_view data, std::span<const int> fds) {
   if (fds.size() > static_cast<size_t>(kMaxFdsPerMessage)) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot send ", fds.size(),
-                                                   " fds in one message (max ", kMaxFdsPerMessage,
-                                                   ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot send ", fds.size(), " fds in one message (max ", kMaxFdsPerMessage, ")"));
   }
   iovec iov{const_cast<char*>(data.data()), data.size()};
   msghdr msg{};
@@ -98,9 +97,8 @@ absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("socket path '", path, "' is longer than ", sizeof(addr.sun_path) - 1,
-                     " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat("socket path '", path, "' is longer than ",
+                                                   sizeof(addr.sun_path) - 1, " bytes"));
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
   UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
@@ -111,8 +109,8 @@ absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
     const int err = errno;
     absl::Status s = ErrnoError(err, absl::StrCat("connect to weightd at ", path));
     if (err == ENOENT || err == ECONNREFUSED) {
-      return absl::UnavailableError(absl::StrCat(
-          s.message(), " (is weightd running? pass --socket or set WEIGHTD_SOCKET)"));
+      return absl::UnavailableError(
+          absl::StrCat(s.message(), " (is weightd running? pass --socket or set WEIGHTD_SOCKET)"));
     }
     return s;
   }

@@ -13,8 +13,7 @@ namespace {
 using json = nlohmann::json;
 
 absl::Status KeyError(absl::string_view source, absl::string_view key, absl::string_view want) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(source, ": key '", key, "' must be ", want));
+  return absl::InvalidArgumentError(absl::StrCat(source, ": key '", key, "' must be ", want));
 }
 
 absl::StatusOr<std::vector<uint32_t>> IdList(const json& v, absl::string_view source,
@@ -30,8 +29,8 @@ absl::StatusOr<std::vector<uint32_t>> IdList(const json& v, absl::string_view so
   return out;
 }
 
-absl::StatusOr<int64_t> PositiveInt(const json& v, absl::string_view source,
-                                    absl::string_view key, int64_t max) {
+absl::StatusOr<int64_t> PositiveInt(const json& v, absl::string_view source, absl::string_view key,
+                                    int64_t max) {
   if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > max) {
     return KeyError(source, key, absl::StrCat("an integer in [1, ", max, "]"));
   }
@@ -39,7 +38,8 @@ absl::StatusOr<int64_t> PositiveInt(const json& v, absl::string_view source,
 }
 
 absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view source) {
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
   DaemonConfig c;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
@@ -82,8 +82,7 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
         const std::string ctx = absl::StrCat(source, ": preload[", i, "]: ");
         if (!e.is_object() || !e.contains("name") || !e["name"].is_string() ||
             e["name"].get<std::string>().empty()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(ctx, "needs a non-empty string 'name'"));
+          return absl::InvalidArgumentError(absl::StrCat(ctx, "needs a non-empty string 'name'"));
         }
         json spec = e;
         spec.erase("name");
@@ -156,15 +155,24 @@ absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text, absl::string_view
   }
   const std::string suffix = absl::AsciiStrToLower(t.substr(i));
   uint64_t mul = 1;
-  if (suffix.empty() || suffix == "b") mul = 1;
-  else if (suffix == "k" || suffix == "kb") mul = 1000ull;
-  else if (suffix == "m" || suffix == "mb") mul = 1000ull * 1000;
-  else if (suffix == "g" || suffix == "gb") mul = 1000ull * 1000 * 1000;
-  else if (suffix == "t" || suffix == "tb") mul = 1000ull * 1000 * 1000 * 1000;
-  else if (suffix == "kib") mul = 1ull << 10;
-  else if (suffix == "mib") mul = 1ull << 20;
-  else if (suffix == "gib") mul = 1ull << 30;
-  else if (suffix == "tib") mul = 1ull << 40;
+  if (suffix.empty() || suffix == "b")
+    mul = 1;
+  else if (suffix == "k" || suffix == "kb")
+    mul = 1000ull;
+  else if (suffix == "m" || suffix == "mb")
+    mul = 1000ull * 1000;
+  else if (suffix == "g" || suffix == "gb")
+    mul = 1000ull * 1000 * 1000;
+  else if (suffix == "t" || suffix == "tb")
+    mul = 1000ull * 1000 * 1000 * 1000;
+  else if (suffix == "kib")
+    mul = 1ull << 10;
+  else if (suffix == "mib")
+    mul = 1ull << 20;
+  else if (suffix == "gib")
+    mul = 1ull << 30;
+  else if (suffix == "tib")
+    mul = 1ull << 40;
   else {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": unknown unit '", t.substr(i), "' in '", text, "'"));

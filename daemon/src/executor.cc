@@ -45,9 +45,9 @@ int64_t Prod(const Index3& a) { return a[0] * a[1] * a[2]; }
 absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,
                         uint64_t arena_size) {
   auto bad = [&](absl::string_view why) {
-    return absl::InternalError(absl::StrCat("plan piece for target '",
-                                            p.target < rp.targets.size() ? rp.targets[p.target].name : "?",
-                                            "' of rank ", rp.rank, ": ", why));
+    return absl::InternalError(absl::StrCat(
+        "plan piece for target '", p.target < rp.targets.size() ? rp.targets[p.target].name : "?",
+        "' of rank ", rp.rank, ": ", why));
   };
   if (p.source >= plan.sources.size()) return bad("source index out of range");
   if (p.target >= rp.targets.size()) return bad("target index out of range");
@@ -61,8 +61,8 @@ absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p
     }
   }
   if (static_cast<uint64_t>(Prod(p.src_shape)) * DTypeSize(s.dtype) != s.nbytes) {
-    return bad(absl::StrCat("source view does not match the ", s.nbytes, " bytes of '", s.name,
-                            "'"));
+    return bad(
+        absl::StrCat("source view does not match the ", s.nbytes, " bytes of '", s.name, "'"));
   }
   if (static_cast<uint64_t>(Prod(p.dst_shape)) * DTypeSize(t.dtype) != t.nbytes) {
     return bad("target view does not match the target's bytes");
@@ -78,8 +78,8 @@ absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p
 absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
                              const ExecutorOptions& options, LoadProgress* progress) {
   if (rank_arenas.size() != plan.ranks.size()) {
-    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(),
-                                            " arenas for ", plan.ranks.size(), " ranks"));
+    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
+                                            plan.ranks.size(), " ranks"));
   }
   std::vector<std::byte*> bases(plan.ranks.size());
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
@@ -110,8 +110,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   }
 
   const int threads = std::max(1, options.threads);
-  const uint64_t chunk = std::max<uint64_t>(
-      64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads));
+  const uint64_t chunk =
+      std::max<uint64_t>(64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads));
   std::vector<WorkUnit> units;
   uint64_t total = 0;
   for (uint32_t s = 0; s < plan.sources.size(); ++s) {
@@ -165,19 +165,18 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         if (buffer.size() < len) buffer.resize(len);
         dst = buffer.data();
       }
-      absl::Status s = PreadExact(files[src.file].get(), dst, len, src.offset + u.begin,
-                                  absl::StrCat(plan.files[src.file].path, " (tensor '", src.name,
-                                               "')"));
+      absl::Status s =
+          PreadExact(files[src.file].get(), dst, len, src.offset + u.begin,
+                     absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')"));
       if (s.ok()) {
         for (size_t k = 0; k < by_source[u.source].size(); ++k) {
           if (static_cast<int>(k) == d) continue;
           const PieceRef& pr = by_source[u.source][k];
           const PlanPiece& p = *pr.piece;
           const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
-          kernels::CopyPieceRowsHost(p, src.dtype, t.dtype, dst,
-                                     static_cast<int64_t>(u.begin / pr.row_bytes),
-                                     static_cast<int64_t>(u.end / pr.row_bytes),
-                                     bases[pr.rank] + t.offset);
+          kernels::CopyPieceRowsHost(
+              p, src.dtype, t.dtype, dst, static_cast<int64_t>(u.begin / pr.row_bytes),
+              static_cast<int64_t>(u.end / pr.row_bytes), bases[pr.rank] + t.offset);
         }
         progress->bytes_done.fetch_add(len, std::memory_order_relaxed);
       } else {
@@ -201,8 +200,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     const RankPlan& rp = plan.ranks[r];
     for (const PlanZeroFill& z : rp.zero_fills) {
       if (z.target >= rp.targets.size() || z.offset + z.nbytes > rp.targets[z.target].nbytes) {
-        return absl::InternalError(absl::StrCat("zero-fill of rank ", rp.rank,
-                                                " lies outside its target"));
+        return absl::InternalError(
+            absl::StrCat("zero-fill of rank ", rp.rank, " lies outside its target"));
       }
       kernels::ZeroFillHost(z, bases[r] + rp.targets[z.target].offset);
     }

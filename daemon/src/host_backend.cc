@@ -41,8 +41,7 @@ class HostArena final : public Arena {
     return write_map_ ? std::span<std::byte>(write_map_, size_) : std::span<std::byte>();
   }
   std::span<const std::byte> readable() const override {
-    return read_map_ ? std::span<const std::byte>(read_map_, size_)
-                     : std::span<const std::byte>();
+    return read_map_ ? std::span<const std::byte>(read_map_, size_) : std::span<const std::byte>();
   }
 
   absl::Status Seal() override {

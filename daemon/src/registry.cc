@@ -128,14 +128,14 @@ absl::Status Registry::CheckPath(const std::string& path, absl::string_view what
     char rr[PATH_MAX];
     if (::realpath(root.c_str(), rr) == nullptr) continue;
     std::string r = rr;
-    if (r == "/" || real == r || (real.size() > r.size() && real.compare(0, r.size(), r) == 0 &&
-                                  real[r.size()] == '/')) {
+    if (r == "/" || real == r ||
+        (real.size() > r.size() && real.compare(0, r.size(), r) == 0 && real[r.size()] == '/')) {
       return absl::OkStatus();
     }
   }
-  return absl::PermissionDeniedError(absl::StrCat(
-      what, " '", path, "' (resolved to '", real, "') is outside the configured model_roots (",
-      absl::StrJoin(config_.model_roots, ", "), ")"));
+  return absl::PermissionDeniedError(absl::StrCat(what, " '", path, "' (resolved to '", real,
+                                                  "') is outside the configured model_roots (",
+                                                  absl::StrJoin(config_.model_roots, ", "), ")"));
 }
 
 absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, const Peer& peer) {
@@ -147,8 +147,8 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
   WD_RETURN_IF_ERROR(CheckPath(spec.checkpoint, "checkpoint"));
   if (!spec.recipe_file.empty()) WD_RETURN_IF_ERROR(CheckPath(spec.recipe_file, "recipe file"));
   if (!spec.dtype.empty() && !ParseDTypeAlias(spec.dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown dtype '", spec.dtype,
-                                                   "' (try bf16, fp16, fp32)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown dtype '", spec.dtype, "' (try bf16, fp16, fp32)"));
   }
   std::vector<int> ranks = spec.ranks;
   if (ranks.empty()) {
@@ -178,11 +178,11 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
   }
   absl::MutexLock l(&mu_);
   if (models_.count(name) != 0) {
-    return absl::AlreadyExistsError(absl::StrCat(
-        "a model named '", name, "' already exists (state ",
-        RankStateName(models_[name]->ranks.empty() ? RankState::kReady
-                                                   : models_[name]->ranks[0].state),
-        "); unload it first or choose another name"));
+    return absl::AlreadyExistsError(
+        absl::StrCat("a model named '", name, "' already exists (state ",
+                     RankStateName(models_[name]->ranks.empty() ? RankState::kReady
+                                                                : models_[name]->ranks[0].state),
+                     "); unload it first or choose another name"));
   }
   models_[name] = m;
   ++running_loads_;
@@ -234,10 +234,9 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     plan.ranks = std::move(kept);
     std::vector<Arena*> raw;
     for (size_t i = 0; i < plan.ranks.size(); ++i) {
-      WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate({plan.ranks[i].arena_bytes,
-                                                      m->ranks[i].device,
-                                                      absl::StrCat(name, "/rank",
-                                                                   plan.ranks[i].rank)}));
+      WD_ASSIGN_OR_RETURN(auto a,
+                          backend_->Allocate({plan.ranks[i].arena_bytes, m->ranks[i].device,
+                                              absl::StrCat(name, "/rank", plan.ranks[i].rank)}));
       raw.push_back(a.get());
       arenas.push_back(std::move(a));
     }
@@ -254,10 +253,9 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       WD_ASSIGN_OR_RETURN(Manifest man, BuildRankManifest(plan, i, *arenas[i], name,
                                                           m->ranks[i].device, config_.io_threads));
       const std::string bytes = EncodeManifest(man);
-      WD_ASSIGN_OR_RETURN(UniqueFd fd,
-                          MakeSealedMemfd(absl::StrCat(name, "/rank", plan.ranks[i].rank,
-                                                       "/manifest"),
-                                          bytes));
+      WD_ASSIGN_OR_RETURN(
+          UniqueFd fd,
+          MakeSealedMemfd(absl::StrCat(name, "/rank", plan.ranks[i].rank, "/manifest"), bytes));
       manifests.push_back(std::move(fd));
       manifest_sizes.push_back(bytes.size());
       tensor_counts.push_back(static_cast<uint32_t>(man.tensors.size()));
@@ -334,8 +332,7 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
     s.error = m->error;
     s.bytes_total = m->progress.bytes_total.load();
     s.bytes_done = m->progress.bytes_done.load();
-    s.load_seconds =
-        absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
+    s.load_seconds = absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
     s.started_unix = absl::ToDoubleSeconds(m->started - absl::UnixEpoch());
     for (const Model::Rank& r : m->ranks) {
       RankStatus rs;
@@ -365,9 +362,8 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
   Model& m = *it->second;
   if (!MayAttach(m, peer)) {
     return absl::PermissionDeniedError(absl::StrCat(
-        "uid ", peer.uid, " (gid ", peer.gid, ", pid ", peer.pid, ") may not attach model '",
-        name, "' (allowed uids: ", IdsText(m.allow_uids), "; gids: ", IdsText(m.allow_gids),
-        ")"));
+        "uid ", peer.uid, " (gid ", peer.gid, ", pid ", peer.pid, ") may not attach model '", name,
+        "' (allowed uids: ", IdsText(m.allow_uids), "; gids: ", IdsText(m.allow_gids), ")"));
   }
   Model::Rank* r = nullptr;
   std::vector<int> held;
@@ -382,9 +378,8 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
   switch (r->state) {
     case RankState::kLoading: {
       const uint64_t t = m.progress.bytes_total.load(), d = m.progress.bytes_done.load();
-      return absl::UnavailableError(absl::StrCat("model '", name, "' rank ", rank,
-                                                 " is still loading (",
-                                                 t ? 100 * d / t : 0, "% done)"));
+      return absl::UnavailableError(absl::StrCat(
+          "model '", name, "' rank ", rank, " is still loading (", t ? 100 * d / t : 0, "% done)"));
     }
     case RankState::kFailed:
       return absl::FailedPreconditionError(
@@ -438,8 +433,8 @@ void Registry::ReleaseConnection(uint64_t connection) {
 
 absl::Status Registry::Unload(const std::string& name, bool force, const Peer& peer) {
   if (!MayAdminister(peer)) {
-    return absl::PermissionDeniedError(absl::StrCat("uid ", peer.uid, " (gid ", peer.gid,
-                                                    ") may not unload models"));
+    return absl::PermissionDeniedError(
+        absl::StrCat("uid ", peer.uid, " (gid ", peer.gid, ") may not unload models"));
   }
   std::shared_ptr<Model> victim;
   {
@@ -454,14 +449,14 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
       for (const LeaseInfo& li : m.leases) {
         who.push_back(absl::StrCat("pid ", li.peer.pid, " (rank ", li.rank, ")"));
       }
-      return absl::FailedPreconditionError(
-          absl::StrCat("model '", name, "' is attached by ", absl::StrJoin(who, ", "),
-                       "; detach them or use force"));
+      return absl::FailedPreconditionError(absl::StrCat("model '", name, "' is attached by ",
+                                                        absl::StrJoin(who, ", "),
+                                                        "; detach them or use force"));
     }
     if (!m.finished) {
       if (!force) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "model '", name, "' is still loading; use force to cancel the load"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("model '", name, "' is still loading; use force to cancel the load"));
       }
       m.unload_requested = true;
       m.progress.cancel = true;
@@ -495,15 +490,16 @@ void Registry::WaitForLoads() {
 std::string Registry::Metrics() const {
   absl::MutexLock l(&mu_);
   std::string out;
-  absl::StrAppend(&out, "# HELP weightd_models Models in the registry.\n# TYPE weightd_models gauge\n",
+  absl::StrAppend(&out,
+                  "# HELP weightd_models Models in the registry.\n# TYPE weightd_models gauge\n",
                   "weightd_models ", models_.size(), "\n");
-  absl::StrAppend(&out, "# TYPE weightd_loads_total counter\nweightd_loads_total ", loads_total_,
-                  "\n# TYPE weightd_loads_failed_total counter\nweightd_loads_failed_total ",
-                  loads_failed_, "\n# TYPE weightd_loads_running gauge\nweightd_loads_running ",
-                  running_loads_, "\n# TYPE weightd_attaches_total counter\nweightd_attaches_total ",
-                  attaches_total_,
-                  "\n# TYPE weightd_loaded_bytes_total counter\nweightd_loaded_bytes_total ",
-                  bytes_loaded_total_, "\n");
+  absl::StrAppend(
+      &out, "# TYPE weightd_loads_total counter\nweightd_loads_total ", loads_total_,
+      "\n# TYPE weightd_loads_failed_total counter\nweightd_loads_failed_total ", loads_failed_,
+      "\n# TYPE weightd_loads_running gauge\nweightd_loads_running ", running_loads_,
+      "\n# TYPE weightd_attaches_total counter\nweightd_attaches_total ", attaches_total_,
+      "\n# TYPE weightd_loaded_bytes_total counter\nweightd_loaded_bytes_total ",
+      bytes_loaded_total_, "\n");
   absl::StrAppend(&out, "# HELP weightd_rank_ready 1 when the rank is ready.\n",
                   "# TYPE weightd_rank_ready gauge\n");
   std::string bytes = "# TYPE weightd_rank_arena_bytes gauge\n";
@@ -517,8 +513,8 @@ std::string Registry::Metrics() const {
                     "\"} ", m->progress.bytes_total.load(), "\n");
     for (const Model::Rank& r : m->ranks) {
       const std::string labels = absl::StrCat("{model=\"", model, "\",rank=\"", r.rank, "\"}");
-      absl::StrAppend(&out, "weightd_rank_ready", labels, " ",
-                      r.state == RankState::kReady ? 1 : 0, "\n");
+      absl::StrAppend(&out, "weightd_rank_ready", labels, " ", r.state == RankState::kReady ? 1 : 0,
+                      "\n");
       absl::StrAppend(&bytes, "weightd_rank_arena_bytes", labels, " ", r.arena_bytes, "\n");
       size_t count = 0;
       for (const LeaseInfo& li : m->leases) count += li.rank == r.rank;

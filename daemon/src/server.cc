@@ -107,7 +107,7 @@ struct Server::Impl {
   Registry* registry = nullptr;
   UniqueFd listen_fd;
   UniqueFd epoll_fd;
-  UniqueFd wake_fd;  // eventfd written by Stop()
+  UniqueFd wake_fd;                      // eventfd written by Stop()
   std::map<uint64_t, Connection> conns;  // owned by the Run() thread only
   uint64_t next_id = 1;
   std::atomic<bool> stop{false};
@@ -177,8 +177,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     }
     ::unlink(path.c_str());
   }
-  impl->listen_fd =
-      UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  impl->listen_fd = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!impl->listen_fd) return ErrnoError(errno, "socket(AF_UNIX, SOCK_SEQPACKET)");
   // A restrictive umask while binding: the socket file never exists with looser permissions
   // than socket_mode, not even between bind and chmod.
@@ -187,8 +186,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   const int bind_errno = errno;
   ::umask(old_umask);
   if (bound != 0) return ErrnoError(bind_errno, absl::StrCat("bind to ", path));
-  WD_SYSCALL_OR_RETURN(::chmod(path.c_str(), options.socket_mode),
-                       absl::StrCat("chmod of ", path));
+  WD_SYSCALL_OR_RETURN(::chmod(path.c_str(), options.socket_mode), absl::StrCat("chmod of ", path));
   WD_SYSCALL_OR_RETURN(::listen(impl->listen_fd.get(), 4096), absl::StrCat("listen on ", path));
   impl->epoll_fd = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
   if (!impl->epoll_fd) return ErrnoError(errno, "epoll_create1");
@@ -197,11 +195,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = 0;  // listening socket
-  WD_SYSCALL_OR_RETURN(
-      ::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->listen_fd.get(), &ev), "epoll_ctl");
+  WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->listen_fd.get(), &ev),
+                       "epoll_ctl");
   ev.data.u64 = ~0ull;  // wake-up
-  WD_SYSCALL_OR_RETURN(
-      ::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->wake_fd.get(), &ev), "epoll_ctl");
+  WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->wake_fd.get(), &ev),
+                       "epoll_ctl");
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 
@@ -225,8 +223,8 @@ absl::Status Server::Run() {
           s.options.socket_mode, s.options.max_connections);
   std::vector<epoll_event> events(256);
   while (!s.stop.load()) {
-    const int n = ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()),
-                               200);
+    const int n =
+        ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()), 200);
     if (n < 0) {
       if (errno == EINTR) continue;
       return ErrnoError(errno, "epoll_wait");
@@ -275,11 +273,11 @@ void Server::Impl::Accept() {
     }
     if (conns.size() >= static_cast<size_t>(options.max_connections)) {
       ++refused_total;
-      (void)SendPacket(fd.get(),
-                       EncodeErrorReply("null", absl::ResourceExhaustedError(absl::StrCat(
-                                                    "weightd is at its connection limit (",
-                                                    options.max_connections,
-                                                    " connections; config max_connections)"))));
+      (void)SendPacket(
+          fd.get(), EncodeErrorReply(
+                        "null", absl::ResourceExhaustedError(absl::StrCat(
+                                    "weightd is at its connection limit (", options.max_connections,
+                                    " connections; config max_connections)"))));
       if (refused.size() >= 256) {
         Drain(refused.front().first.get());
         refused.pop_front();
@@ -321,8 +319,8 @@ void Server::Impl::Close(uint64_t id, absl::string_view why) {
   if (it == conns.end()) return;
   Connection& c = it->second;
   registry->ReleaseConnection(id);
-  LogDebug("connection %llu (pid %d): closed: %s", static_cast<unsigned long long>(id),
-           c.peer.pid, std::string(why));
+  LogDebug("connection %llu (pid %d): closed: %s", static_cast<unsigned long long>(id), c.peer.pid,
+           std::string(why));
   ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
   conns.erase(it);
 }
@@ -385,10 +383,10 @@ void Server::Impl::OnReadable(Connection& c) {
     }
     if (packet->truncated) {
       ++errors_total;
-      Queue(c, EncodeErrorReply(
-                   "null", absl::ResourceExhaustedError(absl::StrCat(
-                               "request exceeds the cap of ", options.max_request_bytes,
-                               " bytes (config max_request_bytes)"))));
+      Queue(c,
+            EncodeErrorReply("null", absl::ResourceExhaustedError(absl::StrCat(
+                                         "request exceeds the cap of ", options.max_request_bytes,
+                                         " bytes (config max_request_bytes)"))));
       continue;
     }
     absl::StatusOr<Request> req = ParseRequest(packet->data);
@@ -427,9 +425,9 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
   switch (r.op) {
     case Op::kHello: {
       if (r.version < 1) {
-        fail(absl::FailedPreconditionError(absl::StrCat(
-            "protocol version ", r.version, " is not supported; this daemon speaks 1..",
-            kProtocolVersion)));
+        fail(absl::FailedPreconditionError(absl::StrCat("protocol version ", r.version,
+                                                        " is not supported; this daemon speaks 1..",
+                                                        kProtocolVersion)));
         return;
       }
       c.hello = true;
@@ -511,8 +509,8 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
         cont["continuation"] = part + 1;
         Queue(c, cont.dump(), std::move(fds));
       }
-      LogInfo("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid,
-              c.peer.uid, static_cast<unsigned long long>(g->lease));
+      LogInfo("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
+              static_cast<unsigned long long>(g->lease));
       return;
     }
     case Op::kDetach: {

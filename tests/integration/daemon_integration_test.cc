@@ -38,9 +38,9 @@ using ::testing::HasSubstr;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-std::string g_dir;        // temporary directory (0755)
-std::string g_socket;     // daemon socket
-std::string g_ckpt;       // demo checkpoint under model_roots
+std::string g_dir;     // temporary directory (0755)
+std::string g_socket;  // daemon socket
+std::string g_ckpt;    // demo checkpoint under model_roots
 pid_t g_daemon = -1;
 
 struct RunResult {
@@ -89,7 +89,7 @@ int WaitFor(pid_t pid, std::chrono::milliseconds timeout) {
 }
 
 RunResult RunProcess(std::vector<std::string> argv,
-              std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+                     std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
   static int n = 0;
   const std::string base = g_dir + "/run" + std::to_string(n++);
   RunResult r;
@@ -206,14 +206,10 @@ class DaemonTest : public ::testing::Test {
     g_ckpt = g_dir + "/models/demo";
     RunResult mk = RunProcess({PYTHON_BIN, MAKE_DEMO_CHECKPOINT, g_ckpt});
     ASSERT_EQ(mk.exit_code, 0) << mk.err;
-    std::ofstream(g_dir + "/weightd.json") << json{{"socket", g_socket},
-                                                   {"backend", "host"},
-                                                   {"hello_timeout_ms", 1000},
-                                                   {"max_connections", 1010},
-                                                   {"socket_mode", "0666"},
-                                                   {"model_roots", {g_dir + "/models"}},
-                                                   {"io_threads", 2}}
-                                                  .dump();
+    std::ofstream(g_dir + "/weightd.json") << json{
+        {"socket", g_socket},      {"backend", "host"},     {"hello_timeout_ms", 1000},
+        {"max_connections", 1010}, {"socket_mode", "0666"}, {"model_roots", {g_dir + "/models"}},
+        {"io_threads", 2}}.dump();
     g_daemon = Spawn({WEIGHTD_BIN, "--config", g_dir + "/weightd.json", "--log-level", "debug"},
                      g_dir + "/weightd.out", g_dir + "/weightd.log");
     ASSERT_TRUE(WaitUntil([] { return Client::Connect(g_socket).ok(); }))
@@ -283,7 +279,8 @@ TEST_F(DaemonTest, TensorParallelRanksMatchWeightctlShard) {
     std::vector<pid_t> pids;
     for (int rank = 0; rank < 2; ++rank) {
       for (int copy = 0; copy < 4; ++copy) {
-        const std::string file = out + "/model-rank-" + std::to_string(rank) + "-part-0.safetensors";
+        const std::string file =
+            out + "/model-rank-" + std::to_string(rank) + "-part-0.safetensors";
         pids.push_back(Spawn({ATTACH_CHECK_BIN, g_socket, name, std::to_string(rank), file},
                              g_dir + "/tp" + std::to_string(pids.size()) + ".out",
                              g_dir + "/tp" + std::to_string(pids.size()) + ".err"));
@@ -318,9 +315,9 @@ TEST_F(DaemonTest, TensorParallelLoadAttachesEveryRank) {
 }
 
 TEST_F(DaemonTest, SigkilledClientLosesItsLease) {
-  const pid_t holder = Spawn({WEIGHTCTL_BIN, "attach", "demo", "--rank", "0", "--hold", "60",
-                              "--socket", g_socket},
-                             g_dir + "/hold.out", g_dir + "/hold.err");
+  const pid_t holder =
+      Spawn({WEIGHTCTL_BIN, "attach", "demo", "--rank", "0", "--hold", "60", "--socket", g_socket},
+            g_dir + "/hold.out", g_dir + "/hold.err");
   auto leases_of = [&](pid_t pid) {
     auto c = Client::Connect(g_socket);
     if (!c.ok()) return -1;
@@ -341,10 +338,11 @@ TEST_F(DaemonTest, SigkilledClientLosesItsLease) {
 TEST_F(DaemonTest, UnloadRefusedWhileAttachedThenForced) {
   RunResult load = Ctl({"load", "victim", g_ckpt, "--recipe-name", "hf", "--wait"});
   ASSERT_EQ(load.exit_code, 0) << load.err;
-  const pid_t holder = Spawn({WEIGHTCTL_BIN, "attach", "victim", "--hold", "60", "--socket",
-                              g_socket},
-                             g_dir + "/v.out", g_dir + "/v.err");
-  ASSERT_TRUE(WaitUntil([&] { return Slurp(g_dir + "/v.out").find("lease") != std::string::npos; }));
+  const pid_t holder =
+      Spawn({WEIGHTCTL_BIN, "attach", "victim", "--hold", "60", "--socket", g_socket},
+            g_dir + "/v.out", g_dir + "/v.err");
+  ASSERT_TRUE(
+      WaitUntil([&] { return Slurp(g_dir + "/v.out").find("lease") != std::string::npos; }));
   RunResult refused = Ctl({"unload", "victim"});
   EXPECT_EQ(refused.exit_code, 1);
   EXPECT_THAT(refused.err, HasSubstr("FAILED_PRECONDITION"));

@@ -12,17 +12,17 @@
 #include "weightd/config.h"
 #include "weightd/crc32c.h"
 #include "weightd/executor.h"
-#include "weightd/kernels/copy.h"
 #include "weightd/file_util.h"
 #include "weightd/host_backend.h"
+#include "weightd/kernels/copy.h"
 #include "weightd/manifest.h"
 #include "weightd/registry.h"
 
 namespace weightd {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::FakeTensor;
+using ::testing::HasSubstr;
 using testing::RandomTensor;
 using testing::TempDir;
 using testing::WriteSafetensors;
@@ -163,8 +163,8 @@ class ExecutorTest : public ::testing::Test {
     for (const PlanPiece& p : plan_.ranks[r].pieces) {
       const PlanTarget& t = plan_.ranks[r].targets[p.target];
       kernels::CopyPieceRowsHost(p, plan_.sources[p.source].dtype, t.dtype,
-                                 reinterpret_cast<const std::byte*>(src[p.source]->bytes.data()),
-                                 0, p.src_shape[0] * p.src_shape[1], out.data() + t.offset);
+                                 reinterpret_cast<const std::byte*>(src[p.source]->bytes.data()), 0,
+                                 p.src_shape[0] * p.src_shape[1], out.data() + t.offset);
     }
     return out;
   }
@@ -308,8 +308,7 @@ TEST_F(RegistryTest, LoadReadyAttachDetachUnload) {
     }
     ASSERT_NE(src, nullptr) << t.name;
     ASSERT_EQ(t.nbytes, src->bytes.size());
-    EXPECT_EQ(std::memcmp(static_cast<const char*>(p) + t.offset, src->bytes.data(), t.nbytes),
-              0)
+    EXPECT_EQ(std::memcmp(static_cast<const char*>(p) + t.offset, src->bytes.data(), t.nbytes), 0)
         << t.name;
     EXPECT_EQ(t.crc32c, Crc32c(src->bytes.data(), t.nbytes));
   }
@@ -354,8 +353,7 @@ TEST_F(RegistryTest, DuplicateNameAndBadRequests) {
   LoadSpec bad = Spec(dir_.path());
   bad.dtype = "int3";
   EXPECT_EQ(reg.StartLoad("x", bad, Self()).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(reg.StartLoad("y", Spec(dir_ / "missing"), Self()).code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(reg.StartLoad("y", Spec(dir_ / "missing"), Self()).code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(RegistryTest, TruncatedShardFailsAndFreesOthersUntouched) {
@@ -373,8 +371,7 @@ TEST_F(RegistryTest, TruncatedShardFailsAndFreesOthersUntouched) {
   EXPECT_EQ(st->front().ranks[0].state, RankState::kFailed);
   EXPECT_THAT(st->front().error, HasSubstr("model.safetensors"));
   EXPECT_EQ(st->front().ranks[0].arena_bytes, 0u);
-  EXPECT_EQ(reg.Attach("bad", 0, Self(), 1).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(reg.Attach("bad", 0, Self(), 1).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(StateOf(reg, "good"), "ready");
   EXPECT_TRUE(reg.Attach("good", 0, Self(), 1).ok());
   EXPECT_EQ(reg.StartLoad("bad", Spec(dir_.path()), Self()).code(),

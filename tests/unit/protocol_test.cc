@@ -1,4 +1,6 @@
 // Unit tests: manifest encode/decode (including hostile manifests), request parsing, CRC32C.
+#include "weightd/protocol.h"
+
 #include <cstring>
 #include <random>
 
@@ -6,7 +8,6 @@
 #include "gtest/gtest.h"
 #include "weightd/crc32c.h"
 #include "weightd/manifest.h"
-#include "weightd/protocol.h"
 
 namespace weightd {
 namespace {

@@ -38,13 +38,13 @@
 namespace weightd {
 
 struct LoadOptions {
-  int tp = 1;                    // tensor-parallel degree
-  std::vector<int> ranks;        // ranks to hold; empty = all of 0..tp-1
-  std::vector<int> devices;      // device of each held rank; empty = rank r on device r
-  std::string dtype;             // target float dtype ("bf16", "fp16", ...); empty = as stored
-  std::vector<std::string> skip; // extra substrings of tensor names to skip
-  std::string recipe_file;       // JSON recipe extending/overriding the built-in one
-  std::string recipe;            // force a recipe by name ("hf", "llama", ...)
+  int tp = 1;                     // tensor-parallel degree
+  std::vector<int> ranks;         // ranks to hold; empty = all of 0..tp-1
+  std::vector<int> devices;       // device of each held rank; empty = rank r on device r
+  std::string dtype;              // target float dtype ("bf16", "fp16", ...); empty = as stored
+  std::vector<std::string> skip;  // extra substrings of tensor names to skip
+  std::string recipe_file;        // JSON recipe extending/overriding the built-in one
+  std::string recipe;             // force a recipe by name ("hf", "llama", ...)
   bool expert_parallel = false;
   std::optional<std::vector<uint32_t>> allow_uids;  // who may attach (default: daemon config)
   std::optional<std::vector<uint32_t>> allow_gids;
@@ -58,8 +58,8 @@ struct LeaseStatus {
 
 struct RankStatusInfo {
   int rank = 0;
-  int device = -1;          // -1 = host memory
-  std::string state;        // "loading", "ready", "failed", "unloading"
+  int device = -1;    // -1 = host memory
+  std::string state;  // "loading", "ready", "failed", "unloading"
   uint64_t arena_bytes = 0;
   uint32_t tensors = 0;
   std::vector<LeaseStatus> leases;

@@ -36,14 +36,14 @@ absl::string_view OpName(Op op);
 
 // What to load and how: the `load` request's fields and a preload entry of the config.
 struct LoadSpec {
-  std::string checkpoint;                 // directory or .safetensors file
-  int tp = 1;                             // tensor-parallel degree
-  std::vector<int> ranks;                 // ranks to hold; empty = all of 0..tp-1
-  std::vector<int> devices;               // device per held rank; empty = rank i on device i
-  std::string dtype;                      // target float dtype ("bf16", ...); empty = checkpoint's
-  std::vector<std::string> skip;          // extra skip substrings
-  std::string recipe_file;                // JSON recipe extension/override
-  std::string recipe;                     // force a recipe by name
+  std::string checkpoint;         // directory or .safetensors file
+  int tp = 1;                     // tensor-parallel degree
+  std::vector<int> ranks;         // ranks to hold; empty = all of 0..tp-1
+  std::vector<int> devices;       // device per held rank; empty = rank i on device i
+  std::string dtype;              // target float dtype ("bf16", ...); empty = checkpoint's
+  std::vector<std::string> skip;  // extra skip substrings
+  std::string recipe_file;        // JSON recipe extension/override
+  std::string recipe;             // force a recipe by name
   bool expert_parallel = false;
   std::optional<std::vector<uint32_t>> allow_uids;  // who may attach; nullopt = daemon default
   std::optional<std::vector<uint32_t>> allow_gids;
@@ -76,7 +76,8 @@ std::string EncodeRequest(const Request& r);
 
 // Parses a LoadSpec from a JSON object text (the `load` request body, or a config preload
 // entry without its `name`). `context` prefixes error messages.
-absl::StatusOr<LoadSpec> ParseLoadSpecJson(absl::string_view json_object, absl::string_view context);
+absl::StatusOr<LoadSpec> ParseLoadSpecJson(absl::string_view json_object,
+                                           absl::string_view context);
 std::string LoadSpecToJson(const LoadSpec& spec);
 
 // The wire spelling of a status code: "NOT_FOUND", ...; codes outside the protocol's list map

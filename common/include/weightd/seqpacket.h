@@ -23,8 +23,8 @@ namespace weightd {
 struct Packet {
   std::string data;
   std::vector<UniqueFd> fds;
-  bool eof = false;        // the peer closed the connection (no data)
-  bool truncated = false;  // the packet was longer than max_bytes; data holds the first part
+  bool eof = false;          // the peer closed the connection (no data)
+  bool truncated = false;    // the packet was longer than max_bytes; data holds the first part
   bool would_block = false;  // non-blocking socket with nothing to read
 };
 

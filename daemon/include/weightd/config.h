@@ -24,10 +24,10 @@ struct PreloadEntry {
 };
 
 struct DaemonConfig {
-  std::string socket;                  // empty = DefaultDaemonSocketPath()
-  std::string backend = "auto";        // auto | cuda | host
+  std::string socket;                   // empty = DefaultDaemonSocketPath()
+  std::string backend = "auto";         // auto | cuda | host
   uint64_t pinned_budget = 1ull << 30;  // bytes of staging buffers per load
-  std::vector<uint32_t> allow_uids;    // default attach/admin list; the daemon's uid is implicit
+  std::vector<uint32_t> allow_uids;     // default attach/admin list; the daemon's uid is implicit
   std::vector<uint32_t> allow_gids;
   std::vector<std::string> model_roots;  // empty = anywhere the daemon can read
   std::vector<PreloadEntry> preload;
