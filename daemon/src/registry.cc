@@ -98,7 +98,7 @@ Registry::~Registry() {
 void Registry::ReapThreads() {
   // A finished model's thread has at most its last log line left to run.
   for (auto it = threads_.begin(); it != threads_.end();) {
-    if (it->model->finished) {
+    if (it->done->load()) {
       it->thread.join();
       it = threads_.erase(it);
     } else {
@@ -188,7 +188,12 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
   ++running_loads_;
   ++loads_total_;
   ReapThreads();
-  threads_.push_back({std::thread([this, m] { RunLoad(m); }), m});
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  threads_.push_back({std::thread([this, m = std::move(m), done]() mutable {
+                        RunLoad(std::move(m));
+                        done->store(true);
+                      }),
+                      done});
   return absl::OkStatus();
 }
 

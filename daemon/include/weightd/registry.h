@@ -23,6 +23,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -135,7 +136,9 @@ class Registry {
   std::map<std::string, std::shared_ptr<Model>> models_ ABSL_GUARDED_BY(mu_);
   struct LoadThread {
     std::thread thread;
-    std::shared_ptr<Model> model;  // model->finished says when the thread may be joined
+    // Set as the thread's last act. (Holding the Model here instead would keep an unloaded
+    // model's arenas alive until the next load.)
+    std::shared_ptr<std::atomic<bool>> done;
   };
   // Joins the threads of finished loads (called when a new load starts).
   void ReapThreads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
