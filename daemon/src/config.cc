@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "weightd/file_util.h"
+#include "weightd/log.h"
 #include "weightd/status_macros.h"
 
 namespace weightd {
@@ -105,6 +106,9 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
     } else if (k == "log_level") {
       if (!v.is_string()) return KeyError(source, k, "error|warning|notice|info|debug");
       c.log_level = v.get<std::string>();
+      if (!ParseLogLevel(c.log_level).ok()) {
+        return KeyError(source, k, "one of error, warning, notice, info, debug");
+      }
     } else if (k == "socket_mode") {
       if (!v.is_string()) return KeyError(source, k, "an octal string such as \"0660\"");
       const std::string s = v.get<std::string>();

@@ -53,6 +53,7 @@ absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p
   if (p.target >= rp.targets.size()) return bad("target index out of range");
   const PlanSource& s = plan.sources[p.source];
   const PlanTarget& t = rp.targets[p.target];
+  if (s.file >= plan.files.size()) return bad("source file index out of range");
   for (int d = 0; d < 3; ++d) {
     if (p.extent[d] < 0 || p.src_start[d] < 0 || p.dst_start[d] < 0 ||
         p.src_start[d] + p.extent[d] > p.src_shape[d] ||

@@ -73,6 +73,7 @@ TEST(ConfigTest, Errors) {
   ExpectConfigError(R"({"allow_uids":["root"]})", "'allow_uids'");
   ExpectConfigError(R"({"max_connections":0})", "'max_connections'");
   ExpectConfigError(R"({"socket_mode":"0999"})", "'socket_mode'");
+  ExpectConfigError(R"({"log_level":"loud"})", "'log_level'");
   ExpectConfigError(R"({"preload":[{"checkpoint":"/x"}]})", "preload[0]");
   ExpectConfigError(R"({"preload":[{"name":"a"}]})", "'checkpoint'");
   ExpectConfigError(R"({"preload":[{"name":"a","checkpoint":"/x","tpp":2}]})", "'tpp'");
