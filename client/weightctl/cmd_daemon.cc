@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <thread>
 
@@ -162,6 +163,12 @@ int LoadMain(int argc, char** argv) {
     auto v = ParseIntList("--devices", devices);
     if (!v.ok()) return Fail(v.status());
     o.devices.assign(v->begin(), v->end());
+  }
+  // The daemon resolves paths from its own working directory: send absolute ones.
+  std::error_code ec;
+  if (const auto abs = std::filesystem::absolute(ckpt, ec); !ec) ckpt = abs.string();
+  if (!recipe.empty()) {
+    if (const auto abs = std::filesystem::absolute(recipe, ec); !ec) recipe = abs.string();
   }
   o.dtype = dtype;
   o.skip = skip;
