@@ -226,6 +226,51 @@ class DaemonTest : public ::testing::Test {
   }
 };
 
+TEST(DaemonCliTest, HelpAndUsageErrors) {
+  char tmpl[] = "/tmp/weightd-cli-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  g_dir = tmpl;
+  RunResult h = RunProcess({WEIGHTD_BIN, "--help"});
+  EXPECT_EQ(h.exit_code, 0);
+  EXPECT_THAT(h.out, HasSubstr("--pinned-budget BYTES"));
+  EXPECT_THAT(h.out, HasSubstr("docs/CONFIG.md"));
+  RunResult bad = RunProcess({WEIGHTD_BIN, "--frobnicate"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.err, HasSubstr("unknown option '--frobnicate'"));
+  RunResult be = RunProcess({WEIGHTD_BIN, "--backend", "tpu", "--socket", g_dir + "/s"});
+  EXPECT_EQ(be.exit_code, 1);
+  EXPECT_THAT(be.err, HasSubstr("unknown backend 'tpu'"));
+  std::ofstream(g_dir + "/bad.json") << R"({"sockit": 1})";
+  RunResult cfg = RunProcess({WEIGHTD_BIN, "--config", g_dir + "/bad.json"});
+  EXPECT_EQ(cfg.exit_code, 1);
+  EXPECT_THAT(cfg.err, HasSubstr("unknown key 'sockit'"));
+  RemoveDir();
+}
+
+// With stderr connected to the journal ($JOURNAL_STREAM names it), lines carry sd-daemon
+// priority prefixes.
+TEST(DaemonCliTest, JournaldPrefixes) {
+  char tmpl[] = "/tmp/weightd-cli-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  g_dir = tmpl;
+  const std::string err = g_dir + "/stderr";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    struct stat st;
+    ::fstat(fd, &st);
+    const std::string js = std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+    ::setenv("JOURNAL_STREAM", js.c_str(), 1);
+    ::dup2(fd, 2);
+    ::execl(WEIGHTD_BIN, WEIGHTD_BIN, "--backend", "cuda", "--socket", (g_dir + "/s").c_str(),
+            nullptr);
+    ::_exit(127);
+  }
+  EXPECT_EQ(WaitFor(pid, std::chrono::seconds(20)), 1);
+  EXPECT_THAT(Slurp(err), HasSubstr("<3>weightd: start failed: backend 'cuda' is not available"));
+  RemoveDir();
+}
+
 TEST_F(DaemonTest, StatusAndListShowTheReadyModel) {
   RunResult st = Ctl({"status", "demo", "--json"});
   ASSERT_EQ(st.exit_code, 0) << st.err;
