@@ -30,12 +30,62 @@ uint32_t ExtendTable(uint32_t crc, const unsigned char* p, size_t n) {
 }
 
 #if defined(__x86_64__)
+// Bytes per stream and round of the three-stream loop below.
+constexpr size_t kStripe = 4096;
+
+// The linear map "append kStripe zero bytes" on a raw (non-inverted) CRC state, as four byte
+// tables: raw(s, A || B) = ShiftStripe(raw(s, A)) ^ raw(0, B) when |B| = kStripe.
+struct StripeShift {
+  uint32_t t[4][256];
+  StripeShift() {
+    uint32_t basis[32];
+    for (int i = 0; i < 32; ++i) {
+      uint32_t v = 1u << i;
+      for (size_t k = 0; k < kStripe; ++k) v = kTable[v & 0xFF] ^ (v >> 8);
+      basis[i] = v;
+    }
+    for (int k = 0; k < 4; ++k) {
+      for (int b = 0; b < 256; ++b) {
+        uint32_t v = 0;
+        for (int j = 0; j < 8; ++j) {
+          if (b & (1 << j)) v ^= basis[8 * k + j];
+        }
+        t[k][b] = v;
+      }
+    }
+  }
+  uint32_t operator()(uint32_t c) const {
+    return t[0][c & 0xFF] ^ t[1][(c >> 8) & 0xFF] ^ t[2][(c >> 16) & 0xFF] ^ t[3][c >> 24];
+  }
+};
+
 __attribute__((target("sse4.2"))) uint32_t ExtendSse42(uint32_t crc, const unsigned char* p,
                                                        size_t n) {
   uint64_t c = ~crc;
   while (n > 0 && (reinterpret_cast<uintptr_t>(p) & 7) != 0) {
     c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
     --n;
+  }
+  // Three independent streams hide the crc32 instruction's 3-cycle latency (about 3x the
+  // single-stream throughput); their states are joined with the stripe shift.
+  if (n >= 3 * kStripe) {
+    static const StripeShift shift;
+    while (n >= 3 * kStripe) {
+      uint64_t c1 = 0, c2 = 0;
+      for (size_t i = 0; i < kStripe; i += 8) {
+        uint64_t a, b, d;
+        std::memcpy(&a, p + i, 8);
+        std::memcpy(&b, p + kStripe + i, 8);
+        std::memcpy(&d, p + 2 * kStripe + i, 8);
+        c = _mm_crc32_u64(c, a);
+        c1 = _mm_crc32_u64(c1, b);
+        c2 = _mm_crc32_u64(c2, d);
+      }
+      c = shift(shift(static_cast<uint32_t>(c)) ^ static_cast<uint32_t>(c1)) ^
+          static_cast<uint32_t>(c2);
+      p += 3 * kStripe;
+      n -= 3 * kStripe;
+    }
   }
   while (n >= 8) {
     uint64_t v;
