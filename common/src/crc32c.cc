@@ -102,7 +102,40 @@ __attribute__((target("sse4.2"))) uint32_t ExtendSse42(uint32_t crc, const unsig
 }
 #endif
 
+// 32x32 matrices over GF(2), as the images of the 32 basis vectors (zlib's crc32_combine).
+uint32_t MatrixTimes(const uint32_t* m, uint32_t v) {
+  uint32_t out = 0;
+  for (int i = 0; v != 0; ++i, v >>= 1) {
+    if (v & 1) out ^= m[i];
+  }
+  return out;
+}
+
+void MatrixSquare(uint32_t* out, const uint32_t* m) {
+  for (int i = 0; i < 32; ++i) out[i] = MatrixTimes(m, m[i]);
+}
+
 }  // namespace
+
+uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) noexcept {
+  // crc(A || B) = Z(crc_a) ^ crc_b, where Z appends len_b zero bytes to a raw CRC state (the
+  // pre- and post-inversions cancel out). Z is built from the one-zero-byte operator by
+  // repeated squaring.
+  uint32_t op[32], sq[32];
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t v = 1u << i;
+    op[i] = kTable[v & 0xFF] ^ (v >> 8);
+  }
+  uint32_t v = crc_a;
+  while (len_b != 0) {
+    if (len_b & 1) v = MatrixTimes(op, v);
+    len_b >>= 1;
+    if (len_b == 0) break;
+    MatrixSquare(sq, op);
+    std::memcpy(op, sq, sizeof(op));
+  }
+  return v ^ crc_b;
+}
 
 uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) noexcept {
   const auto* p = static_cast<const unsigned char*>(data);

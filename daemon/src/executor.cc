@@ -77,7 +77,8 @@ absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p
 }  // namespace
 
 absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
-                             const ExecutorOptions& options, LoadProgress* progress) {
+                             const ExecutorOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums) {
   if (rank_arenas.size() != plan.ranks.size()) {
     return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
                                             plan.ranks.size(), " ranks"));
@@ -114,8 +115,10 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   const uint64_t chunk =
       std::max<uint64_t>(64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads));
   std::vector<WorkUnit> units;
+  std::vector<size_t> first_unit(plan.sources.size(), 0);
   uint64_t total = 0;
   for (uint32_t s = 0; s < plan.sources.size(); ++s) {
+    first_unit[s] = units.size();
     if (by_source[s].empty()) continue;
     const uint64_t nbytes = plan.sources[s].nbytes;
     total += nbytes;
@@ -136,6 +139,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     WD_ASSIGN_OR_RETURN(files[f], UniqueFd::Open(plan.files[f].path, O_RDONLY));
   }
 
+  std::vector<uint32_t> unit_crc(units.size(), 0);
   std::atomic<size_t> next{0};
   absl::Mutex mu;
   absl::Status first_error;  // guarded by mu
@@ -166,9 +170,23 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         if (buffer.size() < len) buffer.resize(len);
         dst = buffer.data();
       }
-      absl::Status s =
-          PreadExact(files[src.file].get(), dst, len, src.offset + u.begin,
-                     absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')"));
+      const std::string label =
+          absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')");
+      absl::Status s;
+      if (d >= 0) {
+        // Verbatim into the arena in cache-sized steps, checksumming each step while it is
+        // still in cache: the target's CRC32C then costs no second pass over memory.
+        constexpr uint64_t kStep = 1 << 20;
+        uint32_t crc = 0;
+        for (uint64_t off = 0; off < len && s.ok(); off += kStep) {
+          const uint64_t n = std::min(kStep, len - off);
+          s = PreadExact(files[src.file].get(), dst + off, n, src.offset + u.begin + off, label);
+          if (s.ok()) crc = Crc32cExtend(crc, dst + off, n);
+        }
+        unit_crc[i] = crc;
+      } else {
+        s = PreadExact(files[src.file].get(), dst, len, src.offset + u.begin, label);
+      }
       if (s.ok()) {
         for (size_t k = 0; k < by_source[u.source].size(); ++k) {
           if (static_cast<int>(k) == d) continue;
@@ -197,6 +215,25 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     absl::MutexLock l(&mu);
     if (!first_error.ok()) return first_error;
   }
+  if (checksums != nullptr) {
+    checksums->crc.assign(plan.ranks.size(), {});
+    for (size_t r = 0; r < plan.ranks.size(); ++r) {
+      checksums->crc[r].assign(plan.ranks[r].targets.size(), -1);
+    }
+    for (uint32_t s = 0; s < plan.sources.size(); ++s) {
+      if (direct[s] < 0) continue;
+      uint32_t crc = 0;
+      for (size_t i = first_unit[s]; i < units.size() && units[i].source == s; ++i) {
+        crc = Crc32cCombine(crc, unit_crc[i], units[i].end - units[i].begin);
+      }
+      // Every verbatim piece of this source holds the same bytes.
+      for (const PieceRef& pr : by_source[s]) {
+        if (IsDirect(plan, plan.ranks[pr.rank], *pr.piece)) {
+          checksums->crc[pr.rank][pr.piece->target] = crc;
+        }
+      }
+    }
+  }
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
     for (const PlanZeroFill& z : rp.zero_fills) {
@@ -211,7 +248,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 }
 
 absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
-                                           absl::string_view model, int device, int threads) {
+                                           absl::string_view model, int device, int threads,
+                                           const std::vector<int64_t>* known) {
   const RankPlan& rp = plan.ranks[rank_index];
   std::span<const std::byte> bytes = arena.readable();
   Manifest m;
@@ -238,7 +276,11 @@ absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, 
     std::atomic<size_t> next{0};
     auto worker = [&]() {
       for (size_t i; (i = next.fetch_add(1)) < m.tensors.size();) {
-        m.tensors[i].crc32c = Crc32c(bytes.data() + m.tensors[i].offset, m.tensors[i].nbytes);
+        if (known != nullptr && i < known->size() && (*known)[i] >= 0) {
+          m.tensors[i].crc32c = static_cast<uint32_t>((*known)[i]);
+        } else {
+          m.tensors[i].crc32c = Crc32c(bytes.data() + m.tensors[i].offset, m.tensors[i].nbytes);
+        }
       }
     };
     std::vector<std::thread> pool;

@@ -249,14 +249,16 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     eo.threads = config_.io_threads;
     eo.buffer_budget = config_.pinned_budget;
     const absl::Time t_exec = absl::Now();
-    WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress));
+    TargetChecksums crcs;
+    WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress, &crcs));
     const absl::Time t_seal = absl::Now();
     LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s", name,
              absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec));
     for (size_t i = 0; i < arenas.size(); ++i) {
       WD_RETURN_IF_ERROR(arenas[i]->Seal());
-      WD_ASSIGN_OR_RETURN(Manifest man, BuildRankManifest(plan, i, *arenas[i], name,
-                                                          m->ranks[i].device, config_.io_threads));
+      WD_ASSIGN_OR_RETURN(Manifest man,
+                          BuildRankManifest(plan, i, *arenas[i], name, m->ranks[i].device,
+                                            config_.io_threads, &crcs.crc[i]));
       const std::string bytes = EncodeManifest(man);
       WD_ASSIGN_OR_RETURN(
           UniqueFd fd,

@@ -140,11 +140,15 @@ class ExecutorTest : public ::testing::Test {
     r0.rank = 0;
     r0.targets = {{"a", DType::kU16, {256, 256}, 0, 131072},
                   {"b", DType::kF32, {1000}, 131072, 4000},
-                  {"z", DType::kU8, {4096}, 135168, 4096}};
+                  {"z", DType::kU8, {4096}, 135168, 4096},
+                  {"c", DType::kU16, {512, 256}, 139264, 262144}};
+    // "c" is a verbatim copy of s0: s0 is read straight into it (in several chunks) and "a"
+    // of both ranks is copied from there.
     r0.pieces = {{0, 0, {1, 512, 256}, {0, 0, 0}, {1, 256, 256}, {0, 0, 0}, {1, 256, 256}},
-                 {1, 1, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}}};
+                 {1, 1, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}},
+                 {0, 3, {1, 512, 256}, {0, 0, 0}, {1, 512, 256}, {0, 0, 0}, {1, 512, 256}}};
     r0.zero_fills = {{2, 0, 4096}};
-    r0.arena_bytes = 139264;
+    r0.arena_bytes = 401408;
     // Rank 1: rows 256..511 of s0 viewed as [256, 512] rows (two source rows per view row);
     // s1 cast to BF16.
     RankPlan r1;
@@ -190,7 +194,14 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     ExecutorOptions o;
     o.threads = threads;
     o.chunk_bytes = 64 << 10;
-    ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress).ok());
+    TargetChecksums crcs;
+    ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress, &crcs).ok());
+    // Checksummed while reading: the verbatim targets only.
+    ASSERT_EQ(crcs.crc.size(), 2u);
+    EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
+    EXPECT_EQ(crcs.crc[0][1], Crc32c(s1_.bytes.data(), s1_.bytes.size()));
+    EXPECT_EQ(crcs.crc[0][0], -1);
+    EXPECT_EQ(crcs.crc[1][1], -1);  // cast to BF16
     // Each source byte read once, for both ranks together.
     EXPECT_EQ(progress.bytes_total.load(), s0_.bytes.size() + s1_.bytes.size());
     EXPECT_EQ(progress.bytes_done.load(), progress.bytes_total.load());
@@ -208,10 +219,16 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
       }
     }
     ASSERT_TRUE(raw[1]->Seal().ok());
-    auto m = BuildRankManifest(plan_, 1, *raw[1], "m", -1, threads);
+    auto m = BuildRankManifest(plan_, 1, *raw[1], "m", -1, threads, &crcs.crc[1]);
     ASSERT_TRUE(m.ok());
     EXPECT_EQ(m->tensors[1].dtype, DType::kBF16);
     EXPECT_EQ(m->tensors[1].crc32c, Crc32c(raw[1]->readable().data() + 131072, 2000));
+    ASSERT_TRUE(raw[0]->Seal().ok());
+    auto m0 = BuildRankManifest(plan_, 0, *raw[0], "m", -1, threads, &crcs.crc[0]);
+    ASSERT_TRUE(m0.ok());
+    for (const ManifestTensor& t : m0->tensors) {
+      EXPECT_EQ(t.crc32c, Crc32c(raw[0]->readable().data() + t.offset, t.nbytes)) << t.name;
+    }
   }
 }
 

@@ -71,6 +71,17 @@ TEST(Crc32cTest, LargeBuffersMatchTheBitwiseReference) {
   }
 }
 
+TEST(Crc32cTest, CombineEqualsConcatenation) {
+  std::vector<unsigned char> data(70000);
+  std::mt19937 rng(9);
+  for (auto& b : data) b = static_cast<unsigned char>(rng());
+  for (size_t split : {0, 1, 8, 4096, 12289, 69999, 70000}) {
+    const uint32_t a = Crc32c(data.data(), split);
+    const uint32_t b = Crc32c(data.data() + split, data.size() - split);
+    EXPECT_EQ(Crc32cCombine(a, b, data.size() - split), Crc32c(data.data(), data.size())) << split;
+  }
+}
+
 TEST(ManifestTest, RoundTrip) {
   const Manifest m = Sample();
   auto back = DecodeManifest(EncodeManifest(m));

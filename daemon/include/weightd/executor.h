@@ -44,13 +44,24 @@ struct ExecutorOptions {
   uint64_t chunk_bytes = 64ull << 20;   // largest single read
 };
 
+// CRC32C of the targets the executor could checksum while their bytes were in cache (targets
+// that are verbatim copies of one source: replicated tensors, T=1 without casts), indexed
+// [rank][target]; -1 where it could not (slices, casts, fused targets).
+struct TargetChecksums {
+  std::vector<std::vector<int64_t>> crc;
+};
+
+// `checksums` may be null.
 absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
-                             const ExecutorOptions& options, LoadProgress* progress);
+                             const ExecutorOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums = nullptr);
 
 // The manifest of rank `rank_index` of `plan` after its arena was sealed: contiguous tensors in
-// arena 0, CRC32C of each computed from the arena (in parallel over `threads`).
+// arena 0, with the CRC32C of each taken from `known` (ExecutePlanHost's, may be null) or else
+// computed from the arena (in parallel over `threads`).
 absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
-                                           absl::string_view model, int device, int threads);
+                                           absl::string_view model, int device, int threads,
+                                           const std::vector<int64_t>* known = nullptr);
 
 }  // namespace weightd
 
