@@ -51,7 +51,10 @@ struct Client::Impl {
     if (!fd) return absl::UnavailableError("the connection to weightd is closed");
     const uint64_t id = next_id++;
     req.id_json = absl::StrCat(id);
-    WD_RETURN_IF_ERROR(SendPacket(fd.get(), EncodeRequest(req)));
+    if (absl::Status s = SendPacket(fd.get(), EncodeRequest(req)); !s.ok()) {
+      fd.Reset();
+      return absl::UnavailableError(absl::StrCat("sending to weightd failed: ", s.message()));
+    }
     Reply reply;
     WD_ASSIGN_OR_RETURN(json j, Receive(id, &reply.fds));
     if (!j.value("ok", false)) {
@@ -76,7 +79,13 @@ struct Client::Impl {
 
   absl::StatusOr<json> Receive(uint64_t id, std::vector<UniqueFd>* fds)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    WD_ASSIGN_OR_RETURN(Packet p, RecvPacket(fd.get(), kMaxReplyBytes));
+    absl::StatusOr<Packet> received = RecvPacket(fd.get(), kMaxReplyBytes);
+    if (!received.ok()) {
+      fd.Reset();
+      return absl::UnavailableError(
+          absl::StrCat("receiving from weightd failed: ", received.status().message()));
+    }
+    Packet& p = *received;
     if (p.eof) {
       fd.Reset();
       return absl::UnavailableError("weightd closed the connection");

@@ -197,6 +197,14 @@ TEST(ClientHostileTest, MissingArenaFdAndNoFds) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("not a JSON object"));
 }
 
+TEST(ClientHostileTest, DaemonHangsUpMidRequest) {
+  FakeDaemon d([](int sock) { ::shutdown(sock, SHUT_RDWR); });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->Attach("m", 0).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(c->List().status().code(), absl::StatusCode::kUnavailable);
+}
+
 TEST(ClientHostileTest, ManifestForAnotherModel) {
   Manifest m;
   m.model = "other";
