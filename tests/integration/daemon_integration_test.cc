@@ -601,6 +601,58 @@ TEST_F(DaemonTest, LoadErrors) {
   EXPECT_TRUE(c->Unload("odd").ok());
 }
 
+// Loads run on background threads: the daemon answers status while one runs, and the progress
+// counters move from 0 to the total.
+TEST_F(DaemonTest, StatusAnswersDuringALoadWithProgress) {
+  const std::string dir = g_dir + "/models/big";
+  std::filesystem::create_directory(dir);
+  {
+    std::string header = "{";
+    constexpr int kTensors = 64;
+    constexpr size_t kBytes = 4 << 20;
+    for (int i = 0; i < kTensors; ++i) {
+      header += (i ? ",\"" : "\"") + std::string("t") + std::to_string(i) +
+                "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(kBytes) +
+                "],\"data_offsets\":[" + std::to_string(i * kBytes) + "," +
+                std::to_string((i + 1) * kBytes) + "]}";
+    }
+    header += "}";
+    while (header.size() % 8) header += ' ';
+    std::ofstream f(dir + "/model.safetensors", std::ios::binary);
+    const uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header;
+    const std::string chunk(kBytes, '\x5a');
+    for (int i = 0; i < kTensors; ++i) f << chunk;
+  }
+  auto c = Client::Connect(g_socket);
+  ASSERT_TRUE(c.ok());
+  LoadOptions hf;
+  hf.recipe = "hf";
+  ASSERT_TRUE(c->Load("big", dir, hf).ok());
+  int loading_seen = 0;
+  uint64_t total = 0, done = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = c->Status(std::string("big"));
+        if (!st.ok()) return false;
+        loading_seen += st->front().state == "loading";
+        total = st->front().bytes_total;
+        done = st->front().bytes_done;
+        return st->front().state == "ready";
+      },
+      std::chrono::seconds(60)));
+  EXPECT_GT(loading_seen, 0) << "status never saw the load running";
+  EXPECT_EQ(total, 64u << 22);
+  EXPECT_EQ(done, total);
+  auto a = c->Attach("big", 0);
+  ASSERT_TRUE(a.ok());
+  EXPECT_TRUE(a->Verify().ok());
+  EXPECT_EQ(static_cast<const char*>(a->Find("t63")->data)[12345], '\x5a');
+  ASSERT_TRUE(a->Detach().ok());
+  EXPECT_TRUE(c->Unload("big").ok());
+}
+
 TEST_F(DaemonTest, ClientsSurviveDaemonDisappearingMidAttach) {
   // An attachment's memory stays valid when the model is force-unloaded under it.
   auto c = Client::Connect(g_socket);
