@@ -9,6 +9,14 @@ int InspectMain(int argc, char** argv);
 int PlanMain(int argc, char** argv);
 int ShardMain(int argc, char** argv);
 
+// Daemon commands (cmd_daemon.cc).
+int LoadMain(int argc, char** argv);
+int StatusMain(int argc, char** argv);
+int ListMain(int argc, char** argv);
+int AttachMain(int argc, char** argv);
+int UnloadMain(int argc, char** argv);
+int MetricsMain(int argc, char** argv);
+
 }  // namespace weightd::cli
 
 #endif  // WEIGHTD_CLIENT_WEIGHTCTL_COMMANDS_H_

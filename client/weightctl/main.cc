@@ -16,6 +16,13 @@ struct Command {
 constexpr Command kCommands[] = {
     {"inspect", weightd::cli::InspectMain,
      "list the tensors, files and architecture of a checkpoint"},
+    // Daemon commands.
+    {"load", weightd::cli::LoadMain, "ask the daemon to load a checkpoint"},
+    {"status", weightd::cli::StatusMain, "models, ranks, leases and load progress"},
+    {"list", weightd::cli::ListMain, "list the daemon's models"},
+    {"attach", weightd::cli::AttachMain, "attach to a rank, summarize, optionally verify"},
+    {"unload", weightd::cli::UnloadMain, "unload a model"},
+    {"metrics", weightd::cli::MetricsMain, "print the daemon's Prometheus metrics"},
     {"plan", weightd::cli::PlanMain, "show how a checkpoint maps to per-rank engine parameters"},
     {"shard", weightd::cli::ShardMain,
      "write per-rank safetensors in vLLM's sharded-state layout (offline)"},

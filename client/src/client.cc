@@ -1,0 +1,416 @@
+#include "weightd/client.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "nlohmann/json.hpp"
+#include "weightd/crc32c.h"
+#include "weightd/file_util.h"
+#include "weightd/manifest.h"
+#include "weightd/protocol.h"
+#include "weightd/seqpacket.h"
+#include "weightd/status_macros.h"
+#include "weightd/unique_fd.h"
+
+namespace weightd {
+namespace {
+
+using json = nlohmann::json;
+
+// Replies are larger than requests (status of many models); a reply beyond this is an error.
+constexpr size_t kMaxReplyBytes = 4 << 20;
+
+constexpr int kRequiredSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+
+struct Reply {
+  json result;
+  std::vector<UniqueFd> fds;
+};
+
+}  // namespace
+
+// The connection, shared by a Client and its Attachments.
+struct Client::Impl {
+  absl::Mutex mu;
+  UniqueFd fd ABSL_GUARDED_BY(mu);
+  uint64_t next_id ABSL_GUARDED_BY(mu) = 1;
+  int version = 0;
+
+  // Sends `req` (its id is assigned here) and returns the reply's result or its error. For
+  // attach, continuation packets carrying more fds are collected too.
+  absl::StatusOr<Reply> Call(Request req) {
+    absl::MutexLock l(&mu);
+    if (!fd) return absl::UnavailableError("the connection to weightd is closed");
+    const uint64_t id = next_id++;
+    req.id_json = absl::StrCat(id);
+    if (absl::Status s = SendPacket(fd.get(), EncodeRequest(req)); !s.ok()) {
+      fd.Reset();
+      return absl::UnavailableError(absl::StrCat("sending to weightd failed: ", s.message()));
+    }
+    Reply reply;
+    WD_ASSIGN_OR_RETURN(json j, Receive(id, &reply.fds));
+    if (!j.value("ok", false)) {
+      const json& e = j.contains("error") && j["error"].is_object() ? j["error"] : json::object();
+      const std::string code = e.value("code", "INTERNAL");
+      const std::string msg = e.value("message", "weightd sent an error without a message");
+      absl::StatusCode c = StatusCodeFromWireName(code);
+      if (c == absl::StatusCode::kUnknown) c = absl::StatusCode::kInternal;
+      return absl::Status(c, msg);
+    }
+    reply.result = j.contains("result") ? j["result"] : json::object();
+    if (req.op == Op::kAttach) {
+      const int64_t extra = reply.result.value("fd_messages", 0);
+      if (extra < 0 || extra > 1024) return absl::InternalError("bad fd_messages in attach reply");
+      for (int64_t i = 0; i < extra; ++i) {
+        WD_ASSIGN_OR_RETURN(json cont, Receive(id, &reply.fds));
+        if (!cont.value("ok", false)) return absl::InternalError("bad attach continuation");
+      }
+    }
+    return reply;
+  }
+
+  absl::StatusOr<json> Receive(uint64_t id, std::vector<UniqueFd>* fds)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    absl::StatusOr<Packet> received = RecvPacket(fd.get(), kMaxReplyBytes);
+    if (!received.ok()) {
+      fd.Reset();
+      return absl::UnavailableError(
+          absl::StrCat("receiving from weightd failed: ", received.status().message()));
+    }
+    Packet& p = *received;
+    if (p.eof) {
+      fd.Reset();
+      return absl::UnavailableError("weightd closed the connection");
+    }
+    if (p.truncated) return absl::InternalError("reply from weightd exceeds 4 MiB");
+    for (UniqueFd& f : p.fds) fds->push_back(std::move(f));
+    json j = json::parse(p.data, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) {
+      return absl::InternalError("weightd sent a reply that is not a JSON object");
+    }
+    // A refusal sent at accept time (connection limit) carries id null.
+    if (j.contains("id") && j["id"].is_number_unsigned() && j["id"].get<uint64_t>() != id) {
+      return absl::InternalError(absl::StrCat("reply id ", j["id"].dump(), " != request id ", id));
+    }
+    return j;
+  }
+};
+
+struct Attachment::Impl {
+  std::shared_ptr<Client::Impl> conn;
+  std::string model;
+  int rank = 0;
+  uint64_t lease = 0;
+  std::vector<UniqueFd> fds;
+  struct Mapping {
+    void* addr = nullptr;
+    size_t size = 0;
+  };
+  std::vector<Mapping> maps;
+  std::vector<TensorView> tensors;
+  absl::flat_hash_map<absl::string_view, size_t> index;
+  uint64_t total = 0;
+  bool detached = false;
+
+  void Unmap() {
+    for (Mapping& m : maps) {
+      if (m.addr != nullptr) ::munmap(m.addr, m.size);
+    }
+    maps.clear();
+    tensors.clear();
+    index.clear();
+    fds.clear();
+  }
+  ~Impl() { Unmap(); }
+};
+
+namespace {
+
+absl::StatusOr<std::string> ReadSealedManifest(int fd, uint64_t expected) {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || (seals & kRequiredSeals) != kRequiredSeals) {
+    return absl::InternalError("the manifest memfd from weightd is not sealed");
+  }
+  struct stat st;
+  WD_SYSCALL_OR_RETURN(::fstat(fd, &st), "fstat of the manifest memfd");
+  if (static_cast<uint64_t>(st.st_size) != expected || expected > kMaxManifestBytes) {
+    return absl::InternalError(
+        absl::StrCat("manifest memfd has ", st.st_size, " bytes, the reply announced ", expected));
+  }
+  std::string bytes(expected, '\0');
+  WD_RETURN_IF_ERROR(PreadExact(fd, bytes.data(), expected, 0, "manifest memfd"));
+  return bytes;
+}
+
+ModelInfo ParseModel(const json& j) {
+  ModelInfo m;
+  m.name = j.value("name", "");
+  m.state = j.value("state", "");
+  m.checkpoint = j.value("checkpoint", "");
+  m.backend = j.value("backend", "");
+  m.error = j.value("error", "");
+  m.tp = j.value("tp", 1);
+  m.bytes_total = j.value("bytes_total", uint64_t{0});
+  m.bytes_done = j.value("bytes_done", uint64_t{0});
+  m.seconds = j.value("seconds", 0.0);
+  if (j.contains("ranks") && j["ranks"].is_array()) {
+    for (const json& r : j["ranks"]) {
+      RankStatusInfo ri;
+      if (r.is_number_integer()) {  // `list` gives rank numbers only
+        ri.rank = r.get<int>();
+        ri.state = m.state;
+      } else if (r.is_object()) {
+        ri.rank = r.value("rank", 0);
+        ri.device = r.value("device", -1);
+        ri.state = r.value("state", "");
+        ri.arena_bytes = r.value("arena_bytes", uint64_t{0});
+        ri.tensors = r.value("tensors", 0u);
+        if (r.contains("leases") && r["leases"].is_array()) {
+          for (const json& l : r["leases"]) {
+            ri.leases.push_back(
+                {l.value("lease", uint64_t{0}), l.value("pid", int64_t{0}), l.value("uid", 0u)});
+          }
+        }
+      }
+      m.ranks.push_back(std::move(ri));
+    }
+  }
+  return m;
+}
+
+absl::StatusOr<std::vector<ModelInfo>> ParseModels(const json& result) {
+  std::vector<ModelInfo> out;
+  try {
+    if (!result.contains("models") || !result["models"].is_array()) {
+      return absl::InternalError("reply without a 'models' array");
+    }
+    for (const json& m : result["models"]) {
+      if (m.is_object()) out.push_back(ParseModel(m));
+    }
+  } catch (const json::exception& e) {
+    return absl::InternalError(absl::StrCat("malformed reply from weightd: ", e.what()));
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---- Attachment ----
+
+Attachment::Attachment(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Attachment::Attachment(Attachment&&) noexcept = default;
+Attachment& Attachment::operator=(Attachment&& other) noexcept {
+  if (this != &other) {
+    (void)Detach();
+    impl_ = std::move(other.impl_);
+  }
+  return *this;
+}
+Attachment::~Attachment() { (void)Detach(); }
+
+const std::string& Attachment::model() const { return impl_->model; }
+int Attachment::rank() const { return impl_->rank; }
+uint64_t Attachment::lease() const { return impl_->lease; }
+const std::vector<TensorView>& Attachment::tensors() const { return impl_->tensors; }
+uint64_t Attachment::total_bytes() const { return impl_->total; }
+
+const TensorView* Attachment::Find(absl::string_view name) const {
+  auto it = impl_->index.find(name);
+  return it == impl_->index.end() ? nullptr : &impl_->tensors[it->second];
+}
+
+absl::Status Attachment::Verify() const {
+  for (const TensorView& t : impl_->tensors) {
+    if (t.data == nullptr && t.nbytes > 0) {
+      return absl::UnimplementedError(
+          absl::StrCat("tensor '", t.name, "' is in device memory; verify it on the device"));
+    }
+    const uint32_t c = Crc32c(t.data, t.nbytes);
+    if (c != t.crc32c) {
+      return absl::DataLossError(
+          absl::StrFormat("tensor '%s' of model '%s' rank %d: CRC32C %08x != manifest %08x", t.name,
+                          impl_->model, impl_->rank, c, t.crc32c));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Attachment::Detach() {
+  if (!impl_ || impl_->detached) return absl::OkStatus();
+  impl_->detached = true;
+  impl_->Unmap();
+  Request r;
+  r.op = Op::kDetach;
+  r.name = impl_->model;
+  r.rank = impl_->rank;
+  auto reply = impl_->conn->Call(r);
+  impl_->conn.reset();
+  return reply.status();
+}
+
+// ---- Client ----
+
+Client::Client(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::Client(Client&&) noexcept = default;
+Client& Client::operator=(Client&&) noexcept = default;
+Client::~Client() = default;
+
+int Client::version() const { return impl_->version; }
+
+absl::StatusOr<Client> Client::Connect(const std::string& socket_path) {
+  const std::string path = socket_path.empty() ? DefaultSocketPath() : socket_path;
+  WD_ASSIGN_OR_RETURN(UniqueFd fd, ConnectSeqpacket(path));
+  auto impl = std::make_shared<Impl>();
+  {
+    absl::MutexLock l(&impl->mu);
+    impl->fd = std::move(fd);
+  }
+  Request hello;
+  hello.op = Op::kHello;
+  hello.version = kProtocolVersion;
+  hello.client = "libweightd_client";
+  WD_ASSIGN_OR_RETURN(Reply r, impl->Call(hello));
+  impl->version = r.result.value("version", 0);
+  if (impl->version < 1 || impl->version > kProtocolVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("weightd at ", path, " speaks protocol version ", impl->version,
+                     "; this client speaks 1..", kProtocolVersion));
+  }
+  return Client(std::move(impl));
+}
+
+absl::StatusOr<std::vector<ModelInfo>> Client::List() {
+  Request r;
+  r.op = Op::kList;
+  WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
+  return ParseModels(reply.result);
+}
+
+absl::Status Client::Load(const std::string& name, const std::string& checkpoint,
+                          const LoadOptions& o) {
+  Request r;
+  r.op = Op::kLoad;
+  r.name = name;
+  r.load.checkpoint = checkpoint;
+  r.load.tp = o.tp;
+  r.load.ranks = o.ranks;
+  r.load.devices = o.devices;
+  r.load.dtype = o.dtype;
+  r.load.skip = o.skip;
+  r.load.recipe_file = o.recipe_file;
+  r.load.recipe = o.recipe;
+  r.load.expert_parallel = o.expert_parallel;
+  r.load.allow_uids = o.allow_uids;
+  r.load.allow_gids = o.allow_gids;
+  return impl_->Call(r).status();
+}
+
+absl::StatusOr<std::vector<ModelInfo>> Client::Status(const std::optional<std::string>& name) {
+  Request r;
+  r.op = Op::kStatus;
+  r.name = name;
+  WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
+  return ParseModels(reply.result);
+}
+
+absl::Status Client::Unload(const std::string& name, bool force) {
+  Request r;
+  r.op = Op::kUnload;
+  r.name = name;
+  r.force = force;
+  return impl_->Call(r).status();
+}
+
+absl::StatusOr<std::string> Client::Metrics() {
+  Request r;
+  r.op = Op::kMetrics;
+  WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
+  if (!reply.result.contains("text") || !reply.result["text"].is_string()) {
+    return absl::InternalError("metrics reply without 'text'");
+  }
+  return reply.result["text"].get<std::string>();
+}
+
+absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
+  Request r;
+  r.op = Op::kAttach;
+  r.name = name;
+  r.rank = rank;
+  WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
+  auto a = std::make_unique<Attachment::Impl>();
+  a->conn = impl_;
+  a->model = name;
+  a->rank = rank;
+  // From here on the lease exists on the daemon: any failure must detach (the Attachment's
+  // destructor does) so a bad manifest does not leak a lease.
+  Attachment att(std::move(a));
+  Attachment::Impl& im = *att.impl_;
+  im.fds = std::move(reply.fds);
+  const json& res = reply.result;
+  if (!res.contains("manifest_bytes") || !res["manifest_bytes"].is_number_unsigned() ||
+      !res.contains("lease") || !res["lease"].is_number_unsigned()) {
+    return absl::InternalError("attach reply lacks manifest_bytes or lease");
+  }
+  im.lease = res["lease"].get<uint64_t>();
+  if (im.fds.empty()) return absl::InternalError("attach reply carried no manifest fd");
+  WD_ASSIGN_OR_RETURN(std::string bytes,
+                      ReadSealedManifest(im.fds[0].get(), res["manifest_bytes"].get<uint64_t>()));
+  WD_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(bytes));
+  if (m.arenas.size() + 1 != im.fds.size()) {
+    return absl::InternalError(absl::StrCat("manifest lists ", m.arenas.size(),
+                                            " arenas but weightd sent ", im.fds.size() - 1,
+                                            " arena fds"));
+  }
+  if (m.model != name || static_cast<int>(m.rank) != rank) {
+    return absl::InternalError(absl::StrCat("manifest is for model '", m.model, "' rank ", m.rank,
+                                            ", not '", name, "' rank ", rank));
+  }
+  std::vector<const std::byte*> bases(m.arenas.size(), nullptr);
+  for (size_t i = 0; i < m.arenas.size(); ++i) {
+    const int fd = im.fds[i + 1].get();
+    if (m.arenas[i].kind != ArenaKind::kHostMemfd) continue;  // device memory: no host mapping
+    const int seals = ::fcntl(fd, F_GET_SEALS);
+    // Without SHRINK a peer could truncate the memfd under the mapping (SIGBUS on access).
+    if (seals < 0 || (seals & kRequiredSeals) != kRequiredSeals) {
+      return absl::InternalError(absl::StrCat("arena ", i, " memfd is not sealed"));
+    }
+    struct stat st;
+    WD_SYSCALL_OR_RETURN(::fstat(fd, &st), "fstat of an arena memfd");
+    if (static_cast<uint64_t>(st.st_size) < m.arenas[i].size) {
+      return absl::InternalError(absl::StrCat("arena ", i, " memfd has ", st.st_size,
+                                              " bytes; the manifest says ", m.arenas[i].size));
+    }
+    if (m.arenas[i].size == 0) continue;
+    void* p = ::mmap(nullptr, m.arenas[i].size, PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) return ErrnoError(errno, absl::StrCat("mmap of arena ", i));
+    im.maps.push_back({p, m.arenas[i].size});
+    bases[i] = static_cast<const std::byte*>(p);
+  }
+  im.tensors.resize(m.tensors.size());
+  im.index.reserve(m.tensors.size());
+  for (size_t i = 0; i < m.tensors.size(); ++i) {
+    ManifestTensor& mt = m.tensors[i];
+    TensorView& v = im.tensors[i];
+    v.name = std::move(mt.name);
+    v.dtype = mt.dtype;
+    v.shape = std::move(mt.shape);
+    v.strides = std::move(mt.strides);
+    v.device = m.arenas[mt.arena].kind == ArenaKind::kHostMemfd ? -1 : m.device;
+    v.data = bases[mt.arena] != nullptr ? bases[mt.arena] + mt.offset : nullptr;
+    v.nbytes = mt.nbytes;
+    v.crc32c = mt.crc32c;
+    im.total += mt.nbytes;
+  }
+  for (size_t i = 0; i < im.tensors.size(); ++i) im.index.emplace(im.tensors[i].name, i);
+  return att;
+}
+
+}  // namespace weightd

@@ -1,0 +1,94 @@
+// The weightd control protocol, version 1 (docs/PROTOCOL.md is the reference).
+//
+// One JSON object per SOCK_SEQPACKET packet. A request names its `op` and may carry an `id`
+// (any JSON scalar) that the reply echoes. Replies are {"ok":true,"id":..,"result":{..}} or
+// {"ok":false,"id":..,"error":{"code":"NOT_FOUND","message":".."}}.
+//
+//   WD_ASSIGN_OR_RETURN(Request r, ParseRequest(packet_bytes));   // strict: types, fields
+//   std::string wire = EncodeRequest(r);                         // what a client sends
+//   std::string err = EncodeErrorReply(r.id_json, absl::NotFoundError("no model 'x'"));
+//
+// This header carries no JSON library: the daemon and the client share it. Pure functions,
+// thread-safe.
+#ifndef WEIGHTD_PROTOCOL_H_
+#define WEIGHTD_PROTOCOL_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace weightd {
+
+inline constexpr int kProtocolVersion = 1;
+// Default cap on one request packet, in bytes (configurable in the daemon).
+inline constexpr size_t kDefaultMaxRequestBytes = 64 * 1024;
+// Most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
+inline constexpr int kMaxFdsPerMessage = 253;
+
+enum class Op : uint8_t { kHello, kList, kLoad, kStatus, kAttach, kDetach, kUnload, kMetrics };
+
+absl::string_view OpName(Op op);
+
+// What to load and how: the `load` request's fields and a preload entry of the config.
+struct LoadSpec {
+  std::string checkpoint;         // directory or .safetensors file
+  int tp = 1;                     // tensor-parallel degree
+  std::vector<int> ranks;         // ranks to hold; empty = all of 0..tp-1
+  std::vector<int> devices;       // device per held rank; empty = rank i on device i
+  std::string dtype;              // target float dtype ("bf16", ...); empty = checkpoint's
+  std::vector<std::string> skip;  // extra skip substrings
+  std::string recipe_file;        // JSON recipe extension/override
+  std::string recipe;             // force a recipe by name
+  bool expert_parallel = false;
+  std::optional<std::vector<uint32_t>> allow_uids;  // who may attach; nullopt = daemon default
+  std::optional<std::vector<uint32_t>> allow_gids;
+};
+
+struct Request {
+  Op op = Op::kHello;
+  std::string id_json = "null";  // the request's `id` as JSON text, echoed in the reply
+  // hello
+  int version = 0;
+  std::string client;  // free-form client name, for logs
+  // list, status (optional), load, attach, detach, unload
+  std::optional<std::string> name;
+  // attach, detach
+  int rank = -1;
+  // unload
+  bool force = false;
+  // load
+  LoadSpec load;
+  bool wait = false;  // load: reply only when the load ends
+};
+
+// Parses one request packet. Errors are INVALID_ARGUMENT naming the field and what was
+// expected ("field 'rank' must be an integer >= 0"), or UNIMPLEMENTED-free: an unknown op is
+// INVALID_ARGUMENT listing the known ones.
+absl::StatusOr<Request> ParseRequest(absl::string_view json);
+
+// The JSON text of a request (what ParseRequest accepts).
+std::string EncodeRequest(const Request& r);
+
+// Parses a LoadSpec from a JSON object text (the `load` request body, or a config preload
+// entry without its `name`). `context` prefixes error messages.
+absl::StatusOr<LoadSpec> ParseLoadSpecJson(absl::string_view json_object,
+                                           absl::string_view context);
+std::string LoadSpecToJson(const LoadSpec& spec);
+
+// The wire spelling of a status code: "NOT_FOUND", ...; codes outside the protocol's list map
+// to "INTERNAL".
+absl::string_view StatusCodeWireName(absl::StatusCode code);
+// The inverse; unknown names give kUnknown.
+absl::StatusCode StatusCodeFromWireName(absl::string_view name);
+
+// {"ok":false,"id":<id_json>,"error":{"code":..,"message":..}}
+std::string EncodeErrorReply(absl::string_view id_json, const absl::Status& status);
+
+}  // namespace weightd
+
+#endif  // WEIGHTD_PROTOCOL_H_

@@ -1,0 +1,51 @@
+// DaemonConfig: weightd's configuration file (JSON; every key and default in docs/CONFIG.md).
+//
+//   WD_ASSIGN_OR_RETURN(DaemonConfig c, LoadConfigFile("/etc/weightd/weightd.json"));
+//   c.socket = "/tmp/w.sock";   // command-line flags override file values
+//
+// Unknown keys and wrong types are errors naming the key and the file. Pure value type; the
+// functions are thread-safe.
+#ifndef WEIGHTD_CONFIG_H_
+#define WEIGHTD_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "weightd/protocol.h"
+
+namespace weightd {
+
+struct PreloadEntry {
+  std::string name;
+  LoadSpec spec;
+};
+
+struct DaemonConfig {
+  std::string socket;                   // empty = DefaultDaemonSocketPath()
+  std::string backend = "auto";         // auto | cuda | host
+  uint64_t pinned_budget = 1ull << 30;  // bytes of staging buffers per load
+  std::vector<uint32_t> allow_uids;     // default attach/admin list; the daemon's uid is implicit
+  std::vector<uint32_t> allow_gids;
+  std::vector<std::string> model_roots;  // empty = anywhere the daemon can read
+  std::vector<PreloadEntry> preload;
+  int max_connections = 1024;
+  uint64_t max_request_bytes = kDefaultMaxRequestBytes;
+  int hello_timeout_ms = 10000;  // clients that send no hello within this are disconnected
+  int io_threads = 4;            // reader/copier threads per load
+  std::string log_level = "info";
+  uint32_t socket_mode = 0660;
+};
+
+absl::StatusOr<DaemonConfig> ParseConfig(absl::string_view json, absl::string_view source);
+absl::StatusOr<DaemonConfig> LoadConfigFile(const std::string& path);
+
+// Parses a byte count: an integer, optionally with a suffix k/M/G/T (powers of 1000) or
+// KiB/MiB/GiB/TiB (powers of 1024). Errors name `what`.
+absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text, absl::string_view what);
+
+}  // namespace weightd
+
+#endif  // WEIGHTD_CONFIG_H_

@@ -1,0 +1,68 @@
+// Executor: runs a Plan into per-rank arenas (host-addressable arenas; see backend.h).
+//
+//   LoadProgress progress;
+//   std::vector<Arena*> arenas = {rank0.get(), rank1.get()};   // arenas[i] <- plan.ranks[i]
+//   WD_RETURN_IF_ERROR(ExecutePlanHost(plan, arenas, {.threads = 4}, &progress));
+//
+// Every checkpoint byte the plan needs is read exactly once, whatever the number of ranks:
+// sources are visited in (file, offset) order; each source is pread whole, or in row-aligned
+// chunks when larger than the chunk size, into a per-thread buffer, and every piece of every
+// rank that reads that source is applied from the buffer (weightd::kernels::CopyPieceRowsHost,
+// converting dtypes). `threads` workers each take the next chunk, so one worker's read overlaps
+// another's copy. Buffer memory is threads x chunk_bytes, bounded by `buffer_budget` (a single
+// source whose rows are wider than a chunk gets a one-off buffer of one row group).
+// Zero-fills are written explicitly (the CUDA backend's memory is not zeroed for free).
+//
+// Errors: the reader's message (file, offset, missing bytes) for a truncated shard, INTERNAL
+// naming the piece for a plan inconsistent with its own arenas, CANCELLED when
+// progress->cancel is set. Thread-safety: one call per plan; `progress` may be read
+// concurrently from other threads.
+#ifndef WEIGHTD_EXECUTOR_H_
+#define WEIGHTD_EXECUTOR_H_
+
+#include <atomic>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "weightd/backend.h"
+#include "weightd/manifest.h"
+#include "weightd/plan.h"
+
+namespace weightd {
+
+struct LoadProgress {
+  std::atomic<uint64_t> bytes_total{0};  // checkpoint bytes the load reads
+  std::atomic<uint64_t> bytes_done{0};
+  std::atomic<bool> cancel{false};  // set by another thread to stop the load
+};
+
+struct ExecutorOptions {
+  int threads = 4;
+  uint64_t buffer_budget = 1ull << 30;  // bytes of read buffers in all threads together
+  uint64_t chunk_bytes = 64ull << 20;   // largest single read
+};
+
+// CRC32C of the targets the executor could checksum while their bytes were in cache (targets
+// that are verbatim copies of one source: replicated tensors, T=1 without casts), indexed
+// [rank][target]; -1 where it could not (slices, casts, fused targets).
+struct TargetChecksums {
+  std::vector<std::vector<int64_t>> crc;
+};
+
+// `checksums` may be null.
+absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
+                             const ExecutorOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums = nullptr);
+
+// The manifest of rank `rank_index` of `plan` after its arena was sealed: contiguous tensors in
+// arena 0, with the CRC32C of each taken from `known` (ExecutePlanHost's, may be null) or else
+// computed from the arena (in parallel over `threads`).
+absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
+                                           absl::string_view model, int device, int threads,
+                                           const std::vector<int64_t>* known = nullptr);
+
+}  // namespace weightd
+
+#endif  // WEIGHTD_EXECUTOR_H_

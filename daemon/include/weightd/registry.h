@@ -1,0 +1,156 @@
+// Registry: the daemon's models, their per-rank states, loads and leases.
+//
+//   Registry reg(backend.get(), config);
+//   WD_RETURN_IF_ERROR(reg.StartLoad("llama", spec, peer));      // returns at once
+//   reg.Status("llama")   // loading 40% ... ready
+//   WD_ASSIGN_OR_RETURN(AttachGrant g, reg.Attach("llama", 0, peer, conn_id));
+//   reg.ReleaseConnection(conn_id);                             // drops that connection's leases
+//
+// States of a rank: loading -> ready | failed(error); unloading while an unload is in progress
+// (a forced unload of a loading model cancels the load). A failed model keeps its error and
+// releases its memory; it stays listed until unloaded. Loads run on background threads, one per
+// model, so the server keeps answering while they run.
+//
+// Authorization (docs/PROTOCOL.md): the daemon's own uid may do everything. Otherwise load and
+// unload need the peer's uid in config allow_uids or its gid in allow_gids; attach, detach and
+// status of a model need the model's allow lists (those given at load, else the config's).
+// root is not special: list it to allow it.
+//
+// Thread-safety: all methods are thread-safe (one absl::Mutex guards the model table; each
+// load's progress counters are atomics).
+#ifndef WEIGHTD_REGISTRY_H_
+#define WEIGHTD_REGISTRY_H_
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "weightd/backend.h"
+#include "weightd/config.h"
+#include "weightd/executor.h"
+#include "weightd/protocol.h"
+#include "weightd/unique_fd.h"
+
+namespace weightd {
+
+// The credentials of a connected peer (SO_PEERCRED).
+struct Peer {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+enum class RankState : uint8_t { kLoading, kReady, kFailed, kUnloading };
+absl::string_view RankStateName(RankState s);
+
+struct LeaseInfo {
+  uint64_t id = 0;
+  uint64_t connection = 0;
+  Peer peer;
+  int rank = 0;
+};
+
+// A snapshot for status replies.
+struct RankStatus {
+  int rank = 0;
+  int device = -1;
+  RankState state = RankState::kLoading;
+  uint64_t arena_bytes = 0;
+  uint32_t tensors = 0;
+  std::vector<LeaseInfo> leases;
+};
+
+struct ModelStatus {
+  std::string name;
+  std::string checkpoint;
+  std::string backend;
+  int tp = 1;
+  std::string error;  // non-empty when failed
+  std::vector<RankStatus> ranks;
+  uint64_t bytes_total = 0;  // checkpoint bytes the load reads
+  uint64_t bytes_done = 0;
+  double load_seconds = 0;  // so far, or in total once finished
+  double started_unix = 0;
+};
+
+// What an attaching client receives; the fds are new descriptors owned by the grant.
+struct AttachGrant {
+  uint64_t lease = 0;
+  UniqueFd manifest;
+  uint64_t manifest_bytes = 0;
+  std::vector<UniqueFd> arenas;
+};
+
+class Registry {
+ public:
+  Registry(Backend* backend, DaemonConfig config);
+  ~Registry();  // cancels running loads and joins their threads
+  Registry(const Registry&) = delete;
+  Registry& operator=(const Registry&) = delete;
+
+  // Validates (name, authorization, model_roots) and starts the load on a background thread.
+  // ALREADY_EXISTS if `name` is taken (whatever its state), PERMISSION_DENIED for an
+  // unauthorized peer or a checkpoint outside model_roots, INVALID_ARGUMENT for bad options.
+  absl::Status StartLoad(const std::string& name, const LoadSpec& spec, const Peer& peer);
+
+  // Models the peer may see (all of them when `name` is empty), sorted by name.
+  absl::StatusOr<std::vector<ModelStatus>> Status(const std::string& name, const Peer& peer) const;
+
+  absl::StatusOr<AttachGrant> Attach(const std::string& name, int rank, const Peer& peer,
+                                     uint64_t connection);
+  // Releases one lease of `connection` on (name, rank). NOT_FOUND if it holds none.
+  absl::Status Detach(const std::string& name, int rank, uint64_t connection);
+  void ReleaseConnection(uint64_t connection);
+
+  // FAILED_PRECONDITION listing the attached pids unless `force`.
+  absl::Status Unload(const std::string& name, bool force, const Peer& peer);
+
+  // Prometheus text exposition.
+  std::string Metrics() const;
+
+  // Blocks until no load is running (tests, shutdown).
+  void WaitForLoads();
+
+  bool MayAdminister(const Peer& peer) const;
+
+ private:
+  struct Model;
+  void RunLoad(std::shared_ptr<Model> model);
+  bool MayAttach(const Model& m, const Peer& peer) const;
+  absl::Status CheckPath(const std::string& path, absl::string_view what) const;
+
+  Backend* const backend_;
+  const DaemonConfig config_;
+  const uid_t self_uid_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Model>> models_ ABSL_GUARDED_BY(mu_);
+  struct LoadThread {
+    std::thread thread;
+    // Set as the thread's last act. (Holding the Model here instead would keep an unloaded
+    // model's arenas alive until the next load.)
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  // Joins the threads of finished loads (called when a new load starts).
+  void ReapThreads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<LoadThread> threads_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
+  int running_loads_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t loads_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t loads_failed_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t attaches_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t bytes_loaded_total_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace weightd
+
+#endif  // WEIGHTD_REGISTRY_H_

@@ -1,0 +1,66 @@
+// Server: the daemon's socket front end (protocol v1, docs/PROTOCOL.md).
+//
+//   WD_ASSIGN_OR_RETURN(std::unique_ptr<Server> s, Server::Create(options, &registry));
+//   std::thread stopper([&] { WaitForSignal(); s->Stop(); });
+//   WD_RETURN_IF_ERROR(s->Run());   // returns after Stop()
+//
+// One thread runs an epoll loop over the listening socket and every connection (all
+// non-blocking), so a client that never speaks, or stops reading, delays nobody. Connections
+// that send no `hello` within hello_timeout are closed; beyond max_connections a new connection
+// gets one RESOURCE_EXHAUSTED packet and is closed. Every request is answered (or the
+// connection closed): oversized, truncated, non-JSON and malformed requests get
+// INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies; fds sent by a client are closed unread. Leases
+// belong to their connection: when it closes (even by SIGKILL of the client) they are released.
+//
+// Thread-safety: Run() on one thread; Stop() from any thread (also async-signal-safe).
+#ifndef WEIGHTD_SERVER_H_
+#define WEIGHTD_SERVER_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "weightd/registry.h"
+
+namespace weightd {
+
+struct ServerOptions {
+  std::string socket_path;
+  uint32_t socket_mode = 0660;
+  // An already-listening SOCK_SEQPACKET socket to serve instead of binding socket_path (systemd
+  // socket activation); the Server takes ownership and leaves the socket file alone.
+  int adopted_listen_fd = -1;
+  int max_connections = 1024;
+  size_t max_request_bytes = kDefaultMaxRequestBytes;
+  absl::Duration hello_timeout = absl::Seconds(10);
+  // Called from the event loop at least every 200 ms while it runs (the systemd watchdog ping
+  // belongs here: it then proves the loop is alive). Must not block.
+  std::function<void()> on_tick;
+};
+
+class Server {
+ public:
+  // Binds and listens (a stale socket file of a dead daemon is replaced; a live daemon on the
+  // path is FAILED_PRECONDITION). The parent directory is created (0755) when missing. With
+  // adopted_listen_fd, serves that socket instead.
+  static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options,
+                                                        Registry* registry);
+  ~Server();  // closes every connection and removes the socket file (unless adopted)
+
+  absl::Status Run();
+  void Stop();
+
+ private:
+  struct Impl;
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit.
+uint64_t RaiseFileLimit();
+
+}  // namespace weightd
+
+#endif  // WEIGHTD_SERVER_H_

@@ -1,0 +1,294 @@
+#include "weightd/executor.h"
+
+#include <fcntl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "weightd/crc32c.h"
+#include "weightd/file_util.h"
+#include "weightd/kernels/copy.h"
+#include "weightd/status_macros.h"
+#include "weightd/unique_fd.h"
+
+namespace weightd {
+namespace {
+
+struct PieceRef {
+  size_t rank;
+  const PlanPiece* piece;
+  uint64_t row_bytes;  // bytes per row of this piece's source view
+};
+
+// A piece that copies its whole source, unchanged, onto its whole target: the source's bytes
+// are the target's bytes, so the source can be read straight into the arena.
+bool IsDirect(const Plan& plan, const RankPlan& rp, const PlanPiece& p) {
+  return plan.sources[p.source].dtype == rp.targets[p.target].dtype &&
+         p.src_start == Index3{0, 0, 0} && p.dst_start == Index3{0, 0, 0} &&
+         p.extent == p.src_shape && p.extent == p.dst_shape;
+}
+
+struct WorkUnit {
+  uint32_t source;
+  uint64_t begin, end;  // byte range within the source
+};
+
+int64_t Prod(const Index3& a) { return a[0] * a[1] * a[2]; }
+
+// Checks that a piece stays inside its source, its target and the arena, so a plan that
+// disagrees with itself fails the load instead of corrupting memory.
+absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,
+                        uint64_t arena_size) {
+  auto bad = [&](absl::string_view why) {
+    return absl::InternalError(absl::StrCat(
+        "plan piece for target '", p.target < rp.targets.size() ? rp.targets[p.target].name : "?",
+        "' of rank ", rp.rank, ": ", why));
+  };
+  if (p.source >= plan.sources.size()) return bad("source index out of range");
+  if (p.target >= rp.targets.size()) return bad("target index out of range");
+  const PlanSource& s = plan.sources[p.source];
+  const PlanTarget& t = rp.targets[p.target];
+  if (s.file >= plan.files.size()) return bad("source file index out of range");
+  for (int d = 0; d < 3; ++d) {
+    if (p.extent[d] < 0 || p.src_start[d] < 0 || p.dst_start[d] < 0 ||
+        p.src_start[d] + p.extent[d] > p.src_shape[d] ||
+        p.dst_start[d] + p.extent[d] > p.dst_shape[d]) {
+      return bad(absl::StrCat("box exceeds its shape in dim ", d));
+    }
+  }
+  if (static_cast<uint64_t>(Prod(p.src_shape)) * DTypeSize(s.dtype) != s.nbytes) {
+    return bad(
+        absl::StrCat("source view does not match the ", s.nbytes, " bytes of '", s.name, "'"));
+  }
+  if (static_cast<uint64_t>(Prod(p.dst_shape)) * DTypeSize(t.dtype) != t.nbytes) {
+    return bad("target view does not match the target's bytes");
+  }
+  if (t.offset + t.nbytes > arena_size || t.offset + t.nbytes < t.offset) {
+    return bad("target lies outside the arena");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
+                             const ExecutorOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums) {
+  if (rank_arenas.size() != plan.ranks.size()) {
+    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
+                                            plan.ranks.size(), " ranks"));
+  }
+  std::vector<std::byte*> bases(plan.ranks.size());
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    std::span<std::byte> w = rank_arenas[r]->writable();
+    if (w.size() < plan.ranks[r].arena_bytes || (w.empty() && plan.ranks[r].arena_bytes > 0)) {
+      return absl::InternalError(absl::StrCat("arena of rank ", plan.ranks[r].rank,
+                                              " is not host-writable or smaller than ",
+                                              plan.ranks[r].arena_bytes, " bytes"));
+    }
+    bases[r] = w.data();
+  }
+
+  // Pieces grouped by source, over all ranks: the basis of reading each byte once.
+  std::vector<std::vector<PieceRef>> by_source(plan.sources.size());
+  // Per source, the index in by_source[s] of a direct piece (read target), or -1.
+  std::vector<int> direct(plan.sources.size(), -1);
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    const RankPlan& rp = plan.ranks[r];
+    for (const PlanPiece& p : rp.pieces) {
+      WD_RETURN_IF_ERROR(CheckPiece(plan, rp, p, rank_arenas[r]->size()));
+      const uint64_t row_bytes =
+          static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
+      if (direct[p.source] < 0 && IsDirect(plan, rp, p)) {
+        direct[p.source] = static_cast<int>(by_source[p.source].size());
+      }
+      by_source[p.source].push_back({r, &p, std::max<uint64_t>(row_bytes, 1)});
+    }
+  }
+
+  const int threads = std::max(1, options.threads);
+  const uint64_t chunk =
+      std::max<uint64_t>(64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads));
+  std::vector<WorkUnit> units;
+  std::vector<size_t> first_unit(plan.sources.size(), 0);
+  uint64_t total = 0;
+  for (uint32_t s = 0; s < plan.sources.size(); ++s) {
+    first_unit[s] = units.size();
+    if (by_source[s].empty()) continue;
+    const uint64_t nbytes = plan.sources[s].nbytes;
+    total += nbytes;
+    // Chunk boundaries must fall on a row boundary of every piece's view of this source.
+    uint64_t g = 1;
+    for (const PieceRef& pr : by_source[s]) g = std::lcm(g, pr.row_bytes);
+    const uint64_t step = g >= chunk ? g : chunk - chunk % g;
+    if (nbytes == 0) {
+      units.push_back({s, 0, 0});
+      continue;
+    }
+    for (uint64_t b = 0; b < nbytes; b += step) units.push_back({s, b, std::min(nbytes, b + step)});
+  }
+  progress->bytes_total.store(total);
+
+  std::vector<UniqueFd> files(plan.files.size());
+  for (size_t f = 0; f < plan.files.size(); ++f) {
+    WD_ASSIGN_OR_RETURN(files[f], UniqueFd::Open(plan.files[f].path, O_RDONLY));
+  }
+
+  std::vector<uint32_t> unit_crc(units.size(), 0);
+  std::atomic<size_t> next{0};
+  absl::Mutex mu;
+  absl::Status first_error;  // guarded by mu
+  std::atomic<bool> failed{false};
+  auto worker = [&]() {
+    std::vector<std::byte> buffer;
+    for (;;) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      if (progress->cancel.load(std::memory_order_relaxed)) {
+        absl::MutexLock l(&mu);
+        if (first_error.ok()) first_error = absl::CancelledError("load cancelled (unload --force)");
+        failed = true;
+        return;
+      }
+      const size_t i = next.fetch_add(1);
+      if (i >= units.size()) return;
+      const WorkUnit& u = units[i];
+      const PlanSource& src = plan.sources[u.source];
+      const uint64_t len = u.end - u.begin;
+      // Read straight into the arena when a piece copies this source verbatim (saves a copy of
+      // every byte); the other pieces of the source then copy from there.
+      const int d = direct[u.source];
+      std::byte* dst = nullptr;
+      if (d >= 0) {
+        const PieceRef& pr = by_source[u.source][d];
+        dst = bases[pr.rank] + plan.ranks[pr.rank].targets[pr.piece->target].offset + u.begin;
+      } else {
+        if (buffer.size() < len) buffer.resize(len);
+        dst = buffer.data();
+      }
+      const std::string label =
+          absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')");
+      absl::Status s;
+      if (d >= 0) {
+        // Verbatim into the arena in cache-sized steps, checksumming each step while it is
+        // still in cache: the target's CRC32C then costs no second pass over memory.
+        constexpr uint64_t kStep = 1 << 20;
+        uint32_t crc = 0;
+        for (uint64_t off = 0; off < len && s.ok(); off += kStep) {
+          const uint64_t n = std::min(kStep, len - off);
+          s = PreadExact(files[src.file].get(), dst + off, n, src.offset + u.begin + off, label);
+          if (s.ok()) crc = Crc32cExtend(crc, dst + off, n);
+        }
+        unit_crc[i] = crc;
+      } else {
+        s = PreadExact(files[src.file].get(), dst, len, src.offset + u.begin, label);
+      }
+      if (s.ok()) {
+        for (size_t k = 0; k < by_source[u.source].size(); ++k) {
+          if (static_cast<int>(k) == d) continue;
+          const PieceRef& pr = by_source[u.source][k];
+          const PlanPiece& p = *pr.piece;
+          const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
+          kernels::CopyPieceRowsHost(
+              p, src.dtype, t.dtype, dst, static_cast<int64_t>(u.begin / pr.row_bytes),
+              static_cast<int64_t>(u.end / pr.row_bytes), bases[pr.rank] + t.offset);
+        }
+        progress->bytes_done.fetch_add(len, std::memory_order_relaxed);
+      } else {
+        absl::MutexLock l(&mu);
+        if (first_error.ok()) first_error = s;
+        failed = true;
+        return;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(units.size(), 1)));
+  for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+  {
+    absl::MutexLock l(&mu);
+    if (!first_error.ok()) return first_error;
+  }
+  if (checksums != nullptr) {
+    checksums->crc.assign(plan.ranks.size(), {});
+    for (size_t r = 0; r < plan.ranks.size(); ++r) {
+      checksums->crc[r].assign(plan.ranks[r].targets.size(), -1);
+    }
+    for (uint32_t s = 0; s < plan.sources.size(); ++s) {
+      if (direct[s] < 0) continue;
+      uint32_t crc = 0;
+      for (size_t i = first_unit[s]; i < units.size() && units[i].source == s; ++i) {
+        crc = Crc32cCombine(crc, unit_crc[i], units[i].end - units[i].begin);
+      }
+      // Every verbatim piece of this source holds the same bytes.
+      for (const PieceRef& pr : by_source[s]) {
+        if (IsDirect(plan, plan.ranks[pr.rank], *pr.piece)) {
+          checksums->crc[pr.rank][pr.piece->target] = crc;
+        }
+      }
+    }
+  }
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    const RankPlan& rp = plan.ranks[r];
+    for (const PlanZeroFill& z : rp.zero_fills) {
+      if (z.target >= rp.targets.size() || z.offset + z.nbytes > rp.targets[z.target].nbytes) {
+        return absl::InternalError(
+            absl::StrCat("zero-fill of rank ", rp.rank, " lies outside its target"));
+      }
+      kernels::ZeroFillHost(z, bases[r] + rp.targets[z.target].offset);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
+                                           absl::string_view model, int device, int threads,
+                                           const std::vector<int64_t>* known) {
+  const RankPlan& rp = plan.ranks[rank_index];
+  std::span<const std::byte> bytes = arena.readable();
+  Manifest m;
+  m.model = std::string(model);
+  m.rank = static_cast<uint32_t>(rp.rank);
+  m.device = device;
+  m.arenas.push_back({arena.size(), arena.kind()});
+  m.tensors.resize(rp.targets.size());
+  for (size_t i = 0; i < rp.targets.size(); ++i) {
+    const PlanTarget& t = rp.targets[i];
+    ManifestTensor& mt = m.tensors[i];
+    mt.name = t.name;
+    mt.dtype = t.dtype;
+    mt.shape = t.shape;
+    mt.strides = ContiguousStrides(t.shape);
+    mt.arena = 0;
+    mt.offset = t.offset;
+    mt.nbytes = t.nbytes;
+    if (t.offset + t.nbytes > arena.size()) {
+      return absl::InternalError(absl::StrCat("target '", t.name, "' lies outside its arena"));
+    }
+  }
+  if (bytes.size() >= arena.size()) {
+    std::atomic<size_t> next{0};
+    auto worker = [&]() {
+      for (size_t i; (i = next.fetch_add(1)) < m.tensors.size();) {
+        if (known != nullptr && i < known->size() && (*known)[i] >= 0) {
+          m.tensors[i].crc32c = static_cast<uint32_t>((*known)[i]);
+        } else {
+          m.tensors[i].crc32c = Crc32c(bytes.data() + m.tensors[i].offset, m.tensors[i].nbytes);
+        }
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < std::max(1, threads); ++i) pool.emplace_back(worker);
+    worker();
+    for (std::thread& t : pool) t.join();
+  }
+  return m;
+}
+
+}  // namespace weightd

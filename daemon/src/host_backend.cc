@@ -1,0 +1,136 @@
+#include "weightd/host_backend.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "weightd/status_macros.h"
+
+namespace weightd {
+namespace {
+
+constexpr int kAllSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+
+absl::StatusOr<UniqueFd> CreateMemfd(absl::string_view label, uint64_t bytes) {
+  const std::string name = absl::StrCat("weightd:", label);
+  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) return ErrnoError(errno, absl::StrCat("memfd_create for ", label));
+  if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
+    return ErrnoError(errno, absl::StrCat("ftruncate of the ", bytes, "-byte memfd for ", label));
+  }
+  return fd;
+}
+
+class HostArena final : public Arena {
+ public:
+  HostArena(UniqueFd fd, uint64_t size, std::string label, std::byte* map)
+      : fd_(std::move(fd)), size_(size), label_(std::move(label)), write_map_(map) {}
+  ~HostArena() override {
+    if (write_map_ != nullptr) ::munmap(write_map_, size_);
+    if (read_map_ != nullptr) ::munmap(const_cast<std::byte*>(read_map_), size_);
+  }
+
+  uint64_t size() const override { return size_; }
+  int device() const override { return -1; }
+  ArenaKind kind() const override { return ArenaKind::kHostMemfd; }
+  std::span<std::byte> writable() override {
+    return write_map_ ? std::span<std::byte>(write_map_, size_) : std::span<std::byte>();
+  }
+  std::span<const std::byte> readable() const override {
+    return read_map_ ? std::span<const std::byte>(read_map_, size_) : std::span<const std::byte>();
+  }
+
+  absl::Status Seal() override {
+    if (sealed_) return absl::OkStatus();
+    // F_SEAL_WRITE is refused (EBUSY) while any writable shared mapping exists.
+    if (write_map_ != nullptr) {
+      ::munmap(write_map_, size_);
+      write_map_ = nullptr;
+    }
+    WD_SYSCALL_OR_RETURN(::fcntl(fd_.get(), F_ADD_SEALS, kAllSeals),
+                         absl::StrCat("sealing the memfd of ", label_));
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_.get(), 0);
+      if (p == MAP_FAILED) {
+        return ErrnoError(errno, absl::StrCat("read-only mmap of the memfd of ", label_));
+      }
+      read_map_ = static_cast<const std::byte*>(p);
+    }
+    sealed_ = true;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<UniqueFd> Export() const override {
+    if (!sealed_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("arena ", label_, " is still being written"));
+    }
+    UniqueFd fd(::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0));
+    if (!fd) return ErrnoError(errno, absl::StrCat("dup of the memfd of ", label_));
+    return fd;
+  }
+
+ private:
+  UniqueFd fd_;
+  uint64_t size_;
+  std::string label_;
+  std::byte* write_map_ = nullptr;
+  const std::byte* read_map_ = nullptr;
+  bool sealed_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Allocate(const ArenaRequest& request) {
+  if (request.device >= 0) {
+    // The host backend places every rank in host memory whatever device was asked for; the
+    // device ordinal is kept in status for the engine's benefit.
+  }
+  WD_ASSIGN_OR_RETURN(UniqueFd fd, CreateMemfd(request.label, request.bytes));
+  std::byte* map = nullptr;
+  if (request.bytes > 0) {
+    void* p = ::mmap(nullptr, request.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    if (p == MAP_FAILED) {
+      const int err = errno;
+      absl::Status s = ErrnoError(
+          err, absl::StrCat("mmap of the ", request.bytes, "-byte arena ", request.label));
+      if (err == ENOMEM) return absl::ResourceExhaustedError(s.message());
+      return s;
+    }
+    map = static_cast<std::byte*>(p);
+  }
+  return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, map);
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind) {
+  if (kind == "host" || kind == "auto") return std::make_unique<HostBackend>();
+  if (kind == "cuda") {
+    return absl::FailedPreconditionError(
+        "backend 'cuda' is not available in this build (the CUDA backend arrives with the VMM "
+        "issue); use --backend host or auto");
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown backend '", kind, "' (expected auto, cuda or host)"));
+}
+
+absl::StatusOr<UniqueFd> MakeSealedMemfd(absl::string_view label, absl::string_view bytes) {
+  WD_ASSIGN_OR_RETURN(UniqueFd fd, CreateMemfd(label, 0));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd.get(), bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(errno, absl::StrCat("write of the memfd ", label));
+    }
+    done += static_cast<size_t>(n);
+  }
+  WD_SYSCALL_OR_RETURN(::fcntl(fd.get(), F_ADD_SEALS, kAllSeals),
+                       absl::StrCat("sealing the memfd ", label));
+  return fd;
+}
+
+}  // namespace weightd

@@ -1,0 +1,534 @@
+#include "weightd/registry.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "weightd/checkpoint.h"
+#include "weightd/log.h"
+#include "weightd/plan.h"
+#include "weightd/status_macros.h"
+
+namespace weightd {
+
+struct Registry::Model {
+  struct Rank {
+    int rank = 0;
+    int device = -1;
+    RankState state = RankState::kLoading;
+    std::unique_ptr<Arena> arena;
+    UniqueFd manifest;
+    uint64_t manifest_bytes = 0;
+    uint64_t arena_bytes = 0;
+    uint32_t tensors = 0;
+  };
+  std::string name;
+  LoadSpec spec;
+  std::vector<uint32_t> allow_uids, allow_gids;
+  LoadProgress progress;
+  absl::Time started;
+  absl::Duration elapsed;  // valid once `finished`
+  bool finished = false;
+  bool unload_requested = false;
+  std::string error;
+  std::vector<Rank> ranks;
+  std::vector<LeaseInfo> leases;
+};
+
+absl::string_view RankStateName(RankState s) {
+  switch (s) {
+    case RankState::kLoading:
+      return "loading";
+    case RankState::kReady:
+      return "ready";
+    case RankState::kFailed:
+      return "failed";
+    case RankState::kUnloading:
+      return "unloading";
+  }
+  return "?";
+}
+
+namespace {
+
+bool Contains(const std::vector<uint32_t>& v, uint32_t x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+std::string IdsText(const std::vector<uint32_t>& v) {
+  return v.empty() ? "none" : absl::StrJoin(v, ",");
+}
+
+std::string EscapeLabel(absl::string_view s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+Registry::Registry(Backend* backend, DaemonConfig config)
+    : backend_(backend), config_(std::move(config)), self_uid_(::geteuid()) {}
+
+Registry::~Registry() {
+  std::vector<LoadThread> threads;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [name, m] : models_) m->progress.cancel = true;
+    threads.swap(threads_);
+  }
+  for (LoadThread& t : threads) t.thread.join();
+}
+
+void Registry::ReapThreads() {
+  // A finished model's thread has at most its last log line left to run.
+  for (auto it = threads_.begin(); it != threads_.end();) {
+    if (it->done->load()) {
+      it->thread.join();
+      it = threads_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+bool Registry::MayAdminister(const Peer& peer) const {
+  return peer.uid == self_uid_ || Contains(config_.allow_uids, peer.uid) ||
+         Contains(config_.allow_gids, peer.gid);
+}
+
+bool Registry::MayAttach(const Model& m, const Peer& peer) const {
+  return peer.uid == self_uid_ || Contains(m.allow_uids, peer.uid) ||
+         Contains(m.allow_gids, peer.gid);
+}
+
+absl::Status Registry::CheckPath(const std::string& path, absl::string_view what) const {
+  char resolved[PATH_MAX];
+  if (::realpath(path.c_str(), resolved) == nullptr) {
+    return ErrnoError(errno, absl::StrCat(what, " '", path, "'"));
+  }
+  if (config_.model_roots.empty()) return absl::OkStatus();
+  const std::string real = resolved;
+  for (const std::string& root : config_.model_roots) {
+    char rr[PATH_MAX];
+    if (::realpath(root.c_str(), rr) == nullptr) continue;
+    std::string r = rr;
+    if (r == "/" || real == r ||
+        (real.size() > r.size() && real.compare(0, r.size(), r) == 0 && real[r.size()] == '/')) {
+      return absl::OkStatus();
+    }
+  }
+  return absl::PermissionDeniedError(absl::StrCat(what, " '", path, "' (resolved to '", real,
+                                                  "') is outside the configured model_roots (",
+                                                  absl::StrJoin(config_.model_roots, ", "), ")"));
+}
+
+absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, const Peer& peer) {
+  if (!MayAdminister(peer)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "uid ", peer.uid, " (gid ", peer.gid, ") may not load models: add it to allow_uids or ",
+        "allow_gids in the daemon config"));
+  }
+  WD_RETURN_IF_ERROR(CheckPath(spec.checkpoint, "checkpoint"));
+  if (!spec.recipe_file.empty()) WD_RETURN_IF_ERROR(CheckPath(spec.recipe_file, "recipe file"));
+  if (!spec.dtype.empty() && !ParseDTypeAlias(spec.dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown dtype '", spec.dtype, "' (try bf16, fp16, fp32)"));
+  }
+  std::vector<int> ranks = spec.ranks;
+  if (ranks.empty()) {
+    for (int r = 0; r < spec.tp; ++r) ranks.push_back(r);
+  }
+  std::vector<int> sorted = ranks;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+    return absl::InvalidArgumentError("'ranks' lists a rank twice");
+  }
+  if (!spec.devices.empty() && spec.devices.size() != ranks.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("'devices' has ", spec.devices.size(),
+                                                   " entries for ", ranks.size(), " ranks"));
+  }
+  auto m = std::make_shared<Model>();
+  m->name = name;
+  m->spec = spec;
+  m->allow_uids = spec.allow_uids.value_or(config_.allow_uids);
+  m->allow_gids = spec.allow_gids.value_or(config_.allow_gids);
+  m->started = absl::Now();
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    Model::Rank r;
+    r.rank = ranks[i];
+    r.device = spec.devices.empty() ? ranks[i] : spec.devices[i];
+    if (backend_->name() == "host") r.device = -1;
+    m->ranks.push_back(std::move(r));
+  }
+  absl::MutexLock l(&mu_);
+  if (models_.count(name) != 0) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("a model named '", name, "' already exists (state ",
+                     RankStateName(models_[name]->ranks.empty() ? RankState::kReady
+                                                                : models_[name]->ranks[0].state),
+                     "); unload it first or choose another name"));
+  }
+  models_[name] = m;
+  ++running_loads_;
+  ++loads_total_;
+  ReapThreads();
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  threads_.push_back({std::thread([this, m = std::move(m), done]() mutable {
+                        RunLoad(std::move(m));
+                        done->store(true);
+                      }),
+                      done});
+  return absl::OkStatus();
+}
+
+void Registry::RunLoad(std::shared_ptr<Model> m) {
+  const std::string& name = m->name;
+  LogInfo("load %s: begin %s tp=%d ranks=%d backend=%s", name, m->spec.checkpoint, m->spec.tp,
+          static_cast<int>(m->ranks.size()), std::string(backend_->name()));
+  std::vector<std::unique_ptr<Arena>> arenas;
+  std::vector<UniqueFd> manifests;
+  std::vector<uint64_t> manifest_sizes;
+  std::vector<uint32_t> tensor_counts;
+  absl::Notification done;
+  std::thread progress_logger([&] {
+    while (!done.WaitForNotificationWithTimeout(absl::Seconds(2))) {
+      const uint64_t d = m->progress.bytes_done.load(), t = m->progress.bytes_total.load();
+      if (t == 0) continue;
+      const double secs = absl::ToDoubleSeconds(absl::Now() - m->started);
+      LogInfo("load %s: progress %s of %s (%.0f%%, %.2f GB/s)", name, FormatBytes(d),
+              FormatBytes(t), 100.0 * d / t, secs > 0 ? d / secs / 1e9 : 0.0);
+    }
+  });
+  auto run = [&]() -> absl::Status {
+    WD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(m->spec.checkpoint));
+    PlanOptions opts;
+    opts.tp = m->spec.tp;
+    if (m->ranks.size() == 1) opts.rank = m->ranks[0].rank;
+    if (!m->spec.dtype.empty()) opts.dtype = ParseDTypeAlias(m->spec.dtype);
+    opts.expert_parallel = m->spec.expert_parallel;
+    opts.skip_substrings = m->spec.skip;
+    if (!m->spec.recipe_file.empty()) opts.recipe_file = m->spec.recipe_file;
+    if (!m->spec.recipe.empty()) opts.recipe_name = m->spec.recipe;
+    WD_ASSIGN_OR_RETURN(Plan plan, BuildPlan(ckpt, opts));
+    // Keep only the ranks this model holds, in the model's order.
+    std::vector<RankPlan> kept;
+    for (const Model::Rank& r : m->ranks) {
+      auto it = std::find_if(plan.ranks.begin(), plan.ranks.end(),
+                             [&](const RankPlan& rp) { return rp.rank == r.rank; });
+      if (it == plan.ranks.end()) {
+        return absl::InternalError(absl::StrCat("the plan has no rank ", r.rank));
+      }
+      kept.push_back(std::move(*it));
+    }
+    plan.ranks = std::move(kept);
+    std::vector<Arena*> raw;
+    for (size_t i = 0; i < plan.ranks.size(); ++i) {
+      WD_ASSIGN_OR_RETURN(auto a,
+                          backend_->Allocate({plan.ranks[i].arena_bytes, m->ranks[i].device,
+                                              absl::StrCat(name, "/rank", plan.ranks[i].rank)}));
+      raw.push_back(a.get());
+      arenas.push_back(std::move(a));
+    }
+    ExecutorOptions eo;
+    eo.threads = config_.io_threads;
+    eo.buffer_budget = config_.pinned_budget;
+    const absl::Time t_exec = absl::Now();
+    TargetChecksums crcs;
+    WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress, &crcs));
+    const absl::Time t_seal = absl::Now();
+    LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s", name,
+             absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec));
+    for (size_t i = 0; i < arenas.size(); ++i) {
+      WD_RETURN_IF_ERROR(arenas[i]->Seal());
+      WD_ASSIGN_OR_RETURN(Manifest man,
+                          BuildRankManifest(plan, i, *arenas[i], name, m->ranks[i].device,
+                                            config_.io_threads, &crcs.crc[i]));
+      const std::string bytes = EncodeManifest(man);
+      WD_ASSIGN_OR_RETURN(
+          UniqueFd fd,
+          MakeSealedMemfd(absl::StrCat(name, "/rank", plan.ranks[i].rank, "/manifest"), bytes));
+      manifests.push_back(std::move(fd));
+      manifest_sizes.push_back(bytes.size());
+      tensor_counts.push_back(static_cast<uint32_t>(man.tensors.size()));
+    }
+    LogDebug("load %s: seal+checksums+manifests %.3f s", name,
+             absl::ToDoubleSeconds(absl::Now() - t_seal));
+    return absl::OkStatus();
+  };
+  const absl::Status status = run();
+  done.Notify();
+  progress_logger.join();
+  const absl::Duration elapsed = absl::Now() - m->started;
+  const uint64_t bytes = m->progress.bytes_total.load();
+  std::vector<std::unique_ptr<Arena>> to_free;
+  bool cancelled = false;
+  {
+    absl::MutexLock l(&mu_);
+    cancelled = m->unload_requested;
+    m->finished = true;
+    m->elapsed = elapsed;
+    --running_loads_;
+    if (m->unload_requested) {
+      to_free = std::move(arenas);
+      auto it = models_.find(name);
+      if (it != models_.end() && it->second == m) models_.erase(it);
+    } else if (!status.ok()) {
+      ++loads_failed_;
+      m->error = std::string(status.message());
+      for (Model::Rank& r : m->ranks) r.state = RankState::kFailed;
+      to_free = std::move(arenas);
+    } else {
+      bytes_loaded_total_ += bytes;
+      for (size_t i = 0; i < m->ranks.size(); ++i) {
+        Model::Rank& r = m->ranks[i];
+        r.arena_bytes = arenas[i]->size();
+        r.arena = std::move(arenas[i]);
+        r.manifest = std::move(manifests[i]);
+        r.manifest_bytes = manifest_sizes[i];
+        r.tensors = tensor_counts[i];
+        r.state = RankState::kReady;
+      }
+    }
+  }
+  to_free.clear();
+  const double secs = absl::ToDoubleSeconds(elapsed);
+  if (cancelled) {
+    LogInfo("load %s: cancelled after %.2f s; unloaded", name, secs);
+  } else if (status.ok()) {
+    LogInfo("load %s: done %s in %.3f s (%.2f GB/s)", name, FormatBytes(bytes), secs,
+            secs > 0 ? bytes / secs / 1e9 : 0.0);
+  } else {
+    LogError("load %s: failed after %.2f s: %s", name, secs, status.message());
+  }
+}
+
+absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& name,
+                                                          const Peer& peer) const {
+  absl::MutexLock l(&mu_);
+  std::vector<ModelStatus> out;
+  for (const auto& [n, m] : models_) {
+    if (!name.empty() && n != name) continue;
+    if (!MayAttach(*m, peer) && !MayAdminister(peer)) {
+      if (!name.empty()) {
+        return absl::PermissionDeniedError(
+            absl::StrCat("uid ", peer.uid, " may not see model '", name, "'"));
+      }
+      continue;
+    }
+    ModelStatus s;
+    s.name = n;
+    s.checkpoint = m->spec.checkpoint;
+    s.backend = std::string(backend_->name());
+    s.tp = m->spec.tp;
+    s.error = m->error;
+    s.bytes_total = m->progress.bytes_total.load();
+    s.bytes_done = m->progress.bytes_done.load();
+    s.load_seconds = absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
+    s.started_unix = absl::ToDoubleSeconds(m->started - absl::UnixEpoch());
+    for (const Model::Rank& r : m->ranks) {
+      RankStatus rs;
+      rs.rank = r.rank;
+      rs.device = r.device;
+      rs.state = r.state;
+      rs.arena_bytes = r.arena_bytes;
+      rs.tensors = r.tensors;
+      for (const LeaseInfo& li : m->leases) {
+        if (li.rank == r.rank) rs.leases.push_back(li);
+      }
+      s.ranks.push_back(std::move(rs));
+    }
+    out.push_back(std::move(s));
+  }
+  if (!name.empty() && out.empty()) {
+    return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+  }
+  return out;
+}
+
+absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, const Peer& peer,
+                                             uint64_t connection) {
+  absl::MutexLock l(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+  Model& m = *it->second;
+  if (!MayAttach(m, peer)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "uid ", peer.uid, " (gid ", peer.gid, ", pid ", peer.pid, ") may not attach model '", name,
+        "' (allowed uids: ", IdsText(m.allow_uids), "; gids: ", IdsText(m.allow_gids), ")"));
+  }
+  Model::Rank* r = nullptr;
+  std::vector<int> held;
+  for (Model::Rank& x : m.ranks) {
+    held.push_back(x.rank);
+    if (x.rank == rank) r = &x;
+  }
+  if (r == nullptr) {
+    return absl::NotFoundError(absl::StrCat("model '", name, "' holds ranks ",
+                                            absl::StrJoin(held, ","), ", not rank ", rank));
+  }
+  switch (r->state) {
+    case RankState::kLoading: {
+      const uint64_t t = m.progress.bytes_total.load(), d = m.progress.bytes_done.load();
+      return absl::UnavailableError(absl::StrCat(
+          "model '", name, "' rank ", rank, " is still loading (", t ? 100 * d / t : 0, "% done)"));
+    }
+    case RankState::kFailed:
+      return absl::FailedPreconditionError(
+          absl::StrCat("model '", name, "' failed to load: ", m.error));
+    case RankState::kUnloading:
+      return absl::FailedPreconditionError(absl::StrCat("model '", name, "' is being unloaded"));
+    case RankState::kReady:
+      break;
+  }
+  AttachGrant g;
+  g.manifest = UniqueFd(::fcntl(r->manifest.get(), F_DUPFD_CLOEXEC, 0));
+  if (!g.manifest) return ErrnoError(errno, "dup of a manifest memfd");
+  g.manifest_bytes = r->manifest_bytes;
+  WD_ASSIGN_OR_RETURN(UniqueFd a, r->arena->Export());
+  g.arenas.push_back(std::move(a));
+  g.lease = next_lease_++;
+  m.leases.push_back({g.lease, connection, peer, rank});
+  ++attaches_total_;
+  return g;
+}
+
+absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connection) {
+  absl::MutexLock l(&mu_);
+  auto it = models_.find(name);
+  if (it != models_.end()) {
+    auto& leases = it->second->leases;
+    auto li = std::find_if(leases.begin(), leases.end(), [&](const LeaseInfo& x) {
+      return x.connection == connection && x.rank == rank;
+    });
+    if (li != leases.end()) {
+      leases.erase(li);
+      return absl::OkStatus();
+    }
+  }
+  return absl::NotFoundError(
+      absl::StrCat("this connection holds no lease on model '", name, "' rank ", rank));
+}
+
+void Registry::ReleaseConnection(uint64_t connection) {
+  absl::MutexLock l(&mu_);
+  for (auto& entry : models_) {
+    const std::string& n = entry.first;
+    std::erase_if(entry.second->leases, [&](const LeaseInfo& x) {
+      if (x.connection != connection) return false;
+      LogInfo("detach %s rank %d: pid %d lease %llu (connection closed)", n, x.rank, x.peer.pid,
+              static_cast<unsigned long long>(x.id));
+      return true;
+    });
+  }
+}
+
+absl::Status Registry::Unload(const std::string& name, bool force, const Peer& peer) {
+  if (!MayAdminister(peer)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("uid ", peer.uid, " (gid ", peer.gid, ") may not unload models"));
+  }
+  std::shared_ptr<Model> victim;
+  {
+    absl::MutexLock l(&mu_);
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+    }
+    Model& m = *it->second;
+    if (!m.leases.empty() && !force) {
+      std::vector<std::string> who;
+      for (const LeaseInfo& li : m.leases) {
+        who.push_back(absl::StrCat("pid ", li.peer.pid, " (rank ", li.rank, ")"));
+      }
+      return absl::FailedPreconditionError(absl::StrCat("model '", name, "' is attached by ",
+                                                        absl::StrJoin(who, ", "),
+                                                        "; detach them or use force"));
+    }
+    if (!m.finished) {
+      if (!force) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("model '", name, "' is still loading; use force to cancel the load"));
+      }
+      m.unload_requested = true;
+      m.progress.cancel = true;
+      for (Model::Rank& r : m.ranks) r.state = RankState::kUnloading;
+      LogInfo("unload %s: cancelling the running load", name);
+      return absl::OkStatus();
+    }
+    for (Model::Rank& r : m.ranks) r.state = RankState::kUnloading;
+    victim = std::move(it->second);
+    models_.erase(it);
+  }
+  // Arenas are freed outside the lock; clients still holding fds keep their memory alive.
+  LogInfo("unload %s: done%s (%zu leases dropped)", name, force ? " (forced)" : "",
+          victim->leases.size());
+  victim.reset();
+  return absl::OkStatus();
+}
+
+void Registry::WaitForLoads() {
+  for (;;) {
+    std::vector<LoadThread> threads;
+    {
+      absl::MutexLock l(&mu_);
+      if (threads_.empty()) return;
+      threads.swap(threads_);
+    }
+    for (LoadThread& t : threads) t.thread.join();
+  }
+}
+
+std::string Registry::Metrics() const {
+  absl::MutexLock l(&mu_);
+  std::string out;
+  absl::StrAppend(&out,
+                  "# HELP weightd_models Models in the registry.\n# TYPE weightd_models gauge\n",
+                  "weightd_models ", models_.size(), "\n");
+  absl::StrAppend(
+      &out, "# TYPE weightd_loads_total counter\nweightd_loads_total ", loads_total_,
+      "\n# TYPE weightd_loads_failed_total counter\nweightd_loads_failed_total ", loads_failed_,
+      "\n# TYPE weightd_loads_running gauge\nweightd_loads_running ", running_loads_,
+      "\n# TYPE weightd_attaches_total counter\nweightd_attaches_total ", attaches_total_,
+      "\n# TYPE weightd_loaded_bytes_total counter\nweightd_loaded_bytes_total ",
+      bytes_loaded_total_, "\n");
+  absl::StrAppend(&out, "# HELP weightd_rank_ready 1 when the rank is ready.\n",
+                  "# TYPE weightd_rank_ready gauge\n");
+  std::string bytes = "# TYPE weightd_rank_arena_bytes gauge\n";
+  std::string leases = "# TYPE weightd_rank_leases gauge\n";
+  std::string progress =
+      "# TYPE weightd_load_bytes_done gauge\n# TYPE weightd_load_bytes_total gauge\n";
+  for (const auto& [n, m] : models_) {
+    const std::string model = EscapeLabel(n);
+    absl::StrAppend(&progress, "weightd_load_bytes_done{model=\"", model, "\"} ",
+                    m->progress.bytes_done.load(), "\nweightd_load_bytes_total{model=\"", model,
+                    "\"} ", m->progress.bytes_total.load(), "\n");
+    for (const Model::Rank& r : m->ranks) {
+      const std::string labels = absl::StrCat("{model=\"", model, "\",rank=\"", r.rank, "\"}");
+      absl::StrAppend(&out, "weightd_rank_ready", labels, " ", r.state == RankState::kReady ? 1 : 0,
+                      "\n");
+      absl::StrAppend(&bytes, "weightd_rank_arena_bytes", labels, " ", r.arena_bytes, "\n");
+      size_t count = 0;
+      for (const LeaseInfo& li : m->leases) count += li.rank == r.rank;
+      absl::StrAppend(&leases, "weightd_rank_leases", labels, " ", count, "\n");
+    }
+  }
+  return out + bytes + leases + progress;
+}
+
+}  // namespace weightd

@@ -1,0 +1,557 @@
+#include "weightd/server.h"
+
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
+#include "weightd/log.h"
+#include "weightd/protocol.h"
+#include "weightd/seqpacket.h"
+#include "weightd/status_macros.h"
+
+namespace weightd {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr int kSendBufferBytes = 8 << 20;
+constexpr size_t kMaxQueuedReplies = 256;
+constexpr int kPacketsPerWakeup = 16;
+
+struct Outgoing {
+  std::string data;
+  std::vector<UniqueFd> fds;
+};
+
+struct Connection {
+  uint64_t id = 0;
+  UniqueFd fd;
+  Peer peer;
+  bool hello = false;
+  std::string client;
+  absl::Time accepted;
+  std::deque<Outgoing> out;
+  bool want_write = false;
+};
+
+std::string OkReply(absl::string_view id_json, json result) {
+  json j;
+  j["ok"] = true;
+  json id = json::parse(id_json.begin(), id_json.end(), nullptr, false);
+  j["id"] = id.is_discarded() ? json(nullptr) : id;
+  j["result"] = std::move(result);
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+RankState Summary(const ModelStatus& m) {
+  bool any_loading = false, any_unloading = false;
+  for (const RankStatus& r : m.ranks) {
+    if (r.state == RankState::kFailed) return RankState::kFailed;
+    any_loading |= r.state == RankState::kLoading;
+    any_unloading |= r.state == RankState::kUnloading;
+  }
+  if (any_unloading) return RankState::kUnloading;
+  if (any_loading) return RankState::kLoading;
+  return RankState::kReady;
+}
+
+json StatusJson(const ModelStatus& m) {
+  json j;
+  j["name"] = m.name;
+  j["state"] = std::string(RankStateName(Summary(m)));
+  j["checkpoint"] = m.checkpoint;
+  j["backend"] = m.backend;
+  j["tp"] = m.tp;
+  if (!m.error.empty()) j["error"] = m.error;
+  j["bytes_total"] = m.bytes_total;
+  j["bytes_done"] = m.bytes_done;
+  j["seconds"] = m.load_seconds;
+  j["started_unix"] = m.started_unix;
+  json ranks = json::array();
+  for (const RankStatus& r : m.ranks) {
+    json jr;
+    jr["rank"] = r.rank;
+    jr["device"] = r.device;
+    jr["state"] = std::string(RankStateName(r.state));
+    jr["arena_bytes"] = r.arena_bytes;
+    jr["tensors"] = r.tensors;
+    json leases = json::array();
+    for (const LeaseInfo& li : r.leases) {
+      leases.push_back({{"lease", li.id}, {"pid", li.peer.pid}, {"uid", li.peer.uid}});
+    }
+    jr["leases"] = std::move(leases);
+    ranks.push_back(std::move(jr));
+  }
+  j["ranks"] = std::move(ranks);
+  return j;
+}
+
+}  // namespace
+
+struct Server::Impl {
+  ServerOptions options;
+  Registry* registry = nullptr;
+  UniqueFd listen_fd;
+  UniqueFd epoll_fd;
+  UniqueFd wake_fd;                      // eventfd written by Stop()
+  std::map<uint64_t, Connection> conns;  // owned by the Run() thread only
+  uint64_t next_id = 1;
+  std::atomic<bool> stop{false};
+  // Connections refused at the cap, kept open briefly: closing a unix socket with unread data
+  // (the client's hello) resets the peer before it can read the refusal.
+  std::deque<std::pair<UniqueFd, absl::Time>> refused;
+  uint64_t requests_total = 0, errors_total = 0, refused_total = 0;
+
+  void Accept();
+  void Close(uint64_t id, absl::string_view why);
+  void OnReadable(Connection& c);
+  void Flush(Connection& c);
+  void Queue(Connection& c, std::string data, std::vector<UniqueFd> fds = {});
+  void Handle(Connection& c, const Request& r);
+  std::string Metrics();
+  void UpdateInterest(Connection& c);
+  absl::Status Bind();
+  static void Drain(int fd) {
+    for (int i = 0; i < 64; ++i) {
+      auto p = RecvPacket(fd, 256);
+      if (!p.ok() || p->would_block || p->eof) return;
+    }
+  }
+};
+
+uint64_t RaiseFileLimit() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  return rl.rlim_cur;
+}
+
+absl::Status Server::Impl::Bind() {
+  const std::string& path = options.socket_path;
+  if (path.empty()) {
+    return absl::InvalidArgumentError(
+        "no socket path: pass --socket, set 'socket' in the config, or set XDG_RUNTIME_DIR");
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("socket path '", path, "' is longer than ",
+                                                   sizeof(addr.sun_path) - 1, " bytes"));
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  if (const size_t slash = path.rfind('/'); slash != std::string::npos && slash > 0) {
+    const std::string dir = path.substr(0, slash);
+    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+      return ErrnoError(errno, absl::StrCat("creating the socket directory ", dir));
+    }
+  }
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("'", path, "' exists and is not a socket; refusing to replace it"));
+    }
+    if (ConnectSeqpacket(path).ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("another weightd is already listening on ", path));
+    }
+    ::unlink(path.c_str());
+  }
+  listen_fd = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!listen_fd) return ErrnoError(errno, "socket(AF_UNIX, SOCK_SEQPACKET)");
+  // A restrictive umask while binding: the socket file never exists with looser permissions
+  // than socket_mode, not even between bind and chmod.
+  const mode_t old_umask = ::umask(0177);
+  const int bound = ::bind(listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  const int bind_errno = errno;
+  ::umask(old_umask);
+  if (bound != 0) return ErrnoError(bind_errno, absl::StrCat("bind to ", path));
+  WD_SYSCALL_OR_RETURN(::chmod(path.c_str(), options.socket_mode), absl::StrCat("chmod of ", path));
+  WD_SYSCALL_OR_RETURN(::listen(listen_fd.get(), 4096), absl::StrCat("listen on ", path));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options,
+                                                       Registry* registry) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->registry = registry;
+  if (options.adopted_listen_fd >= 0) {
+    impl->listen_fd = UniqueFd(options.adopted_listen_fd);
+    const int flags = ::fcntl(impl->listen_fd.get(), F_GETFL);
+    if (flags < 0 || ::fcntl(impl->listen_fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+      return ErrnoError(errno, "making the socket-activated listener non-blocking");
+    }
+    ::fcntl(impl->listen_fd.get(), F_SETFD, FD_CLOEXEC);
+  } else {
+    WD_RETURN_IF_ERROR(impl->Bind());
+  }
+  impl->epoll_fd = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!impl->epoll_fd) return ErrnoError(errno, "epoll_create1");
+  impl->wake_fd = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!impl->wake_fd) return ErrnoError(errno, "eventfd");
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0;  // listening socket
+  WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->listen_fd.get(), &ev),
+                       "epoll_ctl");
+  ev.data.u64 = ~0ull;  // wake-up
+  WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->wake_fd.get(), &ev),
+                       "epoll_ctl");
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Server::~Server() {
+  for (auto& [id, c] : impl_->conns) impl_->registry->ReleaseConnection(id);
+  impl_->conns.clear();
+  // A socket-activated listener belongs to systemd, which may pass it to our successor.
+  if (impl_->options.adopted_listen_fd < 0) ::unlink(impl_->options.socket_path.c_str());
+}
+
+void Server::Stop() {
+  impl_->stop.store(true);
+  const uint64_t one = 1;
+  (void)!::write(impl_->wake_fd.get(), &one, sizeof(one));
+}
+
+absl::Status Server::Run() {
+  Impl& s = *impl_;
+  if (s.options.adopted_listen_fd >= 0) {
+    LogInfo("listening on the socket passed by systemd (fd %d), max %d connections",
+            s.options.adopted_listen_fd, s.options.max_connections);
+  } else {
+    LogInfo("listening on %s (mode %04o, max %d connections)", s.options.socket_path,
+            s.options.socket_mode, s.options.max_connections);
+  }
+  std::vector<epoll_event> events(256);
+  while (!s.stop.load()) {
+    const int n =
+        ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()), 200);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(errno, "epoll_wait");
+    }
+    if (s.options.on_tick) s.options.on_tick();
+    for (int i = 0; i < n; ++i) {
+      const uint64_t id = events[i].data.u64;
+      if (id == 0) {
+        s.Accept();
+        continue;
+      }
+      if (id == ~0ull) continue;
+      auto it = s.conns.find(id);
+      if (it == s.conns.end()) continue;
+      if (events[i].events & EPOLLOUT) s.Flush(it->second);
+      it = s.conns.find(id);
+      if (it == s.conns.end()) continue;
+      if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) {
+        s.OnReadable(it->second);
+      }
+    }
+    // Clients that never said hello must not hold a connection slot forever.
+    const absl::Time now = absl::Now();
+    std::vector<uint64_t> expired;
+    for (const auto& [id, c] : s.conns) {
+      if (!c.hello && now - c.accepted > s.options.hello_timeout) expired.push_back(id);
+    }
+    for (uint64_t id : expired) s.Close(id, "no hello before the timeout");
+    while (!s.refused.empty() && now - s.refused.front().second > absl::Milliseconds(250)) {
+      Impl::Drain(s.refused.front().first.get());
+      s.refused.pop_front();
+    }
+  }
+  LogInfo("stopping: closing %zu connections", s.conns.size());
+  return absl::OkStatus();
+}
+
+void Server::Impl::Accept() {
+  for (;;) {
+    UniqueFd fd(::accept4(listen_fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+    if (!fd) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        LogWarning("accept failed: %s", std::strerror(errno));
+      }
+      return;
+    }
+    if (conns.size() >= static_cast<size_t>(options.max_connections)) {
+      ++refused_total;
+      (void)SendPacket(
+          fd.get(), EncodeErrorReply(
+                        "null", absl::ResourceExhaustedError(absl::StrCat(
+                                    "weightd is at its connection limit (", options.max_connections,
+                                    " connections; config max_connections)"))));
+      if (refused.size() >= 256) {
+        Drain(refused.front().first.get());
+        refused.pop_front();
+      }
+      refused.emplace_back(std::move(fd), absl::Now());
+      continue;
+    }
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+      LogWarning("SO_PEERCRED failed: %s", std::strerror(errno));
+      continue;
+    }
+    // Forced (root) or capped by wmem_max; a larger buffer lets big status replies fit.
+    if (::setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUFFORCE, &kSendBufferBytes,
+                     sizeof(kSendBufferBytes)) != 0) {
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &kSendBufferBytes, sizeof(kSendBufferBytes));
+    }
+    const uint64_t id = next_id++;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = id;
+    if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, fd.get(), &ev) != 0) {
+      LogWarning("epoll_ctl failed: %s", std::strerror(errno));
+      continue;
+    }
+    Connection& c = conns[id];
+    c.id = id;
+    c.fd = std::move(fd);
+    c.peer = {cred.pid, cred.uid, cred.gid};
+    c.accepted = absl::Now();
+    LogDebug("connection %llu: pid %d uid %u", static_cast<unsigned long long>(id), cred.pid,
+             cred.uid);
+  }
+}
+
+void Server::Impl::Close(uint64_t id, absl::string_view why) {
+  auto it = conns.find(id);
+  if (it == conns.end()) return;
+  Connection& c = it->second;
+  registry->ReleaseConnection(id);
+  LogDebug("connection %llu (pid %d): closed: %s", static_cast<unsigned long long>(id), c.peer.pid,
+           std::string(why));
+  ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
+  conns.erase(it);
+}
+
+void Server::Impl::UpdateInterest(Connection& c) {
+  const bool want = !c.out.empty();
+  if (want == c.want_write) return;
+  c.want_write = want;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0);
+  ev.data.u64 = c.id;
+  ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, c.fd.get(), &ev);
+}
+
+void Server::Impl::Queue(Connection& c, std::string data, std::vector<UniqueFd> fds) {
+  c.out.push_back({std::move(data), std::move(fds)});
+}
+
+void Server::Impl::Flush(Connection& c) {
+  while (!c.out.empty()) {
+    Outgoing& o = c.out.front();
+    std::vector<int> raw;
+    for (const UniqueFd& f : o.fds) raw.push_back(f.get());
+    const absl::Status s = SendPacket(c.fd.get(), o.data, raw);
+    if (absl::IsUnavailable(s)) break;  // EAGAIN: wait for EPOLLOUT
+    if (!s.ok()) {
+      Close(c.id, s.message());
+      return;
+    }
+    c.out.pop_front();
+  }
+  if (c.out.size() > kMaxQueuedReplies) {
+    Close(c.id, "client does not read its replies");
+    return;
+  }
+  UpdateInterest(c);
+}
+
+void Server::Impl::OnReadable(Connection& c) {
+  const uint64_t id = c.id;
+  for (int i = 0; i < kPacketsPerWakeup; ++i) {
+    auto packet = RecvPacket(c.fd.get(), options.max_request_bytes);
+    if (!packet.ok()) {
+      Close(id, packet.status().message());
+      return;
+    }
+    if (packet->would_block) break;
+    if (packet->eof) {
+      Close(id, "peer closed the connection");
+      return;
+    }
+    ++requests_total;
+    if (!packet->fds.empty()) {
+      // Descriptors sent to the daemon are closed unread (Packet owns them).
+      ++errors_total;
+      Queue(c, EncodeErrorReply("null", absl::InvalidArgumentError(absl::StrCat(
+                                            "requests must not carry file descriptors (",
+                                            packet->fds.size(), " received and closed)"))));
+      continue;
+    }
+    if (packet->truncated) {
+      ++errors_total;
+      Queue(c,
+            EncodeErrorReply("null", absl::ResourceExhaustedError(absl::StrCat(
+                                         "request exceeds the cap of ", options.max_request_bytes,
+                                         " bytes (config max_request_bytes)"))));
+      continue;
+    }
+    absl::StatusOr<Request> req = ParseRequest(packet->data);
+    if (!req.ok()) {
+      ++errors_total;
+      Queue(c, EncodeErrorReply("null", req.status()));
+      continue;
+    }
+    Handle(c, *req);
+    if (conns.find(id) == conns.end()) return;
+  }
+  Flush(c);
+}
+
+std::string Server::Impl::Metrics() {
+  std::string out = registry->Metrics();
+  absl::StrAppend(&out, "# TYPE weightd_connections gauge\nweightd_connections ", conns.size(),
+                  "\n# TYPE weightd_requests_total counter\nweightd_requests_total ",
+                  requests_total, "\n# TYPE weightd_request_errors_total counter\n",
+                  "weightd_request_errors_total ", errors_total,
+                  "\n# TYPE weightd_connections_refused_total counter\n",
+                  "weightd_connections_refused_total ", refused_total, "\n");
+  return out;
+}
+
+void Server::Impl::Handle(Connection& c, const Request& r) {
+  auto fail = [&](const absl::Status& s) {
+    ++errors_total;
+    Queue(c, EncodeErrorReply(r.id_json, s));
+  };
+  if (!c.hello && r.op != Op::kHello) {
+    fail(absl::FailedPreconditionError("the first request on a connection must be 'hello'"));
+    return;
+  }
+  const std::string name = r.name.value_or("");
+  switch (r.op) {
+    case Op::kHello: {
+      if (r.version < 1) {
+        fail(absl::FailedPreconditionError(absl::StrCat("protocol version ", r.version,
+                                                        " is not supported; this daemon speaks 1..",
+                                                        kProtocolVersion)));
+        return;
+      }
+      c.hello = true;
+      c.client = r.client;
+      json res;
+      res["version"] = std::min(r.version, kProtocolVersion);
+      res["server"] = "weightd 0.1.0";
+      res["uid"] = c.peer.uid;
+      res["pid"] = c.peer.pid;
+      res["max_request_bytes"] = options.max_request_bytes;
+      Queue(c, OkReply(r.id_json, std::move(res)));
+      return;
+    }
+    case Op::kList:
+    case Op::kStatus: {
+      auto st = registry->Status(r.op == Op::kStatus ? name : "", c.peer);
+      if (!st.ok()) return fail(st.status());
+      json models = json::array();
+      for (const ModelStatus& m : *st) {
+        if (r.op == Op::kList) {
+          json jm;
+          jm["name"] = m.name;
+          jm["state"] = std::string(RankStateName(Summary(m)));
+          jm["tp"] = m.tp;
+          json ranks = json::array();
+          for (const RankStatus& rs : m.ranks) ranks.push_back(rs.rank);
+          jm["ranks"] = std::move(ranks);
+          models.push_back(std::move(jm));
+        } else {
+          models.push_back(StatusJson(m));
+        }
+      }
+      Queue(c, OkReply(r.id_json, {{"models", std::move(models)}}));
+      return;
+    }
+    case Op::kLoad: {
+      const absl::Status s = registry->StartLoad(name, r.load, c.peer);
+      if (!s.ok()) {
+        LogWarning("load %s: refused for pid %d uid %u: %s", name, c.peer.pid, c.peer.uid,
+                   s.message());
+        return fail(s);
+      }
+      Queue(c, OkReply(r.id_json, {{"name", name}, {"state", "loading"}}));
+      return;
+    }
+    case Op::kAttach: {
+      auto g = registry->Attach(name, r.rank, c.peer, c.id);
+      if (!g.ok()) {
+        LogWarning("attach %s rank %d: refused for pid %d uid %u: %s", name, r.rank, c.peer.pid,
+                   c.peer.uid, g.status().message());
+        return fail(g.status());
+      }
+      // First packet: reply + manifest fd + as many arena fds as fit; then continuation
+      // packets of up to kMaxFdsPerMessage fds each.
+      std::vector<UniqueFd> first;
+      first.push_back(std::move(g->manifest));
+      size_t next = 0;
+      while (next < g->arenas.size() && first.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
+        first.push_back(std::move(g->arenas[next++]));
+      }
+      const size_t remaining = g->arenas.size() - next;
+      const size_t extra = (remaining + kMaxFdsPerMessage - 1) / kMaxFdsPerMessage;
+      json res;
+      res["name"] = name;
+      res["rank"] = r.rank;
+      res["lease"] = g->lease;
+      res["manifest_bytes"] = g->manifest_bytes;
+      res["arenas"] = g->arenas.size();
+      res["fd_messages"] = extra;
+      Queue(c, OkReply(r.id_json, std::move(res)), std::move(first));
+      for (size_t part = 0; part < extra; ++part) {
+        std::vector<UniqueFd> fds;
+        while (next < g->arenas.size() && fds.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
+          fds.push_back(std::move(g->arenas[next++]));
+        }
+        json cont;
+        cont["ok"] = true;
+        cont["id"] = json::parse(r.id_json, nullptr, false);
+        cont["continuation"] = part + 1;
+        Queue(c, cont.dump(), std::move(fds));
+      }
+      LogInfo("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
+              static_cast<unsigned long long>(g->lease));
+      return;
+    }
+    case Op::kDetach: {
+      const absl::Status s = registry->Detach(name, r.rank, c.id);
+      if (!s.ok()) return fail(s);
+      LogInfo("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
+      Queue(c, OkReply(r.id_json, json::object()));
+      return;
+    }
+    case Op::kUnload: {
+      const absl::Status s = registry->Unload(name, r.force, c.peer);
+      if (!s.ok()) return fail(s);
+      Queue(c, OkReply(r.id_json, {{"name", name}}));
+      return;
+    }
+    case Op::kMetrics:
+      Queue(c, OkReply(r.id_json, {{"text", Metrics()}}));
+      return;
+  }
+}
+
+}  // namespace weightd

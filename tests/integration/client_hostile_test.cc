@@ -1,0 +1,260 @@
+// The C++ client against a fake daemon that lies: unsealed or resizable memfds, manifests that
+// do not parse, fd counts and sizes that disagree with the manifest. Every case must end in an
+// error naming the problem, never in a crash, a SIGBUS or a pointer outside a mapping.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "weightd/client.h"
+#include "weightd/manifest.h"
+#include "weightd/seqpacket.h"
+
+namespace weightd {
+namespace {
+
+using ::testing::HasSubstr;
+
+UniqueFd Memfd(const std::string& bytes, size_t size, int seals) {
+  UniqueFd fd(::memfd_create("fake", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  EXPECT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+  EXPECT_EQ(::pwrite(fd.get(), bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+  if (seals) EXPECT_EQ(::fcntl(fd.get(), F_ADD_SEALS, seals), 0);
+  return fd;
+}
+
+constexpr int kSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+
+std::string GoodManifest(uint64_t arena_size = 4096) {
+  Manifest m;
+  m.model = "m";
+  m.rank = 0;
+  m.arenas.push_back({arena_size, ArenaKind::kHostMemfd});
+  m.tensors.push_back({"w", DType::kF32, {4}, {1}, 0, 0, 16, 0});
+  return EncodeManifest(m);
+}
+
+// Answers hello and detach like weightd; answers attach with `attach(fd)`.
+class FakeDaemon {
+ public:
+  explicit FakeDaemon(std::function<void(int)> attach) : attach_(std::move(attach)) {
+    char tmpl[] = "/tmp/weightd-fake-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    path_ = dir_ + "/s";
+    listen_ = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::strcpy(a.sun_path, path_.c_str());
+    EXPECT_EQ(::bind(listen_.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(::listen(listen_.get(), 4), 0);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeDaemon() {
+    ::shutdown(listen_.get(), SHUT_RDWR);
+    thread_.join();
+    ::unlink(path_.c_str());
+    ::rmdir(dir_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  void Serve() {
+    UniqueFd c(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!c) return;
+    for (;;) {
+      auto p = RecvPacket(c.get(), 1 << 16);
+      if (!p.ok() || p->eof) return;
+      const std::string& d = p->data;
+      const std::string id = d.substr(
+          d.find("\"id\":") + 5, d.find_first_of(",}", d.find("\"id\":")) - d.find("\"id\":") - 5);
+      if (d.find("\"hello\"") != std::string::npos) {
+        (void)SendPacket(c.get(), "{\"ok\":true,\"id\":" + id + ",\"result\":{\"version\":1}}");
+      } else if (d.find("\"attach\"") != std::string::npos) {
+        attach_id_ = id;
+        attach_(c.get());
+      } else {
+        (void)SendPacket(c.get(), "{\"ok\":true,\"id\":" + id + ",\"result\":{}}");
+      }
+    }
+  }
+  std::function<void(int)> attach_;
+  std::string dir_, path_;
+  UniqueFd listen_;
+  std::thread thread_;
+
+ public:
+  std::string attach_id_;
+};
+
+std::string Reply(uint64_t manifest_bytes, int id = 2) {
+  return "{\"ok\":true,\"id\":" + std::to_string(id) +
+         ",\"result\":{\"lease\":1,\"manifest_bytes\":" + std::to_string(manifest_bytes) +
+         ",\"arenas\":1,\"fd_messages\":0}}";
+}
+
+absl::Status AttachTo(const std::function<void(int)>& behaviour) {
+  FakeDaemon d(behaviour);
+  auto c = Client::Connect(d.path());
+  if (!c.ok()) return c.status();
+  return c->Attach("m", 0).status();
+}
+
+TEST(ClientHostileTest, GoodFakeWorksAndMemoryIsReadOnly) {
+  const std::string man = GoodManifest();
+  float vals[4] = {1, 2, 3, 4};
+  FakeDaemon d([&](int s) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    UniqueFd arena = Memfd(std::string(reinterpret_cast<char*>(vals), 16), 4096, kSeals);
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(s, Reply(man.size()), fds);
+  });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const TensorView* w = a->Find("w");
+  ASSERT_NE(w, nullptr);
+  EXPECT_EQ(static_cast<const float*>(w->data)[2], 3.0f);
+  EXPECT_EQ(a->Find("nope"), nullptr);
+}
+
+TEST(ClientHostileTest, UnsealedManifest) {
+  const std::string man = GoodManifest();
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), 0);
+    UniqueFd arena = Memfd("", 4096, kSeals);
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, Reply(man.size()), fds);
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not sealed"));
+}
+
+TEST(ClientHostileTest, GarbageManifest) {
+  const std::string junk(200, 'x');
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(junk, junk.size(), kSeals);
+    UniqueFd arena = Memfd("", 4096, kSeals);
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, Reply(junk.size()), fds);
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("magic"));
+}
+
+TEST(ClientHostileTest, ManifestSizeDisagreesWithReply) {
+  const std::string man = GoodManifest();
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    UniqueFd arena = Memfd("", 4096, kSeals);
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, Reply(man.size() + 100), fds);
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("announced"));
+}
+
+TEST(ClientHostileTest, ShrinkableArena) {
+  const std::string man = GoodManifest();
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    UniqueFd arena = Memfd("", 4096, F_SEAL_WRITE);  // could be truncated under the mapping
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, Reply(man.size()), fds);
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("arena 0 memfd is not sealed"));
+}
+
+TEST(ClientHostileTest, ArenaSmallerThanManifest) {
+  const std::string man = GoodManifest(1 << 20);
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    UniqueFd arena = Memfd("", 4096, kSeals);
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, Reply(man.size()), fds);
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("the manifest says 1048576"));
+}
+
+TEST(ClientHostileTest, MissingArenaFdAndNoFds) {
+  const std::string man = GoodManifest();
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    int fds[] = {mf.get()};
+    (void)SendPacket(sock, Reply(man.size()), fds);
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("sent 0 arena fds"));
+  s = AttachTo([&](int sock) { (void)SendPacket(sock, Reply(100)); });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no manifest fd"));
+  s = AttachTo([&](int sock) { (void)SendPacket(sock, "{\"ok\":true,\"id\":2,\"result\":{}}"); });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("lacks manifest_bytes"));
+  s = AttachTo([&](int sock) { (void)SendPacket(sock, "not json"); });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not a JSON object"));
+}
+
+TEST(ClientHostileTest, DaemonHangsUpMidRequest) {
+  FakeDaemon d([](int sock) { ::shutdown(sock, SHUT_RDWR); });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->Attach("m", 0).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(c->List().status().code(), absl::StatusCode::kUnavailable);
+}
+
+// A rank with more arenas than one SCM_RIGHTS message carries: the reply brings the manifest and
+// 252 arena fds, one continuation packet the other 48 (docs/PROTOCOL.md).
+TEST(ClientHostileTest, ArenaFdsSplitAcrossContinuationPackets) {
+  constexpr int kArenas = 300;
+  Manifest m;
+  m.model = "m";
+  for (int i = 0; i < kArenas; ++i) {
+    m.arenas.push_back({4096, ArenaKind::kHostMemfd});
+    m.tensors.push_back(
+        {"t" + std::to_string(i), DType::kU8, {1}, {1}, static_cast<uint32_t>(i), 0, 1, 0});
+  }
+  const std::string man = EncodeManifest(m);
+  FakeDaemon d([&](int sock) {
+    std::vector<UniqueFd> owned;
+    owned.push_back(Memfd(man, man.size(), kSeals));
+    for (int i = 0; i < kArenas; ++i) {
+      owned.push_back(Memfd(std::string(1, static_cast<char>(i)), 4096, kSeals));
+    }
+    std::vector<int> first, rest;
+    for (size_t i = 0; i < owned.size(); ++i) (i < 253 ? first : rest).push_back(owned[i].get());
+    (void)SendPacket(sock,
+                     "{\"ok\":true,\"id\":2,\"result\":{\"lease\":1,\"manifest_bytes\":" +
+                         std::to_string(man.size()) + ",\"arenas\":300,\"fd_messages\":1}}",
+                     first);
+    (void)SendPacket(sock, "{\"ok\":true,\"id\":2,\"continuation\":1}", rest);
+  });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok());
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_EQ(a->tensors().size(), 300u);
+  for (int i : {0, 251, 252, 299}) {
+    EXPECT_EQ(*static_cast<const unsigned char*>(a->Find("t" + std::to_string(i))->data), i % 256)
+        << i;
+  }
+}
+
+TEST(ClientHostileTest, ManifestForAnotherModel) {
+  Manifest m;
+  m.model = "other";
+  m.arenas.push_back({4096, ArenaKind::kHostMemfd});
+  const std::string man = EncodeManifest(m);
+  absl::Status s = AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    UniqueFd arena = Memfd("", 4096, kSeals);
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, Reply(man.size()), fds);
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr("'other'"));
+}
+
+}  // namespace
+}  // namespace weightd

@@ -1,0 +1,479 @@
+// Unit tests of weightd::daemon_core: config parsing, host backend, executor, registry states.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "daemon_test_util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "weightd/config.h"
+#include "weightd/crc32c.h"
+#include "weightd/executor.h"
+#include "weightd/file_util.h"
+#include "weightd/host_backend.h"
+#include "weightd/kernels/copy.h"
+#include "weightd/manifest.h"
+#include "weightd/registry.h"
+
+namespace weightd {
+namespace {
+
+using testing::FakeTensor;
+using ::testing::HasSubstr;
+using testing::RandomTensor;
+using testing::TempDir;
+using testing::WriteSafetensors;
+
+TEST(ConfigTest, DefaultsAndEveryKey) {
+  auto c = ParseConfig("{}", "t.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->backend, "auto");
+  EXPECT_EQ(c->pinned_budget, 1ull << 30);
+  EXPECT_EQ(c->max_connections, 1024);
+  EXPECT_EQ(c->max_request_bytes, 65536u);
+  EXPECT_EQ(c->socket_mode, 0660u);
+  c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
+      "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
+      "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
+      "socket_mode":"0600",
+      "preload":[{"name":"llama","checkpoint":"/models/l","tp":2,"allow_uids":[7]}]})",
+                  "t.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->socket, "/tmp/s");
+  EXPECT_EQ(c->pinned_budget, 2ull << 30);
+  EXPECT_EQ(c->allow_uids, std::vector<uint32_t>{1000});
+  EXPECT_EQ(c->allow_gids, std::vector<uint32_t>{27});
+  EXPECT_EQ(c->model_roots, std::vector<std::string>{"/models"});
+  EXPECT_EQ(c->max_connections, 10);
+  EXPECT_EQ(c->hello_timeout_ms, 500);
+  EXPECT_EQ(c->socket_mode, 0600u);
+  ASSERT_EQ(c->preload.size(), 1u);
+  EXPECT_EQ(c->preload[0].name, "llama");
+  EXPECT_EQ(c->preload[0].spec.tp, 2);
+  EXPECT_EQ(*c->preload[0].spec.allow_uids, std::vector<uint32_t>{7});
+}
+
+void ExpectConfigError(const std::string& json, const std::string& substr) {
+  auto c = ParseConfig(json, "weightd.json");
+  ASSERT_FALSE(c.ok()) << json;
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr(substr)) << c.status();
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr("weightd.json"));
+}
+
+TEST(ConfigTest, Errors) {
+  ExpectConfigError("{", "not valid JSON");
+  ExpectConfigError(R"({"sockit":"/x"})", "unknown key 'sockit'");
+  ExpectConfigError(R"({"backend":"gpu"})", "'backend'");
+  ExpectConfigError(R"({"pinned_budget":"lots"})", "not a byte count");
+  ExpectConfigError(R"({"pinned_budget":10})", "at least 1 MiB");
+  ExpectConfigError(R"({"allow_uids":["root"]})", "'allow_uids'");
+  ExpectConfigError(R"({"max_connections":0})", "'max_connections'");
+  ExpectConfigError(R"({"socket_mode":"0999"})", "'socket_mode'");
+  ExpectConfigError(R"({"log_level":"loud"})", "'log_level'");
+  ExpectConfigError(R"({"preload":[{"checkpoint":"/x"}]})", "preload[0]");
+  ExpectConfigError(R"({"preload":[{"name":"a"}]})", "'checkpoint'");
+  ExpectConfigError(R"({"preload":[{"name":"a","checkpoint":"/x","tpp":2}]})", "'tpp'");
+}
+
+TEST(ConfigTest, ByteSizes) {
+  EXPECT_EQ(*ParseByteSize("123", "x"), 123u);
+  EXPECT_EQ(*ParseByteSize("1k", "x"), 1000u);
+  EXPECT_EQ(*ParseByteSize("1MiB", "x"), 1u << 20);
+  EXPECT_EQ(*ParseByteSize("3G", "x"), 3000000000u);
+  EXPECT_FALSE(ParseByteSize("1XB", "x").ok());
+  EXPECT_FALSE(ParseByteSize("99999999999999999999", "x").ok());
+  EXPECT_FALSE(ParseByteSize("100000000000TiB", "x").ok());
+}
+
+TEST(HostBackendTest, SealedArenaRefusesWrites) {
+  HostBackend b;
+  auto a = b.Allocate({8192, -1, "t/rank0"});
+  ASSERT_TRUE(a.ok()) << a.status();
+  std::span<std::byte> w = (*a)->writable();
+  ASSERT_EQ(w.size(), 8192u);
+  w[100] = std::byte{42};
+  EXPECT_FALSE((*a)->Export().ok());  // not before Seal
+  ASSERT_TRUE((*a)->Seal().ok());
+  EXPECT_TRUE((*a)->writable().empty());
+  ASSERT_EQ((*a)->readable().size(), 8192u);
+  EXPECT_EQ((*a)->readable()[100], std::byte{42});
+  auto fd = (*a)->Export();
+  ASSERT_TRUE(fd.ok());
+  EXPECT_EQ(::mmap(nullptr, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0), MAP_FAILED);
+  EXPECT_EQ(errno, EPERM);
+  EXPECT_EQ(::ftruncate(fd->get(), 10), -1);
+  EXPECT_EQ(::pwrite(fd->get(), "x", 1, 0), -1);
+  void* p = ::mmap(nullptr, 8192, PROT_READ, MAP_SHARED, fd->get(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  EXPECT_EQ(static_cast<const uint8_t*>(p)[100], 42);
+  ::munmap(p, 8192);
+}
+
+TEST(HostBackendTest, MakeBackend) {
+  EXPECT_TRUE(MakeBackend("host").ok());
+  EXPECT_EQ((*MakeBackend("auto"))->name(), "host");
+  EXPECT_EQ(MakeBackend("tpu").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A hand-built two-rank plan over one file: a source split by rows between the ranks, each rank
+// viewing it with a different row width, a replicated source cast to BF16 on rank 1, and a
+// zero-filled target. Small chunks force several row-aligned reads per source.
+class ExecutorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    s0_ = RandomTensor("s0", {512, 256}, 2, "U16", 5);
+    s1_ = RandomTensor("s1", {1000}, 4, "F32", 6);
+    for (size_t i = 0; i < s1_.bytes.size(); i += 4) s1_.bytes[i + 3] = 0x3f;  // finite floats
+    WriteSafetensors(dir_ / "m.safetensors", {s0_, s1_});
+    auto ckpt = Checkpoint::Open(dir_ / "m.safetensors");
+    ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+    plan_.files.push_back({dir_ / "m.safetensors", 0, 0});
+    for (const CheckpointTensor& t : ckpt->tensors()) {
+      plan_.sources.push_back({t.name, t.dtype, t.shape, 0, t.offset, t.nbytes});
+    }
+    // Rank 0: rows 0..255 of s0 as [256, 256]; s1 as F32; a 4 KiB zero-filled target.
+    RankPlan r0;
+    r0.rank = 0;
+    r0.targets = {{"a", DType::kU16, {256, 256}, 0, 131072},
+                  {"b", DType::kF32, {1000}, 131072, 4000},
+                  {"z", DType::kU8, {4096}, 135168, 4096},
+                  {"c", DType::kU16, {512, 256}, 139264, 262144}};
+    // "c" is a verbatim copy of s0: s0 is read straight into it (in several chunks) and "a"
+    // of both ranks is copied from there.
+    r0.pieces = {{0, 0, {1, 512, 256}, {0, 0, 0}, {1, 256, 256}, {0, 0, 0}, {1, 256, 256}},
+                 {1, 1, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}},
+                 {0, 3, {1, 512, 256}, {0, 0, 0}, {1, 512, 256}, {0, 0, 0}, {1, 512, 256}}};
+    r0.zero_fills = {{2, 0, 4096}};
+    r0.arena_bytes = 401408;
+    // Rank 1: rows 256..511 of s0 viewed as [256, 512] rows (two source rows per view row);
+    // s1 cast to BF16.
+    RankPlan r1;
+    r1.rank = 1;
+    r1.targets = {{"a", DType::kU16, {128, 512}, 0, 131072},
+                  {"b", DType::kBF16, {1000}, 131072, 2000}};
+    r1.pieces = {{0, 0, {1, 256, 512}, {0, 128, 0}, {1, 128, 512}, {0, 0, 0}, {1, 128, 512}},
+                 {1, 1, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}}};
+    r1.arena_bytes = 133376;
+    plan_.ranks = {r0, r1};
+  }
+
+  // Expected target bytes: each piece applied to its whole source at once.
+  std::vector<std::byte> Expected(size_t r) {
+    std::vector<std::byte> out(plan_.ranks[r].arena_bytes);
+    const FakeTensor* src[] = {&s0_, &s1_};
+    for (const PlanPiece& p : plan_.ranks[r].pieces) {
+      const PlanTarget& t = plan_.ranks[r].targets[p.target];
+      kernels::CopyPieceRowsHost(p, plan_.sources[p.source].dtype, t.dtype,
+                                 reinterpret_cast<const std::byte*>(src[p.source]->bytes.data()), 0,
+                                 p.src_shape[0] * p.src_shape[1], out.data() + t.offset);
+    }
+    return out;
+  }
+
+  TempDir dir_;
+  FakeTensor s0_, s1_;
+  Plan plan_;
+  HostBackend backend_;
+};
+
+TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
+  for (int threads : {1, 3}) {
+    std::vector<std::unique_ptr<Arena>> arenas;
+    std::vector<Arena*> raw;
+    for (const RankPlan& r : plan_.ranks) {
+      arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+      std::span<std::byte> w = arenas.back()->writable();
+      std::fill(w.begin(), w.end(), std::byte{0xEE});  // zero-fills must really write zeros
+      raw.push_back(arenas.back().get());
+    }
+    LoadProgress progress;
+    ExecutorOptions o;
+    o.threads = threads;
+    o.chunk_bytes = 64 << 10;
+    TargetChecksums crcs;
+    ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress, &crcs).ok());
+    // Checksummed while reading: the verbatim targets only.
+    ASSERT_EQ(crcs.crc.size(), 2u);
+    EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
+    EXPECT_EQ(crcs.crc[0][1], Crc32c(s1_.bytes.data(), s1_.bytes.size()));
+    EXPECT_EQ(crcs.crc[0][0], -1);
+    EXPECT_EQ(crcs.crc[1][1], -1);  // cast to BF16
+    // Each source byte read once, for both ranks together.
+    EXPECT_EQ(progress.bytes_total.load(), s0_.bytes.size() + s1_.bytes.size());
+    EXPECT_EQ(progress.bytes_done.load(), progress.bytes_total.load());
+    for (size_t r = 0; r < 2; ++r) {
+      const std::vector<std::byte> want = Expected(r);
+      std::span<std::byte> got = raw[r]->writable();
+      for (const PlanTarget& t : plan_.ranks[r].targets) {
+        if (t.name == "z") {
+          EXPECT_TRUE(std::all_of(got.begin() + t.offset, got.begin() + t.offset + t.nbytes,
+                                  [](std::byte b) { return b == std::byte{0}; }));
+          continue;
+        }
+        EXPECT_EQ(std::memcmp(got.data() + t.offset, want.data() + t.offset, t.nbytes), 0)
+            << "rank " << r << " target " << t.name << " threads " << threads;
+      }
+    }
+    ASSERT_TRUE(raw[1]->Seal().ok());
+    auto m = BuildRankManifest(plan_, 1, *raw[1], "m", -1, threads, &crcs.crc[1]);
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(m->tensors[1].dtype, DType::kBF16);
+    EXPECT_EQ(m->tensors[1].crc32c, Crc32c(raw[1]->readable().data() + 131072, 2000));
+    ASSERT_TRUE(raw[0]->Seal().ok());
+    auto m0 = BuildRankManifest(plan_, 0, *raw[0], "m", -1, threads, &crcs.crc[0]);
+    ASSERT_TRUE(m0.ok());
+    for (const ManifestTensor& t : m0->tensors) {
+      EXPECT_EQ(t.crc32c, Crc32c(raw[0]->readable().data() + t.offset, t.nbytes)) << t.name;
+    }
+  }
+}
+
+TEST_F(ExecutorTest, CancelAndShortFileAndBadPlan) {
+  std::vector<std::unique_ptr<Arena>> arenas;
+  std::vector<Arena*> raw;
+  for (const RankPlan& r : plan_.ranks) {
+    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+    raw.push_back(arenas.back().get());
+  }
+  LoadProgress cancelled;
+  cancelled.cancel = true;
+  EXPECT_EQ(ExecutePlanHost(plan_, raw, {}, &cancelled).code(), absl::StatusCode::kCancelled);
+
+  ASSERT_EQ(::truncate((dir_ / "m.safetensors").c_str(), plan_.sources[1].offset + 10), 0);
+  LoadProgress p;
+  absl::Status s = ExecutePlanHost(plan_, raw, {}, &p);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("m.safetensors"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("'s1'"));
+
+  Plan bad = plan_;
+  bad.ranks[0].pieces[0].extent = {1, 300, 256};  // beyond the target
+  s = ExecutePlanHost(bad, raw, {}, &p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("target 'a' of rank 0"));
+  EXPECT_EQ(ExecutePlanHost(plan_, std::span<Arena* const>(raw.data(), 1), {}, &p).code(),
+            absl::StatusCode::kInternal);
+}
+
+// A registry over a checkpoint written by the test.
+class RegistryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tensors_ = {RandomTensor("a.weight", {64, 32}, 2, "BF16", 1),
+                RandomTensor("b.weight", {300, 7}, 4, "F32", 2),
+                RandomTensor("c.bias", {5}, 2, "F16", 3)};
+    WriteSafetensors(dir_ / "model.safetensors", tensors_);
+    config_.io_threads = 2;
+  }
+
+  LoadSpec Spec(const std::string& ckpt, int tp = 1) {
+    LoadSpec s;
+    s.checkpoint = ckpt;
+    s.tp = tp;
+    s.recipe = "hf";
+    return s;
+  }
+
+  static std::string StateOf(Registry& r, const std::string& name) {
+    auto st = r.Status(name, Self());
+    if (!st.ok()) return std::string(st.status().message());
+    return std::string(RankStateName(st->front().ranks.front().state));
+  }
+
+  static Peer Self() { return {::getpid(), ::geteuid(), ::getegid()}; }
+
+  TempDir dir_;
+  std::vector<FakeTensor> tensors_;
+  DaemonConfig config_;
+  HostBackend backend_;
+};
+
+TEST_F(RegistryTest, LoadReadyAttachDetachUnload) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  reg.WaitForLoads();
+  auto st = reg.Status("m", Self());
+  ASSERT_TRUE(st.ok()) << st.status();
+  ASSERT_EQ(st->front().ranks.size(), 2u);
+  EXPECT_EQ(st->front().error, "");
+  for (const RankStatus& r : st->front().ranks) EXPECT_EQ(r.state, RankState::kReady);
+  // Read once whatever T: two replicated ranks, the checkpoint's bytes counted once.
+  uint64_t ckpt_bytes = 0;
+  for (const FakeTensor& t : tensors_) ckpt_bytes += t.bytes.size();
+  EXPECT_EQ(st->front().bytes_total, ckpt_bytes);
+  EXPECT_EQ(st->front().bytes_done, ckpt_bytes);
+
+  auto g = reg.Attach("m", 1, Self(), /*connection=*/7);
+  ASSERT_TRUE(g.ok()) << g.status();
+  std::string bytes(g->manifest_bytes, '\0');
+  ASSERT_TRUE(PreadExact(g->manifest.get(), bytes.data(), bytes.size(), 0, "manifest").ok());
+  auto m = DecodeManifest(bytes);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->model, "m");
+  EXPECT_EQ(m->rank, 1u);
+  ASSERT_EQ(m->tensors.size(), 3u);
+  ASSERT_EQ(g->arenas.size(), 1u);
+  void* p = ::mmap(nullptr, m->arenas[0].size, PROT_READ, MAP_SHARED, g->arenas[0].get(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  for (const ManifestTensor& t : m->tensors) {
+    const FakeTensor* src = nullptr;
+    for (const FakeTensor& f : tensors_) {
+      if (f.name == t.name) src = &f;
+    }
+    ASSERT_NE(src, nullptr) << t.name;
+    ASSERT_EQ(t.nbytes, src->bytes.size());
+    EXPECT_EQ(std::memcmp(static_cast<const char*>(p) + t.offset, src->bytes.data(), t.nbytes), 0)
+        << t.name;
+    EXPECT_EQ(t.crc32c, Crc32c(src->bytes.data(), t.nbytes));
+  }
+  ::munmap(p, m->arenas[0].size);
+
+  // Unload refused while attached, naming the pid; allowed after the lease goes.
+  absl::Status u = reg.Unload("m", false, Self());
+  EXPECT_EQ(u.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(u.message()), HasSubstr(absl::StrCat("pid ", ::getpid())));
+  EXPECT_EQ(reg.Detach("m", 0, 7).code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(reg.Detach("m", 1, 7).ok());
+  ASSERT_TRUE(reg.Attach("m", 0, Self(), 8).ok());
+  reg.ReleaseConnection(8);
+  EXPECT_EQ(reg.Status("m", Self())->front().ranks[0].leases.size(), 0u);
+  EXPECT_TRUE(reg.Unload("m", false, Self()).ok());
+  EXPECT_EQ(reg.Status("m", Self()).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(RegistryTest, ForceUnloadWhileAttached) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  auto g = reg.Attach("m", 0, Self(), 1);
+  ASSERT_TRUE(g.ok());
+  EXPECT_TRUE(reg.Unload("m", true, Self()).ok());
+  // The client's fd still maps valid memory after the forced unload.
+  void* p = ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, g->arenas[0].get(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  EXPECT_EQ(std::memcmp(p, tensors_[0].bytes.data(), 64), 0);
+  ::munmap(p, 4096);
+}
+
+TEST_F(RegistryTest, DuplicateNameAndBadRequests) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  absl::Status s = reg.StartLoad("m", Spec(dir_.path()), Self());
+  EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("'m'"));
+  reg.WaitForLoads();
+  EXPECT_EQ(reg.Attach("m", 3, Self(), 1).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(reg.Attach("nope", 0, Self(), 1).status().code(), absl::StatusCode::kNotFound);
+  LoadSpec bad = Spec(dir_.path());
+  bad.dtype = "int3";
+  EXPECT_EQ(reg.StartLoad("x", bad, Self()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(reg.StartLoad("y", Spec(dir_ / "missing"), Self()).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(RegistryTest, TruncatedShardFailsAndFreesOthersUntouched) {
+  TempDir bad;
+  WriteSafetensors(bad / "model.safetensors", tensors_);
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("good", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  // Truncate after Open would validate... truncate before: the reader reports it.
+  ASSERT_EQ(::truncate((bad / "model.safetensors").c_str(), 200), 0);
+  ASSERT_TRUE(reg.StartLoad("bad", Spec(bad.path()), Self()).ok());
+  reg.WaitForLoads();
+  auto st = reg.Status("bad", Self());
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->front().ranks[0].state, RankState::kFailed);
+  EXPECT_THAT(st->front().error, HasSubstr("model.safetensors"));
+  EXPECT_EQ(st->front().ranks[0].arena_bytes, 0u);
+  EXPECT_EQ(reg.Attach("bad", 0, Self(), 1).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(StateOf(reg, "good"), "ready");
+  EXPECT_TRUE(reg.Attach("good", 0, Self(), 1).ok());
+  EXPECT_EQ(reg.StartLoad("bad", Spec(dir_.path()), Self()).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE(reg.Unload("bad", false, Self()).ok());
+}
+
+TEST_F(RegistryTest, UnknownTensorsFailWithPlannerMessage) {
+  TempDir d;
+  WriteSafetensors(d / "model.safetensors",
+                   {RandomTensor("model.embed_tokens.weight", {16, 8}, 2, "BF16", 1),
+                    RandomTensor("model.layers.0.mystery.weight", {8, 8}, 2, "BF16", 2)});
+  std::ofstream(d / "config.json")
+      << R"({"architectures":["LlamaForCausalLM"],"hidden_size":8,"num_attention_heads":2,
+            "num_key_value_heads":2,"intermediate_size":16,"vocab_size":16,
+            "num_hidden_layers":1})";
+  Registry reg(&backend_, config_);
+  LoadSpec s = Spec(d.path());
+  s.recipe.clear();
+  ASSERT_TRUE(reg.StartLoad("llama", s, Self()).ok());
+  reg.WaitForLoads();
+  auto st = reg.Status("llama", Self());
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->front().ranks[0].state, RankState::kFailed);
+  EXPECT_THAT(st->front().error, HasSubstr("mystery"));
+}
+
+TEST_F(RegistryTest, Authorization) {
+  Registry reg(&backend_, config_);
+  const Peer stranger{4242, 65534, 65534};
+  absl::Status s = reg.StartLoad("m", Spec(dir_.path()), stranger);
+  EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("uid 65534"));
+  LoadSpec open = Spec(dir_.path());
+  open.allow_gids = std::vector<uint32_t>{65534};
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  ASSERT_TRUE(reg.StartLoad("shared", open, Self()).ok());
+  reg.WaitForLoads();
+  auto a = reg.Attach("m", 0, stranger, 1);
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(a.status().message()), HasSubstr("uid 65534"));
+  EXPECT_THAT(std::string(a.status().message()), HasSubstr("'m'"));
+  EXPECT_TRUE(reg.Attach("shared", 0, stranger, 1).ok());
+  // The stranger sees only what it may attach.
+  auto all = reg.Status("", stranger);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ(all->front().name, "shared");
+  EXPECT_EQ(reg.Unload("shared", true, stranger).code(), absl::StatusCode::kPermissionDenied);
+  // Listed uids may administer.
+  DaemonConfig c = config_;
+  c.allow_uids = {65534};
+  Registry reg2(&backend_, c);
+  EXPECT_TRUE(reg2.StartLoad("m", Spec(dir_.path()), stranger).ok());
+  reg2.WaitForLoads();
+}
+
+TEST_F(RegistryTest, ModelRoots) {
+  DaemonConfig c = config_;
+  TempDir root;
+  c.model_roots = {root.path()};
+  Registry reg(&backend_, c);
+  absl::Status s = reg.StartLoad("m", Spec(dir_.path()), Self());
+  EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model_roots"));
+  std::filesystem::create_directory(root / "ok");
+  WriteSafetensors(root / "ok/model.safetensors", tensors_);
+  EXPECT_TRUE(reg.StartLoad("m", Spec(root / "ok"), Self()).ok());
+  // A symlink inside the root that points outside is resolved and refused.
+  std::filesystem::create_directory_symlink(dir_.path(), root / "escape");
+  EXPECT_EQ(reg.StartLoad("n", Spec(root / "escape"), Self()).code(),
+            absl::StatusCode::kPermissionDenied);
+  reg.WaitForLoads();
+}
+
+TEST_F(RegistryTest, MetricsText) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  const std::string m = reg.Metrics();
+  EXPECT_THAT(m, HasSubstr("weightd_models 1\n"));
+  EXPECT_THAT(m, HasSubstr("weightd_rank_ready{model=\"m\",rank=\"0\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr("weightd_loads_total 1\n"));
+}
+
+}  // namespace
+}  // namespace weightd
