@@ -52,7 +52,9 @@ def daemon():
     d = tempfile.mkdtemp(prefix="weightd-py-")
     sock = os.path.join(d, "weightd.sock")
     ckpt = os.path.join(d, "demo")
-    subprocess.run([sys.executable, os.path.join(HERE, "make_demo_checkpoint.py"), ckpt],
+    # The checkpoint writer needs the `safetensors` package; another interpreter may provide it.
+    maker = os.environ.get("WEIGHTD_CHECKPOINT_PYTHON", sys.executable)
+    subprocess.run([maker, os.path.join(HERE, "make_demo_checkpoint.py"), ckpt],
                    check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(d, "weightd.json"), "w") as f:
         json.dump({"socket": sock, "backend": "host", "io_threads": 2}, f)
@@ -217,10 +219,10 @@ def test_torch_attach_zero_copy(daemon):
         assert t.view(torch.uint8 if t.element_size() == 1 else torch.int16).numpy().tobytes() \
             == raw, name
     keep = w["model.norm.weight"]
-    del w
+    del w, t
     gc.collect()
     assert len(leases(daemon["socket"], "demo")) == 1
-    assert keep.float().abs().sum().item() >= 0
+    assert keep.float().numel() == 256  # torch reads the mapped bytes after the dict is gone
     del keep
     gc.collect()
     deadline = time.monotonic() + 5
