@@ -124,6 +124,7 @@ struct Server::Impl {
   void Handle(Connection& c, const Request& r);
   std::string Metrics();
   void UpdateInterest(Connection& c);
+  absl::Status Bind();
   static void Drain(int fd) {
     for (int i = 0; i < 64; ++i) {
       auto p = RecvPacket(fd, 256);
@@ -142,11 +143,7 @@ uint64_t RaiseFileLimit() {
   return rl.rlim_cur;
 }
 
-absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options,
-                                                       Registry* registry) {
-  auto impl = std::make_unique<Impl>();
-  impl->options = options;
-  impl->registry = registry;
+absl::Status Server::Impl::Bind() {
   const std::string& path = options.socket_path;
   if (path.empty()) {
     return absl::InvalidArgumentError(
@@ -177,17 +174,35 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     }
     ::unlink(path.c_str());
   }
-  impl->listen_fd = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  if (!impl->listen_fd) return ErrnoError(errno, "socket(AF_UNIX, SOCK_SEQPACKET)");
+  listen_fd = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!listen_fd) return ErrnoError(errno, "socket(AF_UNIX, SOCK_SEQPACKET)");
   // A restrictive umask while binding: the socket file never exists with looser permissions
   // than socket_mode, not even between bind and chmod.
   const mode_t old_umask = ::umask(0177);
-  const int bound = ::bind(impl->listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  const int bound = ::bind(listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   const int bind_errno = errno;
   ::umask(old_umask);
   if (bound != 0) return ErrnoError(bind_errno, absl::StrCat("bind to ", path));
   WD_SYSCALL_OR_RETURN(::chmod(path.c_str(), options.socket_mode), absl::StrCat("chmod of ", path));
-  WD_SYSCALL_OR_RETURN(::listen(impl->listen_fd.get(), 4096), absl::StrCat("listen on ", path));
+  WD_SYSCALL_OR_RETURN(::listen(listen_fd.get(), 4096), absl::StrCat("listen on ", path));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options,
+                                                       Registry* registry) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->registry = registry;
+  if (options.adopted_listen_fd >= 0) {
+    impl->listen_fd = UniqueFd(options.adopted_listen_fd);
+    const int flags = ::fcntl(impl->listen_fd.get(), F_GETFL);
+    if (flags < 0 || ::fcntl(impl->listen_fd.get(), F_SETFL, flags | O_NONBLOCK) != 0) {
+      return ErrnoError(errno, "making the socket-activated listener non-blocking");
+    }
+    ::fcntl(impl->listen_fd.get(), F_SETFD, FD_CLOEXEC);
+  } else {
+    WD_RETURN_IF_ERROR(impl->Bind());
+  }
   impl->epoll_fd = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
   if (!impl->epoll_fd) return ErrnoError(errno, "epoll_create1");
   impl->wake_fd = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -208,7 +223,8 @@ Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Server::~Server() {
   for (auto& [id, c] : impl_->conns) impl_->registry->ReleaseConnection(id);
   impl_->conns.clear();
-  ::unlink(impl_->options.socket_path.c_str());
+  // A socket-activated listener belongs to systemd, which may pass it to our successor.
+  if (impl_->options.adopted_listen_fd < 0) ::unlink(impl_->options.socket_path.c_str());
 }
 
 void Server::Stop() {
@@ -219,8 +235,13 @@ void Server::Stop() {
 
 absl::Status Server::Run() {
   Impl& s = *impl_;
-  LogInfo("listening on %s (mode %04o, max %d connections)", s.options.socket_path,
-          s.options.socket_mode, s.options.max_connections);
+  if (s.options.adopted_listen_fd >= 0) {
+    LogInfo("listening on the socket passed by systemd (fd %d), max %d connections",
+            s.options.adopted_listen_fd, s.options.max_connections);
+  } else {
+    LogInfo("listening on %s (mode %04o, max %d connections)", s.options.socket_path,
+            s.options.socket_mode, s.options.max_connections);
+  }
   std::vector<epoll_event> events(256);
   while (!s.stop.load()) {
     const int n =
@@ -229,6 +250,7 @@ absl::Status Server::Run() {
       if (errno == EINTR) continue;
       return ErrnoError(errno, "epoll_wait");
     }
+    if (s.options.on_tick) s.options.on_tick();
     for (int i = 0; i < n; ++i) {
       const uint64_t id = events[i].data.u64;
       if (id == 0) {

@@ -271,6 +271,65 @@ TEST(DaemonCliTest, JournaldPrefixes) {
   RemoveDir();
 }
 
+// The systemd side of weightd.service/weightd.socket: socket activation (the daemon serves the
+// passed socket and binds nothing), READY=1, watchdog pings from the event loop, SIGHUP does not
+// kill it, STOPPING=1 on SIGTERM.
+TEST(DaemonCliTest, SystemdSocketActivationNotifyAndWatchdog) {
+  const char* activate = "/usr/bin/systemd-socket-activate";
+  if (::access(activate, X_OK) != 0) GTEST_SKIP() << "no systemd-socket-activate";
+  char tmpl[] = "/tmp/weightd-cli-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  g_dir = tmpl;
+  const std::string notify_path = g_dir + "/notify";
+  UniqueFd notify(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strcpy(addr.sun_path, notify_path.c_str());
+  ASSERT_EQ(::bind(notify.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const std::string sock = g_dir + "/activated.sock";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setenv("NOTIFY_SOCKET", notify_path.c_str(), 1);
+    ::setenv("WATCHDOG_USEC", "400000", 1);
+    const int e = ::open((g_dir + "/weightd.log").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(e, 2);
+    ::execl(activate, activate, "-E", "NOTIFY_SOCKET", "-E", "WATCHDOG_USEC", "--seqpacket",
+            "--fdname=control", "-l", sock.c_str(), WEIGHTD_BIN, "--backend", "host", "--socket",
+            (g_dir + "/unused.sock").c_str(), nullptr);
+    ::_exit(127);
+  }
+  std::string messages;
+  auto read_notify = [&](const std::string& want) {
+    const auto deadline = Clock::now() + std::chrono::seconds(10);
+    while (messages.find(want) == std::string::npos && Clock::now() < deadline) {
+      pollfd p{notify.get(), POLLIN, 0};
+      if (::poll(&p, 1, 100) == 1) {
+        char buf[4096];
+        const ssize_t n = ::recv(notify.get(), buf, sizeof(buf), 0);
+        if (n > 0) messages.append(buf, n).append("\n");
+      }
+    }
+    return messages.find(want) != std::string::npos;
+  };
+  // systemd-socket-activate starts the daemon at the first connection.
+  ASSERT_TRUE(WaitUntil([&] { return ::access(sock.c_str(), F_OK) == 0; }));
+  auto c = Client::Connect(sock);
+  ASSERT_TRUE(c.ok()) << c.status() << Slurp(g_dir + "/weightd.log");
+  EXPECT_TRUE(c->List().ok());
+  EXPECT_TRUE(read_notify("READY=1")) << messages;
+  EXPECT_TRUE(read_notify("WATCHDOG=1")) << messages;
+  EXPECT_NE(::access((g_dir + "/unused.sock").c_str(), F_OK), 0) << "bound its own socket";
+  ::kill(pid, SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_TRUE(c->List().ok()) << "SIGHUP stopped the daemon";
+  ::kill(pid, SIGTERM);
+  EXPECT_EQ(WaitFor(pid, std::chrono::seconds(10)), 0);
+  EXPECT_TRUE(read_notify("STOPPING=1")) << messages;
+  EXPECT_THAT(Slurp(g_dir + "/weightd.log"), HasSubstr("socket passed by systemd"));
+  EXPECT_THAT(Slurp(g_dir + "/weightd.log"), HasSubstr("SIGHUP"));
+  RemoveDir();
+}
+
 TEST_F(DaemonTest, StatusAndListShowTheReadyModel) {
   RunResult st = Ctl({"status", "demo", "--json"});
   ASSERT_EQ(st.exit_code, 0) << st.err;
@@ -599,6 +658,58 @@ TEST_F(DaemonTest, LoadErrors) {
   EXPECT_EQ(ModelState("demo"), "ready");
   EXPECT_TRUE(c->Unload("truncated").ok());
   EXPECT_TRUE(c->Unload("odd").ok());
+}
+
+// Loads run on background threads: the daemon answers status while one runs, and the progress
+// counters move from 0 to the total.
+TEST_F(DaemonTest, StatusAnswersDuringALoadWithProgress) {
+  const std::string dir = g_dir + "/models/big";
+  std::filesystem::create_directory(dir);
+  {
+    std::string header = "{";
+    constexpr int kTensors = 64;
+    constexpr size_t kBytes = 4 << 20;
+    for (int i = 0; i < kTensors; ++i) {
+      header += (i ? ",\"" : "\"") + std::string("t") + std::to_string(i) +
+                "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(kBytes) +
+                "],\"data_offsets\":[" + std::to_string(i * kBytes) + "," +
+                std::to_string((i + 1) * kBytes) + "]}";
+    }
+    header += "}";
+    while (header.size() % 8) header += ' ';
+    std::ofstream f(dir + "/model.safetensors", std::ios::binary);
+    const uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header;
+    const std::string chunk(kBytes, '\x5a');
+    for (int i = 0; i < kTensors; ++i) f << chunk;
+  }
+  auto c = Client::Connect(g_socket);
+  ASSERT_TRUE(c.ok());
+  LoadOptions hf;
+  hf.recipe = "hf";
+  ASSERT_TRUE(c->Load("big", dir, hf).ok());
+  int loading_seen = 0;
+  uint64_t total = 0, done = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = c->Status(std::string("big"));
+        if (!st.ok()) return false;
+        loading_seen += st->front().state == "loading";
+        total = st->front().bytes_total;
+        done = st->front().bytes_done;
+        return st->front().state == "ready";
+      },
+      std::chrono::seconds(60)));
+  EXPECT_GT(loading_seen, 0) << "status never saw the load running";
+  EXPECT_EQ(total, 64u << 22);
+  EXPECT_EQ(done, total);
+  auto a = c->Attach("big", 0);
+  ASSERT_TRUE(a.ok());
+  EXPECT_TRUE(a->Verify().ok());
+  EXPECT_EQ(static_cast<const char*>(a->Find("t63")->data)[12345], '\x5a');
+  ASSERT_TRUE(a->Detach().ok());
+  EXPECT_TRUE(c->Unload("big").ok());
 }
 
 TEST_F(DaemonTest, ClientsSurviveDaemonDisappearingMidAttach) {

@@ -16,6 +16,7 @@
 #ifndef WEIGHTD_SERVER_H_
 #define WEIGHTD_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -28,18 +29,25 @@ namespace weightd {
 struct ServerOptions {
   std::string socket_path;
   uint32_t socket_mode = 0660;
+  // An already-listening SOCK_SEQPACKET socket to serve instead of binding socket_path (systemd
+  // socket activation); the Server takes ownership and leaves the socket file alone.
+  int adopted_listen_fd = -1;
   int max_connections = 1024;
   size_t max_request_bytes = kDefaultMaxRequestBytes;
   absl::Duration hello_timeout = absl::Seconds(10);
+  // Called from the event loop at least every 200 ms while it runs (the systemd watchdog ping
+  // belongs here: it then proves the loop is alive). Must not block.
+  std::function<void()> on_tick;
 };
 
 class Server {
  public:
   // Binds and listens (a stale socket file of a dead daemon is replaced; a live daemon on the
-  // path is FAILED_PRECONDITION). The parent directory is created (0755) when missing.
+  // path is FAILED_PRECONDITION). The parent directory is created (0755) when missing. With
+  // adopted_listen_fd, serves that socket instead.
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options,
                                                         Registry* registry);
-  ~Server();  // closes every connection and removes the socket file
+  ~Server();  // closes every connection and removes the socket file (unless adopted)
 
   absl::Status Run();
   void Stop();
