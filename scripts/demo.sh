@@ -65,6 +65,8 @@ WEIGHTD_CLIENT_LIB="$ROOT/build/client/libweightd_client.so" PYTHONPATH="$ROOT/c
   WEIGHTD_SOCKET="$SOCK" "$PYTHON" - <<'EOF'
 import time
 
+import numpy  # noqa: F401  (imported up front: the attach times below exclude it)
+
 import weightd
 
 c = weightd.Client()

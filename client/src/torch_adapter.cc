@@ -73,10 +73,9 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ToTorch(
     out.reserve(attachment->tensors().size());
     for (const TensorView& t : attachment->tensors()) {
       if (t.data == nullptr && t.nbytes > 0) {
-        return absl::UnimplementedError(absl::StrCat("tensor '", t.name, "' of model '",
-                                                     attachment->model(),
-                                                     "' is in device memory of device ", t.device,
-                                                     " that this client did not map"));
+        return absl::UnimplementedError(absl::StrCat(
+            "tensor '", t.name, "' of model '", attachment->model(),
+            "' is in device memory of device ", t.device, " that this client did not map"));
       }
       const at::Device device =
           t.device < 0 ? at::Device(at::kCPU) : at::Device(at::kCUDA, t.device);

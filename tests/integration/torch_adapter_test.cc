@@ -36,9 +36,9 @@ TEST(TorchAdapterTest, TensorsAreZeroCopyAndHoldTheLease) {
   char tmpl[] = "/tmp/weightd-torch-XXXXXX";
   ASSERT_NE(::mkdtemp(tmpl), nullptr);
   const std::string dir = tmpl, socket = dir + "/weightd.sock", ckpt = dir + "/demo";
-  ASSERT_EQ(std::system((std::string(PYTHON_BIN) + " " + MAKE_DEMO_CHECKPOINT + " " + ckpt +
-                         " >/dev/null")
-                            .c_str()),
+  ASSERT_EQ(std::system(
+                (std::string(PYTHON_BIN) + " " + MAKE_DEMO_CHECKPOINT + " " + ckpt + " >/dev/null")
+                    .c_str()),
             0);
   const pid_t daemon = ::fork();
   if (daemon == 0) {
