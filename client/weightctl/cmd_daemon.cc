@@ -62,7 +62,7 @@ std::string ProgressLine(const ModelInfo& m) {
   constexpr int kWidth = 30;
   const int filled = static_cast<int>(frac * kWidth);
   const double eta = gbps > 0 ? (m.bytes_total - m.bytes_done) / (gbps * 1e9) : 0.0;
-  return absl::StrFormat("%-20s loading   [%s%s] %5.1f%% %s / %s %.2f GB/s ETA %.0f s", m.name,
+  return absl::StrFormat("%-20s loading   [%s%s] %5.1f%% %s / %s %.2f GB/s ETA %.1f s", m.name,
                          std::string(filled, '#'), std::string(kWidth - filled, '.'), 100 * frac,
                          HumanBytes(m.bytes_done), HumanBytes(m.bytes_total), gbps, eta);
 }

@@ -205,6 +205,43 @@ TEST(ClientHostileTest, DaemonHangsUpMidRequest) {
   EXPECT_EQ(c->List().status().code(), absl::StatusCode::kUnavailable);
 }
 
+// A rank with more arenas than one SCM_RIGHTS message carries: the reply brings the manifest and
+// 252 arena fds, one continuation packet the other 48 (docs/PROTOCOL.md).
+TEST(ClientHostileTest, ArenaFdsSplitAcrossContinuationPackets) {
+  constexpr int kArenas = 300;
+  Manifest m;
+  m.model = "m";
+  for (int i = 0; i < kArenas; ++i) {
+    m.arenas.push_back({4096, ArenaKind::kHostMemfd});
+    m.tensors.push_back(
+        {"t" + std::to_string(i), DType::kU8, {1}, {1}, static_cast<uint32_t>(i), 0, 1, 0});
+  }
+  const std::string man = EncodeManifest(m);
+  FakeDaemon d([&](int sock) {
+    std::vector<UniqueFd> owned;
+    owned.push_back(Memfd(man, man.size(), kSeals));
+    for (int i = 0; i < kArenas; ++i) {
+      owned.push_back(Memfd(std::string(1, static_cast<char>(i)), 4096, kSeals));
+    }
+    std::vector<int> first, rest;
+    for (size_t i = 0; i < owned.size(); ++i) (i < 253 ? first : rest).push_back(owned[i].get());
+    (void)SendPacket(sock,
+                     "{\"ok\":true,\"id\":2,\"result\":{\"lease\":1,\"manifest_bytes\":" +
+                         std::to_string(man.size()) + ",\"arenas\":300,\"fd_messages\":1}}",
+                     first);
+    (void)SendPacket(sock, "{\"ok\":true,\"id\":2,\"continuation\":1}", rest);
+  });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok());
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_EQ(a->tensors().size(), 300u);
+  for (int i : {0, 251, 252, 299}) {
+    EXPECT_EQ(*static_cast<const unsigned char*>(a->Find("t" + std::to_string(i))->data), i % 256)
+        << i;
+  }
+}
+
 TEST(ClientHostileTest, ManifestForAnotherModel) {
   Manifest m;
   m.model = "other";
