@@ -1,0 +1,233 @@
+"""weightd.Client and weightd.attach: the Python face of the C ABI."""
+import ctypes
+import json
+import time
+
+from . import _lib
+from ._errors import WeightdError
+
+# safetensors dtype -> numpy typestr. numpy has no bfloat16 / float8: those are exposed as raw
+# uint16 / uint8 bit patterns of the same size (reinterpret them yourself, e.g. with ml_dtypes).
+_NUMPY_TYPESTR = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "|i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "|u1",
+    "BOOL": "|b1", "F8_E4M3": "|u1", "F8_E5M2": "|u1",
+}
+_TORCH_FP8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class _Lease:
+    """One reference on a wd_attachment; the last reference released unmaps and detaches."""
+
+    __slots__ = ("_lib", "ptr")
+
+    def __init__(self, lib, ptr):
+        self._lib = lib
+        self.ptr = ptr
+
+    def __del__(self):
+        if self.ptr:
+            self._lib.wd_attachment_release(self.ptr)
+            self.ptr = None
+
+
+class _ArrayView:
+    """Base object of one numpy array: exposes the read-only memory and holds the lease."""
+
+    __slots__ = ("__array_interface__", "_lease")
+
+    def __init__(self, interface, lease):
+        self.__array_interface__ = interface
+        self._lease = lease
+
+
+def _default_backend():
+    try:
+        import torch  # noqa: F401
+        return "torch"
+    except ImportError:
+        return "numpy"
+
+
+class Client:
+    """A connection to weightd.
+
+    `socket`: the daemon's socket path; None = $WEIGHTD_SOCKET, $XDG_RUNTIME_DIR/weightd.sock,
+    /run/weightd/weightd.sock. Raises UnavailableError when no daemon answers.
+
+    Tensors returned by attach() keep their own reference to the connection and the lease: they
+    stay valid after the Client is closed or garbage-collected. Methods are thread-safe
+    (serialized on the one connection). Usable as a context manager.
+    """
+
+    def __init__(self, socket=None):
+        self._lib = _lib.lib()
+        h = ctypes.c_void_p()
+        _lib.check(self._lib.wd_connect(socket.encode() if socket else None, ctypes.byref(h)))
+        self._h = h
+
+    def close(self):
+        if self._h:
+            self._lib.wd_client_free(self._h)
+            self._h = None
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _handle(self):
+        if not self._h:
+            raise WeightdError(9, "the Client is closed")
+        return self._h
+
+    @property
+    def version(self):
+        """The protocol version agreed with the daemon."""
+        return self._lib.wd_client_version(self._handle())
+
+    def list(self):
+        """All models visible to this user: a list of dicts (name, state, checkpoint, backend,
+        tp, bytes_total, bytes_done, seconds, error?, ranks=[{rank, device, state, arena_bytes,
+        tensors, leases=[{lease, pid, uid}]}])."""
+        out = ctypes.c_void_p()
+        _lib.check(self._lib.wd_list_json(self._handle(), ctypes.byref(out)))
+        return json.loads(_lib.take_string(out))["models"]
+
+    def status(self, name=None):
+        """The status dict of model `name` (NotFoundError if absent), or list() when None."""
+        out = ctypes.c_void_p()
+        _lib.check(self._lib.wd_status_json(self._handle(), name.encode() if name else None,
+                                            ctypes.byref(out)))
+        models = json.loads(_lib.take_string(out))["models"]
+        return models[0] if name else models
+
+    def load(self, name, checkpoint, *, tp=1, ranks=None, devices=None, dtype=None, skip=None,
+             recipe=None, recipe_file=None, expert_parallel=False, allow_uids=None,
+             allow_gids=None, wait=False, timeout=None):
+        """Starts loading `checkpoint` (a directory the daemon can read) as `name`.
+
+        Returns once the daemon accepted the load, or with wait=True once it is ready (the final
+        status dict; WeightdError with the load's error if it failed, DeadlineExceeded after
+        `timeout` seconds)."""
+        opts = {"tp": tp}
+        for key, value in (("ranks", ranks), ("devices", devices), ("dtype", dtype),
+                           ("skip", skip), ("recipe", recipe), ("recipe_file", recipe_file),
+                           ("allow_uids", allow_uids), ("allow_gids", allow_gids)):
+            if value is not None:
+                opts[key] = list(value) if isinstance(value, (list, tuple)) else value
+        if expert_parallel:
+            opts["expert_parallel"] = True
+        _lib.check(self._lib.wd_load(self._handle(), name.encode(), str(checkpoint).encode(),
+                                     json.dumps(opts).encode()))
+        if not wait:
+            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(name)
+            if st["state"] == "ready":
+                return st
+            if st["state"] == "failed":
+                raise WeightdError(13, f"load of '{name}' failed: {st.get('error', '')}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise WeightdError(4, f"load of '{name}' not ready after {timeout} s "
+                                      f"({st['bytes_done']} of {st['bytes_total']} bytes)")
+            time.sleep(0.02)
+
+    def unload(self, name, force=False):
+        """Unloads `name`. FailedPreconditionError while attached unless force=True."""
+        _lib.check(self._lib.wd_unload(self._handle(), name.encode(), 1 if force else 0))
+
+    def metrics(self):
+        """The daemon's metrics, Prometheus text format."""
+        out = ctypes.c_void_p()
+        _lib.check(self._lib.wd_metrics(self._handle(), ctypes.byref(out)))
+        return _lib.take_string(out)
+
+    def attach(self, name, rank=0, backend=None):
+        """Attaches to rank `rank` of model `name`: a dict tensor name -> tensor, zero-copy.
+
+        backend: "torch" (torch.Tensor via DLPack; the default when torch is importable) or
+        "numpy" (numpy.ndarray). The memory is read-only: numpy arrays are flagged read-only
+        (writing raises ValueError); torch has no read-only tensors, so an in-place write to one
+        crashes the process with SIGSEGV -- clone() what you want to modify.
+
+        dtypes: with numpy, BF16 is exposed as uint16 and F8_E4M3/F8_E5M2 as uint8 (their raw
+        bit patterns; numpy has no such types). With torch, BF16 is torch.bfloat16 and FP8 is
+        torch.float8_e4m3fn/float8_e5m2 where this torch has them, else uint8.
+
+        Lifetime: every tensor holds a reference on the attachment; the lease is held (and the
+        model cannot be unloaded without force) until the last tensor is garbage-collected,
+        whatever happens to this Client. Device arenas give CUDA tensors on their device.
+        """
+        backend = backend or _default_backend()
+        if backend not in ("torch", "numpy"):
+            raise WeightdError(3, f"backend must be 'torch' or 'numpy', got {backend!r}")
+        lib = self._lib
+        h = ctypes.c_void_p()
+        _lib.check(lib.wd_attach(self._handle(), name.encode(), int(rank), ctypes.byref(h)))
+        lease = _Lease(lib, h.value)  # takes wd_attach's reference
+        n = lib.wd_attachment_num_tensors(lease.ptr)
+        infos = (_lib.TensorInfo * n)()
+        _lib.check(lib.wd_attachment_tensors(lease.ptr, infos, n))
+        if backend == "torch":
+            return _to_torch(lib, lease, infos)
+        return _to_numpy(lease, infos)
+
+
+def _to_numpy(lease, infos):
+    import numpy as np
+
+    out = {}
+    for t in infos:
+        name = t.name.decode()
+        dtype = t.dtype.decode()
+        typestr = _NUMPY_TYPESTR[dtype]
+        nd = t.ndim
+        shape = tuple(t.shape[i] for i in range(nd))
+        if t.device >= 0:
+            raise WeightdError(12, f"tensor '{name}' is in CUDA memory (device {t.device}); "
+                                   "attach with backend='torch' for device arenas")
+        if t.nbytes == 0 or not t.data:
+            a = np.empty(shape, dtype=typestr)
+            a.flags.writeable = False
+            out[name] = a
+            continue
+        strides = tuple(t.strides[i] * t.itemsize for i in range(nd))
+        iface = {"version": 3, "shape": shape, "typestr": typestr, "data": (t.data, True),
+                 "strides": strides}
+        out[name] = np.asarray(_ArrayView(iface, lease))
+    return out
+
+
+def _to_torch(lib, lease, infos):
+    import torch
+    from torch.utils.dlpack import from_dlpack
+
+    out = {}
+    managed = ctypes.c_void_p()
+    for i, t in enumerate(infos):
+        _lib.check(lib.wd_attachment_export_dlpack(lease.ptr, i, ctypes.byref(managed)))
+        tensor = from_dlpack(_lib.dlpack_capsule(managed.value))
+        fp8 = _TORCH_FP8.get(t.dtype.decode())
+        if fp8 is not None and hasattr(torch, fp8):
+            tensor = tensor.view(getattr(torch, fp8))
+        out[t.name.decode()] = tensor
+    return out
+
+
+def attach(name, rank=0, socket=None, backend=None):
+    """Attaches to rank `rank` of model `name` and returns a dict name -> tensor (zero-copy).
+
+    Same as Client(socket).attach(name, rank, backend): torch tensors when torch is importable,
+    read-only numpy arrays otherwise (or with backend="numpy"; BF16 then appears as uint16 and
+    FP8 as uint8 bit patterns). The tensors keep the lease until the last one is deleted.
+    """
+    with Client(socket) as c:
+        return c.attach(name, rank, backend=backend)

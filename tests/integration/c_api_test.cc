@@ -1,0 +1,301 @@
+// The C ABI (weightd/c_api.h) through libweightd_client.so, against the real weightd (host
+// backend) on a temporary socket. The first tests need no daemon (argument and transport
+// errors); the suite's daemon serves the demo checkpoint under the name "demo" (hf recipe).
+#include "weightd/c_api.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace {
+
+using ::testing::HasSubstr;
+using Clock = std::chrono::steady_clock;
+
+struct ClientDeleter {
+  void operator()(wd_client* c) const { wd_client_free(c); }
+};
+using ClientPtr = std::unique_ptr<wd_client, ClientDeleter>;
+struct AttachmentDeleter {
+  void operator()(wd_attachment* a) const { wd_attachment_release(a); }
+};
+using AttachmentPtr = std::unique_ptr<wd_attachment, AttachmentDeleter>;
+
+std::string TakeString(char* s) {
+  std::string out = s == nullptr ? "" : s;
+  wd_string_free(s);
+  return out;
+}
+
+// Minimal DLPack view of what wd_attachment_export_dlpack returns (unversioned ABI).
+struct DLManaged {
+  void* data;
+  int32_t device_type, device_id;
+  int32_t ndim;
+  uint8_t code, bits;
+  uint16_t lanes;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+  void* manager_ctx;
+  void (*deleter)(DLManaged*);
+};
+
+TEST(CApiNoDaemon, ConnectToMissingSocketIsUnavailableAndNamesThePath) {
+  wd_client* c = nullptr;
+  EXPECT_EQ(wd_connect("/nonexistent/weightd-c-api.sock", &c), WD_UNAVAILABLE);
+  EXPECT_EQ(c, nullptr);
+  EXPECT_THAT(wd_last_error(), HasSubstr("/nonexistent/weightd-c-api.sock"));
+}
+
+TEST(CApiNoDaemon, NullArgumentsAreInvalidAndNameTheFunction) {
+  EXPECT_EQ(wd_connect(nullptr, nullptr), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_connect: out is NULL"));
+  char* s = nullptr;
+  EXPECT_EQ(wd_list_json(nullptr, &s), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_list_json"));
+  EXPECT_EQ(wd_attachment_verify(nullptr), WD_INVALID_ARGUMENT);
+  EXPECT_EQ(wd_attachment_num_tensors(nullptr), 0u);
+  EXPECT_EQ(wd_attachment_refcount(nullptr), 0);
+  EXPECT_EQ(wd_client_version(nullptr), -1);
+  wd_attachment_release(nullptr);
+  wd_client_free(nullptr);
+  wd_string_free(nullptr);
+  EXPECT_EQ(wd_abi_version(), WD_ABI_VERSION);
+}
+
+TEST(CApiNoDaemon, LastErrorIsPerThread) {
+  wd_client* c = nullptr;
+  ASSERT_EQ(wd_connect("/nonexistent/a.sock", &c), WD_UNAVAILABLE);
+  std::string other;
+  std::thread([&] { other = wd_last_error(); }).join();
+  EXPECT_EQ(other, "");
+  EXPECT_THAT(wd_last_error(), HasSubstr("/nonexistent/a.sock"));
+}
+
+std::string g_dir, g_socket, g_ckpt;
+pid_t g_daemon = -1;
+
+class CApiTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    char tmpl[] = "/tmp/weightd-capi-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    g_dir = tmpl;
+    g_socket = g_dir + "/weightd.sock";
+    g_ckpt = g_dir + "/demo";
+    const std::string mk =
+        std::string(PYTHON_BIN) + " " + MAKE_DEMO_CHECKPOINT + " " + g_ckpt + " >/dev/null";
+    ASSERT_EQ(std::system(mk.c_str()), 0);
+    std::ofstream(g_dir + "/weightd.json")
+        << R"({"socket": ")" << g_socket << R"(", "backend": "host", "io_threads": 2})";
+    g_daemon = ::fork();
+    if (g_daemon == 0) {
+      const std::string log = g_dir + "/weightd.log";
+      if (std::freopen(log.c_str(), "w", stderr) == nullptr) ::_exit(126);
+      const std::string cfg = g_dir + "/weightd.json";
+      ::execl(WEIGHTD_BIN, WEIGHTD_BIN, "--config", cfg.c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    const auto deadline = Clock::now() + std::chrono::seconds(20);
+    wd_client* c = nullptr;
+    while (wd_connect(g_socket.c_str(), &c) != WD_OK && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ASSERT_NE(c, nullptr) << "weightd did not come up: " << wd_last_error();
+    ClientPtr client(c);
+    ASSERT_EQ(wd_load(c, "demo", g_ckpt.c_str(), R"({"recipe": "hf", "tp": 1})"), WD_OK)
+        << wd_last_error();
+    ASSERT_TRUE(WaitForState("demo", "ready")) << wd_last_error();
+  }
+
+  static void TearDownTestSuite() {
+    if (g_daemon > 0) {
+      ::kill(g_daemon, SIGTERM);
+      int status = 0;
+      ::waitpid(g_daemon, &status, 0);
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "weightd exit " << status;
+      g_daemon = -1;
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(g_dir, ec);
+  }
+
+  static ClientPtr Connect() {
+    wd_client* c = nullptr;
+    EXPECT_EQ(wd_connect(g_socket.c_str(), &c), WD_OK) << wd_last_error();
+    return ClientPtr(c);
+  }
+
+  static std::string StatusJson(const char* name) {
+    ClientPtr c = Connect();
+    char* s = nullptr;
+    if (wd_status_json(c.get(), name, &s) != WD_OK) return std::string("error: ") + wd_last_error();
+    return TakeString(s);
+  }
+
+  static bool WaitForState(const char* name, const std::string& state) {
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (Clock::now() < deadline) {
+      if (StatusJson(name).find("\"state\":\"" + state + "\"") != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+};
+
+TEST_F(CApiTest, ListStatusAndMetricsAsStrings) {
+  ClientPtr c = Connect();
+  EXPECT_EQ(wd_client_version(c.get()), 1);
+  char* s = nullptr;
+  ASSERT_EQ(wd_list_json(c.get(), &s), WD_OK) << wd_last_error();
+  const std::string list = TakeString(s);
+  EXPECT_THAT(list, HasSubstr(R"("name":"demo")"));
+  EXPECT_THAT(list, HasSubstr(R"("ranks":[{)"));
+  s = nullptr;
+  ASSERT_EQ(wd_status_json(c.get(), nullptr, &s), WD_OK) << wd_last_error();
+  const std::string all = TakeString(s);
+  EXPECT_THAT(all, HasSubstr(R"("backend":"host")"));
+  EXPECT_THAT(all, HasSubstr(R"("tensors":21)"));
+
+  s = nullptr;
+  EXPECT_EQ(wd_status_json(c.get(), "no-such-model", &s), WD_NOT_FOUND);
+  EXPECT_EQ(s, nullptr);
+  EXPECT_THAT(wd_last_error(), HasSubstr("no-such-model"));
+
+  ASSERT_EQ(wd_metrics(c.get(), &s), WD_OK) << wd_last_error();
+  EXPECT_THAT(TakeString(s), HasSubstr("weightd_models"));
+}
+
+TEST_F(CApiTest, LoadOptionsErrorsNameTheKey) {
+  ClientPtr c = Connect();
+  EXPECT_EQ(wd_load(c.get(), "x", g_ckpt.c_str(), R"({"tpp": 2})"), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("unknown key 'tpp'"));
+  EXPECT_EQ(wd_load(c.get(), "x", g_ckpt.c_str(), R"({"tp": "two"})"), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("'tp' must be an integer"));
+  EXPECT_EQ(wd_load(c.get(), "x", g_ckpt.c_str(), "[1,"), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("must be a JSON object"));
+  EXPECT_EQ(wd_load(c.get(), "demo", g_ckpt.c_str(), nullptr), WD_ALREADY_EXISTS);
+  EXPECT_THAT(wd_last_error(), HasSubstr("demo"));
+}
+
+TEST_F(CApiTest, AttachIteratesTensorsAndVerifies) {
+  ClientPtr c = Connect();
+  wd_attachment* raw = nullptr;
+  EXPECT_EQ(wd_attach(c.get(), "demo", 7, &raw), WD_NOT_FOUND) << wd_last_error();
+  EXPECT_EQ(raw, nullptr);
+  ASSERT_EQ(wd_attach(c.get(), "demo", 0, &raw), WD_OK) << wd_last_error();
+  AttachmentPtr a(raw);
+  c.reset();  // the attachment outlives its client
+  EXPECT_STREQ(wd_attachment_model(a.get()), "demo");
+  EXPECT_EQ(wd_attachment_rank(a.get()), 0);
+  EXPECT_NE(wd_attachment_lease(a.get()), 0u);
+  const size_t n = wd_attachment_num_tensors(a.get());
+  ASSERT_EQ(n, 21u);  // 2 layers x 9 + embed, norm, lm_head
+
+  std::vector<wd_tensor_info> all(n);
+  ASSERT_EQ(wd_attachment_tensors(a.get(), all.data(), n), WD_OK);
+  uint64_t sum = 0;
+  for (const wd_tensor_info& t : all) sum += t.nbytes;
+  EXPECT_EQ(sum, wd_attachment_total_bytes(a.get()));
+  EXPECT_EQ(wd_attachment_tensors(a.get(), all.data(), n + 1), WD_OUT_OF_RANGE);
+
+  size_t i = 0;
+  ASSERT_EQ(wd_attachment_find(a.get(), "model.embed_tokens.weight", &i), WD_OK);
+  wd_tensor_info t;
+  ASSERT_EQ(wd_attachment_tensor(a.get(), i, &t), WD_OK);
+  EXPECT_STREQ(t.name, "model.embed_tokens.weight");
+  EXPECT_STREQ(t.dtype, "BF16");
+  EXPECT_EQ(t.itemsize, 2);
+  ASSERT_EQ(t.ndim, 2);
+  EXPECT_EQ(t.shape[0], 1000);
+  EXPECT_EQ(t.shape[1], 256);
+  EXPECT_EQ(t.strides[0], 256);
+  EXPECT_EQ(t.strides[1], 1);
+  EXPECT_EQ(t.device, -1);
+  EXPECT_EQ(t.nbytes, 1000u * 256 * 2);
+  ASSERT_NE(t.data, nullptr);
+
+  EXPECT_EQ(wd_attachment_find(a.get(), "model.embed_tokens.weigth", &i), WD_NOT_FOUND);
+  EXPECT_THAT(wd_last_error(), HasSubstr("no tensor 'model.embed_tokens.weigth'"));
+  EXPECT_EQ(wd_attachment_tensor(a.get(), n, &t), WD_OUT_OF_RANGE);
+  EXPECT_THAT(wd_last_error(), HasSubstr("has 21 tensors"));
+
+  EXPECT_EQ(wd_attachment_verify(a.get()), WD_OK) << wd_last_error();
+  EXPECT_THAT(StatusJson("demo"), HasSubstr(R"("leases":[{)"));
+  EXPECT_EQ(wd_attachment_detach(a.get()), WD_OK) << wd_last_error();
+  EXPECT_EQ(wd_attachment_num_tensors(a.get()), 0u);
+  EXPECT_THAT(StatusJson("demo"), HasSubstr(R"("leases":[])"));
+}
+
+TEST_F(CApiTest, DlpackExportHoldsTheLeaseUntilTheDeleterRuns) {
+  ClientPtr c = Connect();
+  wd_attachment* a = nullptr;
+  ASSERT_EQ(wd_attach(c.get(), "demo", 0, &a), WD_OK) << wd_last_error();
+  size_t i = 0;
+  ASSERT_EQ(wd_attachment_find(a, "model.norm.weight", &i), WD_OK);
+  wd_tensor_info t;
+  ASSERT_EQ(wd_attachment_tensor(a, i, &t), WD_OK);
+  void* out = nullptr;
+  ASSERT_EQ(wd_attachment_export_dlpack(a, i, &out), WD_OK) << wd_last_error();
+  auto* m = static_cast<DLManaged*>(out);
+  EXPECT_EQ(wd_attachment_refcount(a), 2);
+  EXPECT_EQ(m->data, t.data);
+  EXPECT_EQ(m->device_type, 1);  // kDLCPU
+  EXPECT_EQ(m->ndim, 1);
+  EXPECT_EQ(m->code, 4);  // kDLBfloat
+  EXPECT_EQ(m->bits, 16);
+  EXPECT_EQ(m->lanes, 1);
+  EXPECT_EQ(m->shape[0], 256);
+  EXPECT_EQ(m->strides[0], 1);
+  EXPECT_EQ(wd_attachment_export_dlpack(a, 999, &out), WD_OUT_OF_RANGE);
+
+  // Detaching while an exported tensor uses the memory is refused.
+  EXPECT_EQ(wd_attachment_detach(a), WD_FAILED_PRECONDITION);
+  EXPECT_THAT(wd_last_error(), HasSubstr("1 other references"));
+
+  // The handle's own reference goes first: the export still keeps the lease and the bytes.
+  wd_attachment_release(a);
+  EXPECT_THAT(StatusJson("demo"), HasSubstr(R"("leases":[{)"));
+  volatile uint8_t first = static_cast<const uint8_t*>(m->data)[0];
+  (void)first;
+  m->deleter(m);  // last reference: unmaps and detaches
+  EXPECT_TRUE(WaitForState("demo", "ready"));
+  const auto deadline = Clock::now() + std::chrono::seconds(5);
+  while (StatusJson("demo").find(R"("leases":[])") == std::string::npos &&
+         Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_THAT(StatusJson("demo"), HasSubstr(R"("leases":[])"));
+}
+
+TEST_F(CApiTest, UnloadRefusedWhileAttachedThenSucceeds) {
+  ClientPtr c = Connect();
+  ASSERT_EQ(wd_load(c.get(), "demo2", g_ckpt.c_str(), R"({"recipe": "llama", "tp": 2})"), WD_OK)
+      << wd_last_error();
+  ASSERT_TRUE(WaitForState("demo2", "ready"));
+  wd_attachment* a = nullptr;
+  ASSERT_EQ(wd_attach(c.get(), "demo2", 1, &a), WD_OK) << wd_last_error();
+  EXPECT_EQ(wd_attachment_rank(a), 1);
+  EXPECT_EQ(wd_attachment_verify(a), WD_OK) << wd_last_error();
+  EXPECT_EQ(wd_unload(c.get(), "demo2", 0), WD_FAILED_PRECONDITION);
+  EXPECT_THAT(wd_last_error(), HasSubstr("demo2"));
+  wd_attachment_release(a);
+  EXPECT_EQ(wd_unload(c.get(), "demo2", 0), WD_OK) << wd_last_error();
+  EXPECT_EQ(wd_unload(c.get(), "demo2", 0), WD_NOT_FOUND);
+}
+
+}  // namespace
