@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "detail/dlpack.h"
 #include "nlohmann/json.hpp"
 #include "weightd/client.h"
 #include "weightd/dtype.h"
@@ -177,32 +178,7 @@ void FillInfo(const weightd::TensorView& t, wd_tensor_info* out) {
   } while (0)
 
 // ---- DLPack (unversioned ABI, DLPack 0.5-0.8); defined here so the header needs no dlpack.h.
-struct DLDevice {
-  int32_t device_type;
-  int32_t device_id;
-};
-struct DLDataType {
-  uint8_t code;
-  uint8_t bits;
-  uint16_t lanes;
-};
-struct DLTensor {
-  void* data;
-  DLDevice device;
-  int32_t ndim;
-  DLDataType dtype;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-};
-struct DLManagedTensor {
-  DLTensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensor* self);
-};
-constexpr int32_t kDLCPU = 1;
-constexpr int32_t kDLCUDA = 2;
-constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLBool = 6;
+using namespace weightd::dlpack;  // NOLINT(google-build-using-namespace): DLPack constants
 
 // The struct, its shape and strides in one allocation so the deleter frees it all at once.
 struct ExportedTensor {

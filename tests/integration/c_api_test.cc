@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "detail/dlpack.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -39,20 +40,6 @@ std::string TakeString(char* s) {
   wd_string_free(s);
   return out;
 }
-
-// Minimal DLPack view of what wd_attachment_export_dlpack returns (unversioned ABI).
-struct DLManaged {
-  void* data;
-  int32_t device_type, device_id;
-  int32_t ndim;
-  uint8_t code, bits;
-  uint16_t lanes;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-  void* manager_ctx;
-  void (*deleter)(DLManaged*);
-};
 
 TEST(CApiNoDaemon, ConnectToMissingSocketIsUnavailableAndNamesThePath) {
   wd_client* c = nullptr;
@@ -251,16 +238,16 @@ TEST_F(CApiTest, DlpackExportHoldsTheLeaseUntilTheDeleterRuns) {
   ASSERT_EQ(wd_attachment_tensor(a, i, &t), WD_OK);
   void* out = nullptr;
   ASSERT_EQ(wd_attachment_export_dlpack(a, i, &out), WD_OK) << wd_last_error();
-  auto* m = static_cast<DLManaged*>(out);
+  auto* m = static_cast<DLManagedTensor*>(out);
   EXPECT_EQ(wd_attachment_refcount(a), 2);
-  EXPECT_EQ(m->data, t.data);
-  EXPECT_EQ(m->device_type, 1);  // kDLCPU
-  EXPECT_EQ(m->ndim, 1);
-  EXPECT_EQ(m->code, 4);  // kDLBfloat
-  EXPECT_EQ(m->bits, 16);
-  EXPECT_EQ(m->lanes, 1);
-  EXPECT_EQ(m->shape[0], 256);
-  EXPECT_EQ(m->strides[0], 1);
+  EXPECT_EQ(m->dl_tensor.data, t.data);
+  EXPECT_EQ(m->dl_tensor.device.device_type, 1);  // kDLCPU
+  EXPECT_EQ(m->dl_tensor.ndim, 1);
+  EXPECT_EQ(m->dl_tensor.dtype.code, 4);  // kDLBfloat
+  EXPECT_EQ(m->dl_tensor.dtype.bits, 16);
+  EXPECT_EQ(m->dl_tensor.dtype.lanes, 1);
+  EXPECT_EQ(m->dl_tensor.shape[0], 256);
+  EXPECT_EQ(m->dl_tensor.strides[0], 1);
   EXPECT_EQ(wd_attachment_export_dlpack(a, 999, &out), WD_OUT_OF_RANGE);
 
   // Detaching while an exported tensor uses the memory is refused.
@@ -270,7 +257,7 @@ TEST_F(CApiTest, DlpackExportHoldsTheLeaseUntilTheDeleterRuns) {
   // The handle's own reference goes first: the export still keeps the lease and the bytes.
   wd_attachment_release(a);
   EXPECT_THAT(StatusJson("demo"), HasSubstr(R"("leases":[{)"));
-  volatile uint8_t first = static_cast<const uint8_t*>(m->data)[0];
+  volatile uint8_t first = static_cast<const uint8_t*>(m->dl_tensor.data)[0];
   (void)first;
   m->deleter(m);  // last reference: unmaps and detaches
   EXPECT_TRUE(WaitForState("demo", "ready"));
