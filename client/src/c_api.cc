@@ -67,38 +67,9 @@ char* CopyString(const std::string& s) {
   return p;
 }
 
-json ModelJson(const weightd::ModelInfo& m) {
-  json j = {{"name", m.name},
-            {"state", m.state},
-            {"checkpoint", m.checkpoint},
-            {"backend", m.backend},
-            {"tp", m.tp},
-            {"bytes_total", m.bytes_total},
-            {"bytes_done", m.bytes_done},
-            {"seconds", m.seconds}};
-  if (!m.error.empty()) j["error"] = m.error;
-  json ranks = json::array();
-  for (const weightd::RankStatusInfo& r : m.ranks) {
-    json leases = json::array();
-    for (const weightd::LeaseStatus& l : r.leases) {
-      leases.push_back({{"lease", l.lease}, {"pid", l.pid}, {"uid", l.uid}});
-    }
-    ranks.push_back({{"rank", r.rank},
-                     {"device", r.device},
-                     {"state", r.state},
-                     {"arena_bytes", r.arena_bytes},
-                     {"tensors", r.tensors},
-                     {"leases", leases}});
-  }
-  j["ranks"] = ranks;
-  return j;
-}
-
 int ModelsOut(const absl::StatusOr<std::vector<weightd::ModelInfo>>& models, char** out) {
   if (!models.ok()) return Fail(models.status());
-  json arr = json::array();
-  for (const weightd::ModelInfo& m : *models) arr.push_back(ModelJson(m));
-  *out = CopyString(json{{"models", arr}}.dump());
+  *out = CopyString(weightd::ModelsToJson(*models));
   return WD_OK;
 }
 

@@ -413,4 +413,41 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
   return att;
 }
 
+namespace {
+
+json ModelToJson(const ModelInfo& m) {
+  json j = {{"name", m.name},
+            {"state", m.state},
+            {"checkpoint", m.checkpoint},
+            {"backend", m.backend},
+            {"tp", m.tp},
+            {"bytes_total", m.bytes_total},
+            {"bytes_done", m.bytes_done},
+            {"seconds", m.seconds}};
+  if (!m.error.empty()) j["error"] = m.error;
+  json ranks = json::array();
+  for (const RankStatusInfo& r : m.ranks) {
+    json leases = json::array();
+    for (const LeaseStatus& l : r.leases) {
+      leases.push_back({{"lease", l.lease}, {"pid", l.pid}, {"uid", l.uid}});
+    }
+    ranks.push_back({{"rank", r.rank},
+                     {"device", r.device},
+                     {"state", r.state},
+                     {"arena_bytes", r.arena_bytes},
+                     {"tensors", r.tensors},
+                     {"leases", leases}});
+  }
+  j["ranks"] = ranks;
+  return j;
+}
+
+}  // namespace
+
+std::string ModelsToJson(const std::vector<ModelInfo>& models, int indent) {
+  json arr = json::array();
+  for (const ModelInfo& m : models) arr.push_back(ModelToJson(m));
+  return json{{"models", std::move(arr)}}.dump(indent);
+}
+
 }  // namespace weightd

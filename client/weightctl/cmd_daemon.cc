@@ -10,15 +10,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "nlohmann/json.hpp"
 #include "weightctl/args.h"
 #include "weightctl/commands.h"
 #include "weightd/client.h"
 
 namespace weightd::cli {
 namespace {
-
-using json = nlohmann::json;
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "weightctl: %s: %s\n",
@@ -76,33 +73,6 @@ void PrintModel(const ModelInfo& m) {
                 r.state.c_str(), r.device, HumanBytes(r.arena_bytes).c_str(), r.tensors,
                 r.leases.size(), pids.empty() ? "" : " pids ", absl::StrJoin(pids, ",").c_str());
   }
-}
-
-json ModelJson(const ModelInfo& m) {
-  json j = {{"name", m.name},
-            {"state", m.state},
-            {"checkpoint", m.checkpoint},
-            {"backend", m.backend},
-            {"tp", m.tp},
-            {"bytes_total", m.bytes_total},
-            {"bytes_done", m.bytes_done},
-            {"seconds", m.seconds}};
-  if (!m.error.empty()) j["error"] = m.error;
-  json ranks = json::array();
-  for (const RankStatusInfo& r : m.ranks) {
-    json leases = json::array();
-    for (const LeaseStatus& l : r.leases) {
-      leases.push_back({{"lease", l.lease}, {"pid", l.pid}, {"uid", l.uid}});
-    }
-    ranks.push_back({{"rank", r.rank},
-                     {"device", r.device},
-                     {"state", r.state},
-                     {"arena_bytes", r.arena_bytes},
-                     {"tensors", r.tensors},
-                     {"leases", leases}});
-  }
-  j["ranks"] = ranks;
-  return j;
 }
 
 // Redraws the progress of `name` (or all models) until nothing is loading. Returns the final
@@ -229,9 +199,7 @@ int StatusMain(int argc, char** argv) {
   }
   if (!st.ok()) return Fail(st.status());
   if (as_json) {
-    json j = json::array();
-    for (const ModelInfo& m : *st) j.push_back(ModelJson(m));
-    std::printf("%s\n", json{{"models", j}}.dump(2).c_str());
+    std::printf("%s\n", ModelsToJson(*st, 2).c_str());
     return 0;
   }
   if (st->empty()) std::printf("no models\n");

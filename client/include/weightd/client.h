@@ -154,6 +154,12 @@ class Client {
   std::shared_ptr<Impl> impl_;
 };
 
+// `{"models": [...]}` as `weightctl status --json` prints it and the C ABI returns it: per model
+// name, state, checkpoint, backend, tp, bytes_total, bytes_done, seconds, error (when failed)
+// and ranks (rank, device, state, arena_bytes, tensors, leases [{lease, pid, uid}]).
+// `indent` < 0 gives one line.
+std::string ModelsToJson(const std::vector<ModelInfo>& models, int indent = -1);
+
 }  // namespace weightd
 
 #endif  // WEIGHTD_CLIENT_H_
