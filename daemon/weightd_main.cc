@@ -1,7 +1,7 @@
 // weightd: the daemon. See `weightd --help`, docs/CONFIG.md and docs/PROTOCOL.md.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -160,9 +160,10 @@ void Reload(const std::string& config_path, weightd::Registry& registry,
     }
   }
   preloads = std::move(kept);
-  LogInfo("SIGHUP: reloaded %s: log level %s, %d preloads started, %d unloaded (other keys "
-          "apply at the next start)",
-          config_path, c->log_level, started, unloaded);
+  LogInfo(
+      "SIGHUP: reloaded %s: log level %s, %d preloads started, %d unloaded (other keys "
+      "apply at the next start)",
+      config_path, c->log_level, started, unloaded);
 }
 
 }  // namespace

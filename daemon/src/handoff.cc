@@ -7,8 +7,8 @@
 
 #include <cerrno>
 #include <cstring>
-#include <optional>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "absl/strings/numbers.h"
@@ -248,9 +248,8 @@ absl::StatusOr<std::string> ReadSealedMemfd(int fd, uint64_t max_bytes, absl::st
         absl::StrCat(what, " is not a memfd (F_GET_SEALS: ", std::strerror(errno), ")"));
   }
   if ((seals & kAllSeals) != kAllSeals) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(what, " lacks seals (has 0x", absl::Hex(seals), ", needs 0x",
-                     absl::Hex(kAllSeals), ")"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, " lacks seals (has 0x", absl::Hex(seals), ", needs 0x", absl::Hex(kAllSeals), ")"));
   }
   struct stat st;
   if (::fstat(fd, &st) != 0) return ErrnoError(errno, absl::StrCat("fstat of ", what));
@@ -313,8 +312,8 @@ SortedFds SortNamedFds(std::vector<NamedFd> fds) {
     for (auto& [r, nf] : g.manifests) all.push_back(nf.name);
     for (auto& [rp, nf] : g.arenas) all.push_back(nf.name);
     auto fail = [&](absl::string_view why) {
-      out.errors.push_back(absl::StrCat("model token '", token, "' dropped (", all.size(),
-                                        " fds): ", why));
+      out.errors.push_back(
+          absl::StrCat("model token '", token, "' dropped (", all.size(), " fds): ", why));
       out.dropped_names.insert(out.dropped_names.end(), all.begin(), all.end());
     };
     if (!g.record) {
@@ -363,8 +362,8 @@ SortedFds SortNamedFds(std::vector<NamedFd> fds) {
       m.ranks.push_back(std::move(ar));
     }
     if (s.ok() && used != all.size()) {
-      s = absl::InvalidArgumentError(absl::StrCat(all.size() - used,
-                                                  " fds name ranks or parts the record lacks"));
+      s = absl::InvalidArgumentError(
+          absl::StrCat(all.size() - used, " fds name ranks or parts the record lacks"));
     }
     if (!s.ok()) {
       fail(s.message());
@@ -424,9 +423,8 @@ absl::StatusOr<std::vector<NamedFd>> RequestTakeover(int sock) {
     const json j = json::parse(pk.data, nullptr, false);
     if (j.is_discarded() || !j.contains("names") || !j["names"].is_array() ||
         j["names"].size() != pk.fds.size()) {
-      return absl::InternalError(absl::StrCat("handoff packet ", k + 1,
-                                              " does not name each of its ", pk.fds.size(),
-                                              " fds"));
+      return absl::InternalError(absl::StrCat(
+          "handoff packet ", k + 1, " does not name each of its ", pk.fds.size(), " fds"));
     }
     for (size_t i = 0; i < pk.fds.size(); ++i) {
       if (!j["names"][i].is_string()) return absl::InternalError("handoff fd name not a string");

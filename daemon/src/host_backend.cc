@@ -5,9 +5,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cstring>
-
 #include <cerrno>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -126,18 +125,18 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t 
                                                           absl::string_view label) {
   const int seals = ::fcntl(fd.get(), F_GET_SEALS);
   if (seals < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "arena ", label, " is not a memfd (F_GET_SEALS: ", std::strerror(errno), ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("arena ", label, " is not a memfd (F_GET_SEALS: ", std::strerror(errno), ")"));
   }
   if ((seals & kAllSeals) != kAllSeals) {
-    return absl::FailedPreconditionError(absl::StrCat("arena ", label, " is not sealed (seals 0x",
-                                                      absl::Hex(seals), ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("arena ", label, " is not sealed (seals 0x", absl::Hex(seals), ")"));
   }
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) return ErrnoError(errno, absl::StrCat("fstat of ", label));
   if (static_cast<uint64_t>(st.st_size) != bytes) {
-    return absl::FailedPreconditionError(absl::StrCat("arena ", label, " has ", st.st_size,
-                                                      " bytes; its record says ", bytes));
+    return absl::FailedPreconditionError(
+        absl::StrCat("arena ", label, " has ", st.st_size, " bytes; its record says ", bytes));
   }
   auto a = std::make_unique<HostArena>(std::move(fd), bytes, std::string(label), nullptr);
   WD_RETURN_IF_ERROR(a->AdoptSealed());

@@ -636,9 +636,9 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
     return absl::Status(s.code(), absl::StrCat("adopting model '", name, "': ", s.message()));
   };
   if (rec.backend != backend_->name()) {
-    return bad(absl::FailedPreconditionError(
-        absl::StrCat("it was loaded by backend '", rec.backend, "', this daemon runs '",
-                     backend_->name(), "'")));
+    return bad(absl::FailedPreconditionError(absl::StrCat("it was loaded by backend '", rec.backend,
+                                                          "', this daemon runs '", backend_->name(),
+                                                          "'")));
   }
   auto m = std::make_shared<Model>();
   m->name = name;
@@ -668,10 +668,10 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
     if (!man.ok()) return bad(Annotate(man.status(), absl::StrCat("manifest of ", what)));
     if (man->model != name || static_cast<int>(man->rank) != rr.rank ||
         man->arenas.size() != ar.arenas.size() || man->tensors.size() != rr.tensors) {
-      return bad(absl::FailedPreconditionError(absl::StrCat(
-          "the manifest of ", what, " (model '", man->model, "' rank ", man->rank, ", ",
-          man->arenas.size(), " arenas, ", man->tensors.size(),
-          " tensors) does not match the record")));
+      return bad(absl::FailedPreconditionError(
+          absl::StrCat("the manifest of ", what, " (model '", man->model, "' rank ", man->rank,
+                       ", ", man->arenas.size(), " arenas, ", man->tensors.size(),
+                       " tensors) does not match the record")));
     }
     if (man->arenas[0].kind != want_kind || man->arenas[0].size != rr.arena_bytes) {
       return bad(absl::FailedPreconditionError(

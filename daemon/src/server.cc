@@ -237,8 +237,7 @@ Server::~Server() {
   impl_->conns.clear();
   // A socket-activated listener belongs to systemd, which may pass it to our successor; after
   // a takeover the socket file is the successor's.
-  const bool owns_path =
-      impl_->options.adopted_listen_fd < 0 || impl_->options.adopted_owns_path;
+  const bool owns_path = impl_->options.adopted_listen_fd < 0 || impl_->options.adopted_owns_path;
   if (owns_path && !impl_->handed_over && !impl_->options.socket_path.empty()) {
     ::unlink(impl_->options.socket_path.c_str());
   }
@@ -673,9 +672,10 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
       takeover_conn = 0;
       handed_over = true;
       drain_deadline = absl::Now() + options.handover_drain;
-      LogNotice("takeover: pid %d serves now; answering the %zu open connections for at most "
-                "%.1f s",
-                c.peer.pid, conns.size() - 1, absl::ToDoubleSeconds(options.handover_drain));
+      LogNotice(
+          "takeover: pid %d serves now; answering the %zu open connections for at most "
+          "%.1f s",
+          c.peer.pid, conns.size() - 1, absl::ToDoubleSeconds(options.handover_drain));
       Queue(c, OkReply(r.id_json, json::object()));
       return;
     }

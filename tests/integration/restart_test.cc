@@ -254,9 +254,8 @@ std::string Metric(const std::string& socket, const std::string& name) {
 json StatusOf(const std::string& socket, const std::string& model) {
   auto fd = ConnectSeqpacket(socket);
   if (!fd.ok()) return json::object();
-  for (const std::string req :
-       {std::string(R"({"op":"hello","version":1})"),
-        json{{"op", "status"}, {"name", model}}.dump()}) {
+  for (const std::string req : {std::string(R"({"op":"hello","version":1})"),
+                                json{{"op", "status"}, {"name", model}}.dump()}) {
     if (!SendPacket(fd->get(), req).ok()) return json::object();
     pollfd p{fd->get(), POLLIN, 0};
     if (::poll(&p, 1, 5000) != 1) return json::object();
@@ -297,9 +296,9 @@ class RestartTest : public ::testing::Test {
     std::filesystem::remove_all(dir_, ec);
   }
   void WriteConfig(const json& preload, bool valid = true) {
-    json c = {{"socket", socket_},       {"backend", "host"},
-              {"socket_mode", "0666"},   {"model_roots", {dir_ + "/models"}},
-              {"io_threads", 2},         {"hello_timeout_ms", 2000},
+    json c = {{"socket", socket_},     {"backend", "host"},
+              {"socket_mode", "0666"}, {"model_roots", {dir_ + "/models"}},
+              {"io_threads", 2},       {"hello_timeout_ms", 2000},
               {"preload", preload}};
     if (!valid) c["sockit"] = 1;
     std::ofstream(dir_ + "/weightd.json") << c.dump();
@@ -330,8 +329,8 @@ class RestartTest : public ::testing::Test {
   bool LoadDemo() {
     std::string out;
     const int rc = RunCmd({WEIGHTCTL_BIN, "load", "demo", ckpt_, "--recipe-name", "hf", "--wait",
-                        "--socket", socket_},
-                       &out);
+                           "--socket", socket_},
+                          &out);
     EXPECT_EQ(rc, 0) << out;
     return rc == 0;
   }
@@ -360,9 +359,8 @@ TEST_F(RestartTest, FdStoreRestartServesTheSameBytesWithoutReading) {
   ASSERT_TRUE(systemd.WaitFor("READY=1")) << systemd.log();
   ASSERT_TRUE(LoadDemo());
   ASSERT_TRUE(systemd.WaitFor("FDNAME=wd1.rec.demo")) << systemd.log();
-  EXPECT_THAT(systemd.StoredNames(),
-              ::testing::UnorderedElementsAre("wd1.arena.demo.0.0", "wd1.man.demo.0",
-                                              "wd1.rec.demo"));
+  EXPECT_THAT(systemd.StoredNames(), ::testing::UnorderedElementsAre(
+                                         "wd1.arena.demo.0.0", "wd1.man.demo.0", "wd1.rec.demo"));
   EXPECT_NE(Metric(socket_, "weightd_checkpoint_bytes_read_total"), "0");
 
   auto held_client = Client::Connect(socket_);
@@ -492,9 +490,10 @@ TEST_F(RestartTest, TakeoverServesWithoutAGap) {
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   stop = true;
   loop.join();
-  std::printf("takeover: old daemon exited %.1f ms after the successor started; %d attaches "
-              "before, %d in all\n",
-              handoff_ms, ok_before, ok.load());
+  std::printf(
+      "takeover: old daemon exited %.1f ms after the successor started; %d attaches "
+      "before, %d in all\n",
+      handoff_ms, ok_before, ok.load());
   EXPECT_EQ(failed.load(), 0) << first_failure;
   EXPECT_GT(ok.load(), ok_before);
   json st = StatusOf(socket_, "demo");
@@ -553,8 +552,8 @@ TEST_F(RestartTest, TakeoverAbortedOrUnauthorizedKeepsTheOldDaemon) {
         msg = "setuid failed";
       } else {
         auto sock = ConnectSeqpacket(socket_);
-        msg = sock.ok() ? RequestTakeover(sock->get()).status().ToString()
-                        : sock.status().ToString();
+        msg =
+            sock.ok() ? RequestTakeover(sock->get()).status().ToString() : sock.status().ToString();
       }
       (void)!::write(pipefd[1], msg.data(), msg.size());
       ::_exit(0);
@@ -570,10 +569,10 @@ TEST_F(RestartTest, TakeoverAbortedOrUnauthorizedKeepsTheOldDaemon) {
   }
   // A successor that cannot reach a daemon fails cleanly.
   std::string out;
-  EXPECT_EQ(RunCmd({WEIGHTD_BIN, "--socket", dir_ + "/nobody.sock", "--backend", "host",
-                 "--takeover"},
-                &out),
-            1);
+  EXPECT_EQ(
+      RunCmd({WEIGHTD_BIN, "--socket", dir_ + "/nobody.sock", "--backend", "host", "--takeover"},
+             &out),
+      1);
   EXPECT_THAT(out, HasSubstr("no daemon to take over"));
   AttachCheck(ckpt_);
   EXPECT_EQ(Stop(d), 0);
