@@ -1,20 +1,25 @@
 // weightd: the daemon. See `weightd --help`, docs/CONFIG.md and docs/PROTOCOL.md.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "weightd/backend.h"
 #include "weightd/config.h"
+#include "weightd/handoff.h"
 #include "weightd/log.h"
 #include "weightd/registry.h"
 #include "weightd/seqpacket.h"
@@ -29,7 +34,7 @@ namespace {
 
 constexpr char kHelp[] =
     "usage: weightd [--config FILE] [--socket PATH] [--backend auto|cuda|host]\n"
-    "               [--pinned-budget BYTES] [--log-level LEVEL]\n"
+    "               [--pinned-budget BYTES] [--log-level LEVEL] [--takeover]\n"
     "\n"
     "Keeps model weights resident in memory in each rank's layout and lends them to worker\n"
     "processes over a Unix socket (weightctl, libweightd_client).\n"
@@ -42,20 +47,123 @@ constexpr char kHelp[] =
     "                        cuda, or host (sealed memfds in RAM)\n"
     "  --pinned-budget BYTES staging memory per load, e.g. 1GiB (default 1 GiB)\n"
     "  --log-level LEVEL     error, warning, notice, info (default) or debug\n"
+    "  --takeover            take over the daemon running on the socket (same uid only): receive\n"
+    "                        its models and listening socket, serve them, and let it exit\n"
     "  -h, --help            this text\n"
     "\n"
-    "Stops on SIGINT/SIGTERM; SIGHUP reloads the config's log level. Logs one line per event\n"
-    "to stderr (journald priorities when stderr is the journal). Under systemd: serves the\n"
-    "socket of weightd.socket when socket-activated, sends READY=1 once the config's preloads\n"
-    "have ended (STATUS= shows their progress) and pings the watchdog from its event loop.\n"
+    "Stops on SIGINT/SIGTERM; SIGHUP re-reads the config (log level, new preloads start,\n"
+    "removed ones are unloaded unless attached). Logs one line per event to stderr (journald\n"
+    "priorities when stderr is the journal). Under systemd: serves the socket of weightd.socket\n"
+    "when socket-activated, sends READY=1 once the config's preloads have ended (STATUS= shows\n"
+    "their progress), pings the watchdog from its event loop, and keeps every loaded model in\n"
+    "the fd store so a restart re-adopts it without reading the checkpoint\n"
+    "(docs/OPERATIONS.md).\n"
     "\n"
     "example:\n"
     "  weightd --socket /tmp/weightd.sock --backend host &\n"
-    "  weightctl load llama /models/Llama-3-8B --tp 2 --socket /tmp/weightd.sock\n";
+    "  weightctl load llama /models/Llama-3-8B --tp 2 --socket /tmp/weightd.sock\n"
+    "  weightd --socket /tmp/weightd.sock --backend host --takeover &   # hot upgrade\n";
 
 int Usage(const std::string& message) {
   std::fprintf(stderr, "weightd: %s\nRun 'weightd --help' for usage.\n", message.c_str());
   return 2;
+}
+
+#if WEIGHTD_HAVE_SYSTEMD
+// Stores each fd in systemd's fd store under its name (FDPOLL=0: systemd must not drop an arena
+// when it sees POLLHUP/POLLERR on it). A no-op without NOTIFY_SOCKET.
+void StoreFds(const std::vector<weightd::NamedFd>& fds) {
+  for (const weightd::NamedFd& f : fds) {
+    const std::string msg = absl::StrCat("FDSTORE=1\nFDNAME=", f.name, "\nFDPOLL=0");
+    const int fd = f.fd.get();
+    const int r = sd_pid_notify_with_fds(0, 0, msg.c_str(), &fd, 1);
+    if (r < 0) {
+      weightd::LogWarning("fd store: storing %s failed: %s", f.name, std::strerror(-r));
+    }
+  }
+}
+
+void RemoveStoredFds(const std::vector<std::string>& names) {
+  for (const std::string& n : names) {
+    sd_notifyf(0, "FDSTOREREMOVE=1\nFDNAME=%s", n.c_str());
+  }
+}
+#endif
+
+// Adopts the models in `fds`; logs (and, for the fd store, removes) whatever is invalid.
+void AdoptAll(weightd::SortedFds& sorted, weightd::Registry& registry, const char* origin) {
+  using namespace weightd;
+  for (const std::string& e : sorted.errors) LogWarning("%s: %s", origin, e);
+  std::vector<std::string> drop = sorted.dropped_names;
+  for (AdoptableModel& m : sorted.models) {
+    const std::string name = m.record.name;
+    const std::vector<std::string> names = m.fd_names;
+    const absl::Status s = registry.Adopt(std::move(m), origin);
+    if (s.ok()) {
+      LogInfo("%s: model %s is ready again (no checkpoint read)", origin, name);
+    } else {
+      LogError("%s: dropped: %s", origin, s.message());
+      drop.insert(drop.end(), names.begin(), names.end());
+    }
+  }
+#if WEIGHTD_HAVE_SYSTEMD
+  if (std::strcmp(origin, "fdstore") == 0) RemoveStoredFds(drop);
+#endif
+}
+
+// SIGHUP: re-reads the config. The log level applies at once; preloads added since start (or
+// the last reload) are loaded, removed ones unloaded unless attached. Every other key needs a
+// restart. An invalid file is refused and the running configuration stays.
+void Reload(const std::string& config_path, weightd::Registry& registry,
+            std::vector<weightd::PreloadEntry>& preloads, const weightd::Peer& self) {
+  using namespace weightd;
+  if (config_path.empty()) {
+    LogInfo("SIGHUP: no --config file to reload");
+    return;
+  }
+  auto c = LoadConfigFile(config_path);
+  absl::StatusOr<LogLevel> level = c.ok() ? ParseLogLevel(c->log_level) : c.status();
+  if (!level.ok()) {
+    LogError("SIGHUP: rejected %s, keeping the running configuration: %s", config_path,
+             level.status().message());
+    return;
+  }
+  InitLogging(*level);
+  auto listed = [](const std::vector<PreloadEntry>& v, const std::string& name) {
+    return std::find_if(v.begin(), v.end(), [&](const PreloadEntry& p) { return p.name == name; });
+  };
+  int started = 0, unloaded = 0;
+  for (const PreloadEntry& p : c->preload) {
+    auto old = listed(preloads, p.name);
+    if (old != preloads.end()) {
+      if (LoadSpecToJson(old->spec) != LoadSpecToJson(p.spec)) {
+        LogWarning("SIGHUP: preload %s changed; unload it to load the new options", p.name);
+      }
+      continue;
+    }
+    const absl::Status s = registry.StartLoad(p.name, p.spec, self);
+    if (s.ok()) {
+      ++started;
+    } else {
+      LogError("SIGHUP: preload %s: %s", p.name, s.message());
+    }
+  }
+  std::vector<PreloadEntry> kept = c->preload;
+  for (const PreloadEntry& p : preloads) {
+    if (listed(c->preload, p.name) != c->preload.end()) continue;
+    const absl::Status s = registry.Unload(p.name, /*force=*/false, self);
+    if (s.ok() || absl::IsNotFound(s)) {
+      ++unloaded;
+    } else {
+      LogWarning("SIGHUP: %s left the preload list but stays loaded: %s", p.name, s.message());
+      kept.push_back(p);  // retried at the next SIGHUP
+    }
+  }
+  preloads = std::move(kept);
+  LogInfo(
+      "SIGHUP: reloaded %s: log level %s, %d preloads started, %d unloaded (other keys "
+      "apply at the next start)",
+      config_path, c->log_level, started, unloaded);
 }
 
 }  // namespace
@@ -63,11 +171,16 @@ int Usage(const std::string& message) {
 int main(int argc, char** argv) {
   using namespace weightd;
   std::string config_path, socket, backend, budget, log_level;
+  bool takeover = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "-h" || a == "--help") {
       std::fputs(kHelp, stdout);
       return 0;
+    }
+    if (a == "--takeover") {
+      takeover = true;
+      continue;
     }
     std::string value;
     const size_t eq = a.find('=');
@@ -119,6 +232,7 @@ int main(int argc, char** argv) {
   auto level = ParseLogLevel(config.log_level);
   if (!level.ok()) return Usage(std::string(level.status().message()));
   InitLogging(*level);
+  const absl::Time t_start = absl::Now();
 
   // Block the signals handled below before any thread starts, so only the waiter receives them.
   sigset_t stop_signals;
@@ -138,32 +252,48 @@ int main(int argc, char** argv) {
   Registry registry(be->get(), config);
   ServerOptions so;
   so.socket_path = config.socket;
+  UniqueFd takeover_sock;
 #if WEIGHTD_HAVE_SYSTEMD
   // Socket activation (systemd/weightd.socket): serve the SEQPACKET socket systemd passes,
-  // preferring the one named "control".
+  // preferring the one named "control". Every other fd comes from our fd store: the models of
+  // the previous run, re-adopted below.
   {
     char** names = nullptr;
     const int n = sd_listen_fds_with_names(/*unset_environment=*/1, &names);
+    std::vector<NamedFd> stored;
     for (int i = 0; i < n; ++i) {
       const int fd = SD_LISTEN_FDS_START + i;
-      const bool named = names != nullptr && std::strcmp(names[i], "control") == 0;
-      if (sd_is_socket_unix(fd, SOCK_SEQPACKET, /*listening=*/1, nullptr, 0) > 0 &&
-          (so.adopted_listen_fd < 0 || named)) {
+      const std::string name = names != nullptr && names[i] != nullptr ? names[i] : "";
+      const bool listening = sd_is_socket_unix(fd, SOCK_SEQPACKET, /*listening=*/1, nullptr, 0) > 0;
+      if (listening && (so.adopted_listen_fd < 0 || name == kListenerFdName)) {
+        if (so.adopted_listen_fd >= 0) ::close(so.adopted_listen_fd);
         so.adopted_listen_fd = fd;
+      } else if (listening && name != kListenerFdName && name.rfind("wd1.", 0) != 0) {
+        LogWarning("ignoring a second listening socket from systemd (fd %d, name '%s')", fd, name);
+        ::close(fd);
+      } else {
+        ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+        stored.push_back({name, UniqueFd(fd)});
       }
     }
     if (n > 0 && so.adopted_listen_fd < 0) {
       LogWarning("systemd passed %d fds but none is a listening SOCK_SEQPACKET socket; binding %s",
                  n, config.socket);
-    } else if (n > 1) {
-      LogWarning("ignoring %d other fds passed by systemd (fd store adoption is not implemented)",
-                 n - 1);
     }
     if (names != nullptr) {
       for (int i = 0; i < n; ++i) free(names[i]);
       free(names);
     }
+    if (!stored.empty()) {
+      const size_t count = stored.size();
+      SortedFds sorted = SortNamedFds(std::move(stored));
+      AdoptAll(sorted, registry, "fdstore");
+      LogInfo("fd store: %zu fds from systemd, %zu models re-adopted in %.3f s", count,
+              registry.ModelNames().size(), absl::ToDoubleSeconds(absl::Now() - t_start));
+    }
   }
+  registry.SetHooks({.on_ready = [](std::vector<NamedFd> fds) { StoreFds(fds); },
+                     .on_removed = [](std::vector<std::string> n) { RemoveStoredFds(n); }});
   // The watchdog is pinged from the event loop, at half the interval, so a wedged loop is
   // noticed and restarted.
   uint64_t watchdog_usec = 0;
@@ -179,6 +309,37 @@ int main(int argc, char** argv) {
     };
   }
 #endif
+  if (takeover) {
+    // Hot takeover: the running daemon hands us its models and its listening socket, and stops
+    // accepting; connections arriving meanwhile wait in the socket's backlog for us.
+    if (so.adopted_listen_fd >= 0) {
+      LogError("start failed: --takeover with a socket passed by systemd");
+      return 1;
+    }
+    auto sock = ConnectSeqpacket(config.socket);
+    if (!sock.ok()) {
+      LogError("takeover: no daemon to take over on %s: %s", config.socket,
+               sock.status().message());
+      return 1;
+    }
+    takeover_sock = std::move(*sock);
+    auto fds = RequestTakeover(takeover_sock.get());
+    if (!fds.ok()) {
+      LogError("takeover failed: %s", fds.status().message());
+      return 1;
+    }
+    const size_t count = fds->size();
+    SortedFds sorted = SortNamedFds(std::move(*fds));
+    if (!sorted.listener) {
+      LogError("takeover failed: the running daemon sent no listening socket");
+      return 1;
+    }
+    AdoptAll(sorted, registry, "takeover");
+    so.adopted_listen_fd = sorted.listener.Release();
+    so.adopted_owns_path = true;
+    LogInfo("takeover: received %zu fds, %zu models adopted in %.3f s", count,
+            registry.ModelNames().size(), absl::ToDoubleSeconds(absl::Now() - t_start));
+  }
   so.socket_mode = config.socket_mode;
   so.max_connections = config.max_connections;
   so.max_request_bytes = config.max_request_bytes;
@@ -188,36 +349,43 @@ int main(int argc, char** argv) {
     LogError("start failed: %s", server.status().message());
     return 1;
   }
+  if (takeover) {
+    const absl::Status s = ConfirmTakeover(takeover_sock.get());
+    takeover_sock.Reset();
+    if (!s.ok()) {
+      LogError("takeover failed at the confirmation (the old daemon keeps serving): %s",
+               s.message());
+      return 1;
+    }
+    LogNotice("takeover: confirmed; serving");
+  }
   LogInfo("start: pid %d, backend %s, pinned budget %s, %d io threads, fd limit %llu", ::getpid(),
           std::string((*be)->name()), FormatBytes(config.pinned_budget), config.io_threads,
           static_cast<unsigned long long>(nofile));
   const Peer self{::getpid(), ::geteuid(), ::getegid()};
-  for (const PreloadEntry& p : config.preload) {
-    const absl::Status s = registry.StartLoad(p.name, p.spec, self);
-    if (!s.ok()) LogError("preload %s: %s", p.name, s.message());
+  std::vector<PreloadEntry> preloads = config.preload;
+  {
+    const std::vector<std::string> have = registry.ModelNames();
+    for (const PreloadEntry& p : config.preload) {
+      if (std::find(have.begin(), have.end(), p.name) != have.end()) {
+        LogInfo("preload %s: kept the adopted model", p.name);
+        continue;
+      }
+      const absl::Status s = registry.StartLoad(p.name, p.spec, self);
+      if (!s.ok()) LogError("preload %s: %s", p.name, s.message());
+    }
   }
   Server* srv = server->get();
-  std::thread waiter([srv, stop_signals, config_path] {
+  auto run_ended = std::make_shared<std::atomic<bool>>(false);
+  std::thread waiter([srv, stop_signals, config_path, &registry, &preloads, self, run_ended] {
     for (;;) {
       int sig = 0;
       sigwait(&stop_signals, &sig);
       if (sig == SIGHUP) {
-        // Reload: the log level applies at once; every other key needs a restart.
-        if (config_path.empty()) {
-          LogInfo("SIGHUP: no --config file to reload");
-          continue;
-        }
-        auto c = LoadConfigFile(config_path);
-        auto level = c.ok() ? ParseLogLevel(c->log_level) : c.status();
-        if (!level.ok()) {
-          LogError("SIGHUP: reload of %s failed: %s", config_path, level.status().message());
-          continue;
-        }
-        InitLogging(*level);
-        LogInfo("SIGHUP: log level %s from %s (other keys apply at the next start)", c->log_level,
-                config_path);
+        Reload(config_path, registry, preloads, self);
         continue;
       }
+      if (run_ended->load()) return;  // Run() ended on its own
       LogInfo("received %s; shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
 #if WEIGHTD_HAVE_SYSTEMD
       sd_notify(0, "STOPPING=1");
@@ -234,16 +402,18 @@ int main(int argc, char** argv) {
     for (;;) {
       auto st = registry.Status("", self);
       uint64_t done = 0, total = 0;
-      int loading = 0;
+      int loading = 0, adopted = 0;
       if (st.ok()) {
         for (const ModelStatus& m : *st) {
           for (const RankStatus& r : m.ranks) loading += r.state == RankState::kLoading;
+          adopted += m.origin != "load";
           done += m.bytes_done;
           total += m.bytes_total;
         }
       }
       if (loading == 0) {
-        sd_notifyf(0, "READY=1\nSTATUS=ready: %zu models", st.ok() ? st->size() : 0);
+        sd_notifyf(0, "READY=1\nSTATUS=ready: %zu models (%d re-adopted without reading)",
+                   st.ok() ? st->size() : 0, adopted);
         return;
       }
       sd_notifyf(0, "STATUS=preloading: %s of %s", FormatBytes(done).c_str(),
@@ -253,9 +423,11 @@ int main(int argc, char** argv) {
   });
 #endif
   const absl::Status run = srv->Run();
-  // Wake the waiter if Run() ended on its own.
-  if (!run.ok()) {
-    LogError("server failed: %s", run.message());
+  const bool handed_over = srv->handed_over();
+  if (!run.ok()) LogError("server failed: %s", run.message());
+  if (!run.ok() || handed_over) {
+    // Wake the waiter: Run() ended on its own.
+    run_ended->store(true);
     ::kill(::getpid(), SIGTERM);
   }
   waiter.join();
@@ -264,6 +436,6 @@ int main(int argc, char** argv) {
   notifier.join();
 #endif
   server->reset();
-  LogInfo("stopped");
+  LogInfo(handed_over ? "stopped: handed over to the successor" : "stopped");
   return run.ok() ? 0 : 1;
 }

@@ -12,9 +12,11 @@ namespace {
 using json = nlohmann::json;
 
 constexpr std::pair<Op, absl::string_view> kOps[] = {
-    {Op::kHello, "hello"},   {Op::kList, "list"},       {Op::kLoad, "load"},
-    {Op::kStatus, "status"}, {Op::kAttach, "attach"},   {Op::kDetach, "detach"},
-    {Op::kUnload, "unload"}, {Op::kMetrics, "metrics"},
+    {Op::kHello, "hello"},       {Op::kList, "list"},
+    {Op::kLoad, "load"},         {Op::kStatus, "status"},
+    {Op::kAttach, "attach"},     {Op::kDetach, "detach"},
+    {Op::kUnload, "unload"},     {Op::kMetrics, "metrics"},
+    {Op::kTakeover, "takeover"}, {Op::kTakeoverDone, "takeover_done"},
 };
 
 absl::Status FieldError(absl::string_view ctx, absl::string_view field, absl::string_view want) {
@@ -229,6 +231,8 @@ absl::StatusOr<Request> ParseRequestObject(const json& j) {
     }
     case Op::kList:
     case Op::kMetrics:
+    case Op::kTakeover:
+    case Op::kTakeoverDone:
       break;
     case Op::kStatus:
       allowed.push_back("name");

@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -64,6 +66,19 @@ class HostArena final : public Arena {
     return absl::OkStatus();
   }
 
+  // A sealed memfd of an earlier daemon: only the read-only mapping is made.
+  absl::Status AdoptSealed() {
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_.get(), 0);
+      if (p == MAP_FAILED) {
+        return ErrnoError(errno, absl::StrCat("read-only mmap of the adopted memfd of ", label_));
+      }
+      read_map_ = static_cast<const std::byte*>(p);
+    }
+    sealed_ = true;
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<UniqueFd> Export() const override {
     if (!sealed_) {
       return absl::FailedPreconditionError(
@@ -104,6 +119,28 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Allocate(const ArenaRequest&
     map = static_cast<std::byte*>(p);
   }
   return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, map);
+}
+
+absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t bytes, int device,
+                                                          absl::string_view label) {
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("arena ", label, " is not a memfd (F_GET_SEALS: ", std::strerror(errno), ")"));
+  }
+  if ((seals & kAllSeals) != kAllSeals) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("arena ", label, " is not sealed (seals 0x", absl::Hex(seals), ")"));
+  }
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoError(errno, absl::StrCat("fstat of ", label));
+  if (static_cast<uint64_t>(st.st_size) != bytes) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("arena ", label, " has ", st.st_size, " bytes; its record says ", bytes));
+  }
+  auto a = std::make_unique<HostArena>(std::move(fd), bytes, std::string(label), nullptr);
+  WD_RETURN_IF_ERROR(a->AdoptSealed());
+  return a;
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind) {

@@ -14,6 +14,7 @@
 #include "absl/time/clock.h"
 #include "weightd/checkpoint.h"
 #include "weightd/log.h"
+#include "weightd/manifest.h"
 #include "weightd/plan.h"
 #include "weightd/status_macros.h"
 
@@ -41,6 +42,7 @@ struct Registry::Model {
   std::string error;
   std::vector<Rank> ranks;
   std::vector<LeaseInfo> leases;
+  std::string origin = "load";
 };
 
 absl::string_view RankStateName(RankState s) {
@@ -177,6 +179,9 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
     m->ranks.push_back(std::move(r));
   }
   absl::MutexLock l(&mu_);
+  if (frozen_) {
+    return absl::UnavailableError("weightd is handing over to its successor; retry in a moment");
+  }
   if (models_.count(name) != 0) {
     return absl::AlreadyExistsError(
         absl::StrCat("a model named '", name, "' already exists (state ",
@@ -278,8 +283,10 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   const uint64_t bytes = m->progress.bytes_total.load();
   std::vector<std::unique_ptr<Arena>> to_free;
   bool cancelled = false;
+  absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   {
     absl::MutexLock l(&mu_);
+    bytes_read_total_ += m->progress.bytes_done.load();
     cancelled = m->unload_requested;
     m->finished = true;
     m->elapsed = elapsed;
@@ -304,9 +311,16 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
         r.tensors = tensor_counts[i];
         r.state = RankState::kReady;
       }
+      if (hooks_.on_ready) stored = ExportLocked(*m);
     }
   }
   to_free.clear();
+  if (!stored.ok()) {
+    LogWarning("load %s: cannot export its fds for the fd store: %s", name,
+               stored.status().message());
+  } else if (!stored->empty()) {
+    hooks_.on_ready(std::move(*stored));
+  }
   const double secs = absl::ToDoubleSeconds(elapsed);
   if (cancelled) {
     LogInfo("load %s: cancelled after %.2f s; unloaded", name, secs);
@@ -341,6 +355,7 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
     s.bytes_done = m->progress.bytes_done.load();
     s.load_seconds = absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
     s.started_unix = absl::ToDoubleSeconds(m->started - absl::UnixEpoch());
+    s.origin = m->origin;
     for (const Model::Rank& r : m->ranks) {
       RankStatus rs;
       rs.rank = r.rank;
@@ -446,6 +461,9 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
   std::shared_ptr<Model> victim;
   {
     absl::MutexLock l(&mu_);
+    if (frozen_) {
+      return absl::UnavailableError("weightd is handing over to its successor; retry in a moment");
+    }
     auto it = models_.find(name);
     if (it == models_.end()) {
       return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
@@ -478,6 +496,8 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
   // Arenas are freed outside the lock; clients still holding fds keep their memory alive.
   LogInfo("unload %s: done%s (%zu leases dropped)", name, force ? " (forced)" : "",
           victim->leases.size());
+  const bool was_stored = victim->error.empty();
+  if (hooks_.on_removed && was_stored) hooks_.on_removed(FdNames(*victim));
   victim.reset();
   return absl::OkStatus();
 }
@@ -506,7 +526,15 @@ std::string Registry::Metrics() const {
       "\n# TYPE weightd_loads_running gauge\nweightd_loads_running ", running_loads_,
       "\n# TYPE weightd_attaches_total counter\nweightd_attaches_total ", attaches_total_,
       "\n# TYPE weightd_loaded_bytes_total counter\nweightd_loaded_bytes_total ",
-      bytes_loaded_total_, "\n");
+      bytes_loaded_total_,
+      "\n# HELP weightd_checkpoint_bytes_read_total Checkpoint bytes read by loads (0 after a "
+      "restart that re-adopted every model).\n# TYPE weightd_checkpoint_bytes_read_total counter\n"
+      "weightd_checkpoint_bytes_read_total ",
+      bytes_read_total_,
+      "\n# HELP weightd_models_adopted_total Models taken over from an earlier daemon (fd store "
+      "or takeover) without reading their checkpoint.\n# TYPE weightd_models_adopted_total "
+      "counter\nweightd_models_adopted_total ",
+      adopted_total_, "\n");
   absl::StrAppend(&out, "# HELP weightd_rank_ready 1 when the rank is ready.\n",
                   "# TYPE weightd_rank_ready gauge\n");
   std::string bytes = "# TYPE weightd_rank_arena_bytes gauge\n";
@@ -529,6 +557,148 @@ std::string Registry::Metrics() const {
     }
   }
   return out + bytes + leases + progress;
+}
+
+void Registry::SetHooks(RegistryHooks hooks) { hooks_ = std::move(hooks); }
+
+std::vector<std::string> Registry::FdNames(const Model& m) {
+  std::vector<std::string> names;
+  for (const Model::Rank& r : m.ranks) {
+    names.push_back(EncodeFdName(FdKind::kArena, m.name, r.rank, 0));
+    names.push_back(EncodeFdName(FdKind::kManifest, m.name, r.rank));
+  }
+  // The record goes last when storing and first when removing: a record in the store always
+  // has its fds (a crash between the two leaves fds without a record, which start-up drops).
+  names.push_back(EncodeFdName(FdKind::kRecord, m.name));
+  return names;
+}
+
+absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) const {
+  ModelRecord rec;
+  rec.name = m.name;
+  rec.backend = std::string(backend_->name());
+  rec.spec = m.spec;
+  rec.allow_uids = m.allow_uids;
+  rec.allow_gids = m.allow_gids;
+  rec.bytes_total = m.progress.bytes_total.load();
+  rec.load_seconds = absl::ToDoubleSeconds(m.elapsed);
+  rec.loaded_unix = absl::ToDoubleSeconds(m.started - absl::UnixEpoch());
+  std::vector<NamedFd> out;
+  for (const Model::Rank& r : m.ranks) {
+    if (r.state != RankState::kReady || !r.arena) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("model '", m.name, "' rank ", r.rank, " is not ready"));
+    }
+    rec.ranks.push_back({r.rank, r.device, r.arena_bytes, r.manifest_bytes, r.tensors, 1});
+    WD_ASSIGN_OR_RETURN(UniqueFd arena, r.arena->Export());
+    out.push_back({EncodeFdName(FdKind::kArena, m.name, r.rank, 0), std::move(arena)});
+    UniqueFd man(::fcntl(r.manifest.get(), F_DUPFD_CLOEXEC, 0));
+    if (!man) return ErrnoError(errno, "dup of a manifest memfd");
+    out.push_back({EncodeFdName(FdKind::kManifest, m.name, r.rank), std::move(man)});
+  }
+  WD_ASSIGN_OR_RETURN(UniqueFd record,
+                      MakeSealedMemfd(absl::StrCat(m.name, "/record"), EncodeModelRecord(rec)));
+  out.push_back({EncodeFdName(FdKind::kRecord, m.name), std::move(record)});
+  return out;
+}
+
+absl::StatusOr<std::vector<NamedFd>> Registry::ExportAll() {
+  absl::MutexLock l(&mu_);
+  if (running_loads_ > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        running_loads_, " loads are running; retry the takeover when they have finished"));
+  }
+  std::vector<NamedFd> out;
+  for (const auto& [name, m] : models_) {
+    if (!m->error.empty()) continue;  // a failed model holds no memory to hand over
+    WD_ASSIGN_OR_RETURN(std::vector<NamedFd> fds, ExportLocked(*m));
+    for (NamedFd& f : fds) out.push_back(std::move(f));
+  }
+  return out;
+}
+
+void Registry::Freeze(bool frozen) {
+  absl::MutexLock l(&mu_);
+  frozen_ = frozen;
+}
+
+std::vector<std::string> Registry::ModelNames() const {
+  absl::MutexLock l(&mu_);
+  std::vector<std::string> out;
+  for (const auto& [name, m] : models_) out.push_back(name);
+  return out;
+}
+
+absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
+  const ModelRecord& rec = in.record;
+  const std::string& name = rec.name;
+  auto bad = [&](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat("adopting model '", name, "': ", s.message()));
+  };
+  if (rec.backend != backend_->name()) {
+    return bad(absl::FailedPreconditionError(absl::StrCat("it was loaded by backend '", rec.backend,
+                                                          "', this daemon runs '", backend_->name(),
+                                                          "'")));
+  }
+  auto m = std::make_shared<Model>();
+  m->name = name;
+  m->spec = rec.spec;
+  m->allow_uids = rec.allow_uids;
+  m->allow_gids = rec.allow_gids;
+  m->started = absl::UnixEpoch() + absl::Seconds(rec.loaded_unix);
+  m->elapsed = absl::Seconds(rec.load_seconds);
+  m->finished = true;
+  m->origin = std::string(origin);
+  m->progress.bytes_total = rec.bytes_total;
+  m->progress.bytes_done = rec.bytes_total;
+  const ArenaKind want_kind =
+      backend_->name() == "host" ? ArenaKind::kHostMemfd : ArenaKind::kCudaVmm;
+  for (AdoptableRank& ar : in.ranks) {
+    const RankRecord& rr = ar.record;
+    const std::string what = absl::StrCat("rank ", rr.rank);
+    auto bytes = ReadSealedMemfd(ar.manifest.get(), rr.manifest_bytes,
+                                 absl::StrCat("the manifest memfd of ", what));
+    if (!bytes.ok()) return bad(bytes.status());
+    if (bytes->size() != rr.manifest_bytes) {
+      return bad(absl::FailedPreconditionError(absl::StrCat("the manifest of ", what, " has ",
+                                                            bytes->size(), " bytes, the record ",
+                                                            rr.manifest_bytes)));
+    }
+    auto man = DecodeManifest(*bytes);
+    if (!man.ok()) return bad(Annotate(man.status(), absl::StrCat("manifest of ", what)));
+    if (man->model != name || static_cast<int>(man->rank) != rr.rank ||
+        man->arenas.size() != ar.arenas.size() || man->tensors.size() != rr.tensors) {
+      return bad(absl::FailedPreconditionError(
+          absl::StrCat("the manifest of ", what, " (model '", man->model, "' rank ", man->rank,
+                       ", ", man->arenas.size(), " arenas, ", man->tensors.size(),
+                       " tensors) does not match the record")));
+    }
+    if (man->arenas[0].kind != want_kind || man->arenas[0].size != rr.arena_bytes) {
+      return bad(absl::FailedPreconditionError(
+          absl::StrCat("the manifest of ", what, " describes a ", man->arenas[0].size,
+                       "-byte arena of another kind or size than the record's ", rr.arena_bytes)));
+    }
+    auto arena = backend_->Adopt(std::move(ar.arenas[0]), rr.arena_bytes, rr.device,
+                                 absl::StrCat(name, "/rank", rr.rank));
+    if (!arena.ok()) return bad(arena.status());
+    Model::Rank r;
+    r.rank = rr.rank;
+    r.device = rr.device;
+    r.state = RankState::kReady;
+    r.arena = std::move(*arena);
+    r.manifest = std::move(ar.manifest);
+    r.manifest_bytes = rr.manifest_bytes;
+    r.arena_bytes = rr.arena_bytes;
+    r.tensors = rr.tensors;
+    m->ranks.push_back(std::move(r));
+  }
+  absl::MutexLock l(&mu_);
+  if (models_.count(name) != 0) {
+    return bad(absl::AlreadyExistsError("a model of that name is already listed"));
+  }
+  models_[name] = std::move(m);
+  ++adopted_total_;
+  return absl::OkStatus();
 }
 
 }  // namespace weightd

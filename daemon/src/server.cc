@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "weightd/handoff.h"
 #include "weightd/log.h"
 #include "weightd/protocol.h"
 #include "weightd/seqpacket.h"
@@ -81,6 +82,7 @@ json StatusJson(const ModelStatus& m) {
   j["bytes_done"] = m.bytes_done;
   j["seconds"] = m.load_seconds;
   j["started_unix"] = m.started_unix;
+  j["origin"] = m.origin;
   json ranks = json::array();
   for (const RankStatus& r : m.ranks) {
     json jr;
@@ -115,6 +117,16 @@ struct Server::Impl {
   // (the client's hello) resets the peer before it can read the refusal.
   std::deque<std::pair<UniqueFd, absl::Time>> refused;
   uint64_t requests_total = 0, errors_total = 0, refused_total = 0;
+  // Takeover state (docs/PROTOCOL.md "takeover").
+  bool accepting = true;
+  uint64_t takeover_conn = 0;  // the successor's connection while a takeover is in progress
+  absl::Time takeover_deadline;
+  bool handed_over = false;
+  absl::Time drain_deadline;
+
+  void StartTakeover(Connection& c, const Request& r);
+  void AbortTakeover(absl::string_view why);
+  void SetAccepting(bool on);
 
   void Accept();
   void Close(uint64_t id, absl::string_view why);
@@ -223,8 +235,97 @@ Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Server::~Server() {
   for (auto& [id, c] : impl_->conns) impl_->registry->ReleaseConnection(id);
   impl_->conns.clear();
-  // A socket-activated listener belongs to systemd, which may pass it to our successor.
-  if (impl_->options.adopted_listen_fd < 0) ::unlink(impl_->options.socket_path.c_str());
+  // A socket-activated listener belongs to systemd, which may pass it to our successor; after
+  // a takeover the socket file is the successor's.
+  const bool owns_path = impl_->options.adopted_listen_fd < 0 || impl_->options.adopted_owns_path;
+  if (owns_path && !impl_->handed_over && !impl_->options.socket_path.empty()) {
+    ::unlink(impl_->options.socket_path.c_str());
+  }
+}
+
+bool Server::handed_over() const { return impl_->handed_over; }
+
+void Server::Impl::SetAccepting(bool on) {
+  if (on == accepting) return;
+  accepting = on;
+  if (on) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = 0;
+    if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, listen_fd.get(), &ev) != 0) {
+      LogError("epoll_ctl re-adding the listening socket failed: %s", std::strerror(errno));
+    }
+  } else {
+    ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, listen_fd.get(), nullptr);
+  }
+}
+
+void Server::Impl::StartTakeover(Connection& c, const Request& r) {
+  auto fail = [&](const absl::Status& s) {
+    ++errors_total;
+    LogWarning("takeover: refused for pid %d uid %u: %s", c.peer.pid, c.peer.uid, s.message());
+    Queue(c, EncodeErrorReply(r.id_json, s));
+  };
+  if (c.peer.uid != ::geteuid()) {
+    return fail(absl::PermissionDeniedError(
+        absl::StrCat("takeover is allowed only to the daemon's own uid ", ::geteuid(),
+                     "; this peer is uid ", c.peer.uid)));
+  }
+  if (takeover_conn != 0 || handed_over) {
+    return fail(absl::FailedPreconditionError("another takeover is already in progress"));
+  }
+  registry->Freeze(true);
+  auto fds = registry->ExportAll();
+  if (!fds.ok()) {
+    registry->Freeze(false);
+    return fail(fds.status());
+  }
+  // The successor must be the only one to accept from now on: connections that arrive wait in
+  // the listening socket's backlog, which the successor receives.
+  SetAccepting(false);
+  UniqueFd listener(::fcntl(listen_fd.get(), F_DUPFD_CLOEXEC, 0));
+  if (!listener) {
+    const absl::Status s = ErrnoError(errno, "dup of the listening socket");
+    SetAccepting(true);
+    registry->Freeze(false);
+    return fail(s);
+  }
+  fds->push_back({kListenerFdName, std::move(listener)});
+  const size_t total = fds->size();
+  const size_t packets = (total + kMaxFdsPerMessage - 1) / kMaxFdsPerMessage;
+  json res;
+  res["fds"] = total;
+  res["packets"] = packets;
+  res["pid"] = ::getpid();
+  Queue(c, OkReply(r.id_json, std::move(res)));
+  size_t next = 0;
+  for (size_t k = 0; k < packets; ++k) {
+    json names = json::array();
+    std::vector<UniqueFd> batch;
+    while (next < total && batch.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
+      names.push_back((*fds)[next].name);
+      batch.push_back(std::move((*fds)[next].fd));
+      ++next;
+    }
+    json cont;
+    cont["ok"] = true;
+    cont["id"] = json::parse(r.id_json, nullptr, false);
+    cont["continuation"] = k + 1;
+    cont["names"] = std::move(names);
+    Queue(c, cont.dump(), std::move(batch));
+  }
+  takeover_conn = c.id;
+  takeover_deadline = absl::Now() + options.takeover_timeout;
+  LogNotice("takeover: pid %d asked; stopped accepting and sent %zu fds in %zu packets", c.peer.pid,
+            total, packets);
+}
+
+void Server::Impl::AbortTakeover(absl::string_view why) {
+  if (takeover_conn == 0) return;
+  takeover_conn = 0;
+  registry->Freeze(false);
+  SetAccepting(true);
+  LogWarning("takeover aborted (%s); accepting connections again", std::string(why));
 }
 
 void Server::Stop() {
@@ -244,8 +345,8 @@ absl::Status Server::Run() {
   }
   std::vector<epoll_event> events(256);
   while (!s.stop.load()) {
-    const int n =
-        ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()), 200);
+    const int n = ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()),
+                               s.handed_over ? 10 : 200);
     if (n < 0) {
       if (errno == EINTR) continue;
       return ErrnoError(errno, "epoll_wait");
@@ -254,7 +355,8 @@ absl::Status Server::Run() {
     for (int i = 0; i < n; ++i) {
       const uint64_t id = events[i].data.u64;
       if (id == 0) {
-        s.Accept();
+        // A takeover earlier in this batch may have stopped accepting.
+        if (s.accepting) s.Accept();
         continue;
       }
       if (id == ~0ull) continue;
@@ -277,6 +379,13 @@ absl::Status Server::Run() {
     while (!s.refused.empty() && now - s.refused.front().second > absl::Milliseconds(250)) {
       Impl::Drain(s.refused.front().first.get());
       s.refused.pop_front();
+    }
+    if (s.takeover_conn != 0 && now > s.takeover_deadline) {
+      s.Close(s.takeover_conn, "the successor did not confirm the takeover in time");
+    }
+    if (s.handed_over && (s.conns.empty() || now > s.drain_deadline)) {
+      LogNotice("handed over to the successor; exiting");
+      break;
     }
   }
   LogInfo("stopping: closing %zu connections", s.conns.size());
@@ -341,6 +450,7 @@ void Server::Impl::Close(uint64_t id, absl::string_view why) {
   if (it == conns.end()) return;
   Connection& c = it->second;
   registry->ReleaseConnection(id);
+  if (id == takeover_conn) AbortTakeover(why);
   LogDebug("connection %llu (pid %d): closed: %s", static_cast<unsigned long long>(id), c.peer.pid,
            std::string(why));
   ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
@@ -551,6 +661,24 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
     case Op::kMetrics:
       Queue(c, OkReply(r.id_json, {{"text", Metrics()}}));
       return;
+    case Op::kTakeover:
+      StartTakeover(c, r);
+      return;
+    case Op::kTakeoverDone: {
+      if (c.id != takeover_conn) {
+        return fail(absl::FailedPreconditionError(
+            "no takeover is in progress on this connection (send 'takeover' first)"));
+      }
+      takeover_conn = 0;
+      handed_over = true;
+      drain_deadline = absl::Now() + options.handover_drain;
+      LogNotice(
+          "takeover: pid %d serves now; answering the %zu open connections for at most "
+          "%.1f s",
+          c.peer.pid, conns.size() - 1, absl::ToDoubleSeconds(options.handover_drain));
+      Queue(c, OkReply(r.id_json, json::object()));
+      return;
+    }
   }
 }
 

@@ -30,7 +30,20 @@ inline constexpr size_t kDefaultMaxRequestBytes = 64 * 1024;
 // Most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
 inline constexpr int kMaxFdsPerMessage = 253;
 
-enum class Op : uint8_t { kHello, kList, kLoad, kStatus, kAttach, kDetach, kUnload, kMetrics };
+// kTakeover and kTakeoverDone are the privileged hand-over of a running daemon to its successor
+// (`weightd --takeover`, docs/PROTOCOL.md "takeover"); only the daemon's own uid may send them.
+enum class Op : uint8_t {
+  kHello,
+  kList,
+  kLoad,
+  kStatus,
+  kAttach,
+  kDetach,
+  kUnload,
+  kMetrics,
+  kTakeover,
+  kTakeoverDone,
+};
 
 absl::string_view OpName(Op op);
 

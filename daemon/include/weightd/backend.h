@@ -31,6 +31,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "weightd/manifest.h"
 #include "weightd/unique_fd.h"
@@ -65,6 +66,15 @@ class Backend {
   virtual absl::string_view name() const = 0;  // "host", "cuda"
   // Allocates a zero-filled arena. RESOURCE_EXHAUSTED when memory is short.
   virtual absl::StatusOr<std::unique_ptr<Arena>> Allocate(const ArenaRequest& request) = 0;
+  // Takes back an arena that an earlier daemon exported (systemd's fd store, `--takeover`):
+  // verifies that `fd` is a finished arena of this backend of exactly `bytes` bytes and returns
+  // it sealed. Takes ownership of `fd` (closed on error). FAILED_PRECONDITION naming `label` for
+  // an fd of the wrong kind, size or seals; UNIMPLEMENTED for a backend that cannot adopt.
+  virtual absl::StatusOr<std::unique_ptr<Arena>> Adopt(UniqueFd fd, uint64_t bytes, int device,
+                                                       absl::string_view label) {
+    return absl::UnimplementedError(
+        absl::StrCat("backend '", name(), "' cannot adopt arenas of an earlier daemon"));
+  }
 };
 
 // `kind` is "host", "cuda" or "auto" (cuda when compiled in and a device is present, else

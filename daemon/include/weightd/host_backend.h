@@ -16,6 +16,9 @@ class HostBackend final : public Backend {
  public:
   absl::string_view name() const override { return "host"; }
   absl::StatusOr<std::unique_ptr<Arena>> Allocate(const ArenaRequest& request) override;
+  // Accepts a memfd with all four seals and exactly `bytes` bytes.
+  absl::StatusOr<std::unique_ptr<Arena>> Adopt(UniqueFd fd, uint64_t bytes, int device,
+                                               absl::string_view label) override;
 };
 
 }  // namespace weightd

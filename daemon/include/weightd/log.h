@@ -39,6 +39,10 @@ void LogInfo(const absl::FormatSpec<Args...>& format, const Args&... args) {
   Logf(LogLevel::kInfo, format, args...);
 }
 template <typename... Args>
+void LogNotice(const absl::FormatSpec<Args...>& format, const Args&... args) {
+  Logf(LogLevel::kNotice, format, args...);
+}
+template <typename... Args>
 void LogWarning(const absl::FormatSpec<Args...>& format, const Args&... args) {
   Logf(LogLevel::kWarning, format, args...);
 }

@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -38,6 +39,7 @@
 #include "weightd/backend.h"
 #include "weightd/config.h"
 #include "weightd/executor.h"
+#include "weightd/handoff.h"
 #include "weightd/protocol.h"
 #include "weightd/unique_fd.h"
 
@@ -81,6 +83,19 @@ struct ModelStatus {
   uint64_t bytes_done = 0;
   double load_seconds = 0;  // so far, or in total once finished
   double started_unix = 0;
+  // "load" (read from the checkpoint), "fdstore" (re-adopted from systemd's fd store at start)
+  // or "takeover" (received from the previous daemon).
+  std::string origin = "load";
+};
+
+// Callbacks through which the daemon keeps systemd's fd store in step with the registry. Both
+// run without the registry's lock held, on the thread that made the change (a load thread, or
+// the caller of Unload), and must not call back into the registry.
+struct RegistryHooks {
+  // A load finished: the model's fds (new descriptors, owned by the callee) with their names.
+  std::function<void(std::vector<NamedFd>)> on_ready;
+  // A ready model was unloaded: the names its fds were stored under.
+  std::function<void(std::vector<std::string>)> on_removed;
 };
 
 // What an attaching client receives; the fds are new descriptors owned by the grant.
@@ -123,9 +138,32 @@ class Registry {
 
   bool MayAdminister(const Peer& peer) const;
 
+  // Set once, before the first load.
+  void SetHooks(RegistryHooks hooks);
+
+  // Lists a model again from fds of an earlier daemon, without reading its checkpoint. Checks
+  // the record against this daemon (backend), each manifest (seals, size, DecodeManifest, arena
+  // sizes) and each arena (Backend::Adopt); a bad set is FAILED_PRECONDITION or INVALID_ARGUMENT
+  // naming the model and the fd, and its fds are closed. ALREADY_EXISTS if the name is taken.
+  // `origin` is "fdstore" or "takeover". Does not call on_ready (the fds are stored already).
+  absl::Status Adopt(AdoptableModel model, absl::string_view origin);
+
+  // Every ready model's fds with their names, for a successor. FAILED_PRECONDITION while a load
+  // runs. Call Freeze(true) first so nothing changes until the handoff ends.
+  absl::StatusOr<std::vector<NamedFd>> ExportAll();
+  // While frozen, load and unload are UNAVAILABLE (a takeover is in progress).
+  void Freeze(bool frozen);
+
+  // Names of the models (for SIGHUP's preload diff).
+  std::vector<std::string> ModelNames() const;
+
  private:
   struct Model;
   void RunLoad(std::shared_ptr<Model> model);
+  // The model's fds (new descriptors) with their names; the model must be ready.
+  absl::StatusOr<std::vector<NamedFd>> ExportLocked(const Model& m) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static std::vector<std::string> FdNames(const Model& m);
   bool MayAttach(const Model& m, const Peer& peer) const;
   absl::Status CheckPath(const std::string& path, absl::string_view what) const;
 
@@ -149,6 +187,11 @@ class Registry {
   uint64_t loads_failed_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t attaches_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t bytes_loaded_total_ ABSL_GUARDED_BY(mu_) = 0;
+  // Checkpoint bytes read by loads, finished or not: stays 0 across an fd-store restart.
+  uint64_t bytes_read_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t adopted_total_ ABSL_GUARDED_BY(mu_) = 0;
+  bool frozen_ ABSL_GUARDED_BY(mu_) = false;
+  RegistryHooks hooks_;
 };
 
 }  // namespace weightd

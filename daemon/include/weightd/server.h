@@ -12,7 +12,14 @@
 // INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies; fds sent by a client are closed unread. Leases
 // belong to their connection: when it closes (even by SIGKILL of the client) they are released.
 //
-// Thread-safety: Run() on one thread; Stop() from any thread (also async-signal-safe).
+// Takeover (docs/PROTOCOL.md): on `takeover` from the daemon's own uid the server stops calling
+// accept(), freezes the registry and sends every model's fds and a duplicate of the listening
+// socket; on `takeover_done` it answers, serves the connections it already has for
+// handover_drain, and Run() returns with handed_over() true. If the successor's connection
+// closes (or takeover_timeout passes) first, the server accepts again and the registry thaws.
+//
+// Thread-safety: Run() on one thread; Stop() from any thread (also async-signal-safe);
+// handed_over() after Run() returned.
 #ifndef WEIGHTD_SERVER_H_
 #define WEIGHTD_SERVER_H_
 
@@ -32,6 +39,15 @@ struct ServerOptions {
   // An already-listening SOCK_SEQPACKET socket to serve instead of binding socket_path (systemd
   // socket activation); the Server takes ownership and leaves the socket file alone.
   int adopted_listen_fd = -1;
+  // With adopted_listen_fd: whether socket_path is ours to remove at exit (a socket received by
+  // `--takeover`) or systemd's (socket activation).
+  bool adopted_owns_path = false;
+  // How long a daemon that handed over to a successor keeps answering the connections it had
+  // accepted before it exits.
+  absl::Duration handover_drain = absl::Seconds(2);
+  // How long the successor may take between `takeover` and `takeover_done` before the
+  // takeover is aborted and this daemon accepts again.
+  absl::Duration takeover_timeout = absl::Seconds(30);
   int max_connections = 1024;
   size_t max_request_bytes = kDefaultMaxRequestBytes;
   absl::Duration hello_timeout = absl::Seconds(10);
@@ -51,6 +67,9 @@ class Server {
 
   absl::Status Run();
   void Stop();
+  // True once Run() returned because a successor (`weightd --takeover`) took over: the socket
+  // file and the models are the successor's now.
+  bool handed_over() const;
 
  private:
   struct Impl;
