@@ -109,14 +109,27 @@ void Registry::ReapThreads() {
   }
 }
 
+namespace {
+
+// True when the peer's primary or any supplementary group is listed.
+bool InAllowedGroup(const std::vector<uint32_t>& allowed, const Peer& peer) {
+  if (Contains(allowed, peer.gid)) return true;
+  for (gid_t g : peer.groups) {
+    if (Contains(allowed, g)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 bool Registry::MayAdminister(const Peer& peer) const {
   return peer.uid == self_uid_ || Contains(config_.allow_uids, peer.uid) ||
-         Contains(config_.allow_gids, peer.gid);
+         InAllowedGroup(config_.allow_gids, peer);
 }
 
 bool Registry::MayAttach(const Model& m, const Peer& peer) const {
   return peer.uid == self_uid_ || Contains(m.allow_uids, peer.uid) ||
-         Contains(m.allow_gids, peer.gid);
+         InAllowedGroup(m.allow_gids, peer);
 }
 
 absl::Status Registry::CheckPath(const std::string& path, absl::string_view what) const {

@@ -27,6 +27,22 @@
 namespace weightd {
 namespace {
 
+// The peer's supplementary groups as the kernel recorded them at connect(). An empty list when
+// the kernel cannot say (pre-4.13); authorization then falls back to uid and primary gid.
+std::vector<gid_t> PeerGroups(int fd) {
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    socklen_t len = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &len) == 0) {
+      groups.resize(len / sizeof(gid_t));
+      return groups;
+    }
+    if (errno != ERANGE) break;
+    groups.resize(len / sizeof(gid_t) + 1);
+  }
+  return {};
+}
+
 using json = nlohmann::json;
 
 constexpr int kSendBufferBytes = 8 << 20;
@@ -438,7 +454,7 @@ void Server::Impl::Accept() {
     Connection& c = conns[id];
     c.id = id;
     c.fd = std::move(fd);
-    c.peer = {cred.pid, cred.uid, cred.gid};
+    c.peer = {cred.pid, cred.uid, cred.gid, PeerGroups(c.fd.get())};
     c.accepted = absl::Now();
     LogDebug("connection %llu: pid %d uid %u", static_cast<unsigned long long>(id), cred.pid,
              cred.uid);

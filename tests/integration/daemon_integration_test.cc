@@ -21,6 +21,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -491,6 +493,64 @@ TEST_F(DaemonTest, OtherUidIsDeniedAttach) {
   EXPECT_THAT(msg, HasSubstr("uid 65534"));
   EXPECT_THAT(msg, HasSubstr("'demo'"));
   EXPECT_THAT(msg, HasSubstr("may not load"));
+}
+
+// Runs `body` in a child that switched to uid/gid 65534 with `groups` as supplementary groups
+// and returns what it reported. Empty optional when this process cannot switch uid.
+std::optional<std::string> AsNobody(const std::vector<gid_t>& groups,
+                                    const std::function<std::string()>& body) {
+  if (::geteuid() != 0) return std::nullopt;
+  int pipefd[2];
+  if (::pipe(pipefd) != 0) return std::string("pipe failed");
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(pipefd[0]);
+    std::string msg;
+    if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 ||
+        ::setuid(65534) != 0) {
+      msg = "setuid failed";
+    } else {
+      msg = body();
+    }
+    (void)!::write(pipefd[1], msg.data(), msg.size());
+    ::_exit(0);
+  }
+  ::close(pipefd[1]);
+  std::string msg;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(pipefd[0], buf, sizeof(buf))) > 0;) msg.append(buf, n);
+  ::close(pipefd[0]);
+  WaitFor(child, std::chrono::seconds(20));
+  return msg;
+}
+
+TEST_F(DaemonTest, SupplementaryGroupGrantsAttach) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch uid and groups";
+  auto c = Client::Connect(g_socket);
+  ASSERT_TRUE(c.ok()) << c.status();
+  LoadOptions o;
+  o.recipe = "hf";
+  o.allow_gids = std::vector<uint32_t>{4242};
+  ASSERT_TRUE(c->Load("grouped", g_ckpt, o).ok());
+  ASSERT_TRUE(WaitUntil([&] { return ModelState("grouped").find("ready") != std::string::npos; }));
+  auto attach = [] {
+    auto cc = Client::Connect(g_socket);
+    if (!cc.ok()) return "connect: " + cc.status().ToString();
+    auto a = cc->Attach("grouped", 0);
+    return a.ok() ? std::string("attached ") + std::to_string(a->tensors().size())
+                  : a.status().ToString();
+  };
+  // 4242 only as a supplementary group (primary gid 65534): allowed.
+  std::optional<std::string> member = AsNobody({4242}, attach);
+  ASSERT_TRUE(member.has_value());
+  EXPECT_THAT(*member, HasSubstr("attached "));
+  // Without it: refused, naming the uid and the model.
+  std::optional<std::string> outsider = AsNobody({}, attach);
+  ASSERT_TRUE(outsider.has_value());
+  EXPECT_THAT(*outsider, HasSubstr("PERMISSION_DENIED"));
+  EXPECT_THAT(*outsider, HasSubstr("uid 65534"));
+  EXPECT_THAT(*outsider, HasSubstr("'grouped'"));
+  EXPECT_EQ(Ctl({"unload", "grouped"}).exit_code, 0);
 }
 
 TEST_F(DaemonTest, MalformedRequestsGetErrorsAndTheConnectionSurvives) {

@@ -45,11 +45,14 @@
 
 namespace weightd {
 
-// The credentials of a connected peer (SO_PEERCRED).
+// The credentials of a connected peer: SO_PEERCRED, plus its supplementary groups from
+// SO_PEERGROUPS. Both are captured by the kernel at connect(), so a peer cannot change them
+// afterwards (unlike /proc/<pid>/status, which can be read after the pid is reused).
 struct Peer {
   pid_t pid = 0;
   uid_t uid = 0;
-  gid_t gid = 0;
+  gid_t gid = 0;              // primary group
+  std::vector<gid_t> groups;  // supplementary groups
 };
 
 enum class RankState : uint8_t { kLoading, kReady, kFailed, kUnloading };
