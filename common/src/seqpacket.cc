@@ -93,7 +93,7 @@ absl::StatusOr<Packet> RecvPacket(int sock, size_t max_bytes) {
   return p;
 }
 
-absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
+absl::StatusOr<sockaddr_un> UnixAddress(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path)) {
@@ -101,6 +101,11 @@ absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
                                                    sizeof(addr.sun_path) - 1, " bytes"));
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
+  WD_ASSIGN_OR_RETURN(sockaddr_un addr, UnixAddress(path));
   UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
   if (!fd) return ErrnoError(errno, "socket(AF_UNIX, SOCK_SEQPACKET)");
   for (;;) {

@@ -177,13 +177,7 @@ absl::Status Server::Impl::Bind() {
     return absl::InvalidArgumentError(
         "no socket path: pass --socket, set 'socket' in the config, or set XDG_RUNTIME_DIR");
   }
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat("socket path '", path, "' is longer than ",
-                                                   sizeof(addr.sun_path) - 1, " bytes"));
-  }
-  std::memcpy(addr.sun_path, path.data(), path.size());
+  WD_ASSIGN_OR_RETURN(sockaddr_un addr, UnixAddress(path));
   if (const size_t slash = path.rfind('/'); slash != std::string::npos && slash > 0) {
     const std::string dir = path.substr(0, slash);
     if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {

@@ -10,6 +10,8 @@
 #ifndef WEIGHTD_SEQPACKET_H_
 #define WEIGHTD_SEQPACKET_H_
 
+#include <sys/un.h>
+
 #include <span>
 #include <string>
 #include <vector>
@@ -37,6 +39,10 @@ absl::StatusOr<Packet> RecvPacket(int sock, size_t max_bytes);
 
 // Connects a blocking SOCK_SEQPACKET socket to `path`. Errors name the path.
 absl::StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path);
+
+// The AF_UNIX address of `path`; INVALID_ARGUMENT naming the path when it does not fit in
+// sun_path (107 bytes).
+absl::StatusOr<sockaddr_un> UnixAddress(const std::string& path);
 
 // The daemon's default socket: /run/weightd/weightd.sock for root, else
 // $XDG_RUNTIME_DIR/weightd.sock (empty string when XDG_RUNTIME_DIR is unset).
