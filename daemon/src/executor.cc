@@ -15,9 +15,9 @@
 #include "weightd/detail/staging_ring.h"
 #include "weightd/detail/uring_reader.h"
 #include "weightd/file_util.h"
+#include "weightd/kernels/copy.h"
 #include "weightd/log.h"
 #include "weightd/mapped_file.h"
-#include "weightd/kernels/copy.h"
 #include "weightd/status_macros.h"
 #include "weightd/unique_fd.h"
 
@@ -186,8 +186,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   std::vector<std::unique_ptr<ReadFile>> direct_files(plan.files.size());
   std::vector<MappedFile> maps(plan.files.size());
   if (staged) {
-    const uint64_t slot_bytes = (chunk + slack + kDirectIoAlignment - 1) / kDirectIoAlignment *
-                                kDirectIoAlignment;
+    const uint64_t slot_bytes =
+        (chunk + slack + kDirectIoAlignment - 1) / kDirectIoAlignment * kDirectIoAlignment;
     WD_ASSIGN_OR_RETURN(ring, StagingRing::Create(std::make_shared<PageAllocator>(),
                                                   {.budget = slot_bytes * threads,
                                                    .slot_bytes = slot_bytes,
@@ -236,8 +236,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         arena_dst = bases[pr.rank] + plan.ranks[pr.rank].targets[pr.piece->target].offset + u.begin;
       }
 
-      const bool fits_slot =
-          ring != nullptr && len > 0 && UringReader::AlignedSpan(file_off, len) <= ring->slot_bytes();
+      const bool fits_slot = ring != nullptr && len > 0 &&
+                             UringReader::AlignedSpan(file_off, len) <= ring->slot_bytes();
       bool use_uring = fits_slot && options.io_mode == IoMode::kUring;
       if (fits_slot && options.io_mode == IoMode::kAuto) {
         const MappedFile& m = maps[src.file];
@@ -269,8 +269,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         s = a.status();
       }
       if (s.ok() && use_uring) {
-        absl::StatusOr<std::span<const std::byte>> got = reader->ReadExtent(
-            *direct_files[src.file], file_off, len, slot.data(), slot.size());
+        absl::StatusOr<std::span<const std::byte>> got =
+            reader->ReadExtent(*direct_files[src.file], file_off, len, slot.data(), slot.size());
         if (got.ok()) {
           bytes = got->data();
           if (d >= 0) {

@@ -56,7 +56,7 @@ struct ExecutorOptions {
   int threads = 4;
   uint64_t buffer_budget = 1ull << 30;  // bytes of read buffers in all threads together
   uint64_t chunk_bytes = 64ull << 20;   // largest single read
-  IoMode io_mode = IoMode::kAuto;
+  IoMode io_mode = IoMode::kPread;     // kAuto pending the cold-read measurement on the H100
   unsigned uring_queue_depth = 64;      // SQ entries per reader thread's ring
 };
 
