@@ -1,4 +1,5 @@
 #include "weightd/config.h"
+#include "weightd/executor.h"
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -103,6 +104,11 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
     } else if (k == "io_threads") {
       WD_ASSIGN_OR_RETURN(int64_t n, PositiveInt(v, source, k, 256));
       c.io_threads = static_cast<int>(n);
+    } else if (k == "io_mode") {
+      if (!v.is_string() || !ParseIoMode(v.get<std::string>()).ok()) {
+        return KeyError(source, k, "one of auto, pread, uring");
+      }
+      c.io_mode = v.get<std::string>();
     } else if (k == "log_level") {
       if (!v.is_string()) return KeyError(source, k, "error|warning|notice|info|debug");
       c.log_level = v.get<std::string>();
@@ -123,7 +129,7 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
           source, ": unknown key '", k,
           "' (known: socket, backend, pinned_budget, allow_uids, allow_gids, model_roots, "
           "preload, max_connections, max_request_bytes, hello_timeout_ms, io_threads, "
-          "log_level, socket_mode)"));
+          "io_mode, log_level, socket_mode)"));
     }
   }
   return c;

@@ -11,8 +11,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "weightd/crc32c.h"
+#include "weightd/detail/page_cache.h"
+#include "weightd/detail/staging_ring.h"
+#include "weightd/detail/uring_reader.h"
 #include "weightd/file_util.h"
 #include "weightd/kernels/copy.h"
+#include "weightd/log.h"
+#include "weightd/mapped_file.h"
 #include "weightd/status_macros.h"
 #include "weightd/unique_fd.h"
 
@@ -74,7 +79,40 @@ absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p
   return absl::OkStatus();
 }
 
+// Copies `n` bytes into the arena in cache-sized steps, returning the CRC32C of the bytes taken
+// while they are still in cache.
+uint32_t CopyWithCrc(std::byte* dst, const std::byte* src, uint64_t n) {
+  constexpr uint64_t kStep = 1 << 20;
+  uint32_t crc = 0;
+  for (uint64_t off = 0; off < n; off += kStep) {
+    const uint64_t k = std::min(kStep, n - off);
+    std::memcpy(dst + off, src + off, k);
+    crc = Crc32cExtend(crc, dst + off, k);
+  }
+  return crc;
+}
+
 }  // namespace
+
+absl::StatusOr<IoMode> ParseIoMode(absl::string_view text) {
+  if (text == "auto") return IoMode::kAuto;
+  if (text == "pread") return IoMode::kPread;
+  if (text == "uring") return IoMode::kUring;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown io_mode '", text, "' (expected auto, pread or uring)"));
+}
+
+absl::string_view IoModeName(IoMode mode) {
+  switch (mode) {
+    case IoMode::kAuto:
+      return "auto";
+    case IoMode::kPread:
+      return "pread";
+    case IoMode::kUring:
+      return "uring";
+  }
+  return "?";
+}
 
 absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
                              const ExecutorOptions& options, LoadProgress* progress,
@@ -112,8 +150,12 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   }
 
   const int threads = std::max(1, options.threads);
-  const uint64_t chunk =
-      std::max<uint64_t>(64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads));
+  const bool staged = options.io_mode != IoMode::kPread;
+  // Staged modes read into slots of chunk + 2 pages: an O_DIRECT read of a chunk covers its
+  // 4 KiB-aligned superset.
+  const uint64_t slack = staged ? 2 * kDirectIoAlignment : 0;
+  const uint64_t chunk = std::max<uint64_t>(
+      64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads - slack));
   std::vector<WorkUnit> units;
   std::vector<size_t> first_unit(plan.sources.size(), 0);
   uint64_t total = 0;
@@ -138,14 +180,37 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   for (size_t f = 0; f < plan.files.size(); ++f) {
     WD_ASSIGN_OR_RETURN(files[f], UniqueFd::Open(plan.files[f].path, O_RDONLY));
   }
+  // Staged modes: one slot per worker (each reads then copies synchronously), O_DIRECT file
+  // handles, and (auto) a mapping of each file for mincore.
+  std::unique_ptr<StagingRing> ring;
+  std::vector<std::unique_ptr<ReadFile>> direct_files(plan.files.size());
+  std::vector<MappedFile> maps(plan.files.size());
+  if (staged) {
+    const uint64_t slot_bytes =
+        (chunk + slack + kDirectIoAlignment - 1) / kDirectIoAlignment * kDirectIoAlignment;
+    WD_ASSIGN_OR_RETURN(ring, StagingRing::Create(std::make_shared<PageAllocator>(),
+                                                  {.budget = slot_bytes * threads,
+                                                   .slot_bytes = slot_bytes,
+                                                   .max_slots = threads}));
+    for (size_t f = 0; f < plan.files.size(); ++f) {
+      WD_ASSIGN_OR_RETURN(direct_files[f], ReadFile::Open(plan.files[f].path, true));
+      if (options.io_mode == IoMode::kAuto) {
+        absl::StatusOr<MappedFile> m = MappedFile::Open(plan.files[f].path);
+        if (m.ok()) maps[f] = std::move(*m);  // unmappable: treated as cached (pread)
+      }
+    }
+  }
 
   std::vector<uint32_t> unit_crc(units.size(), 0);
   std::atomic<size_t> next{0};
   absl::Mutex mu;
   absl::Status first_error;  // guarded by mu
   std::atomic<bool> failed{false};
+  std::atomic<bool> uring_warned{false};
   auto worker = [&]() {
     std::vector<std::byte> buffer;
+    std::unique_ptr<UringReader> reader;  // this thread's ring, created on first use
+    bool reader_failed = false;
     for (;;) {
       if (failed.load(std::memory_order_relaxed)) return;
       if (progress->cancel.load(std::memory_order_relaxed)) {
@@ -159,33 +224,87 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
       const WorkUnit& u = units[i];
       const PlanSource& src = plan.sources[u.source];
       const uint64_t len = u.end - u.begin;
+      const uint64_t file_off = src.offset + u.begin;
+      const std::string label =
+          absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')");
       // Read straight into the arena when a piece copies this source verbatim (saves a copy of
       // every byte); the other pieces of the source then copy from there.
       const int d = direct[u.source];
-      std::byte* dst = nullptr;
+      std::byte* arena_dst = nullptr;
       if (d >= 0) {
         const PieceRef& pr = by_source[u.source][d];
-        dst = bases[pr.rank] + plan.ranks[pr.rank].targets[pr.piece->target].offset + u.begin;
-      } else {
-        if (buffer.size() < len) buffer.resize(len);
-        dst = buffer.data();
+        arena_dst = bases[pr.rank] + plan.ranks[pr.rank].targets[pr.piece->target].offset + u.begin;
       }
-      const std::string label =
-          absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')");
+
+      const bool fits_slot = ring != nullptr && len > 0 &&
+                             UringReader::AlignedSpan(file_off, len) <= ring->slot_bytes();
+      bool use_uring = fits_slot && options.io_mode == IoMode::kUring;
+      if (fits_slot && options.io_mode == IoMode::kAuto) {
+        const MappedFile& m = maps[src.file];
+        if (file_off + len <= m.size()) {
+          absl::StatusOr<double> f = ResidentFraction(m.bytes().data() + file_off, len);
+          use_uring = f.ok() && *f < kCachedThreshold;
+        }
+      }
+      if (use_uring && reader == nullptr && !reader_failed) {
+        absl::StatusOr<std::unique_ptr<UringReader>> r =
+            UringReader::Create({.queue_depth = options.uring_queue_depth});
+        if (r.ok()) {
+          reader = std::move(*r);
+        } else {
+          reader_failed = true;
+          if (!uring_warned.exchange(true)) {
+            LogWarning("io_uring unavailable, reading with pread: %s", r.status().ToString());
+          }
+        }
+      }
+      use_uring = use_uring && reader != nullptr;
+
+      StagingSlot slot;
+      const std::byte* bytes = nullptr;  // the unit's source bytes once read
       absl::Status s;
-      if (d >= 0) {
+      if (use_uring || (ring != nullptr && d < 0 && len + slack <= ring->slot_bytes())) {
+        absl::StatusOr<StagingSlot> a = ring->Acquire();
+        if (a.ok()) slot = std::move(*a);
+        s = a.status();
+      }
+      if (s.ok() && use_uring) {
+        absl::StatusOr<std::span<const std::byte>> got =
+            reader->ReadExtent(*direct_files[src.file], file_off, len, slot.data(), slot.size());
+        if (got.ok()) {
+          bytes = got->data();
+          if (d >= 0) {
+            unit_crc[i] = CopyWithCrc(arena_dst, bytes, len);
+            bytes = arena_dst;
+          }
+          progress->bytes_uring.fetch_add(len, std::memory_order_relaxed);
+        } else {
+          s = Annotate(got.status(), absl::StrCat("tensor '", src.name, "'"));
+        }
+      } else if (s.ok() && d >= 0) {
         // Verbatim into the arena in cache-sized steps, checksumming each step while it is
         // still in cache: the target's CRC32C then costs no second pass over memory.
         constexpr uint64_t kStep = 1 << 20;
         uint32_t crc = 0;
         for (uint64_t off = 0; off < len && s.ok(); off += kStep) {
           const uint64_t n = std::min(kStep, len - off);
-          s = PreadExact(files[src.file].get(), dst + off, n, src.offset + u.begin + off, label);
-          if (s.ok()) crc = Crc32cExtend(crc, dst + off, n);
+          s = PreadExact(files[src.file].get(), arena_dst + off, n, file_off + off, label);
+          if (s.ok()) crc = Crc32cExtend(crc, arena_dst + off, n);
         }
         unit_crc[i] = crc;
-      } else {
-        s = PreadExact(files[src.file].get(), dst, len, src.offset + u.begin, label);
+        bytes = arena_dst;
+        progress->bytes_pread.fetch_add(len, std::memory_order_relaxed);
+      } else if (s.ok()) {
+        std::byte* dst;
+        if (slot) {
+          dst = slot.data();
+        } else {
+          if (buffer.size() < len) buffer.resize(len);
+          dst = buffer.data();
+        }
+        s = PreadExact(files[src.file].get(), dst, len, file_off, label);
+        bytes = dst;
+        progress->bytes_pread.fetch_add(len, std::memory_order_relaxed);
       }
       if (s.ok()) {
         for (size_t k = 0; k < by_source[u.source].size(); ++k) {
@@ -194,7 +313,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
           const PlanPiece& p = *pr.piece;
           const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
           kernels::CopyPieceRowsHost(
-              p, src.dtype, t.dtype, dst, static_cast<int64_t>(u.begin / pr.row_bytes),
+              p, src.dtype, t.dtype, bytes, static_cast<int64_t>(u.begin / pr.row_bytes),
               static_cast<int64_t>(u.end / pr.row_bytes), bases[pr.rank] + t.offset);
         }
         progress->bytes_done.fetch_add(len, std::memory_order_relaxed);

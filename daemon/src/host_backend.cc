@@ -11,6 +11,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "weightd/status_macros.h"
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+#include "weightd/cuda_backend.h"
+#endif
 
 namespace weightd {
 namespace {
@@ -144,11 +147,22 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t 
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind) {
+  // "auto" stays host until the CUDA executor path (ExecutePlanCuda) exists: the host executor
+  // cannot write device arenas, so picking cuda here would fail every load.
   if (kind == "host" || kind == "auto") return std::make_unique<HostBackend>();
   if (kind == "cuda") {
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+    absl::StatusOr<std::unique_ptr<CudaBackend>> b = CudaBackend::Create();
+    if (!b.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "backend 'cuda' is not available: ", b.status().message(), "; use --backend host"));
+    }
+    return std::unique_ptr<Backend>(std::move(*b));
+#else
     return absl::FailedPreconditionError(
-        "backend 'cuda' is not available in this build (the CUDA backend arrives with the VMM "
-        "issue); use --backend host or auto");
+        "backend 'cuda' is not available in this build (configured with "
+        "WEIGHTD_ENABLE_CUDA=OFF); use --backend host or auto");
+#endif
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown backend '", kind, "' (expected auto, cuda or host)"));

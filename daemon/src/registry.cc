@@ -266,6 +266,7 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     ExecutorOptions eo;
     eo.threads = config_.io_threads;
     eo.buffer_budget = config_.pinned_budget;
+    eo.io_mode = ParseIoMode(config_.io_mode).value_or(IoMode::kAuto);  // validated by config
     const absl::Time t_exec = absl::Now();
     TargetChecksums crcs;
     WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress, &crcs));

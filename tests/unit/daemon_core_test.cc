@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "weightd/config.h"
 #include "weightd/crc32c.h"
+#include "weightd/detail/page_cache.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/host_backend.h"
@@ -181,7 +182,9 @@ class ExecutorTest : public ::testing::Test {
 };
 
 TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
+  for (IoMode mode : {IoMode::kPread, IoMode::kUring, IoMode::kAuto})
   for (int threads : {1, 3}) {
+    SCOPED_TRACE(absl::StrCat("io_mode ", IoModeName(mode), " threads ", threads));
     std::vector<std::unique_ptr<Arena>> arenas;
     std::vector<Arena*> raw;
     for (const RankPlan& r : plan_.ranks) {
@@ -194,8 +197,11 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     ExecutorOptions o;
     o.threads = threads;
     o.chunk_bytes = 64 << 10;
+    o.io_mode = mode;
     TargetChecksums crcs;
     ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress, &crcs).ok());
+    if (mode == IoMode::kUring) EXPECT_EQ(progress.bytes_uring.load(), progress.bytes_total.load());
+    if (mode == IoMode::kPread) EXPECT_EQ(progress.bytes_pread.load(), progress.bytes_total.load());
     // Checksummed while reading: the verbatim targets only.
     ASSERT_EQ(crcs.crc.size(), 2u);
     EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
@@ -232,6 +238,35 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
   }
 }
 
+TEST_F(ExecutorTest, AutoModeReadsColdChunksWithUring) {
+  std::vector<std::unique_ptr<Arena>> arenas;
+  std::vector<Arena*> raw;
+  for (const RankPlan& r : plan_.ranks) {
+    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+    raw.push_back(arenas.back().get());
+  }
+  ASSERT_TRUE(DropFileFromPageCache(dir_ / "m.safetensors").ok());
+  UniqueFd fd(::open((dir_ / "m.safetensors").c_str(), O_RDONLY | O_CLOEXEC));
+  auto f = ResidentFraction(fd.get(), 0, plan_.sources[1].offset, "m");
+  ASSERT_TRUE(f.ok());
+  if (*f >= kCachedThreshold) GTEST_SKIP() << "the page cache kept the file after DONTNEED";
+  ExecutorOptions o;
+  o.chunk_bytes = 64 << 10;
+  o.io_mode = IoMode::kAuto;
+  LoadProgress p;
+  ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &p).ok());
+  EXPECT_GT(p.bytes_uring.load(), 0u);
+  EXPECT_EQ(p.bytes_uring.load() + p.bytes_pread.load(), p.bytes_total.load());
+  for (size_t r = 0; r < 2; ++r) {
+    const std::vector<std::byte> want = Expected(r);
+    for (const PlanTarget& t : plan_.ranks[r].targets) {
+      if (t.name == "z") continue;
+      EXPECT_EQ(std::memcmp(raw[r]->writable().data() + t.offset, want.data() + t.offset,
+                            t.nbytes), 0) << t.name;
+    }
+  }
+}
+
 TEST_F(ExecutorTest, CancelAndShortFileAndBadPlan) {
   std::vector<std::unique_ptr<Arena>> arenas;
   std::vector<Arena*> raw;
@@ -249,6 +284,16 @@ TEST_F(ExecutorTest, CancelAndShortFileAndBadPlan) {
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("m.safetensors"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("'s1'"));
+
+  // The io_uring path reports the same: file, tensor, DATA_LOSS.
+  ExecutorOptions uring;
+  uring.io_mode = IoMode::kUring;
+  LoadProgress pu;
+  s = ExecutePlanHost(plan_, raw, uring, &pu);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("m.safetensors"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("'s1'"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("file truncated"));
 
   Plan bad = plan_;
   bad.ranks[0].pieces[0].extent = {1, 300, 256};  // beyond the target

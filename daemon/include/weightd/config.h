@@ -35,6 +35,7 @@ struct DaemonConfig {
   uint64_t max_request_bytes = kDefaultMaxRequestBytes;
   int hello_timeout_ms = 10000;  // clients that send no hello within this are disconnected
   int io_threads = 4;            // reader/copier threads per load
+  std::string io_mode = "pread";  // pread | auto | uring (executor.h IoMode)
   std::string log_level = "info";
   uint32_t socket_mode = 0660;
 };

@@ -5,8 +5,9 @@
 //   WD_RETURN_IF_ERROR(ExecutePlanHost(plan, arenas, {.threads = 4}, &progress));
 //
 // Every checkpoint byte the plan needs is read exactly once, whatever the number of ranks:
-// sources are visited in (file, offset) order; each source is pread whole, or in row-aligned
-// chunks when larger than the chunk size, into a per-thread buffer, and every piece of every
+// sources are visited in (file, offset) order; each source is read whole, or in row-aligned
+// chunks when larger than the chunk size, into a per-thread buffer (a staging-ring slot unless
+// io_mode is kPread; cold chunks with io_uring and O_DIRECT, see IoMode), and every piece of every
 // rank that reads that source is applied from the buffer (weightd::kernels::CopyPieceRowsHost,
 // converting dtypes). `threads` workers each take the next chunk, so one worker's read overlaps
 // another's copy. Buffer memory is threads x chunk_bytes, bounded by `buffer_budget` (a single
@@ -26,6 +27,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "weightd/backend.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
@@ -35,13 +38,26 @@ namespace weightd {
 struct LoadProgress {
   std::atomic<uint64_t> bytes_total{0};  // checkpoint bytes the load reads
   std::atomic<uint64_t> bytes_done{0};
+  std::atomic<uint64_t> bytes_uring{0};  // of bytes_done: read with io_uring into staging slots
+  std::atomic<uint64_t> bytes_pread{0};  // of bytes_done: read with pread (page-cache path)
   std::atomic<bool> cancel{false};  // set by another thread to stop the load
 };
+
+// How checkpoint bytes are read:
+//   kPread: pread into the arena (verbatim sources) or a per-thread buffer; the page-cache path.
+//   kUring: io_uring, O_DIRECT where the filesystem allows, into a StagingRing slot, then copied
+//           (and converted) from the slot. Falls back to kPread when io_uring is unavailable.
+//   kAuto:  per chunk, mincore decides: at least kCachedThreshold resident -> kPread, else kUring.
+enum class IoMode { kAuto, kPread, kUring };
+absl::StatusOr<IoMode> ParseIoMode(absl::string_view text);
+absl::string_view IoModeName(IoMode mode);
 
 struct ExecutorOptions {
   int threads = 4;
   uint64_t buffer_budget = 1ull << 30;  // bytes of read buffers in all threads together
   uint64_t chunk_bytes = 64ull << 20;   // largest single read
+  IoMode io_mode = IoMode::kPread;     // kAuto pending the cold-read measurement on the H100
+  unsigned uring_queue_depth = 64;      // SQ entries per reader thread's ring
 };
 
 // CRC32C of the targets the executor could checksum while their bytes were in cache (targets
