@@ -9,6 +9,9 @@ APT_PACKAGES=(
   liburing-dev libabsl-dev nlohmann-json3-dev libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev systemd
   python3 python3-pip
+  # torch for the DLPack and LibTorch adapter tests: Debian's CPU build (~490 MiB installed),
+  # far smaller than PyPI's wheels with their CUDA libraries.
+  python3-torch python3-pytest libtorch-dev
 )
 PIP_PACKAGES=(numpy safetensors pytest)
 

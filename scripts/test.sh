@@ -12,7 +12,7 @@ JOBS=${JOBS:-$(nproc)}
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 
 echo "== build: default (RelWithDebInfo, CUDA auto) =="
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DWEIGHTD_BUILD_TORCH=ON >/dev/null
 cmake --build build -j "$JOBS"
 echo "== tests: default build =="
 (cd build && ctest --output-on-failure -j "$JOBS" -LE fuzz)

@@ -204,9 +204,12 @@ def test_library_lookup_error_names_the_variable(tmp_path):
 
 
 def test_torch_attach_zero_copy(daemon):
-    torch = pytest.importorskip(
-        "torch", reason="torch is not installed for this interpreter (CI does not install it: "
-        "see README.md, section Python); the DLPack path is covered by c_api_test")
+    if os.environ.get("WEIGHTD_REQUIRE_TORCH") == "1":
+        import torch  # the suite's torch run: a missing torch is a failure, not a skip
+    else:
+        torch = pytest.importorskip(
+            "torch", reason="torch is not installed for this interpreter; the suite runs this "
+            "test under Debian's python3-torch as ctest 'python_client_torch'")
     ref = read_checkpoint(daemon["ckpt"])
     w = weightd.attach("demo", socket=daemon["socket"], backend="torch")
     assert set(w) == set(ref)
