@@ -169,7 +169,7 @@ double PreadAll(const std::vector<std::string>& files, int threads, bool fresh =
 int main(int argc, char** argv) {
   bool quick = false;
   int threads = 4;
-  std::string io_mode = "pread";  // executor io_mode (helper-f, issue 5)
+  std::string io_mode = "pread";  // executor io_mode: pread, auto or uring
   bool cold = false;             // drop the big checkpoint from the page cache before each load
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
