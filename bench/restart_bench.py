@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Restart-to-ready of weightd: fd store and --takeover against a fresh warm load.
 
-Usage: restart_bench.py BUILD_DIR [--gb 1.0] [--repeat 3]
+Usage: restart_bench.py BUILD_DIR [--gb 1.0] [--repeat 3] [--cold]
 
 Method: writes a Llama-named safetensors checkpoint of about --gb GB (random bf16 bit patterns,
 32 MiB tensors) and reads it once so it sits in the page cache. Then, for each repeat, with the
@@ -13,7 +13,8 @@ LISTEN_FDNAMES / LISTEN_PID):
   3. takeover: exec `weightd --takeover` next to the running one -> the first status reply
      whose model has origin "takeover" (only the successor accepts by then).
 Each figure is wall time from fork() to that event, so it includes process start. Reported:
-best and median of the repeats.
+best and median of the repeats. With --cold (root: writes /proc/sys/vm/drop_caches) the page
+cache is dropped before each fresh start, so "fresh" is a cold load.
 """
 import argparse
 import array
@@ -116,6 +117,7 @@ def main():
     ap.add_argument("build")
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each fresh start")
     a = ap.parse_args()
     weightd = os.path.join(os.path.abspath(a.build), "daemon", "weightd")
     d = tempfile.mkdtemp(prefix="weightd-restart-bench-")
@@ -135,6 +137,10 @@ def main():
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener.bind(sock_path)
         listener.listen(4096)
+        if a.cold:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3")
         t = time.monotonic()
         p1 = sd.launch(listener.fileno(), argv, log)
         sd.wait_for("READY=1")
@@ -169,7 +175,8 @@ def main():
         listener.close()
         if os.path.exists(sock_path):  # the successor removed it at its exit
             os.unlink(sock_path)
-    print(f"checkpoint {size / 1e9:.2f} GB, {a.repeat} repeats")
+    print(f"checkpoint {size / 1e9:.2f} GB, {a.repeat} repeats, fresh start "
+          f"{'cold (page cache dropped)' if a.cold else 'warm'}")
     for k, v in res.items():
         print(f"{k:9s} best {min(v) * 1e3:8.1f} ms  median {statistics.median(v) * 1e3:8.1f} ms")
     subprocess.run(["rm", "-rf", d])

@@ -436,6 +436,6 @@ int main(int argc, char** argv) {
   notifier.join();
 #endif
   server->reset();
-  LogInfo(handed_over ? "stopped: handed over to the successor" : "stopped");
+  LogInfo("%s", handed_over ? "stopped: handed over to the successor" : "stopped");
   return run.ok() ? 0 : 1;
 }

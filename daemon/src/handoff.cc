@@ -306,7 +306,10 @@ SortedFds SortNamedFds(std::vector<NamedFd> fds) {
         break;
     }
   }
-  for (auto& [token, g] : groups) {
+  for (auto& entry : groups) {
+    // Named, not a structured binding: clang 14 cannot capture bindings in the lambda below.
+    const auto& token = entry.first;
+    auto& g = entry.second;
     std::vector<std::string> all;
     if (g.record) all.push_back(g.record->name);
     for (auto& [r, nf] : g.manifests) all.push_back(nf.name);
