@@ -45,10 +45,25 @@ struct WorkUnit {
 
 int64_t Prod(const Index3& a) { return a[0] * a[1] * a[2]; }
 
+// Copies `n` bytes into the arena in cache-sized steps, returning the CRC32C of the bytes taken
+// while they are still in cache.
+uint32_t CopyWithCrc(std::byte* dst, const std::byte* src, uint64_t n) {
+  constexpr uint64_t kStep = 1 << 20;
+  uint32_t crc = 0;
+  for (uint64_t off = 0; off < n; off += kStep) {
+    const uint64_t k = std::min(kStep, n - off);
+    std::memcpy(dst + off, src + off, k);
+    crc = Crc32cExtend(crc, dst + off, k);
+  }
+  return crc;
+}
+
+}  // namespace
+
 // Checks that a piece stays inside its source, its target and the arena, so a plan that
 // disagrees with itself fails the load instead of corrupting memory.
-absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,
-                        uint64_t arena_size) {
+absl::Status CheckPlanPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,
+                            uint64_t arena_size) {
   auto bad = [&](absl::string_view why) {
     return absl::InternalError(absl::StrCat(
         "plan piece for target '", p.target < rp.targets.size() ? rp.targets[p.target].name : "?",
@@ -79,20 +94,13 @@ absl::Status CheckPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p
   return absl::OkStatus();
 }
 
-// Copies `n` bytes into the arena in cache-sized steps, returning the CRC32C of the bytes taken
-// while they are still in cache.
-uint32_t CopyWithCrc(std::byte* dst, const std::byte* src, uint64_t n) {
-  constexpr uint64_t kStep = 1 << 20;
-  uint32_t crc = 0;
-  for (uint64_t off = 0; off < n; off += kStep) {
-    const uint64_t k = std::min(kStep, n - off);
-    std::memcpy(dst + off, src + off, k);
-    crc = Crc32cExtend(crc, dst + off, k);
-  }
-  return crc;
+#ifndef WEIGHTD_HAVE_CUDA_BACKEND
+absl::Status ExecutePlanCuda(const Plan&, std::span<Arena* const>, const ExecutorOptions&,
+                             LoadProgress*, TargetChecksums*) {
+  return absl::UnimplementedError(
+      "the CUDA executor is not in this build (configured with WEIGHTD_ENABLE_CUDA=OFF)");
 }
-
-}  // namespace
+#endif
 
 absl::StatusOr<IoMode> ParseIoMode(absl::string_view text) {
   if (text == "auto") return IoMode::kAuto;
@@ -139,7 +147,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
     for (const PlanPiece& p : rp.pieces) {
-      WD_RETURN_IF_ERROR(CheckPiece(plan, rp, p, rank_arenas[r]->size()));
+      WD_RETURN_IF_ERROR(CheckPlanPiece(plan, rp, p, rank_arenas[r]->size()));
       const uint64_t row_bytes =
           static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
       if (direct[p.source] < 0 && IsDirect(plan, rp, p)) {
@@ -391,13 +399,14 @@ absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, 
       return absl::InternalError(absl::StrCat("target '", t.name, "' lies outside its arena"));
     }
   }
-  if (bytes.size() >= arena.size()) {
+  const bool host_view = bytes.size() >= arena.size();
+  if (host_view || known != nullptr) {
     std::atomic<size_t> next{0};
     auto worker = [&]() {
       for (size_t i; (i = next.fetch_add(1)) < m.tensors.size();) {
         if (known != nullptr && i < known->size() && (*known)[i] >= 0) {
           m.tensors[i].crc32c = static_cast<uint32_t>((*known)[i]);
-        } else {
+        } else if (host_view) {
           m.tensors[i].crc32c = Crc32c(bytes.data() + m.tensors[i].offset, m.tensors[i].nbytes);
         }
       }

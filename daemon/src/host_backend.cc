@@ -147,9 +147,17 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t 
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind) {
-  // "auto" stays host until the CUDA executor path (ExecutePlanCuda) exists: the host executor
-  // cannot write device arenas, so picking cuda here would fail every load.
-  if (kind == "host" || kind == "auto") return std::make_unique<HostBackend>();
+  if (kind == "auto") {
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+    // CUDA build, driver and device present: device arenas, written by ExecutePlanCuda.
+    if (CudaDeviceAvailable()) {
+      absl::StatusOr<std::unique_ptr<CudaBackend>> b = CudaBackend::Create();
+      if (b.ok()) return std::unique_ptr<Backend>(std::move(*b));
+    }
+#endif
+    return std::make_unique<HostBackend>();
+  }
+  if (kind == "host") return std::make_unique<HostBackend>();
   if (kind == "cuda") {
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND
     absl::StatusOr<std::unique_ptr<CudaBackend>> b = CudaBackend::Create();

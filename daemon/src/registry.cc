@@ -269,7 +269,14 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     eo.io_mode = ParseIoMode(config_.io_mode).value_or(IoMode::kAuto);  // validated by config
     const absl::Time t_exec = absl::Now();
     TargetChecksums crcs;
-    WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress, &crcs));
+    // Device arenas have no host view (backend.h): they are written by the CUDA executor.
+    const bool device_arenas = !raw.empty() && raw[0]->kind() == ArenaKind::kCudaVmm;
+    if (device_arenas) {
+      const absl::Status s = ExecutePlanCuda(plan, raw, eo, &m->progress, &crcs);
+      if (!s.ok()) return Annotate(s, absl::StrCat("CUDA load of model '", name, "'"));
+    } else {
+      WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress, &crcs));
+    }
     const absl::Time t_seal = absl::Now();
     LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s", name,
              absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec));

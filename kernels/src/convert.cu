@@ -78,6 +78,56 @@ __global__ void ConvertKernel(int op, const void* __restrict__ src, void* __rest
   }
 }
 
+// One element of `op` from *s to *d (both pointers to the element, naturally aligned).
+__device__ __forceinline__ void ConvertOne(int op, const unsigned char* s, unsigned char* d) {
+  switch (op) {
+    case kF32ToBF16:
+      *reinterpret_cast<uint16_t*>(d) = DevF32ToBF16(*reinterpret_cast<const uint32_t*>(s));
+      break;
+    case kF32ToF16:
+      *reinterpret_cast<uint16_t*>(d) = DevF32ToF16(*reinterpret_cast<const uint32_t*>(s));
+      break;
+    case kBF16ToF32:
+      *reinterpret_cast<uint32_t*>(d) = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(s))
+                                        << 16;
+      break;
+    case kF16ToF32:
+      *reinterpret_cast<uint32_t*>(d) = DevF16ToF32(*reinterpret_cast<const uint16_t*>(s));
+      break;
+    case kBF16ToF16:
+      *reinterpret_cast<uint16_t*>(d) =
+          DevF32ToF16(static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(s)) << 16);
+      break;
+    case kF16ToBF16:
+      *reinterpret_cast<uint16_t*>(d) =
+          DevF32ToBF16(DevF16ToF32(*reinterpret_cast<const uint16_t*>(s)));
+      break;
+  }
+}
+
+// `height` rows of `width` elements; rows start `src_pitch` / `dst_pitch` bytes apart.
+__global__ void Convert2DKernel(int op, const unsigned char* __restrict__ src, int64_t src_pitch,
+                                int src_size, unsigned char* __restrict__ dst, int64_t dst_pitch,
+                                int dst_size, int64_t width, int64_t height) {
+  const int64_t n = width * height;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / width;
+    const int64_t col = i - row * width;
+    ConvertOne(op, src + row * src_pitch + col * src_size, dst + row * dst_pitch + col * dst_size);
+  }
+}
+
+int OpFor(DType from, DType to) {
+  if (from == DType::kF32 && to == DType::kBF16) return kF32ToBF16;
+  if (from == DType::kF32 && to == DType::kF16) return kF32ToF16;
+  if (from == DType::kBF16 && to == DType::kF32) return kBF16ToF32;
+  if (from == DType::kF16 && to == DType::kF32) return kF16ToF32;
+  if (from == DType::kBF16 && to == DType::kF16) return kBF16ToF16;
+  if (from == DType::kF16 && to == DType::kBF16) return kF16ToBF16;
+  return -1;
+}
+
 }  // namespace
 
 absl::Status LaunchConvertDevice(DType from, const void* src, DType to, void* dst, int64_t n,
@@ -113,6 +163,42 @@ absl::Status LaunchConvertDevice(DType from, const void* src, DType to, void* ds
   if (err != cudaSuccess) {
     return absl::InternalError(absl::StrCat("ConvertKernel launch (", DTypeName(from), " -> ",
                                             DTypeName(to), ", n=", n,
+                                            "): ", cudaGetErrorString(err)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchConvert2DDevice(DType from, const void* src, int64_t src_pitch, DType to,
+                                   void* dst, int64_t dst_pitch, int64_t width, int64_t height,
+                                   void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  if (width == 0 || height == 0) return absl::OkStatus();
+  if (from == to) {
+    const cudaError_t err =
+        cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_pitch), src, static_cast<size_t>(src_pitch),
+                          static_cast<size_t>(width) * DTypeSize(from), static_cast<size_t>(height),
+                          cudaMemcpyDeviceToDevice, s);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return absl::InternalError(absl::StrCat("cudaMemcpy2DAsync: ", cudaGetErrorString(err)));
+    }
+    return absl::OkStatus();
+  }
+  const int op = OpFor(from, to);
+  if (op < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("no device conversion from ", DTypeName(from), " to ", DTypeName(to)));
+  }
+  constexpr int kThreads = 256;
+  const int64_t want = (width * height + kThreads - 1) / kThreads;
+  const int blocks = static_cast<int>(want < 65535 * 8 ? want : 65535 * 8);
+  Convert2DKernel<<<blocks, kThreads, 0, s>>>(
+      op, static_cast<const unsigned char*>(src), src_pitch, static_cast<int>(DTypeSize(from)),
+      static_cast<unsigned char*>(dst), dst_pitch, static_cast<int>(DTypeSize(to)), width, height);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return absl::InternalError(absl::StrCat("Convert2DKernel launch (", DTypeName(from), " -> ",
+                                            DTypeName(to), ", ", height, " rows of ", width,
                                             "): ", cudaGetErrorString(err)));
   }
   return absl::OkStatus();

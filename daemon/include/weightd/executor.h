@@ -72,9 +72,27 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
                              const ExecutorOptions& options, LoadProgress* progress,
                              TargetChecksums* checksums = nullptr);
 
+// The CUDA path (daemon/src/cuda/cuda_executor.cc): same reading order, units and errors as
+// ExecutePlanHost, into CudaArena's (backend.h: writable() empty, kind() kCudaVmm) by DMA from a
+// pinned staging ring (cudaMemcpyAsync / cudaMemcpy2DAsync, casts as device kernels), on one
+// stream per worker and device. Fills `checksums` for every target: verbatim targets from the
+// staging bytes, the others by copying the finished target back (see the .cc). Every CUDA error
+// fails the load with a Status naming the rank and device (the registry adds the model name);
+// all DMA is complete when it returns, on success or error. UNIMPLEMENTED in a build without
+// CUDA.
+absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_arenas,
+                             const ExecutorOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums = nullptr);
+
+// INTERNAL naming the piece when `p` leaves its source, its target or the arena (shared by the
+// executors; a plan that disagrees with itself must fail the load, not corrupt memory).
+absl::Status CheckPlanPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,
+                            uint64_t arena_size);
+
 // The manifest of rank `rank_index` of `plan` after its arena was sealed: contiguous tensors in
 // arena 0, with the CRC32C of each taken from `known` (ExecutePlanHost's, may be null) or else
-// computed from the arena (in parallel over `threads`).
+// computed from the arena (in parallel over `threads`); for an arena without a host view
+// (device arenas), tensors without a known CRC32C get 0.
 absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
                                            absl::string_view model, int device, int threads,
                                            const std::vector<int64_t>* known = nullptr);

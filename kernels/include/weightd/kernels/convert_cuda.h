@@ -22,6 +22,14 @@ namespace weightd::kernels {
 absl::Status LaunchConvertDevice(DType from, const void* src, DType to, void* dst, int64_t n,
                                  void* stream);
 
+// The 2-D form: `height` rows of `width` elements, row r of the source at
+// src + r * src_pitch bytes and of the destination at dst + r * dst_pitch bytes (pitches in
+// bytes, each row naturally aligned for its dtype). Same ordering and errors as above; a
+// same-dtype call is a cudaMemcpy2DAsync.
+absl::Status LaunchConvert2DDevice(DType from, const void* src, int64_t src_pitch, DType to,
+                                   void* dst, int64_t dst_pitch, int64_t width, int64_t height,
+                                   void* stream);
+
 }  // namespace weightd::kernels
 
 #endif  // WEIGHTD_KERNELS_CONVERT_CUDA_H_
