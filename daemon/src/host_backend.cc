@@ -148,13 +148,8 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t 
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind) {
   if (kind == "auto") {
-#ifdef WEIGHTD_HAVE_CUDA_BACKEND
-    // CUDA build, driver and device present: device arenas, written by ExecutePlanCuda.
-    if (CudaDeviceAvailable()) {
-      absl::StatusOr<std::unique_ptr<CudaBackend>> b = CudaBackend::Create();
-      if (b.ok()) return std::unique_ptr<Backend>(std::move(*b));
-    }
-#endif
+    // Host until clients can import device arenas: a CUDA arena lent today would reach a worker
+    // as a tensor without data. `--backend cuda` selects the device path explicitly.
     return std::make_unique<HostBackend>();
   }
   if (kind == "host") return std::make_unique<HostBackend>();
