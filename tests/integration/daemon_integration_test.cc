@@ -396,7 +396,9 @@ TEST_F(DaemonTest, TensorParallelRanksMatchWeightctlShard) {
       EXPECT_EQ(WaitFor(pids[i], std::chrono::seconds(60)), 0)
           << name << ": " << Slurp(g_dir + "/tp" + std::to_string(i) + ".err");
     }
-    if (!dtype.empty()) EXPECT_TRUE(Ctl({"unload", name}).exit_code == 0);
+    if (!dtype.empty()) {
+      EXPECT_EQ(Ctl({"unload", name}).exit_code, 0);
+    }
   }
 }
 

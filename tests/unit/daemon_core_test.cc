@@ -200,8 +200,12 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     o.io_mode = mode;
     TargetChecksums crcs;
     ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress, &crcs).ok());
-    if (mode == IoMode::kUring) EXPECT_EQ(progress.bytes_uring.load(), progress.bytes_total.load());
-    if (mode == IoMode::kPread) EXPECT_EQ(progress.bytes_pread.load(), progress.bytes_total.load());
+    if (mode == IoMode::kUring) {
+      EXPECT_EQ(progress.bytes_uring.load(), progress.bytes_total.load());
+    }
+    if (mode == IoMode::kPread) {
+      EXPECT_EQ(progress.bytes_pread.load(), progress.bytes_total.load());
+    }
     // Checksummed while reading: the verbatim targets only.
     ASSERT_EQ(crcs.crc.size(), 2u);
     EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
