@@ -5,12 +5,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "detail/device_mapping.h"
 #include "nlohmann/json.hpp"
 #include "weightd/crc32c.h"
 #include "weightd/file_util.h"
@@ -115,6 +120,13 @@ struct Attachment::Impl {
     size_t size = 0;
   };
   std::vector<Mapping> maps;
+  std::vector<std::unique_ptr<DeviceMapping>> device_maps;
+  // Per tensor: its arena's DeviceMapping and byte offset there; nullptr for host tensors.
+  struct DeviceRef {
+    const DeviceMapping* map = nullptr;
+    uint64_t offset = 0;
+  };
+  std::vector<DeviceRef> device_refs;
   std::vector<TensorView> tensors;
   absl::flat_hash_map<absl::string_view, size_t> index;
   uint64_t total = 0;
@@ -126,6 +138,8 @@ struct Attachment::Impl {
     }
     maps.clear();
     tensors.clear();
+    device_refs.clear();
+    device_maps.clear();
     index.clear();
     fds.clear();
   }
@@ -228,12 +242,28 @@ const TensorView* Attachment::Find(absl::string_view name) const {
 }
 
 absl::Status Attachment::Verify() const {
-  for (const TensorView& t : impl_->tensors) {
-    if (t.data == nullptr && t.nbytes > 0) {
-      return absl::UnimplementedError(
-          absl::StrCat("tensor '", t.name, "' is in device memory; verify it on the device"));
+  // Device tensors are read back in chunks, so Verify needs at most this much host memory.
+  constexpr size_t kChunkBytes = 64 << 20;
+  std::vector<std::byte> staging;
+  for (size_t i = 0; i < impl_->tensors.size(); ++i) {
+    const TensorView& t = impl_->tensors[i];
+    const Impl::DeviceRef& ref = impl_->device_refs[i];
+    uint32_t c = 0;
+    if (ref.map == nullptr) {
+      c = Crc32c(t.data, t.nbytes);
+    } else {
+      staging.resize(std::min<uint64_t>(t.nbytes, kChunkBytes));
+      for (uint64_t done = 0; done < t.nbytes;) {
+        const size_t n = std::min<uint64_t>(t.nbytes - done, kChunkBytes);
+        if (absl::Status s = ref.map->CopyToHost(ref.offset + done, staging.data(), n); !s.ok()) {
+          return absl::Status(
+              s.code(), absl::StrCat("reading tensor '", t.name, "' of model '", impl_->model,
+                                     "' rank ", impl_->rank, " back from the GPU: ", s.message()));
+        }
+        c = Crc32cExtend(c, staging.data(), n);
+        done += n;
+      }
     }
-    const uint32_t c = Crc32c(t.data, t.nbytes);
     if (c != t.crc32c) {
       return absl::DataLossError(
           absl::StrFormat("tensor '%s' of model '%s' rank %d: CRC32C %08x != manifest %08x", t.name,
@@ -373,10 +403,51 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
     return absl::InternalError(absl::StrCat("manifest is for model '", m.model, "' rank ", m.rank,
                                             ", not '", name, "' rank ", rank));
   }
+  // `arena_info` (docs/PROTOCOL.md) is present when any arena is device memory.
+  const json* arena_info = nullptr;
+  if (res.contains("arena_info")) {
+    arena_info = &res["arena_info"];
+    if (!arena_info->is_array() || arena_info->size() != m.arenas.size()) {
+      return absl::InternalError(absl::StrCat("attach reply's arena_info is not an array of ",
+                                              m.arenas.size(), " entries"));
+    }
+  }
   std::vector<const std::byte*> bases(m.arenas.size(), nullptr);
+  std::vector<const DeviceMapping*> device_maps(m.arenas.size(), nullptr);
   for (size_t i = 0; i < m.arenas.size(); ++i) {
     const int fd = im.fds[i + 1].get();
-    if (m.arenas[i].kind != ArenaKind::kHostMemfd) continue;  // device memory: no host mapping
+    if (m.arenas[i].kind == ArenaKind::kCudaVmm) {
+      const std::string where =
+          absl::StrCat("model '", name, "' rank ", rank, ": arena ", i, " is in GPU memory");
+      std::string uuid;
+      if (arena_info != nullptr && (*arena_info)[i].is_object()) {
+        uuid = (*arena_info)[i].value("device_uuid", "");
+      }
+      if (uuid.empty()) {
+        return absl::UnavailableError(absl::StrCat(
+            where, " but weightd sent no device_uuid for it (a daemon older than this client)"));
+      }
+      if (uuid.size() != 32 || uuid.find_first_not_of("0123456789abcdef") != std::string::npos) {
+        return absl::InternalError(
+            absl::StrCat(where, " with device_uuid '", uuid, "', which is not 32 hex digits"));
+      }
+      absl::StatusOr<std::unique_ptr<DeviceMapping>> dm =
+          DeviceMapping::Map(fd, m.arenas[i].size, uuid);
+      if (!dm.ok()) {
+        return absl::Status(dm.status().code(),
+                            absl::StrCat(where, " (GPU UUID ", uuid,
+                                         ") that cannot be mapped here: ", dm.status().message()));
+      }
+      device_maps[i] = dm->get();
+      bases[i] = reinterpret_cast<const std::byte*>(static_cast<uintptr_t>((*dm)->base()));
+      im.device_maps.push_back(*std::move(dm));
+      continue;
+    }
+    if (m.arenas[i].kind != ArenaKind::kHostMemfd) {
+      return absl::UnimplementedError(absl::StrCat("model '", name, "' rank ", rank, ": arena ", i,
+                                                   " has a kind this client does not know (",
+                                                   static_cast<uint32_t>(m.arenas[i].kind), ")"));
+    }
     const int seals = ::fcntl(fd, F_GET_SEALS);
     // Without SHRINK a peer could truncate the memfd under the mapping (SIGBUS on access).
     if (seals < 0 || (seals & kRequiredSeals) != kRequiredSeals) {
@@ -395,6 +466,7 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
     bases[i] = static_cast<const std::byte*>(p);
   }
   im.tensors.resize(m.tensors.size());
+  im.device_refs.resize(m.tensors.size());
   im.index.reserve(m.tensors.size());
   for (size_t i = 0; i < m.tensors.size(); ++i) {
     ManifestTensor& mt = m.tensors[i];
@@ -403,8 +475,10 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
     v.dtype = mt.dtype;
     v.shape = std::move(mt.shape);
     v.strides = std::move(mt.strides);
-    v.device = m.arenas[mt.arena].kind == ArenaKind::kHostMemfd ? -1 : m.device;
+    const DeviceMapping* dm = device_maps[mt.arena];
+    v.device = dm != nullptr ? dm->ordinal() : -1;
     v.data = bases[mt.arena] != nullptr ? bases[mt.arena] + mt.offset : nullptr;
+    im.device_refs[i] = {dm, mt.offset};
     v.nbytes = mt.nbytes;
     v.crc32c = mt.crc32c;
     im.total += mt.nbytes;

@@ -10,9 +10,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "weightd/checkpoint.h"
+#include "weightd/cuda_backend.h"
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
@@ -60,6 +62,17 @@ absl::string_view RankStateName(RankState s) {
 }
 
 namespace {
+
+// "GPU-01234567-89ab-cdef-0123-456789abcdef" (CudaArena::device_uuid) -> the 32 hex digits the
+// attach reply carries (docs/PROTOCOL.md), which clients compare with cuDeviceGetUuid's bytes.
+std::string UuidHex(absl::string_view gpu_uuid) {
+  absl::ConsumePrefix(&gpu_uuid, "GPU-");
+  std::string hex;
+  for (const char ch : gpu_uuid) {
+    if (ch != '-') hex.push_back(ch);
+  }
+  return hex;
+}
 
 bool Contains(const std::vector<uint32_t>& v, uint32_t x) {
   return std::find(v.begin(), v.end(), x) != v.end();
@@ -438,6 +451,10 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
   g.manifest_bytes = r->manifest_bytes;
   WD_ASSIGN_OR_RETURN(UniqueFd a, r->arena->Export());
   g.arenas.push_back(std::move(a));
+  g.arena_device_uuids.push_back(
+      r->arena->kind() == ArenaKind::kCudaVmm
+          ? UuidHex(static_cast<const CudaArena&>(*r->arena).device_uuid())
+          : std::string());
   g.lease = next_lease_++;
   m.leases.push_back({g.lease, connection, peer, rank});
   ++attaches_total_;

@@ -638,6 +638,19 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
       res["lease"] = g->lease;
       res["manifest_bytes"] = g->manifest_bytes;
       res["arenas"] = g->arenas.size();
+      // Device arenas only: an old client ignores the key, and host-only replies keep their
+      // earlier shape.
+      json arena_info = json::array();
+      bool any_device = false;
+      for (const std::string& uuid : g->arena_device_uuids) {
+        if (uuid.empty()) {
+          arena_info.push_back({{"kind", "host"}});
+        } else {
+          arena_info.push_back({{"kind", "cuda"}, {"device_uuid", uuid}});
+          any_device = true;
+        }
+      }
+      if (any_device) res["arena_info"] = std::move(arena_info);
       res["fd_messages"] = extra;
       Queue(c, OkReply(r.id_json, std::move(res)), std::move(first));
       for (size_t part = 0; part < extra; ++part) {

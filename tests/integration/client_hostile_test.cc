@@ -258,5 +258,63 @@ TEST(ClientHostileTest, ManifestForAnotherModel) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("'other'"));
 }
 
+// A device arena (daemon `--backend cuda`) on a machine where this process cannot map it: no
+// CUDA driver here, or (on a GPU machine) no local GPU with the fake UUID. The attach must fail
+// UNAVAILABLE naming the model, the rank and the reason, without touching the fd.
+std::string DeviceManifest() {
+  Manifest m;
+  m.model = "m";
+  m.rank = 0;
+  m.device = 0;
+  m.arenas.push_back({4096, ArenaKind::kCudaVmm});
+  m.tensors.push_back({"w", DType::kF32, {4}, {1}, 0, 0, 16, 0});
+  return EncodeManifest(m);
+}
+
+std::string DeviceReply(uint64_t manifest_bytes, const std::string& arena_info) {
+  return "{\"ok\":true,\"id\":2,\"result\":{\"lease\":1,\"manifest_bytes\":" +
+         std::to_string(manifest_bytes) + ",\"arenas\":1," + arena_info + "\"fd_messages\":0}}";
+}
+
+absl::Status AttachDevice(const std::string& arena_info) {
+  const std::string man = DeviceManifest();
+  return AttachTo([&](int sock) {
+    UniqueFd mf = Memfd(man, man.size(), kSeals);
+    UniqueFd arena = Memfd("", 4096, kSeals);  // stands in for a cuMemExportToShareableHandle fd
+    int fds[] = {mf.get(), arena.get()};
+    (void)SendPacket(sock, DeviceReply(man.size(), arena_info), fds);
+  });
+}
+
+TEST(ClientHostileTest, DeviceArenaWithoutMatchingGpuIsUnavailable) {
+  const absl::Status s = AttachDevice(
+      "\"arena_info\":[{\"kind\":\"cuda\",\"device_uuid\":"
+      "\"00112233445566778899aabbccddeeff\"}],");
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  const std::string msg(s.message());
+  EXPECT_THAT(msg, HasSubstr("model 'm' rank 0"));
+  EXPECT_THAT(msg, HasSubstr("00112233445566778899aabbccddeeff"));
+  // Which reason depends on the machine: this CI has no driver, a GPU machine has other UUIDs.
+  EXPECT_TRUE(msg.find("no CUDA driver") != std::string::npos ||
+              msg.find("no local GPU with UUID 00112233445566778899aabbccddeeff") !=
+                  std::string::npos)
+      << msg;
+}
+
+TEST(ClientHostileTest, DeviceArenaWithoutUuidIsUnavailable) {
+  const absl::Status s = AttachDevice("");
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("sent no device_uuid"));
+}
+
+TEST(ClientHostileTest, DeviceArenaWithBadUuidOrArenaInfo) {
+  absl::Status s = AttachDevice("\"arena_info\":[{\"kind\":\"cuda\",\"device_uuid\":\"GPU-12\"}],");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not 32 hex digits"));
+  s = AttachDevice("\"arena_info\":[],");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("arena_info is not an array of 1 entries"));
+}
+
 }  // namespace
 }  // namespace weightd

@@ -82,8 +82,8 @@ typedef struct wd_tensor_info {
   int32_t ndim;           /* number of entries in shape and strides */
   const int64_t* shape;   /* elements */
   const int64_t* strides; /* elements (not bytes) */
-  const void* data;       /* read-only host pointer; NULL where device memory is not mapped */
-  int32_t device;         /* CUDA ordinal, -1 for host memory */
+  const void* data;       /* read-only: host pointer, or device pointer when device >= 0 */
+  int32_t device;         /* this process's CUDA ordinal, -1 for host memory */
   uint32_t crc32c;        /* the daemon's CRC32C of the bytes */
   uint64_t nbytes;
 } wd_tensor_info;
@@ -169,8 +169,8 @@ WD_API int wd_attachment_tensors(const wd_attachment* a, wd_tensor_info* out, si
 /* Index of the tensor called `name`; WD_NOT_FOUND if absent. O(1). */
 WD_API int wd_attachment_find(const wd_attachment* a, const char* name, size_t* index);
 
-/* Recomputes every tensor's CRC32C: WD_DATA_LOSS naming the first mismatch; WD_UNIMPLEMENTED
- * for device memory. */
+/* Recomputes every tensor's CRC32C (device tensors are copied to the host first): WD_DATA_LOSS
+ * naming the first mismatch. */
 WD_API int wd_attachment_verify(const wd_attachment* a);
 
 /* Unmaps and releases the lease now, returning the daemon's answer. WD_FAILED_PRECONDITION if

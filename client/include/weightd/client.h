@@ -15,6 +15,11 @@
 // Memory: host arenas are mapped PROT_READ from sealed memfds; the bytes cannot change while
 // mapped, and stay valid until the Attachment is destroyed, even if the model is force-unloaded
 // or the daemon exits. The manifest is validated completely before any pointer is formed.
+// Device arenas (daemon `--backend cuda`) are imported through the CUDA driver, loaded at run
+// time, and mapped read-only on the local GPU whose UUID the daemon names (so the daemon's and
+// the worker's CUDA_VISIBLE_DEVICES may differ); TensorView::data is then a device pointer,
+// usable in the device's primary context (what the CUDA runtime uses). Attach retains that
+// context and releases it, with the mapping, when the Attachment goes.
 //
 // Thread-safety: a Client and its Attachments share one connection guarded by a mutex, so
 // calls from several threads are serialized (safe, not parallel). An Attachment may outlive
@@ -85,8 +90,8 @@ struct TensorView {
   DType dtype = DType::kU8;
   std::vector<int64_t> shape;    // elements
   std::vector<int64_t> strides;  // elements
-  const void* data = nullptr;    // host pointer (device = -1); nullptr for device memory
-  int device = -1;               // CUDA ordinal, -1 for host memory
+  const void* data = nullptr;    // host pointer (device = -1) or device pointer (device >= 0)
+  int device = -1;               // local CUDA ordinal of this process, -1 for host memory
   uint64_t nbytes = 0;
   uint32_t crc32c = 0;  // the daemon's checksum of the bytes
 };
@@ -107,8 +112,9 @@ class Attachment {
   const TensorView* Find(absl::string_view name) const;
   uint64_t total_bytes() const;  // sum of the tensors' nbytes
 
-  // Recomputes every tensor's CRC32C and compares with the manifest. DATA_LOSS naming the first
-  // mismatching tensor; UNIMPLEMENTED for device memory.
+  // Recomputes every tensor's CRC32C and compares with the manifest; device tensors are copied
+  // to host memory first (cuMemcpyDtoH, 64 MiB at a time). DATA_LOSS naming the first
+  // mismatching tensor; a failed read-back keeps the driver error's code.
   absl::Status Verify() const;
 
   // Unmaps and releases the lease now; the error of the detach request, if any.
@@ -142,6 +148,9 @@ class Client {
                     const LoadOptions& options = {});
   // All visible models, or one (NOT_FOUND if absent).
   absl::StatusOr<std::vector<ModelInfo>> Status(const std::optional<std::string>& name = {});
+  // Maps the rank's arenas (see Memory above). Besides the daemon's errors: UNAVAILABLE naming
+  // the model, rank and reason when a device arena cannot be mapped here ("no CUDA driver (...)",
+  // "no local GPU with UUID ..."); the lease is released again on any failure.
   absl::StatusOr<Attachment> Attach(const std::string& name, int rank);
   absl::Status Unload(const std::string& name, bool force = false);
   // Prometheus text.

@@ -107,6 +107,9 @@ struct AttachGrant {
   UniqueFd manifest;
   uint64_t manifest_bytes = 0;
   std::vector<UniqueFd> arenas;
+  // Per arena (same order): the device UUID as 32 lowercase hex digits for a device arena,
+  // empty for a host arena.
+  std::vector<std::string> arena_device_uuids;
 };
 
 class Registry {

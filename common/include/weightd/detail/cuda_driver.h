@@ -7,8 +7,10 @@
 // where the dynamic loader would refuse a binary that needs libcuda.so.1. So libcuda.so.1 is
 // dlopen'ed once and every entry point resolved through the driver's own cuGetProcAddress at
 // the CUDA 12.0 ABI (so e.g. "cuMemGetInfo" resolves to the _v2 function cuda.h maps it to).
-// Only built with WEIGHTD_ENABLE_CUDA; includes <cuda.h>, so it stays out of client-facing
-// headers. Thread-safe: Get() loads once; the table is immutable afterwards.
+// Part of weightd::common (the daemon's CUDA backend and the client's device-arena import share
+// it), but only built with WEIGHTD_ENABLE_CUDA, which defines WEIGHTD_HAVE_CUDA_DRIVER for its
+// users. Includes <cuda.h>, so it stays out of client-facing headers. Thread-safe: Get() loads
+// once; the table is immutable afterwards.
 #ifndef WEIGHTD_DETAIL_CUDA_DRIVER_H_
 #define WEIGHTD_DETAIL_CUDA_DRIVER_H_
 
