@@ -39,20 +39,6 @@ int HexValue(char c) {
   return -1;
 }
 
-absl::string_view KindName(FdKind k) {
-  switch (k) {
-    case FdKind::kRecord:
-      return "rec";
-    case FdKind::kManifest:
-      return "man";
-    case FdKind::kArena:
-      return "arena";
-    case FdKind::kListener:
-      return kListenerFdName;
-  }
-  return "?";
-}
-
 absl::Status BadName(absl::string_view name, absl::string_view why) {
   return absl::InvalidArgumentError(
       absl::StrCat("fd name '", name, "' is not a weightd fd name: ", why));

@@ -254,7 +254,7 @@ std::string Metric(const std::string& socket, const std::string& name) {
 json StatusOf(const std::string& socket, const std::string& model) {
   auto fd = ConnectSeqpacket(socket);
   if (!fd.ok()) return json::object();
-  for (const std::string req : {std::string(R"({"op":"hello","version":1})"),
+  for (const std::string& req : {std::string(R"({"op":"hello","version":1})"),
                                 json{{"op", "status"}, {"name", model}}.dump()}) {
     if (!SendPacket(fd->get(), req).ok()) return json::object();
     pollfd p{fd->get(), POLLIN, 0};
@@ -613,7 +613,7 @@ TEST_F(RestartTest, SighupReloadsPreloads) {
 }
 
 TEST(FdNameTest, EncodingIsReversibleAndWithinSystemdRules) {
-  for (const std::string model : {std::string("llama"), std::string("Llama-3.1 8B:v2/ü"),
+  for (const std::string& model : {std::string("llama"), std::string("Llama-3.1 8B:v2/ü"),
                                   std::string(255, '.'), std::string("a_b")}) {
     const std::string n = EncodeFdName(FdKind::kArena, model, 7, 0);
     EXPECT_LE(n.size(), 255u);
