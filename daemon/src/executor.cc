@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <numeric>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -14,6 +13,7 @@
 #include "weightd/detail/page_cache.h"
 #include "weightd/detail/staging_ring.h"
 #include "weightd/detail/uring_reader.h"
+#include "weightd/detail/work_units.h"
 #include "weightd/file_util.h"
 #include "weightd/kernels/copy.h"
 #include "weightd/log.h"
@@ -24,24 +24,8 @@
 namespace weightd {
 namespace {
 
-struct PieceRef {
-  size_t rank;
-  const PlanPiece* piece;
-  uint64_t row_bytes;  // bytes per row of this piece's source view
-};
-
-// A piece that copies its whole source, unchanged, onto its whole target: the source's bytes
-// are the target's bytes, so the source can be read straight into the arena.
-bool IsDirect(const Plan& plan, const RankPlan& rp, const PlanPiece& p) {
-  return plan.sources[p.source].dtype == rp.targets[p.target].dtype &&
-         p.src_start == Index3{0, 0, 0} && p.dst_start == Index3{0, 0, 0} &&
-         p.extent == p.src_shape && p.extent == p.dst_shape;
-}
-
-struct WorkUnit {
-  uint32_t source;
-  uint64_t begin, end;  // byte range within the source
-};
+using detail::PieceRef;
+using detail::WorkUnit;
 
 int64_t Prod(const Index3& a) { return a[0] * a[1] * a[2]; }
 
@@ -140,23 +124,6 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     bases[r] = w.data();
   }
 
-  // Pieces grouped by source, over all ranks: the basis of reading each byte once.
-  std::vector<std::vector<PieceRef>> by_source(plan.sources.size());
-  // Per source, the index in by_source[s] of a direct piece (read target), or -1.
-  std::vector<int> direct(plan.sources.size(), -1);
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    const RankPlan& rp = plan.ranks[r];
-    for (const PlanPiece& p : rp.pieces) {
-      WD_RETURN_IF_ERROR(CheckPlanPiece(plan, rp, p, rank_arenas[r]->size()));
-      const uint64_t row_bytes =
-          static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
-      if (direct[p.source] < 0 && IsDirect(plan, rp, p)) {
-        direct[p.source] = static_cast<int>(by_source[p.source].size());
-      }
-      by_source[p.source].push_back({r, &p, std::max<uint64_t>(row_bytes, 1)});
-    }
-  }
-
   const int threads = std::max(1, options.threads);
   const bool staged = options.io_mode != IoMode::kPread;
   // Staged modes read into slots of chunk + 2 pages: an O_DIRECT read of a chunk covers its
@@ -164,24 +131,13 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   const uint64_t slack = staged ? 2 * kDirectIoAlignment : 0;
   const uint64_t chunk = std::max<uint64_t>(
       64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads - slack));
-  std::vector<WorkUnit> units;
-  std::vector<size_t> first_unit(plan.sources.size(), 0);
-  uint64_t total = 0;
-  for (uint32_t s = 0; s < plan.sources.size(); ++s) {
-    first_unit[s] = units.size();
-    if (by_source[s].empty()) continue;
-    const uint64_t nbytes = plan.sources[s].nbytes;
-    total += nbytes;
-    // Chunk boundaries must fall on a row boundary of every piece's view of this source.
-    uint64_t g = 1;
-    for (const PieceRef& pr : by_source[s]) g = std::lcm(g, pr.row_bytes);
-    const uint64_t step = g >= chunk ? g : chunk - chunk % g;
-    if (nbytes == 0) {
-      units.push_back({s, 0, 0});
-      continue;
-    }
-    for (uint64_t b = 0; b < nbytes; b += step) units.push_back({s, b, std::min(nbytes, b + step)});
-  }
+  // Pieces grouped by source over all ranks, sources cut into row-aligned units: each checkpoint
+  // byte is read once.
+  WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
+  const std::vector<std::vector<PieceRef>>& by_source = work.by_source;
+  const std::vector<WorkUnit>& units = work.units;
+  const std::vector<int>& direct = work.verbatim;
+  const uint64_t total = work.total_bytes;
   progress->bytes_total.store(total);
 
   std::vector<UniqueFd> files(plan.files.size());
@@ -342,25 +298,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     absl::MutexLock l(&mu);
     if (!first_error.ok()) return first_error;
   }
-  if (checksums != nullptr) {
-    checksums->crc.assign(plan.ranks.size(), {});
-    for (size_t r = 0; r < plan.ranks.size(); ++r) {
-      checksums->crc[r].assign(plan.ranks[r].targets.size(), -1);
-    }
-    for (uint32_t s = 0; s < plan.sources.size(); ++s) {
-      if (direct[s] < 0) continue;
-      uint32_t crc = 0;
-      for (size_t i = first_unit[s]; i < units.size() && units[i].source == s; ++i) {
-        crc = Crc32cCombine(crc, unit_crc[i], units[i].end - units[i].begin);
-      }
-      // Every verbatim piece of this source holds the same bytes.
-      for (const PieceRef& pr : by_source[s]) {
-        if (IsDirect(plan, plan.ranks[pr.rank], *pr.piece)) {
-          checksums->crc[pr.rank][pr.piece->target] = crc;
-        }
-      }
-    }
-  }
+  if (checksums != nullptr) detail::AssignVerbatimChecksums(plan, work, unit_crc, checksums);
+
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
     for (const PlanZeroFill& z : rp.zero_fills) {

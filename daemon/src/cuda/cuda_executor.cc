@@ -29,7 +29,6 @@
 #include <atomic>
 #include <map>
 #include <memory>
-#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -41,6 +40,7 @@
 #include "weightd/detail/cuda_check.h"
 #include "weightd/detail/cuda_pinned_allocator.h"
 #include "weightd/detail/staging_ring.h"
+#include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/kernels/convert_cuda.h"
@@ -52,22 +52,8 @@
 namespace weightd {
 namespace {
 
-struct PieceRef {
-  size_t rank;
-  const PlanPiece* piece;
-  uint64_t row_bytes;  // bytes per row of this piece's source view
-};
-
-struct WorkUnit {
-  uint32_t source;
-  uint64_t begin, end;  // byte range within the source
-};
-
-bool IsVerbatim(const Plan& plan, const RankPlan& rp, const PlanPiece& p) {
-  return plan.sources[p.source].dtype == rp.targets[p.target].dtype &&
-         p.src_start == Index3{0, 0, 0} && p.dst_start == Index3{0, 0, 0} &&
-         p.extent == p.src_shape && p.extent == p.dst_shape;
-}
+using detail::PieceRef;
+using detail::WorkUnit;
 
 // CUDA objects of one load. Not thread-safe to create or destroy; the workers only read it.
 struct Resources {
@@ -178,46 +164,15 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
         s, absl::StrCat("rank ", plan.ranks[r].rank, " on CUDA device ", rank_arenas[r]->device()));
   };
 
-  std::vector<std::vector<PieceRef>> by_source(plan.sources.size());
-  std::vector<int> verbatim(plan.sources.size(), -1);
-  bool any_cast = false;
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    const RankPlan& rp = plan.ranks[r];
-    for (const PlanPiece& p : rp.pieces) {
-      WD_RETURN_IF_ERROR(CheckPlanPiece(plan, rp, p, rank_arenas[r]->size()));
-      const uint64_t row_bytes =
-          static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
-      if (verbatim[p.source] < 0 && IsVerbatim(plan, rp, p)) {
-        verbatim[p.source] = static_cast<int>(by_source[p.source].size());
-      }
-      any_cast = any_cast || plan.sources[p.source].dtype != rp.targets[p.target].dtype;
-      by_source[p.source].push_back({r, &p, std::max<uint64_t>(row_bytes, 1)});
-    }
-  }
-
   const int threads = std::max(1, options.threads);
   const uint64_t chunk = std::max<uint64_t>(
       64 << 10, std::min(options.chunk_bytes, options.buffer_budget / (threads + 1)));
-  std::vector<WorkUnit> units;
-  std::vector<size_t> first_unit(plan.sources.size(), 0);
-  uint64_t total = 0, largest = 0;
-  for (uint32_t s = 0; s < plan.sources.size(); ++s) {
-    first_unit[s] = units.size();
-    if (by_source[s].empty()) continue;
-    const uint64_t nbytes = plan.sources[s].nbytes;
-    total += nbytes;
-    uint64_t g = 1;
-    for (const PieceRef& pr : by_source[s]) g = std::lcm(g, pr.row_bytes);
-    const uint64_t step = g >= chunk ? g : chunk - chunk % g;
-    if (nbytes == 0) {
-      units.push_back({s, 0, 0});
-      continue;
-    }
-    for (uint64_t b = 0; b < nbytes; b += step) {
-      units.push_back({s, b, std::min(nbytes, b + step)});
-      largest = std::max(largest, units.back().end - b);
-    }
-  }
+  WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
+  const std::vector<std::vector<PieceRef>>& by_source = work.by_source;
+  const std::vector<WorkUnit>& units = work.units;
+  const std::vector<int>& verbatim = work.verbatim;
+  const bool any_cast = work.any_cast;
+  const uint64_t total = work.total_bytes, largest = work.largest_unit;
   progress->bytes_total.store(total);
 
   std::vector<UniqueFd> files(plan.files.size());
@@ -364,22 +319,7 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
   }
 
   if (checksums != nullptr) {
-    checksums->crc.assign(plan.ranks.size(), {});
-    for (size_t r = 0; r < plan.ranks.size(); ++r) {
-      checksums->crc[r].assign(plan.ranks[r].targets.size(), -1);
-    }
-    for (uint32_t s = 0; s < plan.sources.size(); ++s) {
-      if (verbatim[s] < 0) continue;
-      uint32_t crc = 0;
-      for (size_t i = first_unit[s]; i < units.size() && units[i].source == s; ++i) {
-        crc = Crc32cCombine(crc, unit_crc[i], units[i].end - units[i].begin);
-      }
-      for (const PieceRef& pr : by_source[s]) {
-        if (IsVerbatim(plan, plan.ranks[pr.rank], *pr.piece)) {
-          checksums->crc[pr.rank][pr.piece->target] = crc;
-        }
-      }
-    }
+    detail::AssignVerbatimChecksums(plan, work, unit_crc, checksums);
     // The rest: read the finished target back through one slot.
     absl::StatusOr<StagingSlot> slot = res.ring->Acquire();
     if (!slot.ok()) return slot.status();
