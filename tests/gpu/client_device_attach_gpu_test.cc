@@ -21,6 +21,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "support/process.h"
 #include "weightd/checkpoint.h"
 #include "weightd/client.h"
 #include "weightd/cuda_backend.h"
@@ -29,31 +30,14 @@
 namespace weightd {
 namespace {
 
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using testing::Slurp;
 
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int o = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    ::dup2(o, 1);
-    ::dup2(o, 2);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  return pid;
+  return testing::Spawn(argv, log, log);
 }
 
-int Wait(pid_t pid) {
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
+// Helpers and the daemon get 2 minutes; a hang fails the test instead of the whole run.
+int Wait(pid_t pid) { return testing::WaitFor(pid, std::chrono::minutes(2)); }
 
 class ClientDeviceAttachGpuTest : public ::testing::Test {
  protected:

@@ -30,6 +30,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "support/process.h"
 #include "weightd/client.h"
 #include "weightd/seqpacket.h"
 
@@ -38,7 +39,11 @@ namespace {
 
 using ::testing::HasSubstr;
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
+using testing::Clock;
+using testing::Slurp;
+using testing::Spawn;
+using testing::WaitFor;
+using testing::WaitUntil;
 
 std::string g_dir;     // temporary directory (0755)
 std::string g_socket;  // daemon socket
@@ -49,46 +54,6 @@ struct RunResult {
   int exit_code = -1;
   std::string out, err;
 };
-
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-pid_t Spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    ::dup2(o, 1);
-    ::dup2(e, 2);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  return pid;
-}
-
-// Waits for `pid` at most `timeout`; kills it if it runs longer. Returns the exit code (or
-// 128 + signal).
-int WaitFor(pid_t pid, std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  int status = 0;
-  for (;;) {
-    const pid_t r = ::waitpid(pid, &status, WNOHANG);
-    if (r == pid) break;
-    if (Clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return 128 + WTERMSIG(status);
-}
 
 RunResult RunProcess(std::vector<std::string> argv,
                      std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
@@ -106,16 +71,6 @@ RunResult Ctl(std::vector<std::string> args) {
   args.push_back("--socket");
   args.push_back(g_socket);
   return RunProcess(args);
-}
-
-template <typename Pred>
-bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
-  const auto deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return pred();
 }
 
 void StopDaemon() {

@@ -30,6 +30,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "support/process.h"
 #include "weightd/backend.h"
 #include "weightd/client.h"
 #include "weightd/handoff.h"
@@ -40,12 +41,10 @@ namespace {
 
 using ::testing::HasSubstr;
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using testing::Clock;
+using testing::Slurp;
+using testing::WaitFor;
+using testing::WaitUntil;
 
 int CountOpenFds() {
   int n = 0;
@@ -54,33 +53,6 @@ int CountOpenFds() {
     ++n;
   }
   return n;
-}
-
-int WaitFor(pid_t pid, std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  int status = 0;
-  for (;;) {
-    const pid_t r = ::waitpid(pid, &status, WNOHANG);
-    if (r == pid) break;
-    if (Clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return 128 + WTERMSIG(status);
-}
-
-template <typename Pred>
-bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
-  const auto deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return pred();
 }
 
 int RunCmd(std::vector<std::string> argv, std::string* out = nullptr) {
@@ -255,7 +227,7 @@ json StatusOf(const std::string& socket, const std::string& model) {
   auto fd = ConnectSeqpacket(socket);
   if (!fd.ok()) return json::object();
   for (const std::string& req : {std::string(R"({"op":"hello","version":1})"),
-                                json{{"op", "status"}, {"name", model}}.dump()}) {
+                                 json{{"op", "status"}, {"name", model}}.dump()}) {
     if (!SendPacket(fd->get(), req).ok()) return json::object();
     pollfd p{fd->get(), POLLIN, 0};
     if (::poll(&p, 1, 5000) != 1) return json::object();
@@ -614,7 +586,7 @@ TEST_F(RestartTest, SighupReloadsPreloads) {
 
 TEST(FdNameTest, EncodingIsReversibleAndWithinSystemdRules) {
   for (const std::string& model : {std::string("llama"), std::string("Llama-3.1 8B:v2/ü"),
-                                  std::string(255, '.'), std::string("a_b")}) {
+                                   std::string(255, '.'), std::string("a_b")}) {
     const std::string n = EncodeFdName(FdKind::kArena, model, 7, 0);
     EXPECT_LE(n.size(), 255u);
     for (char ch : n) {
