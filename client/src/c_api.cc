@@ -352,6 +352,20 @@ int wd_attachment_verify(const wd_attachment* a) {
   });
 }
 
+int wd_attachment_read(const wd_attachment* a, size_t index, uint64_t offset, void* dst,
+                       uint64_t n) {
+  return Guard([&]() -> int {
+    WD_REQUIRE(a != nullptr && (dst != nullptr || n == 0),
+               "wd_attachment_read: attachment or dst is NULL");
+    const auto& ts = a->att.tensors();
+    if (index >= ts.size()) {
+      return Fail(WD_OUT_OF_RANGE, absl::StrCat("wd_attachment_read: tensor index ", index,
+                                                " >= ", ts.size(), " tensors"));
+    }
+    return Fail(a->att.Read(ts[index], offset, dst, n));
+  });
+}
+
 int wd_attachment_detach(wd_attachment* a) {
   return Guard([&]() -> int {
     WD_REQUIRE(a != nullptr, "wd_attachment_detach: attachment is NULL");

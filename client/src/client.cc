@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -269,6 +270,33 @@ absl::Status Attachment::Verify() const {
           absl::StrFormat("tensor '%s' of model '%s' rank %d: CRC32C %08x != manifest %08x", t.name,
                           impl_->model, impl_->rank, c, t.crc32c));
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Attachment::Read(const TensorView& tensor, uint64_t offset, void* dst,
+                              uint64_t n) const {
+  const std::vector<TensorView>& ts = impl_->tensors;
+  if (ts.empty() || &tensor < ts.data() || &tensor >= ts.data() + ts.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", tensor.name,
+                                                   "' is not one of this attachment's (model '",
+                                                   impl_->model, "' rank ", impl_->rank, ")"));
+  }
+  if (offset > tensor.nbytes || n > tensor.nbytes - offset) {
+    return absl::OutOfRangeError(absl::StrCat("bytes [", offset, ", ", offset + n,
+                                              ") leave tensor '", tensor.name, "' of ",
+                                              tensor.nbytes, " bytes"));
+  }
+  if (n == 0) return absl::OkStatus();
+  const Impl::DeviceRef& ref = impl_->device_refs[&tensor - ts.data()];
+  if (ref.map == nullptr) {
+    std::memcpy(dst, static_cast<const std::byte*>(tensor.data) + offset, n);
+    return absl::OkStatus();
+  }
+  if (absl::Status s = ref.map->CopyToHost(ref.offset + offset, dst, n); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("reading tensor '", tensor.name, "' of model '",
+                                               impl_->model, "' rank ", impl_->rank,
+                                               " back from the GPU: ", s.message()));
   }
   return absl::OkStatus();
 }

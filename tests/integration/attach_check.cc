@@ -1,10 +1,11 @@
 // wd_attach_check SOCKET MODEL RANK CHECKPOINT: attaches to MODEL's RANK with the C++ client and
-// checks that every tensor equals the checkpoint tensor of the same name byte for byte (the
+// checks (host or device memory) that every tensor equals the checkpoint tensor of the same name byte for byte (the
 // `hf` recipe at T=1 keeps names and bytes), and that the manifest checksums hold. Exit 0 when
 // all match; 1 with a message otherwise. Used by the integration tests from many processes.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "weightd/checkpoint.h"
 #include "weightd/client.h"
@@ -41,8 +42,14 @@ int main(int argc, char** argv) {
       return 1;
     }
     auto bytes = ckpt->MapTensor(t);
+    // Read() copies device tensors back through the client's own mapping, host ones by memcpy.
+    std::vector<std::byte> got(v->nbytes);
+    if (auto s = a->Read(*v, 0, got.data(), got.size()); !s.ok()) {
+      std::fprintf(stderr, "read %s: %s\n", t.name.c_str(), s.ToString().c_str());
+      return 1;
+    }
     if (!bytes.ok() || v->nbytes != bytes->size() || v->dtype != t.dtype || v->shape != t.shape ||
-        std::memcmp(v->data, bytes->data(), v->nbytes) != 0) {
+        std::memcmp(got.data(), bytes->data(), v->nbytes) != 0) {
       std::fprintf(stderr, "tensor %s differs from the checkpoint\n", t.name.c_str());
       return 1;
     }

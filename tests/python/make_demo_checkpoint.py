@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Writes a small Llama-shaped Hugging Face checkpoint (3 shards + index + config.json).
 
-Usage: make_demo_checkpoint.py OUT_DIR
+Usage: make_demo_checkpoint.py OUT_DIR [--f32]
 
 The tensors are random bf16-as-uint16 bit patterns with exact HF names, so every tool of weightd
-can run on it without downloading anything.
+can run on it without downloading anything. With --f32 they are float32 values (normally
+distributed, so a cast to bf16/fp16 rounds real numbers) and config.json says float32.
 """
 import json
 import os
@@ -17,8 +18,10 @@ H, NH, NKV, I, V, LAYERS = 256, 8, 2, 512, 1000, 2
 HD = H // NH
 
 
-def tensors(rng):
+def tensors(rng, f32=False):
     def w(*shape):
+        if f32:
+            return rng.standard_normal(size=shape, dtype=np.float32)
         # bf16 is stored as its raw 16-bit pattern; numpy has no bfloat16.
         return rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
 
@@ -41,16 +44,18 @@ def tensors(rng):
 
 def main():
     out_dir = sys.argv[1]
+    f32 = "--f32" in sys.argv[2:]
     os.makedirs(out_dir, exist_ok=True)
-    names = sorted(tensors(np.random.default_rng(0)).keys())
-    data = tensors(np.random.default_rng(0))
+    data = tensors(np.random.default_rng(0), f32)
+    names = sorted(data.keys())
     shards = [names[i::3] for i in range(3)]
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         # safetensors.numpy writes U16; retag the header as BF16 by saving through raw bytes.
         save_file({n: data[n] for n in shard}, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        _retag_bf16(os.path.join(out_dir, fname))
+        if not f32:
+            _retag_bf16(os.path.join(out_dir, fname))
         weight_map.update({n: fname for n in shard})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(v.nbytes for v in data.values())},
@@ -59,7 +64,7 @@ def main():
         json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
                    "num_attention_heads": NH, "num_key_value_heads": NKV, "intermediate_size": I,
                    "vocab_size": V, "num_hidden_layers": LAYERS, "tie_word_embeddings": False,
-                   "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}, f, indent=2)
+                   "torch_dtype": "float32" if f32 else "bfloat16", "rms_norm_eps": 1e-5}, f, indent=2)
 
 
 def _retag_bf16(path):

@@ -173,6 +173,12 @@ WD_API int wd_attachment_find(const wd_attachment* a, const char* name, size_t* 
  * naming the first mismatch. */
 WD_API int wd_attachment_verify(const wd_attachment* a);
 
+/* Copies bytes [offset, offset + n) of tensor `index` into host memory `dst` (a memcpy for host
+ * memory, cuMemcpyDtoH for device memory): a way to read device weights without CUDA code of
+ * one's own. WD_OUT_OF_RANGE when the index or the range is outside the tensor. */
+WD_API int wd_attachment_read(const wd_attachment* a, size_t index, uint64_t offset, void* dst,
+                              uint64_t n);
+
 /* Unmaps and releases the lease now, returning the daemon's answer. WD_FAILED_PRECONDITION if
  * other references exist (exported tensors would dangle). The handle must still be released. */
 WD_API int wd_attachment_detach(wd_attachment* a);

@@ -117,6 +117,13 @@ class Attachment {
   // mismatching tensor; a failed read-back keeps the driver error's code.
   absl::Status Verify() const;
 
+  // Copies bytes [offset, offset + n) of `tensor` (one of tensors()) into host memory `dst`:
+  // a memcpy for host tensors, a synchronous cuMemcpyDtoH through the attachment's own mapping
+  // for device tensors (so a process without CUDA code of its own can read device weights).
+  // OUT_OF_RANGE when the range leaves the tensor; INVALID_ARGUMENT for a TensorView that is
+  // not this attachment's; the driver error for a failed read-back.
+  absl::Status Read(const TensorView& tensor, uint64_t offset, void* dst, uint64_t n) const;
+
   // Unmaps and releases the lease now; the error of the detach request, if any.
   absl::Status Detach();
 

@@ -92,6 +92,8 @@ def _declare(lib):
         "wd_attachment_tensors": (c_int, [c_void_p, pp(TensorInfo), c_size]),
         "wd_attachment_find": (c_int, [c_void_p, c_char_p, pp(c_size)]),
         "wd_attachment_verify": (c_int, [c_void_p]),
+        "wd_attachment_read": (c_int, [c_void_p, c_size, ctypes.c_uint64, c_void_p,
+                                       ctypes.c_uint64]),
         "wd_attachment_detach": (c_int, [c_void_p]),
         "wd_attachment_export_dlpack": (c_int, [c_void_p, c_size, pp(c_void_p)]),
     }
