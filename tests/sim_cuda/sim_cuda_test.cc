@@ -276,6 +276,12 @@ void ExpectDeviceClean(const SimDeviceStats& d) {
   EXPECT_EQ(Load(d.modules), 0u);
 }
 
+// The harness itself: a failed expectation in the child fails the child.
+TEST(SimCuda, ChildFailuresPropagate) {
+  const ChildResult r = InChild({}, [] { EXPECT_EQ(1, 2) << "deliberate"; });
+  EXPECT_FALSE(r.ok());
+}
+
 TEST(SimCuda, LookupInitAndNoContext) {
   const std::string dir = MakeTempDir();
   ChildResult r = InChild({{"WDSIM_STATS_DIR", dir}}, [&] {
@@ -515,15 +521,16 @@ TEST(SimCuda, ExportToForkedChildWhichMapsReadOnly) {
 
 TEST(SimCudaDeathTest, HostDereferenceOfDevicePointerCrashes) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(
+  EXPECT_EXIT(
       {
         const Cu& cu = LoadCu();
         InitCtx(cu);
         CUdeviceptr p = 0;
         if (cu.cuMemAlloc(&p, 4096) != CUDA_SUCCESS) std::_Exit(3);
         *reinterpret_cast<volatile char*>(p) = 1;
+        std::_Exit(0);
       },
-      "");
+      ::testing::KilledBySignal(SIGSEGV), "");
 }
 
 TEST(SimCuda, StreamsRunInOrderAndWaitForEvents) {

@@ -698,9 +698,11 @@ class Stream {
   Device* device() const { return device_; }
   bool blocking() const { return (flags_ & CU_STREAM_NON_BLOCKING) == 0; }
 
-  // Returns the ticket of the operation: it has executed once Done(ticket).
+  // Returns the ticket of the operation (it has executed once Done(ticket)), or 0 when the stream
+  // is being destroyed: the worker may be gone, so the operation would never complete.
   uint64_t Enqueue(Op op) {
     absl::MutexLock l(&mu_);
+    if (stop_) return 0;
     q_.push_back(std::move(op));
     return ++enqueued_;
   }
@@ -830,7 +832,9 @@ CUresult Submit(Device* d, CUstream h, Op op) {
     return Misuse(CUDA_ERROR_INVALID_HANDLE, "stream %p is not a live stream",
                   static_cast<void*>(h));
   }
-  st->Enqueue(std::move(op));
+  if (st->Enqueue(std::move(op)) == 0) {
+    return Misuse(CUDA_ERROR_INVALID_HANDLE, "stream %p is being destroyed", static_cast<void*>(h));
+  }
   return CUDA_SUCCESS;
 }
 
