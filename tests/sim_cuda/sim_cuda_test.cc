@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -259,6 +260,15 @@ std::string MakeTempDir() {
   return dir;
 }
 
+// A temporary directory, removed with its stats files when the test ends.
+struct TempDir {
+  std::string path = MakeTempDir();
+  TempDir() = default;
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
 std::string StatsPath(const std::string& dir) {
   return dir + "/" + std::to_string(::getpid()) + ".stats";
 }
@@ -283,7 +293,8 @@ TEST(SimCuda, ChildFailuresPropagate) {
 }
 
 TEST(SimCuda, LookupInitAndNoContext) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_STATS_DIR", dir}}, [&] {
     const Cu& cu = LoadCu();
     void* p = reinterpret_cast<void*>(1);
@@ -387,7 +398,8 @@ TEST(SimCuda, VmmRoundTripAndAccessRules) {
 }
 
 TEST(SimCuda, OutOfMemoryAndCountersReturnToZero) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_DEVICES", "64MiB,32MiB"}, {"WDSIM_STATS_DIR", dir}}, [&] {
     const Cu& cu = LoadCu();
     InitCtx(cu, 1);
@@ -449,7 +461,8 @@ int RecvFd(int sock) {
 }
 
 TEST(SimCuda, ExportToForkedChildWhichMapsReadOnly) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_STATS_DIR", dir}}, [&] {
     int sv[2];
     ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
@@ -614,7 +627,8 @@ void UploadThenOverwrite(bool wait_first) {
 }
 
 TEST(SimCuda, RaceDetectorFiresWhenHostBufferChangesBeforeExecution) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_OP_DELAY_US", "50000"}, {"WDSIM_STATS_DIR", dir}}, [&] {
     UploadThenOverwrite(false);
     EXPECT_EQ(Load(MapStats(StatsPath(dir))->races), 1u);
@@ -638,7 +652,8 @@ TEST(SimCuda, RaceDetectorFiresWhenHostBufferChangesBeforeExecution) {
 }
 
 TEST(SimCuda, Convert2DKernelMatchesTheCpuReference) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_STATS_DIR", dir}}, [&] {
     const Cu& cu = LoadCu();
     InitCtx(cu);
@@ -700,7 +715,8 @@ TEST(SimCuda, Convert2DKernelMatchesTheCpuReference) {
 }
 
 TEST(SimCuda, InjectsAFailureIntoTheSecondAsyncUpload) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild(
       {{"WDSIM_FAIL", "cuMemcpyHtoDAsync:2:CUDA_ERROR_INVALID_VALUE,cuStreamCreate:3:700"},
        {"WDSIM_STATS_DIR", dir}},
@@ -737,7 +753,8 @@ TEST(SimCuda, InjectsAFailureIntoTheSecondAsyncUpload) {
 }
 
 TEST(SimCuda, LostDeviceFailsCallsButReleasesStillWork) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_LOSE_DEVICE", "0:20"}, {"WDSIM_STATS_DIR", dir}}, [&] {
     const Cu& cu = LoadCu();
     InitCtx(cu);
@@ -783,7 +800,8 @@ TEST(SimCuda, LostDeviceFailsCallsButReleasesStillWork) {
 }
 
 TEST(SimCuda, StatsFileMatchesAndPythonReadsIt) {
-  const std::string dir = MakeTempDir();
+  const TempDir tmp;
+  const std::string& dir = tmp.path;
   ChildResult r = InChild({{"WDSIM_DEVICES", "2x1GiB"}, {"WDSIM_STATS_DIR", dir}}, [&] {
     const Cu& cu = LoadCu();
     InitCtx(cu, 1);
@@ -837,7 +855,8 @@ TEST(SimCuda, StatsFileMatchesAndPythonReadsIt) {
 // UUIDs are deterministic per index and salt, distinct across devices and salts.
 TEST(SimCuda, UuidsDependOnIndexAndSalt) {
   auto uuids = [](const std::string& salt) {
-    const std::string dir = MakeTempDir();
+    const TempDir tmp;
+    const std::string& dir = tmp.path;
     const std::string out = dir + "/uuids";
     ChildResult r = InChild({{"WDSIM_DEVICES", "2x1GiB"}, {"WDSIM_UUID_SALT", salt}}, [&] {
       const Cu& cu = LoadCu();
