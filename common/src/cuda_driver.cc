@@ -31,9 +31,8 @@ absl::StatusOr<const CudaDriver*> Load() {
   }
   auto gpa = reinterpret_cast<GetProcAddressFn>(::dlsym(lib, "cuGetProcAddress_v2"));
   if (gpa == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the CUDA driver is too old: ", path,
-                     " has no cuGetProcAddress_v2 (needs 12.0+)"));
+    return absl::FailedPreconditionError(absl::StrCat("the CUDA driver is too old: ", path,
+                                                      " has no cuGetProcAddress_v2 (needs 12.0+)"));
   }
   static CudaDriver d;
   d.library = path;
@@ -44,9 +43,9 @@ absl::StatusOr<const CudaDriver*> Load() {
     CUdriverProcAddressQueryResult q{};
     if (gpa(name, &p, 12000, CU_GET_PROC_ADDRESS_DEFAULT, &q) != CUDA_SUCCESS || p == nullptr) {
       if (missing.ok()) {
-        missing = absl::FailedPreconditionError(
-            absl::StrCat("the CUDA driver ", d.library, " lacks ", name, " (query result ",
-                         static_cast<int>(q), ")"));
+        missing = absl::FailedPreconditionError(absl::StrCat("the CUDA driver ", d.library,
+                                                             " lacks ", name, " (query result ",
+                                                             static_cast<int>(q), ")"));
       }
       return;
     }

@@ -70,8 +70,8 @@ class KernelCache {
     }();
     if (!s.ok()) {
       (void)cu.ModuleUnload(module);
-      return Annotate(s, absl::StrCat("the embedded kernel fatbin (", detail::kConvertFatbinSize,
-                                      " bytes)"));
+      return Annotate(
+          s, absl::StrCat("the embedded kernel fatbin (", detail::kConvertFatbinSize, " bytes)"));
     }
     kernels_.emplace(key, k);
     return k;
@@ -100,9 +100,9 @@ absl::Status LaunchConvertDevice(DType from, uint64_t src, DType to, uint64_t ds
   if (n == 0) return absl::OkStatus();
   if (from == to) {
     WD_ASSIGN_OR_RETURN(const CudaDriver* cu, Driver());
-    WD_CU_RETURN_IF_ERROR(*cu, cu->MemcpyDtoDAsync(dst, src, static_cast<size_t>(n) *
-                                                                 DTypeSize(from),
-                                                   static_cast<CUstream>(stream)));
+    WD_CU_RETURN_IF_ERROR(*cu,
+                          cu->MemcpyDtoDAsync(dst, src, static_cast<size_t>(n) * DTypeSize(from),
+                                              static_cast<CUstream>(stream)));
     return absl::OkStatus();
   }
   return LaunchConvert2DDevice(from, src, n * DTypeSize(from), to, dst, n * DTypeSize(to), n, 1,
@@ -119,9 +119,9 @@ absl::Status LaunchConvert2DDevice(DType from, uint64_t src, int64_t src_pitch, 
   }
   if (width < 0 || height < 0 || src_pitch < width * DTypeSize(from) ||
       dst_pitch < width * DTypeSize(to)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad 2-D conversion shape: ", height, " rows of ", width, " elements, pitches ",
-                     src_pitch, " -> ", dst_pitch, " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat("bad 2-D conversion shape: ", height,
+                                                   " rows of ", width, " elements, pitches ",
+                                                   src_pitch, " -> ", dst_pitch, " bytes"));
   }
   WD_ASSIGN_OR_RETURN(const CudaDriver* cu, Driver());
   const auto s = static_cast<CUstream>(stream);

@@ -128,8 +128,8 @@ TEST_F(ConvertGpuTest, TwoDimensionalLaunchHonoursPitches) {
         }
         const uint16_t in = src[r * kSrcPitch / 2 + b / ds];
         const uint32_t want = to == DType::kF32 ? static_cast<uint32_t>(in) << 16 : in;
-        ASSERT_EQ(byte, static_cast<uint8_t>(want >> (8 * (b % ds)))) << "row " << r << " byte "
-                                                                     << b;
+        ASSERT_EQ(byte, static_cast<uint8_t>(want >> (8 * (b % ds))))
+            << "row " << r << " byte " << b;
       }
     }
   }

@@ -83,9 +83,9 @@ TEST(CudaExecutorGpuTest, MatchesHostExecutorAtT1AndT2WithAndWithoutCast) {
         auto da = (*cuda)->Allocate({r.arena_bytes, 0, "cuda"});
         ASSERT_TRUE(ha.ok() && da.ok()) << ha.status() << da.status();
         // Zero-fills must really write: start from garbage on the device.
-        ASSERT_EQ(cu.MemsetD8(static_cast<CudaArena*>(da->get())->device_ptr(), 0xEE,
-                              r.arena_bytes),
-                  CUDA_SUCCESS);
+        ASSERT_EQ(
+            cu.MemsetD8(static_cast<CudaArena*>(da->get())->device_ptr(), 0xEE, r.arena_bytes),
+            CUDA_SUCCESS);
         hr.push_back(ha->get());
         dr.push_back(da->get());
         h.push_back(std::move(*ha));
@@ -102,9 +102,9 @@ TEST(CudaExecutorGpuTest, MatchesHostExecutorAtT1AndT2WithAndWithoutCast) {
       EXPECT_EQ(dp.bytes_done.load(), dp.bytes_total.load());
       for (size_t r = 0; r < plan->ranks.size(); ++r) {
         std::vector<std::byte> got(plan->ranks[r].arena_bytes);
-        ASSERT_EQ(cu.MemcpyDtoH(got.data(), static_cast<CudaArena*>(dr[r])->device_ptr(),
-                                got.size()),
-                  CUDA_SUCCESS);
+        ASSERT_EQ(
+            cu.MemcpyDtoH(got.data(), static_cast<CudaArena*>(dr[r])->device_ptr(), got.size()),
+            CUDA_SUCCESS);
         const std::byte* want = hr[r]->writable().data();
         for (size_t t = 0; t < plan->ranks[r].targets.size(); ++t) {
           const PlanTarget& pt = plan->ranks[r].targets[t];

@@ -40,13 +40,11 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
-#include <map>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "weightd/crc32c.h"
@@ -59,7 +57,6 @@
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/kernels/convert_cuda.h"
-#include "weightd/kernels/copy.h"
 #include "weightd/log.h"
 #include "weightd/status_macros.h"
 #include "weightd/unique_fd.h"
@@ -97,9 +94,9 @@ struct Resources {
         for (const CudaStream& s : d.streams) {
           const CUresult r = cu->StreamSynchronize(s.get());
           if (r != CUDA_SUCCESS) {
-            LogWarning("CUDA device %d at load teardown: %s", d.ordinal,
-                       std::string(cu->Error(r, "cuStreamSynchronize", __FILE__, __LINE__)
-                                       .message()));
+            LogWarning(
+                "CUDA device %d at load teardown: %s", d.ordinal,
+                std::string(cu->Error(r, "cuStreamSynchronize", __FILE__, __LINE__).message()));
           }
         }
       }
@@ -177,9 +174,9 @@ absl::Status CopyPieceRowsDevice(const CudaDriver& cu, const PlanPiece& p, DType
           src_dtype, dev_src + static_cast<CUdeviceptr>(src_off), src_pitch, dst_dtype, dst,
           dst_pitch, width, height, stream));
     } else if ((width == p.src_shape[2] && width == p.dst_shape[2]) || height == 1) {
-      WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyHtoDAsync(dst, stage + src_off,
-                                                   static_cast<size_t>(height * width * ss),
-                                                   stream));
+      WD_CU_RETURN_IF_ERROR(
+          cu, cu.MemcpyHtoDAsync(dst, stage + src_off, static_cast<size_t>(height * width * ss),
+                                 stream));
     } else {
       CUDA_MEMCPY2D copy{};
       copy.srcMemoryType = CU_MEMORYTYPE_HOST;
@@ -257,10 +254,9 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
   const uint64_t slot_bytes = (std::max<uint64_t>({largest, chunk, 4096}) + 4095) / 4096 * 4096;
   const int slots = threads + 1;
   WD_ASSIGN_OR_RETURN(
-      res.ring,
-      StagingRing::Create(
-          std::make_shared<CudaPinnedAllocator>(cu, res.devices[0].ctx.get()),
-          {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
+      res.ring, StagingRing::Create(
+                    std::make_shared<CudaPinnedAllocator>(cu, res.devices[0].ctx.get()),
+                    {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
   // This thread's context for setup, zero-fills and read-back; restored on return.
   CudaContextGuard guard(cu);
   for (size_t d = 0; d < res.devices.size(); ++d) {
@@ -365,8 +361,8 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
         if (r.ok()) {
           const CUresult e = cu.EventRecord(wait.event, wait.stream);
           if (e != CUDA_SUCCESS) {
-            r = device_error(d, cu.Error(e, "cuEventRecord (staging slot fence)", __FILE__,
-                                         __LINE__));
+            r = device_error(d,
+                             cu.Error(e, "cuEventRecord (staging slot fence)", __FILE__, __LINE__));
           }
         }
         if (!r.ok()) {

@@ -31,8 +31,7 @@ void CudaPinnedAllocator::Free(std::byte* p, uint64_t bytes) noexcept {
     if (r != CUDA_SUCCESS) s = cu_.Error(r, "cuMemFreeHost", __FILE__, __LINE__);
   }
   if (!s.ok()) {
-    LogWarning("freeing %d bytes of pinned staging memory: %s", bytes,
-               std::string(s.message()));
+    LogWarning("freeing %d bytes of pinned staging memory: %s", bytes, std::string(s.message()));
   }
 }
 

@@ -1,6 +1,6 @@
 // CudaPinnedAllocator: staging memory from cuMemHostAlloc (page-locked, DMA-able at the full
 // PCIe rate: 55 GB/s against 7 GB/s pageable on the H100 machine). For StagingRing.
-// Allocate the ring once per load at most, never per chunk: cudaHostAlloc of 8 GiB took 3.6 s
+// Allocate the ring once per load at most, never per chunk: pinning 8 GiB took 3.6 s
 // there. Portable (CU_MEMHOSTALLOC_PORTABLE): one ring serves copies to every device of a
 // multi-GPU load.
 //
