@@ -137,8 +137,8 @@ class CudaContextGuard {
   CudaContextGuard& operator=(const CudaContextGuard&) = delete;
   ~CudaContextGuard();
 
-  // Makes `ctx` current (again, for a guard that switches between devices). The error names
-  // cuCtxSetCurrent and the context.
+  // Makes `ctx` current (again, for a guard that switches between devices); the first call
+  // arms the restore. The error names cuCtxSetCurrent; callers add the device.
   absl::Status Use(CUcontext ctx);
 
  private:
