@@ -3,7 +3,9 @@
 #include <dlfcn.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 
@@ -13,27 +15,37 @@ namespace {
 using GetProcAddressFn = CUresult (*)(const char*, void**, int, cuuint64_t,
                                       CUdriverProcAddressQueryResult*);
 
+// The library to load: WEIGHTD_CUDA_DRIVER (testing knob, docs/CONFIG.md) or libcuda.so.1.
+std::string DriverLibrary() {
+  const char* env = std::getenv("WEIGHTD_CUDA_DRIVER");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string("libcuda.so.1");
+}
+
 absl::StatusOr<const CudaDriver*> Load() {
+  const std::string path = DriverLibrary();
   // RTLD_NODELETE: function pointers stay valid for the life of the process.
-  void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  void* lib = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (lib == nullptr) {
     return absl::FailedPreconditionError(
-        absl::StrCat("no CUDA driver: dlopen(libcuda.so.1) failed: ", ::dlerror()));
+        absl::StrCat("no CUDA driver: dlopen(", path, ") failed: ", ::dlerror()));
   }
   auto gpa = reinterpret_cast<GetProcAddressFn>(::dlsym(lib, "cuGetProcAddress_v2"));
   if (gpa == nullptr) {
-    return absl::FailedPreconditionError(
-        "the CUDA driver is too old: libcuda.so.1 has no cuGetProcAddress_v2 (needs 12.0+)");
+    return absl::FailedPreconditionError(absl::StrCat("the CUDA driver is too old: ", path,
+                                                      " has no cuGetProcAddress_v2 (needs 12.0+)"));
   }
   static CudaDriver d;
+  d.library = path;
+  d.simulated = ::dlsym(lib, "wdsim_abi_version") != nullptr;
   absl::Status missing;
   auto get = [&](auto*& fn, const char* name) {
     void* p = nullptr;
     CUdriverProcAddressQueryResult q{};
     if (gpa(name, &p, 12000, CU_GET_PROC_ADDRESS_DEFAULT, &q) != CUDA_SUCCESS || p == nullptr) {
       if (missing.ok()) {
-        missing = absl::FailedPreconditionError(
-            absl::StrCat("the CUDA driver lacks ", name, " (query result ", q, ")"));
+        missing = absl::FailedPreconditionError(absl::StrCat("the CUDA driver ", d.library,
+                                                             " lacks ", name, " (query result ",
+                                                             static_cast<int>(q), ")"));
       }
       return;
     }
@@ -64,7 +76,45 @@ absl::StatusOr<const CudaDriver*> Load() {
   get(d.MemImportFromShareableHandle, "cuMemImportFromShareableHandle");
   get(d.MemsetD8, "cuMemsetD8");
   get(d.MemcpyDtoH, "cuMemcpyDtoH");
+  get(d.MemcpyHtoD, "cuMemcpyHtoD");
+  get(d.CtxGetDevice, "cuCtxGetDevice");
+  get(d.DeviceGetAttribute, "cuDeviceGetAttribute");
+  get(d.DeviceGetName, "cuDeviceGetName");
+  get(d.MemGetAllocationPropertiesFromHandle, "cuMemGetAllocationPropertiesFromHandle");
+  get(d.StreamCreate, "cuStreamCreate");
+  get(d.StreamDestroy, "cuStreamDestroy");
+  get(d.StreamSynchronize, "cuStreamSynchronize");
+  get(d.StreamQuery, "cuStreamQuery");
+  get(d.StreamWaitEvent, "cuStreamWaitEvent");
+  get(d.EventCreate, "cuEventCreate");
+  get(d.EventDestroy, "cuEventDestroy");
+  get(d.EventRecord, "cuEventRecord");
+  get(d.EventSynchronize, "cuEventSynchronize");
+  get(d.EventQuery, "cuEventQuery");
+  get(d.MemcpyHtoDAsync, "cuMemcpyHtoDAsync");
+  get(d.MemcpyDtoHAsync, "cuMemcpyDtoHAsync");
+  get(d.MemcpyDtoDAsync, "cuMemcpyDtoDAsync");
+  get(d.Memcpy2DAsync, "cuMemcpy2DAsync");
+  get(d.MemsetD8Async, "cuMemsetD8Async");
+  get(d.MemAlloc, "cuMemAlloc");
+  get(d.MemFree, "cuMemFree");
+  get(d.MemHostAlloc, "cuMemHostAlloc");
+  get(d.MemFreeHost, "cuMemFreeHost");
+  get(d.MemHostRegister, "cuMemHostRegister");
+  get(d.MemHostUnregister, "cuMemHostUnregister");
+  get(d.ModuleLoadData, "cuModuleLoadData");
+  get(d.ModuleUnload, "cuModuleUnload");
+  get(d.ModuleGetFunction, "cuModuleGetFunction");
+  get(d.LaunchKernel, "cuLaunchKernel");
   if (!missing.ok()) return missing;
+  {
+    // Optional: only a cache key refinement (CtxGetId's comment in the header).
+    void* p = nullptr;
+    CUdriverProcAddressQueryResult q{};
+    if (gpa("cuCtxGetId", &p, 12000, CU_GET_PROC_ADDRESS_DEFAULT, &q) == CUDA_SUCCESS) {
+      d.CtxGetId = reinterpret_cast<decltype(d.CtxGetId)>(p);
+    }
+  }
   const CUresult r = d.Init(0);
   if (r != CUDA_SUCCESS) {
     return absl::FailedPreconditionError(d.Error(r, "cuInit(0)", __FILE__, __LINE__).message());
@@ -100,6 +150,24 @@ absl::Status CudaDriver::Error(CUresult r, absl::string_view call, absl::string_
     default:
       return absl::InternalError(msg);
   }
+}
+
+CudaContextGuard::CudaContextGuard(const CudaDriver& cu) noexcept : cu_(cu) {
+  if (cu_.CtxGetCurrent(&previous_) != CUDA_SUCCESS) previous_ = nullptr;
+}
+
+CudaContextGuard::~CudaContextGuard() {
+  if (changed_) (void)cu_.CtxSetCurrent(previous_);
+}
+
+absl::Status CudaContextGuard::Use(CUcontext ctx) {
+  changed_ = true;
+  const CUresult r = cu_.CtxSetCurrent(ctx);
+  if (r != CUDA_SUCCESS) {
+    return cu_.Error(r, ctx == nullptr ? "cuCtxSetCurrent(nullptr)" : "cuCtxSetCurrent(context)",
+                     __FILE__, __LINE__);
+  }
+  return absl::OkStatus();
 }
 
 std::string FormatGpuUuid(const CUuuid& uuid) {

@@ -1,15 +1,21 @@
-// CUDA conversion kernel with the semantics of convert.h. The bit manipulation mirrors
-// convert_cpu.cc instead of using cuda_bf16.h intrinsics because cvt.rn.bf16.f32 writes 0x7FFF
-// for NaN while weightd's contract (torch's scalar path) is 0x7FC0.
-#include <cuda_runtime.h>
-
+// Device code only: the conversion kernel of weightd's embedded fatbin, with the semantics of
+// convert.h and the argument block of device_kernels.h. Compiled by nvcc with -fatbin (never
+// linked into a host object: kernels/CMakeLists.txt) and launched through the driver API by
+// launch.cc. The bit manipulation mirrors convert_cpu.cc instead of using cuda_bf16.h
+// intrinsics because cvt.rn.bf16.f32 writes 0x7FFF for NaN while weightd's contract (torch's
+// scalar path) is 0x7FC0.
 #include <cstdint>
 
-#include "absl/strings/str_cat.h"
-#include "weightd/kernels/convert_cuda.h"
+#include "weightd/kernels/device_kernels.h"
 
 namespace weightd::kernels {
 namespace {
+
+// weightd::DType values (dtype.h, which nvcc does not see: it includes Abseil). launch.cc
+// static_asserts that these match.
+constexpr int32_t kDTypeF32 = 1;
+constexpr int32_t kDTypeF16 = 2;
+constexpr int32_t kDTypeBF16 = 3;
 
 __device__ __forceinline__ uint16_t DevF32ToBF16(uint32_t x) {
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
@@ -46,36 +52,16 @@ __device__ __forceinline__ uint32_t DevF16ToF32(uint16_t h) {
   return sign | ((p + 103u) << 23) | (((man << (10u - p)) & 0x3FFu) << 13);
 }
 
-enum Op : int { kF32ToBF16, kF32ToF16, kBF16ToF32, kF16ToF32, kBF16ToF16, kF16ToBF16 };
+enum Op : int { kNone, kF32ToBF16, kF32ToF16, kBF16ToF32, kF16ToF32, kBF16ToF16, kF16ToBF16 };
 
-__global__ void ConvertKernel(int op, const void* __restrict__ src, void* __restrict__ dst,
-                              int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    switch (op) {
-      case kF32ToBF16:
-        static_cast<uint16_t*>(dst)[i] = DevF32ToBF16(static_cast<const uint32_t*>(src)[i]);
-        break;
-      case kF32ToF16:
-        static_cast<uint16_t*>(dst)[i] = DevF32ToF16(static_cast<const uint32_t*>(src)[i]);
-        break;
-      case kBF16ToF32:
-        static_cast<uint32_t*>(dst)[i] = static_cast<uint32_t>(static_cast<const uint16_t*>(src)[i])
-                                         << 16;
-        break;
-      case kF16ToF32:
-        static_cast<uint32_t*>(dst)[i] = DevF16ToF32(static_cast<const uint16_t*>(src)[i]);
-        break;
-      case kBF16ToF16:
-        static_cast<uint16_t*>(dst)[i] =
-            DevF32ToF16(static_cast<uint32_t>(static_cast<const uint16_t*>(src)[i]) << 16);
-        break;
-      case kF16ToBF16:
-        static_cast<uint16_t*>(dst)[i] =
-            DevF32ToBF16(DevF16ToF32(static_cast<const uint16_t*>(src)[i]));
-        break;
-    }
-  }
+__device__ __forceinline__ int OpFor(int32_t from, int32_t to) {
+  if (from == kDTypeF32 && to == kDTypeBF16) return kF32ToBF16;
+  if (from == kDTypeF32 && to == kDTypeF16) return kF32ToF16;
+  if (from == kDTypeBF16 && to == kDTypeF32) return kBF16ToF32;
+  if (from == kDTypeF16 && to == kDTypeF32) return kF16ToF32;
+  if (from == kDTypeBF16 && to == kDTypeF16) return kBF16ToF16;
+  if (from == kDTypeF16 && to == kDTypeBF16) return kF16ToBF16;
+  return kNone;
 }
 
 // One element of `op` from *s to *d (both pointers to the element, naturally aligned).
@@ -102,106 +88,31 @@ __device__ __forceinline__ void ConvertOne(int op, const unsigned char* s, unsig
       *reinterpret_cast<uint16_t*>(d) =
           DevF32ToBF16(DevF16ToF32(*reinterpret_cast<const uint16_t*>(s)));
       break;
+    default:
+      break;
   }
-}
-
-// `height` rows of `width` elements; rows start `src_pitch` / `dst_pitch` bytes apart.
-__global__ void Convert2DKernel(int op, const unsigned char* __restrict__ src, int64_t src_pitch,
-                                int src_size, unsigned char* __restrict__ dst, int64_t dst_pitch,
-                                int dst_size, int64_t width, int64_t height) {
-  const int64_t n = width * height;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / width;
-    const int64_t col = i - row * width;
-    ConvertOne(op, src + row * src_pitch + col * src_size, dst + row * dst_pitch + col * dst_size);
-  }
-}
-
-int OpFor(DType from, DType to) {
-  if (from == DType::kF32 && to == DType::kBF16) return kF32ToBF16;
-  if (from == DType::kF32 && to == DType::kF16) return kF32ToF16;
-  if (from == DType::kBF16 && to == DType::kF32) return kBF16ToF32;
-  if (from == DType::kF16 && to == DType::kF32) return kF16ToF32;
-  if (from == DType::kBF16 && to == DType::kF16) return kBF16ToF16;
-  if (from == DType::kF16 && to == DType::kBF16) return kF16ToBF16;
-  return -1;
 }
 
 }  // namespace
-
-absl::Status LaunchConvertDevice(DType from, const void* src, DType to, void* dst, int64_t n,
-                                 void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  if (n == 0) return absl::OkStatus();
-  if (from == to) {
-    const cudaError_t err = cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * DTypeSize(from),
-                                            cudaMemcpyDeviceToDevice, s);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      return absl::InternalError(absl::StrCat("cudaMemcpyAsync: ", cudaGetErrorString(err)));
-    }
-    return absl::OkStatus();
-  }
-  int op = -1;
-  if (from == DType::kF32 && to == DType::kBF16) op = kF32ToBF16;
-  if (from == DType::kF32 && to == DType::kF16) op = kF32ToF16;
-  if (from == DType::kBF16 && to == DType::kF32) op = kBF16ToF32;
-  if (from == DType::kF16 && to == DType::kF32) op = kF16ToF32;
-  if (from == DType::kBF16 && to == DType::kF16) op = kBF16ToF16;
-  if (from == DType::kF16 && to == DType::kBF16) op = kF16ToBF16;
-  if (op < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("no device conversion from ", DTypeName(from), " to ", DTypeName(to)));
-  }
-  constexpr int kThreads = 256;
-  const int64_t want = (n + kThreads - 1) / kThreads;
-  // Grid-stride loop: cap the grid so huge tensors do not need 2^31 blocks.
-  const int blocks = static_cast<int>(want < 65535 * 8 ? want : 65535 * 8);
-  ConvertKernel<<<blocks, kThreads, 0, s>>>(op, src, dst, n);
-  const cudaError_t err = cudaGetLastError();  // also clears a non-sticky launch error
-  if (err != cudaSuccess) {
-    return absl::InternalError(absl::StrCat("ConvertKernel launch (", DTypeName(from), " -> ",
-                                            DTypeName(to), ", n=", n,
-                                            "): ", cudaGetErrorString(err)));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status LaunchConvert2DDevice(DType from, const void* src, int64_t src_pitch, DType to,
-                                   void* dst, int64_t dst_pitch, int64_t width, int64_t height,
-                                   void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  if (width == 0 || height == 0) return absl::OkStatus();
-  if (from == to) {
-    const cudaError_t err =
-        cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_pitch), src, static_cast<size_t>(src_pitch),
-                          static_cast<size_t>(width) * DTypeSize(from), static_cast<size_t>(height),
-                          cudaMemcpyDeviceToDevice, s);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      return absl::InternalError(absl::StrCat("cudaMemcpy2DAsync: ", cudaGetErrorString(err)));
-    }
-    return absl::OkStatus();
-  }
-  const int op = OpFor(from, to);
-  if (op < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("no device conversion from ", DTypeName(from), " to ", DTypeName(to)));
-  }
-  constexpr int kThreads = 256;
-  const int64_t want = (width * height + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(want < 65535 * 8 ? want : 65535 * 8);
-  Convert2DKernel<<<blocks, kThreads, 0, s>>>(
-      op, static_cast<const unsigned char*>(src), src_pitch, static_cast<int>(DTypeSize(from)),
-      static_cast<unsigned char*>(dst), dst_pitch, static_cast<int>(DTypeSize(to)), width, height);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    return absl::InternalError(absl::StrCat("Convert2DKernel launch (", DTypeName(from), " -> ",
-                                            DTypeName(to), ", ", height, " rows of ", width,
-                                            "): ", cudaGetErrorString(err)));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace weightd::kernels
+
+// `a.height` rows of `a.width` elements, grid-stride over all of them (a 1-D conversion is one
+// row). An unsupported pair writes nothing: the launcher refuses those before launching.
+extern "C" __global__ void wd_convert_2d(weightd::kernels::Convert2DArgs a) {
+  using namespace weightd::kernels;
+  const int op = OpFor(a.from, a.to);
+  if (op == kNone) return;
+  const int64_t src_size = a.from == kDTypeF32 ? 4 : 2;
+  const int64_t dst_size = a.to == kDTypeF32 ? 4 : 2;
+  const auto* src = static_cast<const unsigned char*>(a.src);
+  auto* dst = static_cast<unsigned char*>(a.dst);
+  const int64_t n = a.width * a.height;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // 64-bit division is dozens of instructions; a 1-D conversion (one row) needs none.
+    const int64_t row = a.height == 1 ? 0 : i / a.width;
+    const int64_t col = i - row * a.width;
+    ConvertOne(op, src + row * a.src_pitch + col * src_size,
+               dst + row * a.dst_pitch + col * dst_size);
+  }
+}

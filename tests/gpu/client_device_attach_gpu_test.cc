@@ -4,7 +4,6 @@
 // `weightctl shard` writes offline, runs Attachment::Verify (device read-back + CRC32C), and
 // checks that a write through the read-only mapping fails. Skips without a device.
 #include <cuda.h>
-#include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -26,6 +25,7 @@
 #include "weightd/client.h"
 #include "weightd/cuda_backend.h"
 #include "weightd/detail/cuda_driver.h"
+#include "weightd/detail/cuda_resources.h"
 
 namespace weightd {
 namespace {
@@ -98,6 +98,12 @@ TEST_F(ClientDeviceAttachGpuTest, TensorParallelRanksMatchWeightctlShardOnTheDev
   }
   ASSERT_EQ(state, "ready");
   ASSERT_EQ((*c->Status("demo"))[0].backend, "cuda");
+  // The client maps arenas in the device's primary context; the copies below run in it too.
+  const CudaDriver& cu = **CudaDriver::Get();
+  auto ctx = CudaPrimaryContext::Retain(cu, 0);
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  CudaContextGuard guard(cu);
+  ASSERT_TRUE(guard.Use(ctx->get()).ok());
 
   for (int rank = 0; rank < 2; ++rank) {
     auto a = c->Attach("demo", rank);
@@ -117,8 +123,8 @@ TEST_F(ClientDeviceAttachGpuTest, TensorParallelRanksMatchWeightctlShardOnTheDev
       ASSERT_TRUE(want.ok()) << want.status();
       ASSERT_EQ(v->nbytes, want->size()) << t.name;
       std::vector<std::byte> got(v->nbytes);
-      ASSERT_EQ(cudaSetDevice(v->device), cudaSuccess);
-      ASSERT_EQ(cudaMemcpy(got.data(), v->data, v->nbytes, cudaMemcpyDeviceToHost), cudaSuccess)
+      ASSERT_EQ(cu.MemcpyDtoH(got.data(), reinterpret_cast<CUdeviceptr>(v->data), v->nbytes),
+                CUDA_SUCCESS)
           << t.name;
       EXPECT_EQ(std::memcmp(got.data(), want->data(), v->nbytes), 0) << t.name;
     }
@@ -127,11 +133,8 @@ TEST_F(ClientDeviceAttachGpuTest, TensorParallelRanksMatchWeightctlShardOnTheDev
     if (rank == 1) {
       // The mapping is PROT_READ: a write through it must fail (last, in case the failure is
       // sticky for this context).
-      const CudaDriver& cu = **CudaDriver::Get();
       const TensorView& v = a->tensors()[0];
-      ASSERT_EQ(cudaFree(nullptr), cudaSuccess);  // the runtime's primary context is current
       EXPECT_NE(cu.MemsetD8(reinterpret_cast<CUdeviceptr>(v.data), 0, v.nbytes), CUDA_SUCCESS);
-      (void)cudaGetLastError();
     }
     EXPECT_TRUE(a->Detach().ok());
   }

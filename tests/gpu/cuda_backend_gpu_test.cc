@@ -2,7 +2,6 @@
 // the memory PROT_READ and sees the bytes, a write through that mapping fails, OOM names the
 // arena and the free bytes, and MakeBackend("cuda") works. Skips without a device.
 #include <cuda.h>
-#include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -16,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "weightd/cuda_backend.h"
 #include "weightd/detail/cuda_driver.h"
+#include "weightd/detail/cuda_resources.h"
 
 namespace weightd {
 namespace {
@@ -31,8 +31,20 @@ class CudaBackendGpuTest : public ::testing::Test {
     auto b = CudaBackend::Create();
     ASSERT_TRUE(b.ok()) << b.status();
     backend_ = std::move(*b);
+    cu_ = *CudaDriver::Get();
+    auto ctx = CudaPrimaryContext::Retain(*cu_, 0);
+    ASSERT_TRUE(ctx.ok()) << ctx.status();
+    ctx_ = std::move(*ctx);
+    guard_ = std::make_unique<CudaContextGuard>(*cu_);
+    ASSERT_TRUE(guard_->Use(ctx_.get()).ok());
   }
+  void TearDown() override { guard_.reset(); }
+
   std::unique_ptr<CudaBackend> backend_;
+  // Device 0's primary context, current on the test's thread: the driver calls below need one.
+  const CudaDriver* cu_ = nullptr;
+  CudaPrimaryContext ctx_;
+  std::unique_ptr<CudaContextGuard> guard_;
 };
 
 TEST_F(CudaBackendGpuTest, ExportedArenaReadableAndReadOnlyInAnotherProcess) {
@@ -45,9 +57,7 @@ TEST_F(CudaBackendGpuTest, ExportedArenaReadableAndReadOnlyInAnotherProcess) {
   EXPECT_THAT(ca->device_uuid(), ::testing::StartsWith("GPU-"));
   std::vector<uint8_t> pattern(n);
   for (uint64_t i = 0; i < n; ++i) pattern[i] = static_cast<uint8_t>(i * 131 + 7);
-  ASSERT_EQ(cudaMemcpy(reinterpret_cast<void*>(ca->device_ptr()), pattern.data(), n,
-                       cudaMemcpyHostToDevice),
-            cudaSuccess);
+  ASSERT_EQ(cu_->MemcpyHtoD(ca->device_ptr(), pattern.data(), n), CUDA_SUCCESS);
   EXPECT_EQ(ca->Export().status().code(), absl::StatusCode::kFailedPrecondition);
   ASSERT_TRUE(ca->Seal().ok());
   auto fd = ca->Export();
@@ -78,7 +88,7 @@ TEST_F(CudaBackendGpuTest, ChildImport) {
   if (fd_env == nullptr) GTEST_SKIP() << "only meaningful as the child of the export test";
   const int fd = std::atoi(fd_env);
   const uint64_t n = std::strtoull(std::getenv("WD_TEST_BYTES"), nullptr, 10);
-  const CudaDriver& cu = **CudaDriver::Get();
+  const CudaDriver& cu = *cu_;
   CUmemGenericAllocationHandle h;
   ASSERT_EQ(cu.MemImportFromShareableHandle(&h, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
                                             CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
@@ -93,11 +103,9 @@ TEST_F(CudaBackendGpuTest, ChildImport) {
   acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
   ASSERT_EQ(cu.MemSetAccess(va, size, &acc, 1), CUDA_SUCCESS);
   std::vector<uint8_t> got(n);
-  ASSERT_EQ(cudaMemcpy(got.data(), reinterpret_cast<void*>(va), n, cudaMemcpyDeviceToHost),
-            cudaSuccess);
+  ASSERT_EQ(cu.MemcpyDtoH(got.data(), va, n), CUDA_SUCCESS);
   for (uint64_t i = 0; i < n; ++i) ASSERT_EQ(got[i], static_cast<uint8_t>(i * 131 + 7)) << i;
-  EXPECT_NE(cudaMemset(reinterpret_cast<void*>(va), 0, 4096), cudaSuccess);
-  (void)cudaGetLastError();
+  EXPECT_NE(cu.MemsetD8(va, 0, 4096), CUDA_SUCCESS);
 }
 
 TEST_F(CudaBackendGpuTest, OutOfMemoryNamesArenaAndFreeBytes) {

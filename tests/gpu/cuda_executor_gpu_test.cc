@@ -1,8 +1,9 @@
 // ExecutePlanCuda on a real device: a small Llama checkpoint with random bytes, loaded at T=1 and
 // T=2, as stored and cast to fp32, chunked small enough that sources span several units, gives
 // exactly the bytes of ExecutePlanHost (the executor `weightctl shard` shares), and a CRC32C for
-// every target equal to the CRC32C of those bytes. Skips without a device.
-#include <cuda_runtime_api.h>
+// every target equal to the CRC32C of those bytes. Skips without a device. Device memory is
+// written and read back with driver copies only, never dereferenced from the host.
+#include <cuda.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include "weightd/crc32c.h"
 #include "weightd/cuda_backend.h"
 #include "weightd/detail/cuda_driver.h"
+#include "weightd/detail/cuda_resources.h"
 #include "weightd/executor.h"
 #include "weightd/host_backend.h"
 #include "weightd/plan.h"
@@ -49,6 +51,11 @@ TEST(CudaExecutorGpuTest, MatchesHostExecutorAtT1AndT2WithAndWithoutCast) {
   if (!CudaDeviceAvailable()) GTEST_SKIP() << "no CUDA device: " << CudaDriver::Get().status();
   auto cuda = CudaBackend::Create();
   ASSERT_TRUE(cuda.ok()) << cuda.status();
+  const CudaDriver& cu = **CudaDriver::Get();
+  auto ctx = CudaPrimaryContext::Retain(cu, 0);
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  CudaContextGuard guard(cu);
+  ASSERT_TRUE(guard.Use(ctx->get()).ok());
   HostBackend host;
   const std::filesystem::path dir =
       std::filesystem::temp_directory_path() / ("wd_cuda_exec_" + std::to_string(::getpid()));
@@ -77,14 +84,16 @@ TEST(CudaExecutorGpuTest, MatchesHostExecutorAtT1AndT2WithAndWithoutCast) {
         ASSERT_TRUE(ha.ok() && da.ok()) << ha.status() << da.status();
         // Zero-fills must really write: start from garbage on the device.
         ASSERT_EQ(
-            cudaMemset(reinterpret_cast<void*>(static_cast<CudaArena*>(da->get())->device_ptr()),
-                       0xEE, r.arena_bytes),
-            cudaSuccess);
+            cu.MemsetD8(static_cast<CudaArena*>(da->get())->device_ptr(), 0xEE, r.arena_bytes),
+            CUDA_SUCCESS);
         hr.push_back(ha->get());
         dr.push_back(da->get());
         h.push_back(std::move(*ha));
         d.push_back(std::move(*da));
       }
+      // The memsets ran on the legacy stream, which the executor's non-blocking streams do not
+      // wait for.
+      ASSERT_EQ(cu.CtxSynchronize(), CUDA_SUCCESS);
       LoadProgress hp, dp;
       TargetChecksums hc, dc;
       ASSERT_TRUE(ExecutePlanHost(*plan, hr, eo, &hp, &hc).ok());
@@ -93,10 +102,9 @@ TEST(CudaExecutorGpuTest, MatchesHostExecutorAtT1AndT2WithAndWithoutCast) {
       EXPECT_EQ(dp.bytes_done.load(), dp.bytes_total.load());
       for (size_t r = 0; r < plan->ranks.size(); ++r) {
         std::vector<std::byte> got(plan->ranks[r].arena_bytes);
-        ASSERT_EQ(cudaMemcpy(got.data(),
-                             reinterpret_cast<void*>(static_cast<CudaArena*>(dr[r])->device_ptr()),
-                             got.size(), cudaMemcpyDeviceToHost),
-                  cudaSuccess);
+        ASSERT_EQ(
+            cu.MemcpyDtoH(got.data(), static_cast<CudaArena*>(dr[r])->device_ptr(), got.size()),
+            CUDA_SUCCESS);
         const std::byte* want = hr[r]->writable().data();
         for (size_t t = 0; t < plan->ranks[r].targets.size(); ++t) {
           const PlanTarget& pt = plan->ranks[r].targets[t];

@@ -12,7 +12,6 @@
 #include "weightd/status_macros.h"
 
 #if WEIGHTD_HAVE_CUDA_DRIVER
-#include "absl/cleanup/cleanup.h"
 #include "weightd/detail/cuda_driver.h"
 #endif
 
@@ -31,15 +30,6 @@ std::string UuidHex(const CUuuid& uuid) {
     out.push_back(kDigits[b & 15]);
   }
   return out;
-}
-
-// Makes `ctx` current on this thread until the returned cleanup runs, which restores whatever
-// was current before (the caller's own context, or none).
-auto UseContext(const CudaDriver& cu, CUcontext ctx) {
-  CUcontext prev = nullptr;
-  if (cu.CtxGetCurrent(&prev) != CUDA_SUCCESS) prev = nullptr;
-  const CUresult r = cu.CtxSetCurrent(ctx);
-  return std::make_pair(r, absl::Cleanup([drv = &cu, prev] { (void)drv->CtxSetCurrent(prev); }));
 }
 
 void Warn(const CudaDriver& cu, CUresult r, const char* call) {
@@ -88,8 +78,8 @@ absl::StatusOr<std::unique_ptr<DeviceMapping>> DeviceMapping::Map(int fd, uint64
   CUcontext ctx = nullptr;
   WD_CU_RETURN_IF_ERROR(cu, cu.DevicePrimaryCtxRetain(&ctx, dev));
   m->ctx_ = ctx;
-  auto [set, restore] = UseContext(cu, ctx);
-  WD_CU_RETURN_IF_ERROR(cu, set);
+  CudaContextGuard guard(cu);
+  WD_RETURN_IF_ERROR(guard.Use(ctx));
 
   CUmemAllocationProp prop{};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -130,8 +120,10 @@ DeviceMapping::~DeviceMapping() {
   {
     // The unmap and frees need a context; the primary one is released only after the caller's
     // context is restored, so a process that retains nothing else lets it go.
-    auto [set, restore] = UseContext(cu, static_cast<CUcontext>(ctx_));
-    Warn(cu, set, "cuCtxSetCurrent(primary)");
+    CudaContextGuard guard(cu);
+    if (const absl::Status s = guard.Use(static_cast<CUcontext>(ctx_)); !s.ok()) {
+      std::fprintf(stderr, "weightd client: %s\n", std::string(s.message()).c_str());
+    }
     if (mapped_) Warn(cu, cu.MemUnmap(va_, size_), "cuMemUnmap");
     if (va_ != 0) Warn(cu, cu.MemAddressFree(va_, size_), "cuMemAddressFree");
     if (handle_ != 0) Warn(cu, cu.MemRelease(handle_), "cuMemRelease");
@@ -145,8 +137,8 @@ absl::Status DeviceMapping::CopyToHost(uint64_t offset, void* dst, size_t n) con
                                                    ") leave the ", size_, "-byte device arena"));
   }
   const CudaDriver& cu = *cu_;
-  auto [set, restore] = UseContext(cu, static_cast<CUcontext>(ctx_));
-  WD_CU_RETURN_IF_ERROR(cu, set);
+  CudaContextGuard guard(cu);
+  WD_RETURN_IF_ERROR(guard.Use(static_cast<CUcontext>(ctx_)));
   WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyDtoH(dst, va_ + offset, n));
   return absl::OkStatus();
 }

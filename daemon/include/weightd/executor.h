@@ -74,8 +74,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 
 // The CUDA path (daemon/src/cuda/cuda_executor.cc): same reading order, units and errors as
 // ExecutePlanHost, into CudaArena's (backend.h: writable() empty, kind() kCudaVmm) by DMA from a
-// pinned staging ring (cudaMemcpyAsync / cudaMemcpy2DAsync, casts as device kernels), on one
-// stream per worker and device. Fills `checksums` for every target: verbatim targets from the
+// pinned staging ring (cuMemcpyHtoDAsync / cuMemcpy2DAsync through the driver table, casts as
+// device kernels), on one stream per worker and device. Fills `checksums` for every target: verbatim targets from the
 // staging bytes, the others by copying the finished target back (see the .cc). Every CUDA error
 // fails the load with a Status naming the rank and device (the registry adds the model name);
 // all DMA is complete when it returns, on success or error. UNIMPLEMENTED in a build without

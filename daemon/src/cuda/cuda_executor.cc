@@ -1,50 +1,62 @@
 // ExecutePlanCuda (executor.h): the plan into CUDA VMM arenas by DMA from pinned staging slots.
 //
+// Every CUDA call goes through the driver table (detail/cuda_driver.h): no libcudart, so the
+// test suite can run this file against its simulated driver.
+//
 // Per work unit (the same row-aligned chunks as the host executor, sources in file order, each
-// checkpoint byte read once): pread into a cudaHostAlloc'ed StagingRing slot, then per piece
-//   - same dtype, the piece's rows contiguous on both sides -> one cudaMemcpyAsync per plane,
-//   - same dtype, strided (row-/column-parallel slices)     -> cudaMemcpy2DAsync per plane,
+// checkpoint byte read once): pread into a cuMemHostAlloc'ed StagingRing slot, then per piece
+//   - same dtype, the piece's rows contiguous on both sides -> one cuMemcpyHtoDAsync per plane,
+//   - same dtype, strided (row-/column-parallel slices)     -> cuMemcpy2DAsync per plane,
 //                                                             src pitch = source row bytes,
 //                                                             dst pitch = target row bytes,
 //   - dtype-changing                                        -> the unit's bytes once into a
 //     per-worker device scratch buffer, then kernels::LaunchConvert2DDevice per plane.
 // Each worker thread owns one stream per device (the workers take units round-robin, so the
 // streams do too); a worker's scratch is reused only in its own stream's order. After a unit's
-// last copy one event per (device, slot) is recorded, and the slot's fence synchronizes it
-// before the ring hands the slot out again. Zero-fills are cudaMemsetAsync.
+// copies one event per (device, slot) is recorded, and the slot's fence synchronizes it before
+// the ring hands the slot out again. The fence is attached on every path once a copy may have
+// been enqueued, errors included: a slot is never rewritten under an in-flight DMA. Zero-fills
+// are cuMemsetD8Async.
+//
+// Contexts: the load retains each device's primary context (CudaPrimaryContext, released when
+// the load ends) and every thread makes the device's context current (CudaContextGuard, which
+// restores the thread's previous one) before its driver calls: the driver keeps the current
+// context per thread, and the workers are fresh threads.
 //
 // Checksums: a verbatim target (one piece, whole source, same dtype) gets its CRC32C from the
 // staging bytes while they are in cache, as in the host executor. Every other target (slices,
-// casts, fused) is copied back after the load (cudaMemcpy D2H, slot by slot) and checksummed
-// there: the manifest then always carries a CRC32C of the bytes actually on the device, at the
-// cost of one extra D2H pass over the non-verbatim bytes (PCIe D2H is far faster than reading
-// the checkpoint).
+// casts, fused) is copied back after the load (D2H, slot by slot) and checksummed there: the
+// manifest then always carries a CRC32C of the bytes actually on the device, at the cost of one
+// extra D2H pass over the non-verbatim bytes (PCIe D2H is far faster than reading the
+// checkpoint).
 //
 // Teardown order (Resources::~Resources): synchronize every stream, run the ring's fences,
-// destroy events, free scratch, destroy streams; the ring (pinned memory) goes last, so no DMA
-// can still read a freed slot on an error path.
+// destroy events, free scratch, destroy streams, free the ring (pinned memory), and last release
+// the primary contexts; so no DMA can still read a freed slot on an error path, and every DMA
+// has completed when ExecutePlanCuda returns, on success or error.
+#include <cuda.h>
 #include <fcntl.h>
 
 #include <algorithm>
 #include <atomic>
-#include <map>
+#include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
-#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "weightd/crc32c.h"
 #include "weightd/cuda_backend.h"
-#include "weightd/detail/cuda_check.h"
+#include "weightd/detail/cuda_driver.h"
 #include "weightd/detail/cuda_pinned_allocator.h"
+#include "weightd/detail/cuda_resources.h"
 #include "weightd/detail/staging_ring.h"
 #include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/kernels/convert_cuda.h"
-#include "weightd/kernels/copy.h"
 #include "weightd/log.h"
 #include "weightd/status_macros.h"
 #include "weightd/unique_fd.h"
@@ -55,50 +67,92 @@ namespace {
 using detail::PieceRef;
 using detail::WorkUnit;
 
+// The CUDA objects of one device for one load.
+struct DeviceResources {
+  int ordinal = -1;
+  CudaPrimaryContext ctx;
+  std::vector<CudaStream> streams;        // [worker]
+  std::vector<CudaEvent> events;          // [slot]
+  std::vector<CudaDeviceBuffer> scratch;  // [worker], slot_bytes each (only with casts)
+};
+
 // CUDA objects of one load. Not thread-safe to create or destroy; the workers only read it.
 struct Resources {
-  std::unique_ptr<StagingRing> ring;
-  std::vector<int> devices;                        // distinct devices of the arenas
-  std::vector<std::vector<cudaStream_t>> streams;  // [device index][worker]
-  std::vector<std::vector<cudaEvent_t>> events;    // [device index][slot]
-  std::vector<std::vector<void*>> scratch;         // [device index][worker], slot_bytes each
+  const CudaDriver* cu = nullptr;
+  std::vector<DeviceResources> devices;  // distinct devices of the arenas
+  std::unique_ptr<StagingRing> ring;     // pinned in devices[0]'s context
 
   Resources() = default;
   Resources(const Resources&) = delete;
   Resources& operator=(const Resources&) = delete;
   ~Resources() {
-    for (size_t d = 0; d < devices.size(); ++d) {
-      if (cudaSetDevice(devices[d]) != cudaSuccess) (void)cudaGetLastError();
-      for (cudaStream_t s : streams[d]) {
-        if (s != nullptr && cudaStreamSynchronize(s) != cudaSuccess) {
-          LogWarning("cudaStreamSynchronize at load teardown: %s",
-                     cudaGetErrorString(cudaGetLastError()));
+    if (cu == nullptr) return;
+    {
+      CudaContextGuard guard(*cu);
+      for (DeviceResources& d : devices) {
+        if (d.ctx.get() == nullptr || !guard.Use(d.ctx.get()).ok()) continue;
+        for (const CudaStream& s : d.streams) {
+          const CUresult r = cu->StreamSynchronize(s.get());
+          if (r != CUDA_SUCCESS) {
+            LogWarning(
+                "CUDA device %d at load teardown: %s", d.ordinal,
+                std::string(cu->Error(r, "cuStreamSynchronize", __FILE__, __LINE__).message()));
+          }
         }
       }
     }
-    if (ring != nullptr) (void)ring->DrainFences();
-    for (size_t d = 0; d < devices.size(); ++d) {
-      if (cudaSetDevice(devices[d]) != cudaSuccess) (void)cudaGetLastError();
-      for (cudaEvent_t e : events[d]) {
-        if (e != nullptr) (void)cudaEventDestroy(e);
-      }
-      for (void* p : scratch[d]) {
-        if (p != nullptr) (void)cudaFree(p);
-      }
-      for (cudaStream_t s : streams[d]) {
-        if (s != nullptr) (void)cudaStreamDestroy(s);
-      }
+    if (ring != nullptr) {
+      const absl::Status s = ring->DrainFences();
+      if (!s.ok()) LogWarning("staging fences at load teardown: %s", std::string(s.message()));
     }
-    (void)cudaGetLastError();
+    for (DeviceResources& d : devices) {
+      d.events.clear();
+      d.scratch.clear();
+      d.streams.clear();
+    }
+    ring.reset();
+    devices.clear();  // releases the primary contexts
   }
 };
 
+// What a slot's fence waits for on one device: the event recorded after the unit's copies, or,
+// when recording failed, the whole stream they were enqueued on.
+struct SlotWait {
+  int ordinal;
+  CUcontext ctx;
+  CUevent event;  // nullptr: wait for `stream`
+  CUstream stream;
+};
+
+std::function<absl::Status()> SlotFence(const CudaDriver& cu, std::vector<SlotWait> waits) {
+  return [cu = &cu, waits = std::move(waits)]() -> absl::Status {
+    CudaContextGuard guard(*cu);
+    absl::Status first;
+    // Waits for every device even after an error: each may still be reading the slot.
+    for (const SlotWait& w : waits) {
+      absl::Status s = guard.Use(w.ctx);
+      if (s.ok()) {
+        const CUresult r =
+            w.event != nullptr ? cu->EventSynchronize(w.event) : cu->StreamSynchronize(w.stream);
+        if (r != CUDA_SUCCESS) {
+          s = cu->Error(r,
+                        w.event != nullptr ? "cuEventSynchronize (staging slot fence)"
+                                           : "cuStreamSynchronize (staging slot fence)",
+                        __FILE__, __LINE__);
+        }
+      }
+      if (first.ok() && !s.ok()) first = Annotate(s, absl::StrCat("CUDA device ", w.ordinal));
+    }
+    return first;
+  };
+}
+
 // Issues the copies of rows [row_begin, row_end) of one piece's source, held in `stage` (host,
 // pinned) and, for a cast, in `dev_src` (device, same layout), into the target at `dst_target`.
-absl::Status CopyPieceRowsDevice(const PlanPiece& p, DType src_dtype, DType dst_dtype,
-                                 const std::byte* stage, const std::byte* dev_src,
-                                 int64_t row_begin, int64_t row_end, std::byte* dst_target,
-                                 cudaStream_t stream) {
+absl::Status CopyPieceRowsDevice(const CudaDriver& cu, const PlanPiece& p, DType src_dtype,
+                                 DType dst_dtype, const std::byte* stage, CUdeviceptr dev_src,
+                                 int64_t row_begin, int64_t row_end, CUdeviceptr dst_target,
+                                 CUstream stream) {
   const int64_t ss = DTypeSize(src_dtype);
   const int64_t ds = DTypeSize(dst_dtype);
   const int64_t src_pitch = p.src_shape[2] * ss;
@@ -113,21 +167,27 @@ absl::Status CopyPieceRowsDevice(const PlanPiece& p, DType src_dtype, DType dst_
     const int64_t d_elem =
         ((p.dst_start[0] + i) * p.dst_shape[1] + p.dst_start[1] + j_begin) * p.dst_shape[2] +
         p.dst_start[2];
-    std::byte* dst = dst_target + d_elem * ds;
+    const CUdeviceptr dst = dst_target + static_cast<CUdeviceptr>(d_elem * ds);
     const int64_t height = j_end - j_begin;
     if (src_dtype != dst_dtype) {
-      WD_RETURN_IF_ERROR(kernels::LaunchConvert2DDevice(src_dtype, dev_src + src_off, src_pitch,
-                                                        dst_dtype, dst, dst_pitch, width, height,
-                                                        stream));
+      WD_RETURN_IF_ERROR(kernels::LaunchConvert2DDevice(
+          src_dtype, dev_src + static_cast<CUdeviceptr>(src_off), src_pitch, dst_dtype, dst,
+          dst_pitch, width, height, stream));
     } else if ((width == p.src_shape[2] && width == p.dst_shape[2]) || height == 1) {
-      WD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, stage + src_off,
-                                              static_cast<size_t>(height * width * ss),
-                                              cudaMemcpyHostToDevice, stream));
+      WD_CU_RETURN_IF_ERROR(
+          cu, cu.MemcpyHtoDAsync(dst, stage + src_off, static_cast<size_t>(height * width * ss),
+                                 stream));
     } else {
-      WD_CUDA_RETURN_IF_ERROR(
-          cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_pitch), stage + src_off,
-                            static_cast<size_t>(src_pitch), static_cast<size_t>(width * ss),
-                            static_cast<size_t>(height), cudaMemcpyHostToDevice, stream));
+      CUDA_MEMCPY2D copy{};
+      copy.srcMemoryType = CU_MEMORYTYPE_HOST;
+      copy.srcHost = stage + src_off;
+      copy.srcPitch = static_cast<size_t>(src_pitch);
+      copy.dstMemoryType = CU_MEMORYTYPE_DEVICE;
+      copy.dstDevice = dst;
+      copy.dstPitch = static_cast<size_t>(dst_pitch);
+      copy.WidthInBytes = static_cast<size_t>(width * ss);
+      copy.Height = static_cast<size_t>(height);
+      WD_CU_RETURN_IF_ERROR(cu, cu.Memcpy2DAsync(&copy, stream));
     }
   }
   return absl::OkStatus();
@@ -142,8 +202,11 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
                                             plan.ranks.size(), " ranks"));
   }
+  WD_ASSIGN_OR_RETURN(const CudaDriver* driver, CudaDriver::Get());
+  const CudaDriver& cu = *driver;
   Resources res;
-  std::vector<std::byte*> bases(plan.ranks.size());
+  res.cu = &cu;
+  std::vector<CUdeviceptr> bases(plan.ranks.size());
   std::vector<size_t> dev_index(plan.ranks.size());
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     Arena* a = rank_arenas[r];
@@ -153,16 +216,23 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
                                               " is not a CUDA arena of at least ",
                                               plan.ranks[r].arena_bytes, " bytes"));
     }
-    const auto* ca = static_cast<const CudaArena*>(a);
-    bases[r] = reinterpret_cast<std::byte*>(static_cast<uintptr_t>(ca->device_ptr()));
-    auto it = std::find(res.devices.begin(), res.devices.end(), a->device());
+    bases[r] = static_cast<const CudaArena*>(a)->device_ptr();
+    auto it = std::find_if(res.devices.begin(), res.devices.end(),
+                           [&](const DeviceResources& d) { return d.ordinal == a->device(); });
     dev_index[r] = static_cast<size_t>(it - res.devices.begin());
-    if (it == res.devices.end()) res.devices.push_back(a->device());
+    if (it == res.devices.end()) {
+      WD_ASSIGN_OR_RETURN(CudaPrimaryContext ctx, CudaPrimaryContext::Retain(cu, a->device()));
+      res.devices.push_back({.ordinal = a->device(), .ctx = std::move(ctx)});
+    }
   }
   auto rank_error = [&](size_t r, const absl::Status& s) {
     return Annotate(
         s, absl::StrCat("rank ", plan.ranks[r].rank, " on CUDA device ", rank_arenas[r]->device()));
   };
+  auto device_error = [&](size_t d, const absl::Status& s) {
+    return Annotate(s, absl::StrCat("CUDA device ", res.devices[d].ordinal));
+  };
+  if (res.devices.empty()) return absl::OkStatus();  // a plan without ranks
 
   const int threads = std::max(1, options.threads);
   const uint64_t chunk = std::max<uint64_t>(
@@ -185,22 +255,29 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
   const int slots = threads + 1;
   WD_ASSIGN_OR_RETURN(
       res.ring, StagingRing::Create(
-                    std::make_shared<CudaPinnedAllocator>(),
+                    std::make_shared<CudaPinnedAllocator>(cu, res.devices[0].ctx.get()),
                     {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
-  res.streams.assign(res.devices.size(), std::vector<cudaStream_t>(threads, nullptr));
-  res.events.assign(res.devices.size(), std::vector<cudaEvent_t>(res.ring->slots(), nullptr));
-  res.scratch.assign(res.devices.size(), std::vector<void*>(threads, nullptr));
+  // This thread's context for setup, zero-fills and read-back; restored on return.
+  CudaContextGuard guard(cu);
   for (size_t d = 0; d < res.devices.size(); ++d) {
-    WD_CUDA_RETURN_IF_ERROR(cudaSetDevice(res.devices[d]));
-    for (cudaStream_t& s : res.streams[d]) {
-      WD_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    }
-    for (cudaEvent_t& e : res.events[d]) {
-      WD_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    }
-    if (any_cast) {
-      for (void*& p : res.scratch[d]) WD_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, slot_bytes));
-    }
+    DeviceResources& dr = res.devices[d];
+    const absl::Status s = [&]() -> absl::Status {
+      WD_RETURN_IF_ERROR(guard.Use(dr.ctx.get()));
+      for (int w = 0; w < threads; ++w) {
+        WD_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(cu));
+        dr.streams.push_back(std::move(stream));
+        if (any_cast) {
+          WD_ASSIGN_OR_RETURN(CudaDeviceBuffer b, CudaDeviceBuffer::Allocate(cu, slot_bytes));
+          dr.scratch.push_back(std::move(b));
+        }
+      }
+      for (int i = 0; i < res.ring->slots(); ++i) {
+        WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
+        dr.events.push_back(std::move(e));
+      }
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) return device_error(d, s);
   }
 
   std::vector<uint32_t> unit_crc(units.size(), 0);
@@ -214,6 +291,15 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     failed = true;
   };
   auto worker = [&](int w) {
+    CudaContextGuard wguard(cu);
+    size_t current = res.devices.size();  // device index whose context is current
+    auto use = [&](size_t d) -> absl::Status {
+      if (current == d) return absl::OkStatus();
+      current = res.devices.size();
+      WD_RETURN_IF_ERROR(device_error(d, wguard.Use(res.devices[d].ctx.get())));
+      current = d;
+      return absl::OkStatus();
+    };
     for (;;) {
       if (failed.load(std::memory_order_relaxed)) return;
       if (progress->cancel.load(std::memory_order_relaxed)) {
@@ -234,48 +320,59 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
       progress->bytes_pread.fetch_add(len, std::memory_order_relaxed);
       if (verbatim[u.source] >= 0) unit_crc[i] = Crc32c(slot->data(), len);
 
-      std::vector<bool> used(res.devices.size(), false);
+      std::vector<bool> used(res.devices.size(), false);    // a copy may have been enqueued
       std::vector<bool> staged(res.devices.size(), false);  // unit copied to scratch
-      size_t current = res.devices.size();                  // device index made current last
       for (const PieceRef& pr : by_source[u.source]) {
         const PlanPiece& p = *pr.piece;
         const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
         const size_t d = dev_index[pr.rank];
-        cudaStream_t stream = res.streams[d][w];
+        DeviceResources& dr = res.devices[d];
+        const CUstream stream = dr.streams[w].get();
         s = [&]() -> absl::Status {
-          if (current != d) WD_CUDA_RETURN_IF_ERROR(cudaSetDevice(res.devices[d]));
-          current = d;
+          WD_RETURN_IF_ERROR(use(d));
           used[d] = true;
-          if (src.dtype != t.dtype && !staged[d]) {
-            WD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(res.scratch[d][w], slot->data(), len,
-                                                    cudaMemcpyHostToDevice, stream));
-            staged[d] = true;
+          CUdeviceptr scratch = 0;
+          if (src.dtype != t.dtype) {
+            scratch = dr.scratch[w].get();
+            if (!staged[d]) {
+              WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyHtoDAsync(scratch, slot->data(), len, stream));
+              staged[d] = true;
+            }
           }
-          return CopyPieceRowsDevice(
-              p, src.dtype, t.dtype, slot->data(), static_cast<std::byte*>(res.scratch[d][w]),
-              static_cast<int64_t>(u.begin / pr.row_bytes),
-              static_cast<int64_t>(u.end / pr.row_bytes), bases[pr.rank] + t.offset, stream);
+          return CopyPieceRowsDevice(cu, p, src.dtype, t.dtype, slot->data(), scratch,
+                                     static_cast<int64_t>(u.begin / pr.row_bytes),
+                                     static_cast<int64_t>(u.end / pr.row_bytes),
+                                     bases[pr.rank] + t.offset, stream);
         }();
         if (!s.ok()) {
-          return fail(Annotate(rank_error(pr.rank, s), absl::StrCat("tensor '", t.name, "'")));
+          s = Annotate(rank_error(pr.rank, s), absl::StrCat("tensor '", t.name, "'"));
+          break;
         }
       }
-      std::vector<cudaEvent_t> wait;
+      // The fence, on success and error alike: every device this unit may have enqueued a copy
+      // on must be done with the slot before the ring hands it out again.
+      std::vector<SlotWait> waits;
       for (size_t d = 0; d < res.devices.size(); ++d) {
         if (!used[d]) continue;
-        cudaEvent_t e = res.events[d][slot->index()];
-        const cudaError_t err = cudaSetDevice(res.devices[d]) != cudaSuccess
-                                    ? cudaGetLastError()
-                                    : cudaEventRecord(e, res.streams[d][w]);
-        if (err != cudaSuccess) {
-          return fail(CudaRuntimeError(err, "cudaEventRecord", __FILE__, __LINE__));
+        DeviceResources& dr = res.devices[d];
+        SlotWait wait{dr.ordinal, dr.ctx.get(), dr.events[slot->index()].get(),
+                      dr.streams[w].get()};
+        absl::Status r = use(d);
+        if (r.ok()) {
+          const CUresult e = cu.EventRecord(wait.event, wait.stream);
+          if (e != CUDA_SUCCESS) {
+            r = device_error(d,
+                             cu.Error(e, "cuEventRecord (staging slot fence)", __FILE__, __LINE__));
+          }
         }
-        wait.push_back(e);
+        if (!r.ok()) {
+          wait.event = nullptr;
+          if (s.ok()) s = r;
+        }
+        waits.push_back(wait);
       }
-      slot->SetFence([wait = std::move(wait)]() -> absl::Status {
-        for (cudaEvent_t e : wait) WD_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(e));
-        return absl::OkStatus();
-      });
+      if (!waits.empty()) slot->SetFence(SlotFence(cu, std::move(waits)));
+      if (!s.ok()) return fail(s);
       progress->bytes_done.fetch_add(len, std::memory_order_relaxed);
     }
   };
@@ -293,29 +390,29 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
 
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
-    const size_t d = dev_index[r];
-    WD_CUDA_RETURN_IF_ERROR(cudaSetDevice(res.devices[d]));
+    const DeviceResources& dr = res.devices[dev_index[r]];
+    WD_RETURN_IF_ERROR(rank_error(r, guard.Use(dr.ctx.get())));
     for (const PlanZeroFill& z : rp.zero_fills) {
       if (z.target >= rp.targets.size() || z.offset + z.nbytes > rp.targets[z.target].nbytes) {
         return absl::InternalError(
             absl::StrCat("zero-fill of rank ", rp.rank, " lies outside its target"));
       }
-      const cudaError_t e = cudaMemsetAsync(bases[r] + rp.targets[z.target].offset + z.offset, 0,
-                                            z.nbytes, res.streams[d][0]);
-      if (e != cudaSuccess) {
-        return rank_error(r, CudaRuntimeError(e, "cudaMemsetAsync", __FILE__, __LINE__));
+      const CUresult e = cu.MemsetD8Async(bases[r] + rp.targets[z.target].offset + z.offset, 0,
+                                          z.nbytes, dr.streams[0].get());
+      if (e != CUDA_SUCCESS) {
+        return rank_error(r, cu.Error(e, "cuMemsetD8Async (zero-fill)", __FILE__, __LINE__));
       }
     }
   }
   for (size_t d = 0; d < res.devices.size(); ++d) {
-    WD_CUDA_RETURN_IF_ERROR(cudaSetDevice(res.devices[d]));
-    for (cudaStream_t s : res.streams[d]) {
-      const cudaError_t e = cudaStreamSynchronize(s);
-      if (e != cudaSuccess) {
-        return Annotate(CudaRuntimeError(e, "cudaStreamSynchronize", __FILE__, __LINE__),
-                        absl::StrCat("CUDA device ", res.devices[d]));
+    const absl::Status s = [&]() -> absl::Status {
+      WD_RETURN_IF_ERROR(guard.Use(res.devices[d].ctx.get()));
+      for (const CudaStream& stream : res.devices[d].streams) {
+        WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream.get()));
       }
-    }
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) return device_error(d, s);
   }
 
   if (checksums != nullptr) {
@@ -324,23 +421,27 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     absl::StatusOr<StagingSlot> slot = res.ring->Acquire();
     if (!slot.ok()) return slot.status();
     for (size_t r = 0; r < plan.ranks.size(); ++r) {
-      WD_CUDA_RETURN_IF_ERROR(cudaSetDevice(rank_arenas[r]->device()));
+      const DeviceResources& dr = res.devices[dev_index[r]];
+      const CUstream stream = dr.streams[0].get();
       const RankPlan& rp = plan.ranks[r];
-      for (size_t t = 0; t < rp.targets.size(); ++t) {
-        if (checksums->crc[r][t] >= 0) continue;
-        uint32_t crc = 0;
-        const std::byte* dev = bases[r] + rp.targets[t].offset;
-        for (uint64_t off = 0; off < rp.targets[t].nbytes; off += slot->size()) {
-          const uint64_t n = std::min<uint64_t>(slot->size(), rp.targets[t].nbytes - off);
-          const cudaError_t e = cudaMemcpy(slot->data(), dev + off, n, cudaMemcpyDeviceToHost);
-          if (e != cudaSuccess) {
-            return rank_error(
-                r, CudaRuntimeError(e, "cudaMemcpy (checksum read-back)", __FILE__, __LINE__));
+      const absl::Status s = [&]() -> absl::Status {
+        WD_RETURN_IF_ERROR(guard.Use(dr.ctx.get()));
+        for (size_t t = 0; t < rp.targets.size(); ++t) {
+          if (checksums->crc[r][t] >= 0) continue;
+          uint32_t crc = 0;
+          const CUdeviceptr dev = bases[r] + rp.targets[t].offset;
+          for (uint64_t off = 0; off < rp.targets[t].nbytes; off += slot->size()) {
+            const uint64_t n = std::min<uint64_t>(slot->size(), rp.targets[t].nbytes - off);
+            // The stream is synchronized before the slot is read or reused, so no fence.
+            WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyDtoHAsync(slot->data(), dev + off, n, stream));
+            WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream));
+            crc = Crc32cCombine(crc, Crc32c(slot->data(), n), n);
           }
-          crc = Crc32cCombine(crc, Crc32c(slot->data(), n), n);
+          checksums->crc[r][t] = crc;
         }
-        checksums->crc[r][t] = crc;
-      }
+        return absl::OkStatus();
+      }();
+      if (!s.ok()) return rank_error(r, Annotate(s, "checksum read-back"));
     }
   }
   return absl::OkStatus();

@@ -11,11 +11,11 @@
 //
 // A slot is reused only after its consumer finished: the fence a holder attaches is run (and
 // must succeed) before the slot is handed out again. On the host the consumer is a synchronous
-// memcpy, so no fence is needed; the CUDA executor attaches "cudaEventSynchronize(event)".
+// memcpy, so no fence is needed; the CUDA executor attaches "cuEventSynchronize(event)".
 // StagingSlot is an RAII handle: an error path that drops it cannot leak the slot.
 //
 // Memory comes from a StagingAllocator: PageAllocator (mmap'd anonymous memory, optionally
-// mlock'd) on the host, cudaHostAlloc under CUDA (cuda_backend.h). Allocation is all-or-nothing:
+// mlock'd) on the host, cuMemHostAlloc under CUDA (cuda_pinned_allocator.h). Allocation is all-or-nothing:
 // a failure releases what was already allocated.
 //
 // Thread-safety: Acquire and slot release may run concurrently from any threads. A StagingSlot
