@@ -35,4 +35,4 @@ else
   unset WEIGHTD_CUDA_DRIVER
   date -u; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 fi
-exec timeout 480 python3 "$HERE/gpu_acceptance.py" --build "$BUILD" --out "$OUTDIR" "${ARGS[@]}"
+exec timeout 480 "${PYTHON:-python3}" "$HERE/gpu_acceptance.py" --build "$BUILD" --out "$OUTDIR" "${ARGS[@]}"
