@@ -177,11 +177,11 @@ absl::string_view ArenaKindToken(ArenaKind kind) {
 absl::Status ArenaKindMismatch(absl::string_view label, ArenaKind offered, const Backend& backend,
                                absl::string_view according_to) {
   const absl::string_view other = offered == ArenaKind::kHostMemfd ? "host" : "cuda";
-  return absl::FailedPreconditionError(absl::StrCat(
-      "arena ", label, " is ", ArenaKindText(offered), " (according to ", according_to,
-      "), but backend '", backend.name(), "' keeps its arenas in ",
-      ArenaKindText(backend.arena_kind()), "; restart weightd with --backend ", other,
-      " to adopt it"));
+  return absl::FailedPreconditionError(
+      absl::StrCat("arena ", label, " is ", ArenaKindText(offered), " (according to ", according_to,
+                   "), but backend '", backend.name(), "' keeps its arenas in ",
+                   ArenaKindText(backend.arena_kind()), "; restart weightd with --backend ", other,
+                   " to adopt it"));
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind,
@@ -210,8 +210,8 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind,
     return absl::FailedPreconditionError(absl::StrCat(
         "backend 'cuda' is not available: ", b.status().message(), "; use --backend host"));
   }
-  explain(absl::StrCat("backend host: auto found no usable CUDA device (", b.status().message(),
-                       ")"));
+  explain(
+      absl::StrCat("backend host: auto found no usable CUDA device (", b.status().message(), ")"));
   return std::make_unique<HostBackend>();
 #else
   (void)options;

@@ -718,10 +718,10 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
                        " tensors) does not match the record")));
     }
     if (man->arenas[0].kind != rr.arena_kind || man->arenas[0].size != rr.arena_bytes) {
-      return bad(absl::FailedPreconditionError(absl::StrCat(
-          "the manifest of ", what, " describes a ", man->arenas[0].size, "-byte arena of ",
-          ArenaKindText(man->arenas[0].kind), ", the record a ", rr.arena_bytes, "-byte arena of ",
-          ArenaKindText(rr.arena_kind))));
+      return bad(absl::FailedPreconditionError(
+          absl::StrCat("the manifest of ", what, " describes a ", man->arenas[0].size,
+                       "-byte arena of ", ArenaKindText(man->arenas[0].kind), ", the record a ",
+                       rr.arena_bytes, "-byte arena of ", ArenaKindText(rr.arena_kind))));
     }
     AdoptRequest request;
     request.bytes = rr.arena_bytes;

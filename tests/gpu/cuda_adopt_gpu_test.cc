@@ -115,8 +115,8 @@ TEST_F(CudaAdoptGpuTest, SecondProcessAdoptsAnExportedArenaByUuid) {
   ::setenv(kUuidEnv, static_cast<const CudaArena&>(*a).device_uuid().c_str(), 1);
   const std::string log = ::testing::TempDir() + "/cuda_adopt_child.log";
   // A fresh process, as a successor daemon is: a forked child must not reuse our context.
-  const pid_t pid = testing::Spawn(
-      {"/proc/self/exe", "--gtest_filter=CudaAdoptGpuTest.ChildAdopts"}, log, log);
+  const pid_t pid =
+      testing::Spawn({"/proc/self/exe", "--gtest_filter=CudaAdoptGpuTest.ChildAdopts"}, log, log);
   const int rc = testing::WaitFor(pid, std::chrono::seconds(60));
   ::unsetenv(kFdEnv);
   EXPECT_EQ(rc, 0) << testing::Slurp(log);

@@ -276,8 +276,8 @@ TEST(HandoffTest, RecordsWithoutUuidOrKindStillParse) {
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->ranks[0].device, 2);
     EXPECT_EQ(r->ranks[0].device_uuid, "");
-    EXPECT_EQ(r->ranks[0].arena_kind, std::string(backend) == "cuda" ? ArenaKind::kCudaVmm
-                                                                      : ArenaKind::kHostMemfd);
+    EXPECT_EQ(r->ranks[0].arena_kind,
+              std::string(backend) == "cuda" ? ArenaKind::kCudaVmm : ArenaKind::kHostMemfd);
   }
 }
 

@@ -12,9 +12,9 @@
 //   - `host` (host_backend.h): an arena is a memfd written through a MAP_SHARED mapping; Seal()
 //     unmaps it and adds F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL, so a client's
 //     PROT_WRITE MAP_SHARED mapping fails (EPERM) and the bytes cannot change once lent.
-//   - `cuda` (cuda_backend.h): an arena is a cuMemCreate allocation with a POSIX-fd handle; writable()
-//     is empty (device memory is not host-addressable) and the CUDA executor writes it by DMA
-//     through the `device_ptr` it gets from the CUDA-specific subclass. Export() returns a
+//   - `cuda` (cuda_backend.h): an arena is a cuMemCreate allocation with a POSIX-fd handle;
+//     writable() is empty (device memory is not host-addressable) and the CUDA executor writes it
+//     by DMA through the `device_ptr` it gets from the CUDA-specific subclass. Export() returns a
 //     cuMemExportToShareableHandle fd.
 // Executors choose their path from Arena::writable(): non-empty means host-addressable.
 //

@@ -108,8 +108,8 @@ class CudaDeviceState {
   std::atomic<uint64_t>& arena_bytes() { return arena_bytes_; }
 
  private:
-  CudaDeviceState(const CudaDriver& cu, int ordinal, CUdevice dev, CUcontext ctx,
-                  std::string uuid, uint64_t granularity)
+  CudaDeviceState(const CudaDriver& cu, int ordinal, CUdevice dev, CUcontext ctx, std::string uuid,
+                  uint64_t granularity)
       : cu_(cu),
         ordinal_(ordinal),
         dev_(dev),
@@ -147,8 +147,8 @@ class VmmAllocation {
 
   // A new allocation of `bytes` rounded up to the granularity. The caller has made the
   // device's context current.
-  static absl::StatusOr<VmmAllocation> Create(std::shared_ptr<CudaDeviceState> dev,
-                                              uint64_t bytes, const std::string& label) {
+  static absl::StatusOr<VmmAllocation> Create(std::shared_ptr<CudaDeviceState> dev, uint64_t bytes,
+                                              const std::string& label) {
     const CudaDriver& cu = dev->cu();
     VmmAllocation a;
     a.dev_ = std::move(dev);
@@ -160,10 +160,9 @@ class VmmAllocation {
       a.handle_ = 0;
       size_t free_b = 0, total_b = 0;
       (void)cu.MemGetInfo(&free_b, &total_b);
-      return absl::ResourceExhaustedError(
-          absl::StrCat("not enough GPU memory for ", label, ": needs ", size, " bytes on device ",
-                       device, " (", a.dev_->uuid(), "), ", free_b, " of ", total_b,
-                       " bytes free (cuMemGetInfo)"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "not enough GPU memory for ", label, ": needs ", size, " bytes on device ", device, " (",
+          a.dev_->uuid(), "), ", free_b, " of ", total_b, " bytes free (cuMemGetInfo)"));
     }
     if (r != CUDA_SUCCESS) {
       a.handle_ = 0;
@@ -351,8 +350,7 @@ absl::StatusOr<std::shared_ptr<CudaDeviceState>> CudaBackend::Device(int ordinal
   return d;
 }
 
-absl::StatusOr<int> CudaBackend::FindDevice(absl::string_view uuid,
-                                            absl::string_view label) const {
+absl::StatusOr<int> CudaBackend::FindDevice(absl::string_view uuid, absl::string_view label) const {
   WD_ASSIGN_OR_RETURN(const CudaDriver* cu, CudaDriver::Get());
   std::vector<std::string> seen;
   for (int i = 0; i < device_count_; ++i) {
@@ -399,19 +397,19 @@ absl::Status CudaBackend::Admit(absl::string_view model, absl::Span<const ArenaR
     }
     const std::string where = absl::StrCat("device ", device, " (", need.dev->uuid(), ")");
     if (need.bytes > free_b) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "model '", model, "' needs ", need.bytes, " bytes of arenas on ", where, ", but only ",
-          free_b, " of ", total_b, " bytes are free (cuMemGetInfo); unload a model or free the "
-          "device first"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("model '", model, "' needs ", need.bytes, " bytes of arenas on ", where,
+                       ", but only ", free_b, " of ", total_b,
+                       " bytes are free (cuMemGetInfo); unload a model or free the device first"));
     }
     const uint64_t budget = options_.device_memory_budget;
     const uint64_t held = need.dev->arena_bytes().load();
     if (budget > 0 && held + need.bytes > budget) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "model '", model, "' needs ", need.bytes, " bytes of arenas on ", where,
-          ", but device_memory_budget allows ", budget, " bytes per device and weightd's arenas "
-          "hold ", held, " there already (", free_b, " bytes free); unload a model or raise "
-          "device_memory_budget"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("model '", model, "' needs ", need.bytes, " bytes of arenas on ", where,
+                       ", but device_memory_budget allows ", budget,
+                       " bytes per device and weightd's arenas hold ", held, " there already (",
+                       free_b, " bytes free); unload a model or raise device_memory_budget"));
     }
   }
   return absl::OkStatus();
@@ -456,9 +454,10 @@ absl::StatusOr<std::unique_ptr<Arena>> CudaBackend::Adopt(UniqueFd fd,
     // A record of a daemon that kept no UUID: the ordinal is all there is.
     device = request.device < 0 ? 0 : request.device;
     if (device >= device_count_) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "arena ", label, " was on device ", device, " (its record has no device UUID), but "
-          "this daemon sees ", device_count_, " CUDA devices"));
+      return absl::FailedPreconditionError(absl::StrCat("arena ", label, " was on device ", device,
+                                                        " (its record has no device UUID), but "
+                                                        "this daemon sees ",
+                                                        device_count_, " CUDA devices"));
     }
   }
   WD_ASSIGN_OR_RETURN(std::shared_ptr<CudaDeviceState> dev, Device(device));
