@@ -43,9 +43,9 @@ constexpr char kHelp[] =
     "  --config FILE         JSON configuration (docs/CONFIG.md lists every key)\n"
     "  --socket PATH         listening socket (default: /run/weightd/weightd.sock for root,\n"
     "                        else $XDG_RUNTIME_DIR/weightd.sock)\n"
-    "  --backend KIND        auto (default; host for now: clients cannot map device\n"
-    "                        arenas yet), cuda (VMM device arenas, executor path being\n"
-    "                        verified on GPUs), or host (sealed memfds in RAM)\n"
+    "  --backend KIND        auto (default: cuda when a CUDA driver reports a device, else\n"
+    "                        host), cuda (VMM device arenas, exported as fds that clients\n"
+    "                        map on the GPU), or host (sealed memfds in RAM)\n"
     "  --pinned-budget BYTES staging memory per load, e.g. 1GiB (default 1 GiB)\n"
     "  --log-level LEVEL     error, warning, notice, info (default) or debug\n"
     "  --takeover            take over the daemon running on the socket (same uid only): receive\n"
@@ -245,11 +245,17 @@ int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
 
   const uint64_t nofile = RaiseFileLimit();
-  auto be = MakeBackend(config.backend);
+  std::string backend_reason;
+  auto be = MakeBackend(config.backend, {.device_memory_budget = config.device_memory_budget},
+                        &backend_reason);
   if (!be.ok()) {
     LogError("start failed: %s", be.status().message());
     return 1;
   }
+  LogInfo("start: %s", backend_reason);
+  // Destroyed before the backend (reverse order of declaration), so every arena goes first;
+  // CUDA contexts are shared by a backend and its arenas and released with the last of them
+  // (cuda_backend.h), so this order is a convenience, not a requirement.
   Registry registry(be->get(), config);
   ServerOptions so;
   so.socket_path = config.socket;

@@ -65,6 +65,16 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
         return KeyError(source, k, "a byte count (integer, or a string such as \"1GiB\")");
       }
       if (c.pinned_budget < (1u << 20)) return KeyError(source, k, "at least 1 MiB");
+    } else if (k == "device_memory_budget") {
+      if (v.is_number_unsigned()) {
+        c.device_memory_budget = v.get<uint64_t>();
+      } else if (v.is_string()) {
+        WD_ASSIGN_OR_RETURN(c.device_memory_budget,
+                            ParseByteSize(v.get<std::string>(), absl::StrCat(source, ": ", k)));
+      } else {
+        return KeyError(source, k,
+                        "a byte count (integer, or a string such as \"40GiB\"; 0 = no budget)");
+      }
     } else if (k == "allow_uids") {
       WD_ASSIGN_OR_RETURN(c.allow_uids, IdList(v, source, k));
     } else if (k == "allow_gids") {
@@ -127,7 +137,8 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           source, ": unknown key '", k,
-          "' (known: socket, backend, pinned_budget, allow_uids, allow_gids, model_roots, "
+          "' (known: socket, backend, pinned_budget, device_memory_budget, allow_uids, "
+          "allow_gids, model_roots, "
           "preload, max_connections, max_request_bytes, hello_timeout_ms, io_threads, "
           "io_mode, log_level, socket_mode)"));
     }

@@ -11,10 +11,13 @@
 #include <optional>
 #include <set>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
+#include "weightd/backend.h"
 #include "weightd/seqpacket.h"
 #include "weightd/status_macros.h"
 
@@ -47,6 +50,18 @@ absl::Status BadName(absl::string_view name, absl::string_view why) {
 absl::Status BadRecord(absl::string_view field, absl::string_view want) {
   return absl::InvalidArgumentError(
       absl::StrCat("model record: field '", field, "' must be ", want));
+}
+
+// "GPU-" then 8-4-4-4-12 hex digits, as FormatGpuUuid writes it.
+bool IsGpuUuid(absl::string_view s) {
+  if (s.size() != 40 || !absl::StartsWith(s, "GPU-")) return false;
+  for (size_t i = 4; i < s.size(); ++i) {
+    const bool dash = i == 12 || i == 17 || i == 22 || i == 27;
+    if (dash ? s[i] != '-' : !absl::ascii_isxdigit(static_cast<unsigned char>(s[i]))) {
+      return false;
+    }
+  }
+  return true;
 }
 
 template <typename T>
@@ -174,7 +189,9 @@ std::string EncodeModelRecord(const ModelRecord& r) {
                      {"arena_bytes", rr.arena_bytes},
                      {"manifest_bytes", rr.manifest_bytes},
                      {"tensors", rr.tensors},
-                     {"parts", rr.parts}});
+                     {"parts", rr.parts},
+                     {"device_uuid", rr.device_uuid},
+                     {"arena_kind", std::string(ArenaKindToken(rr.arena_kind))}});
   }
   j["ranks"] = std::move(ranks);
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -221,6 +238,28 @@ absl::StatusOr<ModelRecord> ParseModelRecord(absl::string_view text) {
     if (rr.parts != 1) return BadRecord("ranks[].parts", "1 (one arena per rank)");
     if (rr.manifest_bytes == 0 || rr.manifest_bytes > (1ull << 32)) {
       return BadRecord("ranks[].manifest_bytes", "1..4 GiB");
+    }
+    if (jr.contains("device_uuid")) {
+      WD_ASSIGN_OR_RETURN(rr.device_uuid, Get<std::string>(jr, "device_uuid", "a string"));
+      if (!rr.device_uuid.empty() && !IsGpuUuid(rr.device_uuid)) {
+        return BadRecord("ranks[].device_uuid",
+                         "empty or \"GPU-\" and 8-4-4-4-12 hex digits (nvidia-smi's form)");
+      }
+    }
+    if (jr.contains("arena_kind")) {
+      WD_ASSIGN_OR_RETURN(const std::string kind, Get<std::string>(jr, "arena_kind", "a string"));
+      if (kind == ArenaKindToken(ArenaKind::kHostMemfd)) {
+        rr.arena_kind = ArenaKind::kHostMemfd;
+      } else if (kind == ArenaKindToken(ArenaKind::kCudaVmm)) {
+        rr.arena_kind = ArenaKind::kCudaVmm;
+      } else {
+        return BadRecord("ranks[].arena_kind", "\"host_memfd\" or \"cuda_vmm\"");
+      }
+    } else if (r.backend == "host" || r.backend == "cuda") {
+      // Written before arenas carried their kind: each backend had exactly one.
+      rr.arena_kind = r.backend == "host" ? ArenaKind::kHostMemfd : ArenaKind::kCudaVmm;
+    } else {
+      return BadRecord("ranks[].arena_kind", "present when 'backend' is neither host nor cuda");
     }
     r.ranks.push_back(rr);
   }

@@ -124,12 +124,20 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Allocate(const ArenaRequest&
   return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, map);
 }
 
-absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t bytes, int device,
-                                                          absl::string_view label) {
+absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd,
+                                                          const AdoptRequest& request) {
+  const std::string& label = request.label;
+  if (request.kind != ArenaKind::kHostMemfd) {
+    return ArenaKindMismatch(label, request.kind, *this, "its record");
+  }
   const int seals = ::fcntl(fd.get(), F_GET_SEALS);
   if (seals < 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("arena ", label, " is not a memfd (F_GET_SEALS: ", std::strerror(errno), ")"));
+    // A CUDA device arena's fd (cuMemExportToShareableHandle) is no memfd: say so, since a
+    // record claiming a host arena for it is the likely cause.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "arena ", label, " is not a memfd (F_GET_SEALS: ", std::strerror(errno), "), so not a ",
+        ArenaKindText(ArenaKind::kHostMemfd), " that backend 'host' can adopt; if it is ",
+        ArenaKindText(ArenaKind::kCudaVmm), ", restart weightd with --backend cuda"));
   }
   if ((seals & kAllSeals) != kAllSeals) {
     return absl::FailedPreconditionError(
@@ -137,38 +145,84 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd, uint64_t 
   }
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) return ErrnoError(errno, absl::StrCat("fstat of ", label));
-  if (static_cast<uint64_t>(st.st_size) != bytes) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("arena ", label, " has ", st.st_size, " bytes; its record says ", bytes));
+  if (static_cast<uint64_t>(st.st_size) != request.bytes) {
+    return absl::FailedPreconditionError(absl::StrCat("arena ", label, " has ", st.st_size,
+                                                      " bytes; its record says ", request.bytes));
   }
-  auto a = std::make_unique<HostArena>(std::move(fd), bytes, std::string(label), nullptr);
+  auto a = std::make_unique<HostArena>(std::move(fd), request.bytes, label, nullptr);
   WD_RETURN_IF_ERROR(a->AdoptSealed());
   return a;
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind) {
-  if (kind == "auto") {
-    // Host until clients can import device arenas: a CUDA arena lent today would reach a worker
-    // as a tensor without data. `--backend cuda` selects the device path explicitly.
+absl::string_view ArenaKindText(ArenaKind kind) {
+  switch (kind) {
+    case ArenaKind::kHostMemfd:
+      return "a host memfd";
+    case ArenaKind::kCudaVmm:
+      return "CUDA VMM device memory";
+  }
+  return "an arena of unknown kind";
+}
+
+absl::string_view ArenaKindToken(ArenaKind kind) {
+  switch (kind) {
+    case ArenaKind::kHostMemfd:
+      return "host_memfd";
+    case ArenaKind::kCudaVmm:
+      return "cuda_vmm";
+  }
+  return "unknown";
+}
+
+absl::Status ArenaKindMismatch(absl::string_view label, ArenaKind offered, const Backend& backend,
+                               absl::string_view according_to) {
+  const absl::string_view other = offered == ArenaKind::kHostMemfd ? "host" : "cuda";
+  return absl::FailedPreconditionError(
+      absl::StrCat("arena ", label, " is ", ArenaKindText(offered), " (according to ", according_to,
+                   "), but backend '", backend.name(), "' keeps its arenas in ",
+                   ArenaKindText(backend.arena_kind()), "; restart weightd with --backend ", other,
+                   " to adopt it"));
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind,
+                                                     const BackendOptions& options,
+                                                     std::string* reason) {
+  auto explain = [reason](std::string why) {
+    if (reason != nullptr) *reason = std::move(why);
+  };
+  if (kind == "host") {
+    explain("backend host: asked for (arenas are sealed memfds in RAM)");
     return std::make_unique<HostBackend>();
   }
-  if (kind == "host") return std::make_unique<HostBackend>();
-  if (kind == "cuda") {
+  if (kind != "auto" && kind != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown backend '", kind, "' (expected auto, cuda or host)"));
+  }
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND
-    absl::StatusOr<std::unique_ptr<CudaBackend>> b = CudaBackend::Create();
-    if (!b.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "backend 'cuda' is not available: ", b.status().message(), "; use --backend host"));
-    }
+  // Create() succeeds exactly when CudaDeviceAvailable() holds, and says why not otherwise.
+  absl::StatusOr<std::unique_ptr<CudaBackend>> b = CudaBackend::Create(options);
+  if (b.ok()) {
+    explain(absl::StrCat("backend cuda: ", kind == "auto" ? "auto found " : "asked for; ",
+                         (*b)->device_count(), " CUDA device(s)"));
     return std::unique_ptr<Backend>(std::move(*b));
+  }
+  if (kind == "cuda") {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "backend 'cuda' is not available: ", b.status().message(), "; use --backend host"));
+  }
+  explain(
+      absl::StrCat("backend host: auto found no usable CUDA device (", b.status().message(), ")"));
+  return std::make_unique<HostBackend>();
 #else
+  (void)options;
+  if (kind == "cuda") {
     return absl::FailedPreconditionError(
         "backend 'cuda' is not available in this build (configured with "
         "WEIGHTD_ENABLE_CUDA=OFF); use --backend host or auto");
-#endif
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown backend '", kind, "' (expected auto, cuda or host)"));
+  explain("backend host: auto, and this build has no CUDA backend (WEIGHTD_ENABLE_CUDA=OFF)");
+  return std::make_unique<HostBackend>();
+#endif
 }
 
 absl::StatusOr<UniqueFd> MakeSealedMemfd(absl::string_view label, absl::string_view bytes) {

@@ -268,11 +268,17 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       kept.push_back(std::move(*it));
     }
     plan.ranks = std::move(kept);
-    std::vector<Arena*> raw;
+    std::vector<ArenaRequest> requests;
     for (size_t i = 0; i < plan.ranks.size(); ++i) {
-      WD_ASSIGN_OR_RETURN(auto a,
-                          backend_->Allocate({plan.ranks[i].arena_bytes, m->ranks[i].device,
-                                              absl::StrCat(name, "/rank", plan.ranks[i].rank)}));
+      requests.push_back({plan.ranks[i].arena_bytes, m->ranks[i].device,
+                          absl::StrCat(name, "/rank", plan.ranks[i].rank)});
+    }
+    // All of the load's arenas are checked before the first is allocated, so a load that does
+    // not fit fails at once instead of after filling some devices.
+    WD_RETURN_IF_ERROR(backend_->Admit(name, requests));
+    std::vector<Arena*> raw;
+    for (const ArenaRequest& request : requests) {
+      WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate(request));
       raw.push_back(a.get());
       arenas.push_back(std::move(a));
     }
@@ -627,7 +633,12 @@ absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) cons
       return absl::FailedPreconditionError(
           absl::StrCat("model '", m.name, "' rank ", r.rank, " is not ready"));
     }
-    rec.ranks.push_back({r.rank, r.device, r.arena_bytes, r.manifest_bytes, r.tensors, 1});
+    RankRecord rr{r.rank, r.device, r.arena_bytes, r.manifest_bytes, r.tensors, 1};
+    rr.arena_kind = r.arena->kind();
+    if (rr.arena_kind == ArenaKind::kCudaVmm) {
+      rr.device_uuid = static_cast<const CudaArena&>(*r.arena).device_uuid();
+    }
+    rec.ranks.push_back(std::move(rr));
     WD_ASSIGN_OR_RETURN(UniqueFd arena, r.arena->Export());
     out.push_back({EncodeFdName(FdKind::kArena, m.name, r.rank, 0), std::move(arena)});
     UniqueFd man(::fcntl(r.manifest.get(), F_DUPFD_CLOEXEC, 0));
@@ -673,11 +684,8 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
   auto bad = [&](const absl::Status& s) {
     return absl::Status(s.code(), absl::StrCat("adopting model '", name, "': ", s.message()));
   };
-  if (rec.backend != backend_->name()) {
-    return bad(absl::FailedPreconditionError(absl::StrCat("it was loaded by backend '", rec.backend,
-                                                          "', this daemon runs '", backend_->name(),
-                                                          "'")));
-  }
+  // A record of the other backend is refused per arena by Backend::Adopt, whose message names
+  // both arena kinds and the --backend that adopts them.
   auto m = std::make_shared<Model>();
   m->name = name;
   m->spec = rec.spec;
@@ -689,8 +697,6 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
   m->origin = std::string(origin);
   m->progress.bytes_total = rec.bytes_total;
   m->progress.bytes_done = rec.bytes_total;
-  const ArenaKind want_kind =
-      backend_->name() == "host" ? ArenaKind::kHostMemfd : ArenaKind::kCudaVmm;
   for (AdoptableRank& ar : in.ranks) {
     const RankRecord& rr = ar.record;
     const std::string what = absl::StrCat("rank ", rr.rank);
@@ -711,17 +717,24 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
                        ", ", man->arenas.size(), " arenas, ", man->tensors.size(),
                        " tensors) does not match the record")));
     }
-    if (man->arenas[0].kind != want_kind || man->arenas[0].size != rr.arena_bytes) {
+    if (man->arenas[0].kind != rr.arena_kind || man->arenas[0].size != rr.arena_bytes) {
       return bad(absl::FailedPreconditionError(
           absl::StrCat("the manifest of ", what, " describes a ", man->arenas[0].size,
-                       "-byte arena of another kind or size than the record's ", rr.arena_bytes)));
+                       "-byte arena of ", ArenaKindText(man->arenas[0].kind), ", the record a ",
+                       rr.arena_bytes, "-byte arena of ", ArenaKindText(rr.arena_kind))));
     }
-    auto arena = backend_->Adopt(std::move(ar.arenas[0]), rr.arena_bytes, rr.device,
-                                 absl::StrCat(name, "/rank", rr.rank));
+    AdoptRequest request;
+    request.bytes = rr.arena_bytes;
+    request.kind = rr.arena_kind;
+    request.device = rr.device;
+    request.device_uuid = rr.device_uuid;
+    request.label = absl::StrCat(name, "/rank", rr.rank);
+    auto arena = backend_->Adopt(std::move(ar.arenas[0]), request);
     if (!arena.ok()) return bad(arena.status());
     Model::Rank r;
     r.rank = rr.rank;
-    r.device = rr.device;
+    // A device arena is found by its UUID, so its ordinal here may differ from the record's.
+    r.device = (*arena)->kind() == ArenaKind::kCudaVmm ? (*arena)->device() : rr.device;
     r.state = RankState::kReady;
     r.arena = std::move(*arena);
     r.manifest = std::move(ar.manifest);

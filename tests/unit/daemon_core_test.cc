@@ -14,10 +14,14 @@
 #include "weightd/detail/page_cache.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
+#include "weightd/handoff.h"
 #include "weightd/host_backend.h"
 #include "weightd/kernels/copy.h"
 #include "weightd/manifest.h"
 #include "weightd/registry.h"
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+#include "weightd/cuda_backend.h"
+#endif
 
 namespace weightd {
 namespace {
@@ -114,10 +118,190 @@ TEST(HostBackendTest, SealedArenaRefusesWrites) {
   ::munmap(p, 8192);
 }
 
+bool DeviceAvailable() {
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+  return CudaDeviceAvailable();
+#else
+  return false;
+#endif
+}
+
 TEST(HostBackendTest, MakeBackend) {
-  EXPECT_TRUE(MakeBackend("host").ok());
-  EXPECT_EQ((*MakeBackend("auto"))->name(), "host");
+  std::string why;
+  auto host = MakeBackend("host", {}, &why);
+  ASSERT_TRUE(host.ok()) << host.status();
+  EXPECT_EQ((*host)->name(), "host");
+  EXPECT_THAT(why, HasSubstr("asked for"));
   EXPECT_EQ(MakeBackend("tpu").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// auto is cuda exactly when a device is present (a real or simulated driver), and says why.
+TEST(HostBackendTest, MakeBackendAutoFollowsTheDevice) {
+  std::string why;
+  auto b = MakeBackend("auto", {}, &why);
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto cuda = MakeBackend("cuda");
+  if (DeviceAvailable()) {
+    EXPECT_EQ((*b)->name(), "cuda");
+    EXPECT_THAT(why, HasSubstr("auto found"));
+    EXPECT_TRUE(cuda.ok()) << cuda.status();
+  } else {
+    EXPECT_EQ((*b)->name(), "host");
+    EXPECT_EQ((*b)->arena_kind(), ArenaKind::kHostMemfd);
+    EXPECT_THAT(why, HasSubstr("backend host: auto"));
+    EXPECT_EQ(cuda.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(cuda.status().message()), HasSubstr("backend 'cuda' is not available"));
+  }
+}
+
+TEST(ConfigTest, DeviceMemoryBudget) {
+  EXPECT_EQ(ParseConfig("{}", "t.json")->device_memory_budget, 0u);
+  EXPECT_EQ(ParseConfig(R"({"device_memory_budget":"40GiB"})", "t.json")->device_memory_budget,
+            40ull << 30);
+  EXPECT_EQ(ParseConfig(R"({"device_memory_budget":123})", "t.json")->device_memory_budget, 123u);
+  ExpectConfigError(R"({"device_memory_budget":"much"})", "device_memory_budget");
+  ExpectConfigError(R"({"device_memory_budget":-1})", "'device_memory_budget'");
+  ExpectConfigError(R"({"device_memory_budet":1})", "device_memory_budget");  // in the known list
+}
+
+// A sealed host arena, as an earlier daemon would have handed it over.
+UniqueFd ExportedHostArena(uint64_t bytes, uint8_t fill) {
+  HostBackend b;
+  auto a = b.Allocate({bytes, -1, "old/rank0"});
+  EXPECT_TRUE(a.ok()) << a.status();
+  std::memset((*a)->writable().data(), fill, bytes);
+  EXPECT_TRUE((*a)->Seal().ok());
+  auto fd = (*a)->Export();
+  EXPECT_TRUE(fd.ok()) << fd.status();
+  return std::move(*fd);
+}
+
+AdoptRequest HostRequest(uint64_t bytes) {
+  AdoptRequest r;
+  r.bytes = bytes;
+  r.kind = ArenaKind::kHostMemfd;
+  r.label = "llama/rank1";
+  return r;
+}
+
+TEST(HostBackendTest, AdoptsASealedArenaOfTheRecordedSize) {
+  HostBackend b;
+  auto a = b.Adopt(ExportedHostArena(8192, 7), HostRequest(8192));
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ((*a)->kind(), ArenaKind::kHostMemfd);
+  ASSERT_EQ((*a)->readable().size(), 8192u);
+  EXPECT_EQ((*a)->readable()[8191], std::byte{7});
+  EXPECT_TRUE((*a)->Export().ok());
+  auto wrong = b.Adopt(ExportedHostArena(8192, 7), HostRequest(4096));
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(wrong.status().message()), HasSubstr("llama/rank1 has 8192 bytes"));
+}
+
+// A device arena offered to the host backend, by its record or by its fd, is refused with a
+// message naming both kinds and the backend that adopts it.
+TEST(HostBackendTest, AdoptRefusesDeviceArenasNamingBothKinds) {
+  HostBackend b;
+  AdoptRequest device = HostRequest(8192);
+  device.kind = ArenaKind::kCudaVmm;
+  device.device = 0;
+  device.device_uuid = "GPU-01234567-89ab-cdef-0123-456789abcdef";
+  auto by_record = b.Adopt(ExportedHostArena(8192, 1), device);
+  ASSERT_EQ(by_record.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string m1(by_record.status().message());
+  EXPECT_THAT(m1, HasSubstr("arena llama/rank1 is CUDA VMM device memory"));
+  EXPECT_THAT(m1, HasSubstr("backend 'host' keeps its arenas in a host memfd"));
+  EXPECT_THAT(m1, HasSubstr("--backend cuda"));
+  // A device fd is no memfd; a pipe stands in for one (F_GET_SEALS fails the same way).
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  UniqueFd keep(p[1]);
+  auto by_fd = b.Adopt(UniqueFd(p[0]), HostRequest(8192));
+  ASSERT_EQ(by_fd.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string m2(by_fd.status().message());
+  EXPECT_THAT(m2, HasSubstr("arena llama/rank1 is not a memfd"));
+  EXPECT_THAT(m2, HasSubstr("a host memfd"));
+  EXPECT_THAT(m2, HasSubstr("CUDA VMM device memory"));
+  EXPECT_THAT(m2, HasSubstr("--backend cuda"));
+}
+
+ModelRecord TwoRankRecord() {
+  ModelRecord r;
+  r.name = "llama";
+  r.backend = "cuda";
+  r.spec.checkpoint = "/models/llama";
+  r.spec.tp = 2;
+  RankRecord r0{0, 1, 4 << 20, 100, 3, 1};
+  r0.device_uuid = "GPU-01234567-89ab-cdef-0123-456789abcdef";
+  r0.arena_kind = ArenaKind::kCudaVmm;
+  RankRecord r1{1, 0, 4 << 20, 100, 3, 1};
+  r1.device_uuid = "GPU-fedcba98-7654-3210-fedc-ba9876543210";
+  r1.arena_kind = ArenaKind::kCudaVmm;
+  r.ranks = {r0, r1};
+  return r;
+}
+
+TEST(HandoffTest, RecordKeepsDeviceUuidAndArenaKind) {
+  const std::string text = EncodeModelRecord(TwoRankRecord());
+  EXPECT_THAT(text, HasSubstr(R"("arena_kind":"cuda_vmm")"));
+  auto r = ParseModelRecord(text);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->ranks.size(), 2u);
+  EXPECT_EQ(r->ranks[0].device, 1);
+  EXPECT_EQ(r->ranks[0].device_uuid, "GPU-01234567-89ab-cdef-0123-456789abcdef");
+  EXPECT_EQ(r->ranks[1].device_uuid, "GPU-fedcba98-7654-3210-fedc-ba9876543210");
+  EXPECT_EQ(r->ranks[1].arena_kind, ArenaKind::kCudaVmm);
+
+  ModelRecord host;
+  host.name = "small";
+  host.backend = "host";
+  host.spec.checkpoint = "/models/small";
+  host.ranks.push_back({0, -1, 4096, 16, 1, 1});
+  auto h = ParseModelRecord(EncodeModelRecord(host));
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(h->ranks[0].device_uuid, "");
+  EXPECT_EQ(h->ranks[0].arena_kind, ArenaKind::kHostMemfd);
+}
+
+// Records written before device_uuid and arena_kind existed still parse: no UUID (the ordinal
+// is used), and the kind follows the model's backend.
+TEST(HandoffTest, RecordsWithoutUuidOrKindStillParse) {
+  for (const char* backend : {"cuda", "host"}) {
+    const std::string old = absl::StrCat(
+        R"({"version":1,"name":"llama","backend":")", backend,
+        R"(","state":"ready","load":{"checkpoint":"/m"},"allow_uids":[],"allow_gids":[],)",
+        R"("bytes_total":10,"load_seconds":1.5,"loaded_unix":1700000000,)",
+        R"("ranks":[{"rank":0,"device":2,"arena_bytes":4096,"manifest_bytes":64,)",
+        R"("tensors":1,"parts":1}]})");
+    auto r = ParseModelRecord(old);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->ranks[0].device, 2);
+    EXPECT_EQ(r->ranks[0].device_uuid, "");
+    EXPECT_EQ(r->ranks[0].arena_kind,
+              std::string(backend) == "cuda" ? ArenaKind::kCudaVmm : ArenaKind::kHostMemfd);
+  }
+}
+
+TEST(HandoffTest, RecordRejectsBadUuidAndKind) {
+  std::string text = EncodeModelRecord(TwoRankRecord());
+  auto expect_bad = [](const std::string& t, const std::string& field) {
+    auto r = ParseModelRecord(t);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr(field)) << r.status();
+  };
+  std::string bad_uuid = text;
+  bad_uuid.replace(bad_uuid.find("GPU-0123"), 8, "GPU-0z23");
+  expect_bad(bad_uuid, "ranks[].device_uuid");
+  std::string bad_kind = text;
+  bad_kind.replace(bad_kind.find("cuda_vmm"), 8, "tpu_hbm0");
+  expect_bad(bad_kind, "ranks[].arena_kind");
+  ModelRecord other = TwoRankRecord();
+  other.backend = "tpu";
+  std::string no_kind = EncodeModelRecord(other);
+  for (size_t at; (at = no_kind.find(R"(,"arena_kind":"cuda_vmm")")) != std::string::npos;) {
+    no_kind.erase(at, std::string(R"(,"arena_kind":"cuda_vmm")").size());
+  }
+  expect_bad(no_kind, "ranks[].arena_kind");
 }
 
 // A hand-built two-rank plan over one file: a source split by rows between the ranks, each rank
@@ -512,6 +696,75 @@ TEST_F(RegistryTest, ModelRoots) {
   EXPECT_EQ(reg.StartLoad("n", Spec(root / "escape"), Self()).code(),
             absl::StatusCode::kPermissionDenied);
   reg.WaitForLoads();
+}
+
+// A host backend whose admission refuses every load, counting allocations.
+class RefusingBackend final : public Backend {
+ public:
+  absl::string_view name() const override { return "host"; }
+  ArenaKind arena_kind() const override { return ArenaKind::kHostMemfd; }
+  absl::Status Admit(absl::string_view model, absl::Span<const ArenaRequest> arenas) override {
+    admitted_arenas = arenas.size();
+    return absl::ResourceExhaustedError(absl::StrCat("model '", model, "' does not fit"));
+  }
+  absl::StatusOr<std::unique_ptr<Arena>> Allocate(const ArenaRequest& request) override {
+    ++allocations;
+    return host_.Allocate(request);
+  }
+  size_t admitted_arenas = 0;
+  int allocations = 0;
+
+ private:
+  HostBackend host_;
+};
+
+TEST_F(RegistryTest, AdmissionRefusalFailsTheLoadBeforeAnyAllocation) {
+  RefusingBackend backend;
+  Registry reg(&backend, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  reg.WaitForLoads();
+  auto st = reg.Status("m", Self());
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_THAT(st->front().error, HasSubstr("model 'm' does not fit"));
+  EXPECT_EQ(backend.admitted_arenas, 2u);  // both ranks' arenas in one check
+  EXPECT_EQ(backend.allocations, 0);
+}
+
+// A ready model's fds (as the fd store gets them) are adopted by a second registry; its record
+// carries the arena kind, and a record claiming device arenas is refused naming both kinds.
+TEST_F(RegistryTest, AdoptsStoredFdsAndRefusesTheOtherKind) {
+  std::vector<NamedFd> stored;
+  {
+    Registry reg(&backend_, config_);
+    reg.SetHooks({.on_ready = [&](std::vector<NamedFd> fds) { stored = std::move(fds); },
+                  .on_removed = nullptr});
+    ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+    reg.WaitForLoads();
+  }
+  ASSERT_EQ(stored.size(), 5u);  // 2 arenas, 2 manifests, 1 record
+  auto sorted = [&] {
+    std::vector<NamedFd> copy;
+    for (const NamedFd& f : stored) {
+      copy.push_back({f.name, UniqueFd(::fcntl(f.fd.get(), F_DUPFD_CLOEXEC, 0))});
+    }
+    return SortNamedFds(std::move(copy));
+  };
+  SortedFds good = sorted();
+  ASSERT_EQ(good.models.size(), 1u) << ::testing::PrintToString(good.errors);
+  EXPECT_EQ(good.models[0].record.ranks[0].arena_kind, ArenaKind::kHostMemfd);
+  Registry next(&backend_, config_);
+  ASSERT_TRUE(next.Adopt(std::move(good.models[0]), "takeover").ok());
+  EXPECT_EQ(StateOf(next, "m"), "ready");
+
+  SortedFds forged = sorted();
+  ASSERT_EQ(forged.models.size(), 1u);
+  for (AdoptableRank& r : forged.models[0].ranks) r.record.arena_kind = ArenaKind::kCudaVmm;
+  Registry third(&backend_, config_);
+  const absl::Status s = third.Adopt(std::move(forged.models[0]), "fdstore");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("adopting model 'm'"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("a host memfd"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("CUDA VMM device memory"));
 }
 
 TEST_F(RegistryTest, MetricsText) {

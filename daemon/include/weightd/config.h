@@ -27,6 +27,8 @@ struct DaemonConfig {
   std::string socket;                   // empty = DefaultDaemonSocketPath()
   std::string backend = "auto";         // auto | cuda | host
   uint64_t pinned_budget = 1ull << 30;  // bytes of staging buffers per load
+  // Most bytes of arenas per CUDA device (BackendOptions); 0 = bounded by free memory only.
+  uint64_t device_memory_budget = 0;
   std::vector<uint32_t> allow_uids;     // default attach/admin list; the daemon's uid is implicit
   std::vector<uint32_t> allow_gids;
   std::vector<std::string> model_roots;  // empty = anywhere the daemon can read

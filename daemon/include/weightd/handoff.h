@@ -32,6 +32,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "weightd/manifest.h"
 #include "weightd/protocol.h"
 #include "weightd/unique_fd.h"
 
@@ -61,11 +62,17 @@ absl::StatusOr<std::string> DecodeModelToken(absl::string_view token);
 
 struct RankRecord {
   int rank = 0;
-  int device = -1;
+  int device = -1;              // ordinal in the daemon that wrote the record; -1 = host
   uint64_t arena_bytes = 0;     // size of the rank's (single) arena
   uint64_t manifest_bytes = 0;  // exact size of the manifest memfd
   uint32_t tensors = 0;
   int parts = 1;  // arena fds of the rank
+  // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" of the device holding a device arena: the
+  // successor finds the device by it, as its CUDA_VISIBLE_DEVICES may order devices otherwise.
+  // Empty for host arenas and in records of daemons that did not write it ("device" is used).
+  std::string device_uuid;
+  // What the arena fd is. Records without "arena_kind" take it from the model's "backend".
+  ArenaKind arena_kind = ArenaKind::kHostMemfd;
 };
 
 // What the registry needs to list a model again without its checkpoint.
@@ -81,6 +88,8 @@ struct ModelRecord {
   std::vector<RankRecord> ranks;
 };
 
+// JSON, version 1. Fields added later ("device_uuid", "arena_kind" per rank) are optional when
+// parsing, so records of older daemons still adopt, and older daemons ignore them.
 std::string EncodeModelRecord(const ModelRecord& record);
 // INVALID_ARGUMENT naming the field for anything malformed (it comes from outside the process).
 absl::StatusOr<ModelRecord> ParseModelRecord(absl::string_view json);

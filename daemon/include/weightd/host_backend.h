@@ -15,10 +15,11 @@ namespace weightd {
 class HostBackend final : public Backend {
  public:
   absl::string_view name() const override { return "host"; }
+  ArenaKind arena_kind() const override { return ArenaKind::kHostMemfd; }
   absl::StatusOr<std::unique_ptr<Arena>> Allocate(const ArenaRequest& request) override;
-  // Accepts a memfd with all four seals and exactly `bytes` bytes.
-  absl::StatusOr<std::unique_ptr<Arena>> Adopt(UniqueFd fd, uint64_t bytes, int device,
-                                               absl::string_view label) override;
+  // Accepts a memfd with all four seals and exactly `request.bytes` bytes; the device fields
+  // are ignored. A request or fd of a device arena is refused naming both kinds.
+  absl::StatusOr<std::unique_ptr<Arena>> Adopt(UniqueFd fd, const AdoptRequest& request) override;
 };
 
 }  // namespace weightd
