@@ -133,7 +133,8 @@ class Daemon:
         self.proc = subprocess.Popen([os.path.join(build, "daemon", "weightd"), "--config",
                                       os.path.join(self.dir, "w.json")],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        self.ctl = [os.path.join(build, "client", "weightctl"), "--socket", self.sock]
+        self.ctl = [os.path.join(build, "client", "weightctl")]
+        self.env = {"WEIGHTD_SOCKET": self.sock}
         deadline = time.monotonic() + 60
         while not os.path.exists(self.sock):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -146,21 +147,21 @@ class Daemon:
 
     def load(self, name, ckpt, *args):
         t0 = time.perf_counter()
-        r = run(self.ctl + ["load", name, ckpt, "--wait", *args], timeout=900)
+        r = run(self.ctl + ["load", name, ckpt, "--wait", *args], timeout=900, env=self.env)
         wall = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(f"weightctl load failed: {r.stdout}{r.stderr}{self.tail()}")
-        st = json.loads(run(self.ctl + ["status", "--json"], timeout=60).stdout)
+        st = json.loads(run(self.ctl + ["status", "--json"], timeout=60, env=self.env).stdout)
         model = next(m for m in st["models"] if m["name"] == name)
         return wall, model
 
     def metric(self, name):
-        text = run(self.ctl + ["metrics"], timeout=60).stdout
+        text = run(self.ctl + ["metrics"], timeout=60, env=self.env).stdout
         m = re.search(rf"^{name} (\S+)$", text, re.M)
         return float(m.group(1)) if m else None
 
     def unload(self, name):
-        run(self.ctl + ["unload", name, "--force"], timeout=120)
+        run(self.ctl + ["unload", name, "--force"], timeout=120, env=self.env)
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

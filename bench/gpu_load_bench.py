@@ -99,11 +99,13 @@ def time_weightd(build, d, io_mode, backend):
             for _ in range(100):
                 if os.path.exists(sock): break
                 time.sleep(0.05)
-            ctl = [f"{build}/client/weightctl", "--socket", sock]
+            ctl = [f"{build}/client/weightctl"]
+            env = {**os.environ, "WEIGHTD_SOCKET": sock}
             t0 = time.perf_counter()
-            subprocess.run(ctl + ["load", "m", d, "--devices", "0", "--wait"], check=True)
+            subprocess.run(ctl + ["load", "m", d, "--devices", "0", "--wait"], check=True, env=env)
             secs = time.perf_counter() - t0
-            st = subprocess.run(ctl + ["status", "--json"], capture_output=True, text=True)
+            st = subprocess.run(ctl + ["status", "--json"], capture_output=True, text=True,
+                                env=env)
             return secs, st.stdout[-400:]
         finally:
             p.terminate(); p.wait()

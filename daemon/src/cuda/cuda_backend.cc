@@ -33,37 +33,6 @@ uint64_t RoundUp(uint64_t bytes, uint64_t granularity) {
   return (std::max<uint64_t>(bytes, 1) + granularity - 1) / granularity * granularity;
 }
 
-// Makes `ctx` current on the calling thread and restores the previous context (possibly none)
-// when it leaves scope, so a caller's own context (the executor's, a test's) survives a backend
-// call made on its thread.
-// TODO(driver-api merge): replace with the shared guard the driver-API work adds to
-// detail/cuda_driver.h.
-class ScopedContext {
- public:
-  ScopedContext(const CudaDriver& cu, CUcontext ctx) : cu_(cu) {
-    CUresult r = cu.CtxGetCurrent(&previous_);
-    if (r == CUDA_SUCCESS) r = cu.CtxSetCurrent(ctx);
-    if (r != CUDA_SUCCESS) {
-      status_ = cu.Error(r, "making the device's primary context current", __FILE__, __LINE__);
-      return;
-    }
-    active_ = true;
-  }
-  ScopedContext(const ScopedContext&) = delete;
-  ScopedContext& operator=(const ScopedContext&) = delete;
-  ~ScopedContext() {
-    if (active_ && cu_.CtxSetCurrent(previous_) != CUDA_SUCCESS) {
-      LogWarning("cuCtxSetCurrent could not restore the caller's CUDA context");
-    }
-  }
-  const absl::Status& status() const { return status_; }
-
- private:
-  const CudaDriver& cu_;
-  CUcontext previous_ = nullptr;
-  bool active_ = false;
-  absl::Status status_;
-};
 
 }  // namespace
 
@@ -209,7 +178,10 @@ class VmmAllocation {
     const CudaDriver& cu = dev_->cu();
     {
       // Teardown may run on any thread (an unload, the registry's destructor).
-      ScopedContext use(cu, dev_->context());
+      CudaContextGuard use(cu);
+      if (absl::Status st = use.Use(static_cast<CUcontext>(dev_->context())); !st.ok()) {
+        LogWarning("arena teardown: %s", std::string(st.message()));
+      }
       if (mapped_ && cu.MemUnmap(va_, size_) != CUDA_SUCCESS) LogWarning("cuMemUnmap failed");
       if (va_ != 0 && cu.MemAddressFree(va_, size_) != CUDA_SUCCESS) {
         LogWarning("cuMemAddressFree failed");
@@ -295,6 +267,10 @@ class VmmArena final : public CudaArena {
       return fd;
     }
     const CudaDriver& cu = alloc_.device_state()->cu();
+    // The driver wants a current context for the export (the simulated driver checks it too);
+    // Export runs on server threads that have none.
+    CudaContextGuard use(cu);
+    WD_RETURN_IF_ERROR(use.Use(static_cast<CUcontext>(alloc_.device_state()->context())));
     int fd = -1;
     WD_CU_RETURN_IF_ERROR(
         cu, cu.MemExportToShareableHandle(&fd, alloc_.handle(),
@@ -391,8 +367,8 @@ absl::Status CudaBackend::Admit(absl::string_view model, absl::Span<const ArenaR
     size_t free_b = 0, total_b = 0;
     {
       // cuMemGetInfo reports on the current context's device.
-      ScopedContext use(cu, need.dev->context());
-      WD_RETURN_IF_ERROR(use.status());
+      CudaContextGuard use(cu);
+      WD_RETURN_IF_ERROR(use.Use(static_cast<CUcontext>(need.dev->context())));
       WD_CU_RETURN_IF_ERROR(cu, cu.MemGetInfo(&free_b, &total_b));
     }
     const std::string where = absl::StrCat("device ", device, " (", need.dev->uuid(), ")");
@@ -424,8 +400,8 @@ absl::StatusOr<std::unique_ptr<Arena>> CudaBackend::Allocate(const ArenaRequest&
   }
   WD_ASSIGN_OR_RETURN(std::shared_ptr<CudaDeviceState> dev, Device(device));
   const CudaDriver& cu = dev->cu();
-  ScopedContext use(cu, dev->context());
-  WD_RETURN_IF_ERROR(use.status());
+  CudaContextGuard use(cu);
+  WD_RETURN_IF_ERROR(use.Use(static_cast<CUcontext>(dev->context())));
   WD_ASSIGN_OR_RETURN(VmmAllocation a, VmmAllocation::Create(dev, request.bytes, request.label));
   // backend.h promises zero-filled arenas (and the padding up to the granularity stays zero,
   // which clients can see). The synchronous cuMemsetD8 runs at device bandwidth (about 6 ms for
@@ -461,8 +437,8 @@ absl::StatusOr<std::unique_ptr<Arena>> CudaBackend::Adopt(UniqueFd fd,
     }
   }
   WD_ASSIGN_OR_RETURN(std::shared_ptr<CudaDeviceState> dev, Device(device));
-  ScopedContext use(dev->cu(), dev->context());
-  WD_RETURN_IF_ERROR(use.status());
+  CudaContextGuard use(dev->cu());
+  WD_RETURN_IF_ERROR(use.Use(static_cast<CUcontext>(dev->context())));
   WD_ASSIGN_OR_RETURN(VmmAllocation a,
                       VmmAllocation::Import(std::move(dev), fd.get(), request.bytes, label));
   return std::unique_ptr<Arena>(new VmmArena(std::move(a), request.bytes, label, std::move(fd)));
