@@ -223,7 +223,9 @@ TEST_F(CudaDaemonTest, WritesThroughAClientMappingFailAndChangeNothing) {
   StartDaemon("cuda");
   auto c = Client::Connect(socket_);
   ASSERT_TRUE(c.ok()) << c.status();
-  ASSERT_EQ(LoadAndWait(*c, "m", ckpt, {}).state, "ready");
+  LoadOptions hf;
+  hf.recipe = "hf";  // names and bytes as in the checkpoint, for wd_attach_check
+  ASSERT_EQ(LoadAndWait(*c, "m", ckpt, hf).state, "ready");
   auto a = c->Attach("m", 0);
   ASSERT_TRUE(a.ok()) << a.status();
   const CudaDriver& cu = **CudaDriver::Get();
@@ -252,7 +254,9 @@ TEST_F(CudaDaemonTest, AClientWithoutTheDaemonsGpuGetsAnErrorNamingItsUuid) {
   StartDaemon("cuda");
   auto c = Client::Connect(socket_);
   ASSERT_TRUE(c.ok()) << c.status();
-  ASSERT_EQ(LoadAndWait(*c, "m", ckpt, {}).state, "ready");
+  LoadOptions hf;
+  hf.recipe = "hf";
+  ASSERT_EQ(LoadAndWait(*c, "m", ckpt, hf).state, "ready");
   const std::string check_log = dir_ + "/check.log";
   EXPECT_EQ(Wait(SpawnWithEnv({ATTACH_CHECK_BIN, socket_, "m", "0", ckpt}, check_log,
                               {{"WDSIM_UUID_SALT", "another-machine"}})),
@@ -306,7 +310,9 @@ class CudaDaemonFaultTest : public CudaDaemonTest {
     StartDaemon("cuda", {}, env);
     auto c = Client::Connect(socket_);
     ASSERT_TRUE(c.ok()) << c.status();
-    ASSERT_EQ(LoadAndWait(*c, "keep", keep_ckpt, {}).state, "ready");
+    LoadOptions hf;
+    hf.recipe = "hf";  // names and bytes as in the checkpoint, for wd_attach_check
+    ASSERT_EQ(LoadAndWait(*c, "keep", keep_ckpt, hf).state, "ready");
     const sim::SimStats* s = DaemonStats();
     ASSERT_NE(s, nullptr);
     const Snapshot before = Take(*s);
