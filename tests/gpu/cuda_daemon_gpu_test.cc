@@ -15,7 +15,6 @@
 //   - pinned staging memory stays within --pinned-budget over concurrent loads.
 // Fault injection and the counters exist only in the simulation: those tests skip on a real GPU,
 // saying so. Devices: a real machine with one GPU puts both ranks on device 0.
-#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -25,9 +24,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <map>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -57,22 +56,12 @@ int DeviceCount() {
   return n;
 }
 
-// fork + exec with `env` added to this process's environment; stdout and stderr to `log`.
+using Env = std::vector<std::pair<std::string, std::string>>;
+
+// stdout and stderr of the child to `log` (truncated), `env` added to its environment.
 pid_t SpawnWithEnv(const std::vector<std::string>& argv, const std::string& log,
-                   const std::map<std::string, std::string>& env = {}) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
-    const int o = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    ::dup2(o, 1);
-    ::dup2(o, 2);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  return pid;
+                   const Env& env = {}) {
+  return testing::Spawn(argv, log, log, env);
 }
 
 int Wait(pid_t pid) { return testing::WaitFor(pid, std::chrono::minutes(2)); }
@@ -111,13 +100,13 @@ class CudaDaemonTest : public ::testing::Test {
 
   // Starts weightd with `backend`, `extra` flags and `env` added (fault injection).
   void StartDaemon(const std::string& backend, std::vector<std::string> extra = {},
-                   std::map<std::string, std::string> env = {}) {
+                   Env env = {}) {
     std::ofstream(dir_ + "/weightd.json")
         << "{\"socket\":\"" << socket_ << "\",\"backend\":\"" << backend
         << "\",\"io_threads\":2,\"model_roots\":[\"" << dir_ << "/models\"]}";
     std::vector<std::string> argv = {WEIGHTD_BIN, "--config", dir_ + "/weightd.json"};
     argv.insert(argv.end(), extra.begin(), extra.end());
-    env["WDSIM_STATS_DIR"] = stats_dir_;
+    env.emplace_back("WDSIM_STATS_DIR", stats_dir_);
     daemon_ = SpawnWithEnv(argv, log(), env);
     ASSERT_TRUE(testing::WaitUntil([&] { return Client::Connect(socket_).ok(); }))
         << Slurp(log());
@@ -302,7 +291,7 @@ void ExpectSame(const Snapshot& a, const Snapshot& b) {
 // first one keeps serving the same bytes, and every counter returns to its value before.
 class CudaDaemonFaultTest : public CudaDaemonTest {
  protected:
-  void Run(const std::map<std::string, std::string>& env, const LoadOptions& victim,
+  void Run(const Env& env, const LoadOptions& victim,
            const std::vector<std::string>& want_error, bool device_lost = false) {
     if (!Simulated()) GTEST_SKIP() << "fault injection needs the simulated driver";
     const std::string keep_ckpt = MakeCheckpoint("keep", false);

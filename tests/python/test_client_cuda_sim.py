@@ -12,14 +12,12 @@ Environment (set by ctest): WEIGHTD_BIN, WEIGHTCTL, WEIGHTD_CLIENT_LIB, PYTHONPA
 WEIGHTD_CUDA_DRIVER (optional).
 """
 import ctypes
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -27,8 +25,8 @@ import weightd
 from weightd import _lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-from test_client_python import read_safetensors  # noqa: E402
+sys.path.insert(0, HERE)
+from test_client_python import read_safetensors, start_daemon  # noqa: E402
 
 KDLCUDA = 2
 KDLBFLOAT = 4
@@ -119,20 +117,7 @@ def cuda_daemon():
     shard = os.path.join(d, "shard")
     subprocess.run([os.environ["WEIGHTCTL"], "shard", ckpt, "--tp", "2", "--dtype", "bf16",
                     "--out", shard], check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(d, "weightd.json"), "w") as f:
-        json.dump({"socket": sock, "backend": "cuda", "io_threads": 2}, f)
-    log = open(os.path.join(d, "weightd.log"), "w")
-    proc = subprocess.Popen([os.environ["WEIGHTD_BIN"], "--config", os.path.join(d, "weightd.json")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            c = weightd.Client(sock)
-            break
-        except weightd.UnavailableError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.02)
+    proc, log, c = start_daemon(d, {"socket": sock, "backend": "cuda", "io_threads": 2})
     devices = [0, 1] if drv.devices >= 2 else [0, 0]
     c.load("m", ckpt, tp=2, devices=devices, dtype="bf16", wait=True, timeout=120)
     c.close()

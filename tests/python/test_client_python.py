@@ -47,6 +47,24 @@ def read_checkpoint(d):
     return out
 
 
+def start_daemon(d, config):
+    """Starts $WEIGHTD_BIN with `config` (written to d/weightd.json), logging to d/weightd.log;
+    returns (process, log file, a connected weightd.Client) once it answers."""
+    with open(os.path.join(d, "weightd.json"), "w") as f:
+        json.dump(config, f)
+    log = open(os.path.join(d, "weightd.log"), "w")
+    proc = subprocess.Popen([os.environ["WEIGHTD_BIN"], "--config", os.path.join(d, "weightd.json")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return proc, log, weightd.Client(config["socket"])
+        except weightd.UnavailableError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def daemon():
     d = tempfile.mkdtemp(prefix="weightd-py-")
@@ -56,20 +74,7 @@ def daemon():
     maker = os.environ.get("WEIGHTD_CHECKPOINT_PYTHON", sys.executable)
     subprocess.run([maker, os.path.join(HERE, "make_demo_checkpoint.py"), ckpt],
                    check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(d, "weightd.json"), "w") as f:
-        json.dump({"socket": sock, "backend": "host", "io_threads": 2}, f)
-    log = open(os.path.join(d, "weightd.log"), "w")
-    proc = subprocess.Popen([os.environ["WEIGHTD_BIN"], "--config", os.path.join(d, "weightd.json")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            c = weightd.Client(sock)
-            break
-        except weightd.UnavailableError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.02)
+    proc, log, c = start_daemon(d, {"socket": sock, "backend": "host", "io_threads": 2})
     c.load("demo", ckpt, recipe="hf", wait=True, timeout=60)
     c.load("llama2", ckpt, tp=2, wait=True, timeout=60)
     c.close()

@@ -13,6 +13,7 @@
 #include <iterator>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace weightd::testing {
@@ -25,11 +26,14 @@ inline std::string Slurp(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
-// fork + execv of argv[0] with stdout to `out` and stderr to `err` (the same file when equal).
+// fork + execv of argv[0] with stdout to `out` and stderr to `err` (the same file when equal),
+// with `env` added to this process's environment (e.g. fault injection for one child only).
 inline pid_t Spawn(const std::vector<std::string>& argv, const std::string& out,
-                   const std::string& err) {
+                   const std::string& err,
+                   const std::vector<std::pair<std::string, std::string>>& env = {}) {
   const pid_t pid = ::fork();
   if (pid == 0) {
+    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
     const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     const int e = err == out ? o : ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ::dup2(o, 1);
