@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first thing to run on a lent GPU machine, with a build carried from the development machine
-# (`cmake -S . -B build-gpu -G Ninja -DWEIGHTD_BUILD_TORCH=OFF && cmake --build build-gpu`): the
+# (`scripts/gpu-build.sh`, which bundles the libraries that machine lacks; carry `build-gpu`): the
 # GPU tests against the real driver, compute-sanitizer on the CUDA executor, the load benchmark
 # (warm and cold, against the loaders users pick), attach latency and bytes read at T=4, in one
 # call of at most 8 minutes. See bench/gpu_acceptance.py for the method.
@@ -13,7 +13,8 @@
 # tool's result folder, or ./gpu_acceptance_out).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-BUILD="$HERE/../build"
+BUILD="$HERE/../build-gpu"
+[[ -d $BUILD ]] || BUILD="$HERE/../build"
 OUTDIR=${OUT:-gpu_acceptance_out}
 SIM=0
 ARGS=()
@@ -27,6 +28,17 @@ while (($#)); do
   shift
 done
 BUILD=$(cd "$BUILD" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+# A build made elsewhere (scripts/gpu-build.sh) records that checkout's absolute paths: make them
+# resolve to this checkout.
+SRC=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$BUILD/CMakeCache.txt")
+if [[ -n $SRC && $SRC != "$ROOT" && ! -e $SRC ]]; then
+  mkdir -p "$(dirname "$SRC")" && ln -s "$ROOT" "$SRC"
+  echo "linked $SRC -> $ROOT (paths recorded by the build)"
+fi
+if [[ -d $BUILD/bundled-libs ]]; then
+  export LD_LIBRARY_PATH="$BUILD/bundled-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 if ((SIM)); then
   export WEIGHTD_CUDA_DRIVER="$BUILD/tests/sim_cuda/libwdsim_cuda.so"
   export WDSIM_DEVICES=${WDSIM_DEVICES:-4x1GiB}
