@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -262,7 +263,7 @@ TEST_F(CudaDaemonTest, AClientWithoutTheDaemonsGpuGetsAnErrorNamingItsUuid) {
 // pinned bytes, streams and events.
 struct Snapshot {
   uint64_t pinned = 0;
-  std::vector<uint64_t> allocated, allocations, mappings, reserved, streams, events;
+  std::vector<uint64_t> allocated, allocations, mappings, reserved, streams, events, contexts;
 };
 Snapshot Take(const sim::SimStats& s) {
   Snapshot n;
@@ -274,6 +275,7 @@ Snapshot Take(const sim::SimStats& s) {
     n.reserved.push_back(s.device[d].reserved_ranges);
     n.streams.push_back(s.device[d].streams);
     n.events.push_back(s.device[d].events);
+    n.contexts.push_back(s.device[d].primary_ctx_refs);
   }
   return n;
 }
@@ -285,6 +287,11 @@ void ExpectSame(const Snapshot& a, const Snapshot& b) {
   EXPECT_EQ(a.reserved, b.reserved) << "reserved address ranges leaked";
   EXPECT_EQ(a.streams, b.streams) << "streams leaked";
   EXPECT_EQ(a.events, b.events) << "events leaked";
+  // The backend retains a device's primary context once, when it first uses the device, and
+  // keeps it; a failed load adds no reference of its own.
+  for (size_t d = 0; d < b.contexts.size(); ++d) {
+    EXPECT_LE(b.contexts[d], std::max<uint64_t>(a.contexts[d], 1)) << "device " << d;
+  }
 }
 
 // A failure injected into the second model's load: that model fails with `want_error`, the
@@ -336,6 +343,9 @@ class CudaDaemonFaultTest : public CudaDaemonTest {
     LoadOptions again;
     again.recipe = "hf";
     EXPECT_EQ(LoadAndWait(*c, "again", keep_ckpt, again).state, "ready");
+    // A load retains no primary context of its own beyond its run: the backend holds one
+    // reference per device it uses, whatever the number of arenas and loads.
+    EXPECT_EQ(Take(*s).contexts[0], before.contexts[0]) << "a load leaked a context reference";
   }
 };
 
