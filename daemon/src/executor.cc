@@ -84,6 +84,11 @@ absl::Status ExecutePlanCuda(const Plan&, std::span<Arena* const>, const Executo
   return absl::UnimplementedError(
       "the CUDA executor is not in this build (configured with WEIGHTD_ENABLE_CUDA=OFF)");
 }
+
+absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t, int, int) {
+  return absl::UnimplementedError(
+      "pinned CUDA staging is not in this build (configured with WEIGHTD_ENABLE_CUDA=OFF)");
+}
 #endif
 
 absl::StatusOr<IoMode> ParseIoMode(absl::string_view text) {
@@ -140,15 +145,9 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   const uint64_t total = work.total_bytes;
   progress->bytes_total.store(total);
 
-  std::vector<UniqueFd> files(plan.files.size());
-  for (size_t f = 0; f < plan.files.size(); ++f) {
-    WD_ASSIGN_OR_RETURN(files[f], UniqueFd::Open(plan.files[f].path, O_RDONLY));
-  }
-  // Staged modes: one slot per worker (each reads then copies synchronously), O_DIRECT file
-  // handles, and (auto) a mapping of each file for mincore.
+  WD_ASSIGN_OR_RETURN(detail::PlanFiles files, detail::PlanFiles::Open(plan, options.io_mode));
+  // Staged modes: one slot per worker (each reads then copies synchronously).
   std::unique_ptr<StagingRing> ring;
-  std::vector<std::unique_ptr<ReadFile>> direct_files(plan.files.size());
-  std::vector<MappedFile> maps(plan.files.size());
   if (staged) {
     const uint64_t slot_bytes =
         (chunk + slack + kDirectIoAlignment - 1) / kDirectIoAlignment * kDirectIoAlignment;
@@ -156,13 +155,6 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
                                                   {.budget = slot_bytes * threads,
                                                    .slot_bytes = slot_bytes,
                                                    .max_slots = threads}));
-    for (size_t f = 0; f < plan.files.size(); ++f) {
-      WD_ASSIGN_OR_RETURN(direct_files[f], ReadFile::Open(plan.files[f].path, true));
-      if (options.io_mode == IoMode::kAuto) {
-        absl::StatusOr<MappedFile> m = MappedFile::Open(plan.files[f].path);
-        if (m.ok()) maps[f] = std::move(*m);  // unmappable: treated as cached (pread)
-      }
-    }
   }
 
   std::vector<uint32_t> unit_crc(units.size(), 0);
@@ -173,8 +165,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   std::atomic<bool> uring_warned{false};
   auto worker = [&]() {
     std::vector<std::byte> buffer;
-    std::unique_ptr<UringReader> reader;  // this thread's ring, created on first use
-    bool reader_failed = false;
+    detail::LazyUringReader reader(options.uring_queue_depth, &uring_warned);
     for (;;) {
       if (failed.load(std::memory_order_relaxed)) return;
       if (progress->cancel.load(std::memory_order_relaxed)) {
@@ -200,29 +191,11 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         arena_dst = bases[pr.rank] + plan.ranks[pr.rank].targets[pr.piece->target].offset + u.begin;
       }
 
-      const bool fits_slot = ring != nullptr && len > 0 &&
-                             UringReader::AlignedSpan(file_off, len) <= ring->slot_bytes();
-      bool use_uring = fits_slot && options.io_mode == IoMode::kUring;
-      if (fits_slot && options.io_mode == IoMode::kAuto) {
-        const MappedFile& m = maps[src.file];
-        if (file_off + len <= m.size()) {
-          absl::StatusOr<double> f = ResidentFraction(m.bytes().data() + file_off, len);
-          use_uring = f.ok() && *f < kCachedThreshold;
-        }
-      }
-      if (use_uring && reader == nullptr && !reader_failed) {
-        absl::StatusOr<std::unique_ptr<UringReader>> r =
-            UringReader::Create({.queue_depth = options.uring_queue_depth});
-        if (r.ok()) {
-          reader = std::move(*r);
-        } else {
-          reader_failed = true;
-          if (!uring_warned.exchange(true)) {
-            LogWarning("io_uring unavailable, reading with pread: %s", r.status().ToString());
-          }
-        }
-      }
-      use_uring = use_uring && reader != nullptr;
+      UringReader* uring =
+          ring != nullptr && files.WantUring(src.file, file_off, len, ring->slot_bytes())
+              ? reader.get()
+              : nullptr;
+      const bool use_uring = uring != nullptr;
 
       StagingSlot slot;
       const std::byte* bytes = nullptr;  // the unit's source bytes once read
@@ -233,17 +206,16 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         s = a.status();
       }
       if (s.ok() && use_uring) {
-        absl::StatusOr<std::span<const std::byte>> got =
-            reader->ReadExtent(*direct_files[src.file], file_off, len, slot.data(), slot.size());
+        absl::StatusOr<std::span<const std::byte>> got = detail::ReadInto(
+            files, uring, src.file, file_off, len, slot.data(), slot.size(), src.name, progress);
         if (got.ok()) {
           bytes = got->data();
           if (d >= 0) {
             unit_crc[i] = CopyWithCrc(arena_dst, bytes, len);
             bytes = arena_dst;
           }
-          progress->bytes_uring.fetch_add(len, std::memory_order_relaxed);
         } else {
-          s = Annotate(got.status(), absl::StrCat("tensor '", src.name, "'"));
+          s = got.status();
         }
       } else if (s.ok() && d >= 0) {
         // Verbatim into the arena in cache-sized steps, checksumming each step while it is
@@ -252,7 +224,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
         uint32_t crc = 0;
         for (uint64_t off = 0; off < len && s.ok(); off += kStep) {
           const uint64_t n = std::min(kStep, len - off);
-          s = PreadExact(files[src.file].get(), arena_dst + off, n, file_off + off, label);
+          s = PreadExact(files.fd(src.file), arena_dst + off, n, file_off + off, label);
           if (s.ok()) crc = Crc32cExtend(crc, arena_dst + off, n);
         }
         unit_crc[i] = crc;
@@ -266,7 +238,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
           if (buffer.size() < len) buffer.resize(len);
           dst = buffer.data();
         }
-        s = PreadExact(files[src.file].get(), dst, len, file_off, label);
+        s = PreadExact(files.fd(src.file), dst, len, file_off, label);
         bytes = dst;
         progress->bytes_pread.fetch_add(len, std::memory_order_relaxed);
       }

@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "weightd/checkpoint.h"
 #include "weightd/cuda_backend.h"
+#include "weightd/detail/staging_ring.h"
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
@@ -108,6 +109,24 @@ Registry::~Registry() {
     threads.swap(threads_);
   }
   for (LoadThread& t : threads) t.thread.join();
+}
+
+absl::StatusOr<CudaStaging*> Registry::Staging(int device) {
+  absl::MutexLock l(&staging_mu_);
+  if (staging_ == nullptr) {
+    absl::StatusOr<std::unique_ptr<CudaStaging>> s =
+        CreateCudaStaging(config_.pinned_budget, config_.io_threads, device);
+    if (!s.ok()) {
+      return Annotate(s.status(),
+                      absl::StrCat("pinned staging of ", FormatBytes(config_.pinned_budget),
+                                   " (--pinned-budget)"));
+    }
+    staging_ = std::move(*s);
+    LogInfo("pinned staging: %s in %d slots of %s, shared by all CUDA loads",
+            FormatBytes(staging_->ring().allocated_bytes()), staging_->ring().slots(),
+            FormatBytes(staging_->ring().slot_bytes()));
+  }
+  return staging_.get();
 }
 
 void Registry::ReapThreads() {
@@ -291,6 +310,11 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     // Device arenas have no host view (backend.h): they are written by the CUDA executor.
     const bool device_arenas = !raw.empty() && raw[0]->kind() == ArenaKind::kCudaVmm;
     if (device_arenas) {
+      absl::StatusOr<CudaStaging*> staging = Staging(raw[0]->device());
+      if (!staging.ok()) {
+        return Annotate(staging.status(), absl::StrCat("CUDA load of model '", name, "'"));
+      }
+      eo.staging = *staging;
       const absl::Status s = ExecutePlanCuda(plan, raw, eo, &m->progress, &crcs);
       if (!s.ok()) return Annotate(s, absl::StrCat("CUDA load of model '", name, "'"));
     } else {

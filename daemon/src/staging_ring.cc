@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <utility>
 
@@ -35,7 +36,8 @@ StagingSlot::StagingSlot(StagingSlot&& o) noexcept
       index_(std::exchange(o.index_, -1)),
       data_(std::exchange(o.data_, nullptr)),
       size_(std::exchange(o.size_, 0)),
-      fence_(std::exchange(o.fence_, nullptr)) {}
+      fence_(std::exchange(o.fence_, nullptr)),
+      owner_(std::exchange(o.owner_, nullptr)) {}
 
 StagingSlot& StagingSlot::operator=(StagingSlot&& o) noexcept {
   if (this != &o) {
@@ -45,17 +47,23 @@ StagingSlot& StagingSlot::operator=(StagingSlot&& o) noexcept {
     data_ = std::exchange(o.data_, nullptr);
     size_ = std::exchange(o.size_, 0);
     fence_ = std::exchange(o.fence_, nullptr);
+    owner_ = std::exchange(o.owner_, nullptr);
   }
   return *this;
 }
 
 StagingSlot::~StagingSlot() { Release(); }
 
-void StagingSlot::SetFence(std::function<absl::Status()> fence) { fence_ = std::move(fence); }
+void StagingSlot::SetFence(std::function<absl::Status()> fence, const void* owner) {
+  fence_ = std::move(fence);
+  owner_ = owner;
+}
 
 void StagingSlot::Release() noexcept {
   if (ring_ == nullptr) return;
-  std::exchange(ring_, nullptr)->Return(std::exchange(index_, -1), std::exchange(fence_, nullptr));
+  std::exchange(ring_, nullptr)
+      ->Return(std::exchange(index_, -1),
+               {std::exchange(fence_, nullptr), std::exchange(owner_, nullptr)});
   data_ = nullptr;
   size_ = 0;
 }
@@ -92,33 +100,55 @@ StagingRing::~StagingRing() {
   for (std::byte* b : buffers_) allocator_->Free(b, slot_bytes_);
 }
 
-absl::StatusOr<StagingSlot> StagingRing::Acquire() {
-  int index;
-  std::function<absl::Status()> fence;
-  {
-    absl::MutexLock l(&mu_);
-    mu_.Await(absl::Condition(
-        +[](std::vector<int>* f) { return !f->empty(); }, &free_));
-    index = free_.back();
-    free_.pop_back();
-    fence = std::exchange(fences_[index], nullptr);
-    ++in_use_;
-    peak_in_use_ = std::max(peak_in_use_, in_use_);
-  }
+std::pair<int, StagingRing::Fence> StagingRing::Take() {
+  const int index = free_.back();
+  free_.pop_back();
+  Fence fence = std::exchange(fences_[index], Fence{});
+  if (fence.wait) running_.push_back(fence.owner);
+  ++in_use_;
+  peak_in_use_ = std::max(peak_in_use_, in_use_);
+  return {index, std::move(fence)};
+}
+
+absl::StatusOr<StagingSlot> StagingRing::Finish(int index, Fence fence) {
   StagingSlot slot;
   slot.ring_ = this;
   slot.index_ = index;
   slot.data_ = buffers_[index];
   slot.size_ = slot_bytes_;
-  if (fence) {
-    absl::Status s = fence();
-    if (!s.ok())
-      return Annotate(s, absl::StrCat("waiting for the consumer of staging slot ", index));
+  if (!fence.wait) return slot;
+  absl::Status s = fence.wait();
+  {
+    absl::MutexLock l(&mu_);
+    running_.erase(std::find(running_.begin(), running_.end(), fence.owner));
   }
+  // A failing fence: the slot goes back without one (its destructor returns it).
+  if (!s.ok()) return Annotate(s, absl::StrCat("waiting for the consumer of staging slot ", index));
   return slot;
 }
 
-void StagingRing::Return(int index, std::function<absl::Status()> fence) noexcept {
+absl::StatusOr<StagingSlot> StagingRing::Acquire() {
+  std::pair<int, Fence> taken;
+  {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(
+        +[](std::vector<int>* f) { return !f->empty(); }, &free_));
+    taken = Take();
+  }
+  return Finish(taken.first, std::move(taken.second));
+}
+
+absl::StatusOr<StagingSlot> StagingRing::TryAcquire() {
+  std::pair<int, Fence> taken;
+  {
+    absl::MutexLock l(&mu_);
+    if (free_.empty()) return StagingSlot();
+    taken = Take();
+  }
+  return Finish(taken.first, std::move(taken.second));
+}
+
+void StagingRing::Return(int index, Fence fence) noexcept {
   absl::MutexLock l(&mu_);
   fences_[index] = std::move(fence);
   free_.push_back(index);
@@ -135,19 +165,37 @@ int StagingRing::peak_in_use() const {
   return peak_in_use_;
 }
 
-absl::Status StagingRing::DrainFences() {
-  std::vector<std::function<absl::Status()>> pending;
+absl::Status StagingRing::DrainFences() { return Drain(nullptr, /*all=*/true); }
+
+absl::Status StagingRing::DrainFences(const void* owner) { return Drain(owner, /*all=*/false); }
+
+absl::Status StagingRing::Drain(const void* owner, bool all) {
+  std::vector<Fence> pending;
   {
     absl::MutexLock l(&mu_);
-    for (auto& f : fences_) {
-      if (f) pending.push_back(std::exchange(f, nullptr));
+    for (Fence& f : fences_) {
+      if (f.wait && (all || f.owner == owner)) pending.push_back(std::exchange(f, Fence{}));
     }
   }
   absl::Status first;
-  for (auto& f : pending) {
-    absl::Status s = f();
+  for (Fence& f : pending) {
+    absl::Status s = f.wait();
     if (first.ok() && !s.ok()) first = s;
   }
+  // Fences that an Acquire on another thread took out before us.
+  absl::MutexLock l(&mu_);
+  struct Args {
+    const std::vector<const void*>* running;
+    const void* owner;
+    bool all;
+  } args{&running_, owner, all};
+  mu_.Await(absl::Condition(
+      +[](Args* a) {
+        return a->all ? a->running->empty()
+                      : std::find(a->running->begin(), a->running->end(), a->owner) ==
+                            a->running->end();
+      },
+      &args));
   return first;
 }
 

@@ -1,9 +1,15 @@
 #include "weightd/detail/work_units.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <numeric>
 
+#include "absl/strings/str_cat.h"
 #include "weightd/crc32c.h"
+#include "weightd/detail/page_cache.h"
+#include "weightd/file_util.h"
+#include "weightd/log.h"
 #include "weightd/status_macros.h"
 
 namespace weightd::detail {
@@ -72,6 +78,77 @@ void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
       }
     }
   }
+}
+
+absl::StatusOr<PlanFiles> PlanFiles::Open(const Plan& plan, IoMode mode) {
+  PlanFiles f;
+  f.mode_ = mode;
+  f.fds_.resize(plan.files.size());
+  for (size_t i = 0; i < plan.files.size(); ++i) {
+    f.paths_.push_back(plan.files[i].path);
+    WD_ASSIGN_OR_RETURN(f.fds_[i], UniqueFd::Open(plan.files[i].path, O_RDONLY));
+  }
+  if (mode == IoMode::kPread) return f;
+  f.direct_.resize(plan.files.size());
+  f.maps_.resize(plan.files.size());
+  for (size_t i = 0; i < plan.files.size(); ++i) {
+    WD_ASSIGN_OR_RETURN(f.direct_[i], ReadFile::Open(plan.files[i].path, true));
+    if (mode == IoMode::kAuto) {
+      absl::StatusOr<MappedFile> m = MappedFile::Open(plan.files[i].path);
+      if (m.ok()) f.maps_[i] = std::move(*m);
+    }
+  }
+  return f;
+}
+
+bool PlanFiles::WantUring(uint32_t file, uint64_t offset, uint64_t length,
+                          uint64_t capacity) const {
+  if (mode_ == IoMode::kPread || length == 0 ||
+      UringReader::AlignedSpan(offset, length) > capacity) {
+    return false;
+  }
+  if (mode_ == IoMode::kUring) return true;
+  const MappedFile& m = maps_[file];
+  if (offset + length > m.size()) return false;
+  absl::StatusOr<double> resident = ResidentFraction(m.bytes().data() + offset, length);
+  return resident.ok() && *resident < kCachedThreshold;
+}
+
+UringReader* LazyUringReader::get() {
+  if (reader_ != nullptr || failed_) return reader_.get();
+  absl::StatusOr<std::unique_ptr<UringReader>> r =
+      UringReader::Create({.queue_depth = queue_depth_});
+  if (r.ok()) {
+    reader_ = std::move(*r);
+  } else {
+    failed_ = true;
+    if (!warned_->exchange(true)) {
+      LogWarning("io_uring unavailable, reading with pread: %s", r.status().ToString());
+    }
+  }
+  return reader_.get();
+}
+
+absl::StatusOr<std::span<const std::byte>> ReadInto(const PlanFiles& files, UringReader* uring,
+                                                    uint32_t file, uint64_t offset, uint64_t length,
+                                                    std::byte* buffer, uint64_t capacity,
+                                                    absl::string_view tensor,
+                                                    LoadProgress* progress) {
+  if (uring != nullptr) {
+    absl::StatusOr<std::span<const std::byte>> got =
+        uring->ReadExtent(files.direct(file), offset, length, buffer, capacity);
+    if (!got.ok()) return Annotate(got.status(), absl::StrCat("tensor '", tensor, "'"));
+    progress->bytes_uring.fetch_add(length, std::memory_order_relaxed);
+    return got;
+  }
+  const std::string label = absl::StrCat(files.path(file), " (tensor '", tensor, "')");
+  if (length > capacity) {
+    return absl::InternalError(
+        absl::StrCat(label, ": ", length, " bytes do not fit a read buffer of ", capacity));
+  }
+  WD_RETURN_IF_ERROR(PreadExact(files.fd(file), buffer, length, offset, label));
+  progress->bytes_pread.fetch_add(length, std::memory_order_relaxed);
+  return std::span<const std::byte>(buffer, length);
 }
 
 }  // namespace weightd::detail

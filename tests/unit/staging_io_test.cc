@@ -8,9 +8,11 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
@@ -138,6 +140,82 @@ TEST(StagingRingTest, FailingFenceAndErrorPathsLeakNoSlot) {
   EXPECT_EQ(ring->in_use(), 0);
   EXPECT_TRUE(use().ok());  // the failed fence is consumed; both slots usable again
   EXPECT_EQ(ring->in_use(), 0);
+}
+
+// A ring shared by several consumers: one consumer's DrainFences(owner) runs exactly its own
+// pending fences, and also waits for one of them that another thread's Acquire is running.
+TEST(StagingRingTest, DrainFencesOfOneOwnerLeavesTheOthers) {
+  auto ring = *StagingRing::Create(std::make_shared<PageAllocator>(),
+                                   {.budget = 3 << 20, .slot_bytes = 1 << 20});
+  ASSERT_EQ(ring->slots(), 3);
+  int a_owner = 0, b_owner = 0;
+  std::atomic<int> a_runs{0}, b_runs{0};
+  {
+    auto s1 = ring->Acquire();
+    auto s2 = ring->Acquire();
+    auto s3 = ring->Acquire();
+    ASSERT_TRUE(s1.ok() && s2.ok() && s3.ok());
+    s1->SetFence([&] { return ++a_runs, absl::OkStatus(); }, &a_owner);
+    s2->SetFence([&] { return ++a_runs, absl::OkStatus(); }, &a_owner);
+    s3->SetFence([&] { return ++b_runs, absl::OkStatus(); }, &b_owner);
+  }
+  ASSERT_TRUE(ring->DrainFences(&a_owner).ok());
+  EXPECT_EQ(a_runs.load(), 2);
+  EXPECT_EQ(b_runs.load(), 0);
+  ASSERT_TRUE(ring->DrainFences(&a_owner).ok());  // nothing of a is left to run
+  EXPECT_EQ(a_runs.load(), 2);
+
+  // A fence of a that is running inside another thread's Acquire: DrainFences(a) returns only
+  // after it finished.
+  absl::Notification running, release;
+  std::atomic<bool> fence_done{false};
+  {
+    StagingRing& r = *ring;
+    std::vector<StagingSlot> all;
+    for (int i = 0; i < 3; ++i) all.push_back(*r.Acquire());  // runs b's fence
+    EXPECT_EQ(b_runs.load(), 1);
+    // Slot 0 goes back last, so it is the next one handed out.
+    all[1].Release();
+    all[2].Release();
+    all[0].SetFence(
+        [&] {
+          running.Notify();
+          release.WaitForNotification();
+          fence_done = true;
+          return absl::OkStatus();
+        },
+        &a_owner);
+    all[0].Release();
+  }
+  std::thread acquirer([&] { EXPECT_TRUE(ring->Acquire().ok()); });
+  running.WaitForNotification();
+  std::atomic<bool> drained{false};
+  std::thread drainer([&] {
+    EXPECT_TRUE(ring->DrainFences(&a_owner).ok());
+    drained = true;
+  });
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_FALSE(drained.load()) << "DrainFences returned while the owner's fence still ran";
+  release.Notify();
+  drainer.join();
+  acquirer.join();
+  EXPECT_TRUE(fence_done.load());
+  EXPECT_TRUE(drained.load());
+}
+
+TEST(StagingRingTest, TryAcquireNeverWaits) {
+  auto ring = *StagingRing::Create(std::make_shared<PageAllocator>(),
+                                   {.budget = 1 << 20, .slot_bytes = 1 << 20});
+  auto held = ring->TryAcquire();
+  ASSERT_TRUE(held.ok());
+  EXPECT_TRUE(static_cast<bool>(*held));
+  auto none = ring->TryAcquire();
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(static_cast<bool>(*none)) << "a second slot from a ring of one";
+  held->Release();
+  auto again = ring->TryAcquire();
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(static_cast<bool>(*again));
 }
 
 // A file of random bytes, read back through random extents.

@@ -24,19 +24,21 @@ struct PreloadEntry {
 };
 
 struct DaemonConfig {
-  std::string socket;                   // empty = DefaultDaemonSocketPath()
-  std::string backend = "auto";         // auto | cuda | host
-  uint64_t pinned_budget = 1ull << 30;  // bytes of staging buffers per load
+  std::string socket;            // empty = DefaultDaemonSocketPath()
+  std::string backend = "auto";  // auto | cuda | host
+  // Pinned staging memory of all CUDA loads together (one ring per daemon, executor.h:
+  // CudaStaging); host loads use it as the bound of each load's read buffers.
+  uint64_t pinned_budget = 1ull << 30;
   // Most bytes of arenas per CUDA device (BackendOptions); 0 = bounded by free memory only.
   uint64_t device_memory_budget = 0;
-  std::vector<uint32_t> allow_uids;     // default attach/admin list; the daemon's uid is implicit
+  std::vector<uint32_t> allow_uids;  // default attach/admin list; the daemon's uid is implicit
   std::vector<uint32_t> allow_gids;
   std::vector<std::string> model_roots;  // empty = anywhere the daemon can read
   std::vector<PreloadEntry> preload;
   int max_connections = 1024;
   uint64_t max_request_bytes = kDefaultMaxRequestBytes;
-  int hello_timeout_ms = 10000;  // clients that send no hello within this are disconnected
-  int io_threads = 4;            // reader/copier threads per load
+  int hello_timeout_ms = 10000;   // clients that send no hello within this are disconnected
+  int io_threads = 4;             // reader/copier threads per load
   std::string io_mode = "pread";  // pread | auto | uring (executor.h IoMode)
   std::string log_level = "info";
   uint32_t socket_mode = 0660;

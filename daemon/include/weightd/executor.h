@@ -23,6 +23,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -40,7 +41,7 @@ struct LoadProgress {
   std::atomic<uint64_t> bytes_done{0};
   std::atomic<uint64_t> bytes_uring{0};  // of bytes_done: read with io_uring into staging slots
   std::atomic<uint64_t> bytes_pread{0};  // of bytes_done: read with pread (page-cache path)
-  std::atomic<bool> cancel{false};  // set by another thread to stop the load
+  std::atomic<bool> cancel{false};       // set by another thread to stop the load
 };
 
 // How checkpoint bytes are read:
@@ -52,12 +53,37 @@ enum class IoMode { kAuto, kPread, kUring };
 absl::StatusOr<IoMode> ParseIoMode(absl::string_view text);
 absl::string_view IoModeName(IoMode mode);
 
+class StagingRing;
+
+// The pinned staging memory of a daemon's CUDA loads (daemon/src/cuda/cuda_executor.cc): one
+// StagingRing of cuMemHostAlloc'ed, portable slots shared by every concurrent load, so pinned
+// memory stays within --pinned-budget however many loads run, and is paid for (pinning is slow:
+// 3.6 s for 8 GiB on the H100 machine) once per daemon instead of once per load. Each worker
+// holds one slot at a time, so loads sharing the ring only wait for each other, never deadlock.
+// Slots are min(64 MiB, budget / (2 x workers + 1)), at least 64 KiB, as many as fit the budget:
+// two loads' workers plus a read-back each get a slot. Units are cut to fit a slot; a source
+// whose rows are wider than a slot fails its load with RESOURCE_EXHAUSTED naming the tensor.
+// The memory is allocated in `device`'s primary context, which it retains until destroyed.
+// Thread-safe; destroy only when no load uses it.
+class CudaStaging {
+ public:
+  virtual ~CudaStaging() = default;
+  virtual StagingRing& ring() = 0;
+};
+// UNIMPLEMENTED in a build without CUDA; the allocator's error (RESOURCE_EXHAUSTED) when the
+// pinned memory cannot be had.
+absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t budget, int workers,
+                                                               int device);
+
 struct ExecutorOptions {
   int threads = 4;
   uint64_t buffer_budget = 1ull << 30;  // bytes of read buffers in all threads together
   uint64_t chunk_bytes = 64ull << 20;   // largest single read
-  IoMode io_mode = IoMode::kPread;     // kAuto pending the cold-read measurement on the H100
+  IoMode io_mode = IoMode::kPread;      // kAuto pending the cold-read measurement on the H100
   unsigned uring_queue_depth = 64;      // SQ entries per reader thread's ring
+  // ExecutePlanCuda only: the daemon's shared pinned ring. Null: the load pins its own ring of
+  // (threads + 1) slots within buffer_budget (tests, tools).
+  CudaStaging* staging = nullptr;
 };
 
 // CRC32C of the targets the executor could checksum while their bytes were in cache (targets
@@ -74,9 +100,11 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 
 // The CUDA path (daemon/src/cuda/cuda_executor.cc): same reading order, units and errors as
 // ExecutePlanHost, into CudaArena's (backend.h: writable() empty, kind() kCudaVmm) by DMA from a
-// pinned staging ring (cuMemcpyHtoDAsync / cuMemcpy2DAsync through the driver table, casts as
-// device kernels), on one stream per worker and device. Fills `checksums` for every target: verbatim targets from the
-// staging bytes, the others by copying the finished target back (see the .cc). Every CUDA error
+// pinned staging ring (options.staging, or the load's own), read with io_uring and O_DIRECT as
+// IoMode says (cuMemcpyHtoDAsync / cuMemcpy2DAsync through the driver table, casts as device
+// kernels), on one stream per worker and device. Fills `checksums` for every target: verbatim
+// targets from the staging bytes, the others by a parallel, double-buffered read-back of the
+// finished target (see the .cc). Every CUDA error
 // fails the load with a Status naming the rank and device (the registry adds the model name);
 // all DMA is complete when it returns, on success or error. UNIMPLEMENTED in a build without
 // CUDA.

@@ -187,6 +187,11 @@ class Registry {
   // Joins the threads of finished loads (called when a new load starts).
   void ReapThreads() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<LoadThread> threads_ ABSL_GUARDED_BY(mu_);
+  // The pinned staging ring every CUDA load shares (executor.h: CudaStaging), made by the first
+  // one, in the context of its first device; a failure to make it fails that load only.
+  absl::StatusOr<CudaStaging*> Staging(int device) ABSL_LOCKS_EXCLUDED(staging_mu_);
+  absl::Mutex staging_mu_;
+  std::unique_ptr<CudaStaging> staging_ ABSL_GUARDED_BY(staging_mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
   int running_loads_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t loads_total_ ABSL_GUARDED_BY(mu_) = 0;

@@ -4,7 +4,8 @@
 // test suite can run this file against its simulated driver.
 //
 // Per work unit (the same row-aligned chunks as the host executor, sources in file order, each
-// checkpoint byte read once): pread into a cuMemHostAlloc'ed StagingRing slot, then per piece
+// checkpoint byte read once, cut to fit a slot): read into a cuMemHostAlloc'ed StagingRing slot
+// (io_uring with O_DIRECT or pread, chosen per unit by IoMode as on the host), then per piece
 //   - same dtype, the piece's rows contiguous on both sides -> one cuMemcpyHtoDAsync per plane,
 //   - same dtype, strided (row-/column-parallel slices)     -> cuMemcpy2DAsync per plane,
 //                                                             src pitch = source row bytes,
@@ -18,6 +19,10 @@
 // been enqueued, errors included: a slot is never rewritten under an in-flight DMA. Zero-fills
 // are cuMemsetD8Async.
 //
+// The ring is normally the daemon's (CudaStaging, shared by concurrent loads): fences are
+// tagged with the load's Resources, and the load drains its own fences before destroying the
+// events they wait on (staging_ring.h).
+//
 // Contexts: the load retains each device's primary context (CudaPrimaryContext, released when
 // the load ends) and every thread makes the device's context current (CudaContextGuard, which
 // restores the thread's previous one) before its driver calls: the driver keeps the current
@@ -25,13 +30,14 @@
 //
 // Checksums: a verbatim target (one piece, whole source, same dtype) gets its CRC32C from the
 // staging bytes while they are in cache, as in the host executor. Every other target (slices,
-// casts, fused) is copied back after the load (D2H, slot by slot) and checksummed there: the
-// manifest then always carries a CRC32C of the bytes actually on the device, at the cost of one
-// extra D2H pass over the non-verbatim bytes (PCIe D2H is far faster than reading the
-// checkpoint).
+// casts, fused) is copied back after the load and checksummed there: the manifest then always
+// carries a CRC32C of the bytes actually on the device. The read-back is cut into slot-sized
+// pieces that the workers take in parallel, each on its own stream, double-buffered (a second
+// slot when the ring has one free: the next piece's D2H runs while the last one is
+// checksummed), and the pieces' CRCs are combined per target.
 //
-// Teardown order (Resources::~Resources): synchronize every stream, run the ring's fences,
-// destroy events, free scratch, destroy streams, free the ring (pinned memory), and last release
+// Teardown order (Resources::~Resources): synchronize every stream, run the load's fences,
+// destroy events, free scratch, destroy streams, free the load's own ring if any, and last release
 // the primary contexts; so no DMA can still read a freed slot on an error path, and every DMA
 // has completed when ExecutePlanCuda returns, on success or error.
 #include <cuda.h>
@@ -41,6 +47,8 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -73,14 +81,16 @@ struct DeviceResources {
   CudaPrimaryContext ctx;
   std::vector<CudaStream> streams;        // [worker]
   std::vector<CudaEvent> events;          // [slot]
+  std::vector<CudaEvent> readback;        // [2 x worker]: the checksum read-back's buffers
   std::vector<CudaDeviceBuffer> scratch;  // [worker], slot_bytes each (only with casts)
 };
 
 // CUDA objects of one load. Not thread-safe to create or destroy; the workers only read it.
 struct Resources {
   const CudaDriver* cu = nullptr;
-  std::vector<DeviceResources> devices;  // distinct devices of the arenas
-  std::unique_ptr<StagingRing> ring;     // pinned in devices[0]'s context
+  std::vector<DeviceResources> devices;   // distinct devices of the arenas
+  std::unique_ptr<StagingRing> own_ring;  // without a daemon ring: pinned in devices[0]'s context
+  StagingRing* ring = nullptr;            // own_ring or the daemon's
 
   Resources() = default;
   Resources(const Resources&) = delete;
@@ -102,15 +112,16 @@ struct Resources {
       }
     }
     if (ring != nullptr) {
-      const absl::Status s = ring->DrainFences();
+      const absl::Status s = ring->DrainFences(this);
       if (!s.ok()) LogWarning("staging fences at load teardown: %s", std::string(s.message()));
     }
     for (DeviceResources& d : devices) {
       d.events.clear();
+      d.readback.clear();
       d.scratch.clear();
       d.streams.clear();
     }
-    ring.reset();
+    own_ring.reset();
     devices.clear();  // releases the primary contexts
   }
 };
@@ -235,8 +246,14 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
   if (res.devices.empty()) return absl::OkStatus();  // a plan without ranks
 
   const int threads = std::max(1, options.threads);
-  const uint64_t chunk = std::max<uint64_t>(
-      64 << 10, std::min(options.chunk_bytes, options.buffer_budget / (threads + 1)));
+  // Units are cut to fit a slot, with two pages to spare for an O_DIRECT read's aligned
+  // superset. The daemon's ring fixes the slot; a load's own ring fits its largest unit.
+  constexpr uint64_t kSlack = 2 * kDirectIoAlignment;
+  const uint64_t chunk =
+      options.staging != nullptr
+          ? options.staging->ring().slot_bytes() - kSlack
+          : std::max<uint64_t>(
+                64 << 10, std::min(options.chunk_bytes, options.buffer_budget / (threads + 1)));
   WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
   const std::vector<std::vector<PieceRef>>& by_source = work.by_source;
   const std::vector<WorkUnit>& units = work.units;
@@ -245,18 +262,33 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
   const uint64_t total = work.total_bytes, largest = work.largest_unit;
   progress->bytes_total.store(total);
 
-  std::vector<UniqueFd> files(plan.files.size());
-  for (size_t f = 0; f < plan.files.size(); ++f) {
-    WD_ASSIGN_OR_RETURN(files[f], UniqueFd::Open(plan.files[f].path, O_RDONLY));
+  WD_ASSIGN_OR_RETURN(detail::PlanFiles files, detail::PlanFiles::Open(plan, options.io_mode));
+  if (options.staging != nullptr) {
+    res.ring = &options.staging->ring();
+    if (largest > res.ring->slot_bytes()) {
+      const auto it = std::find_if(units.begin(), units.end(), [&](const WorkUnit& u) {
+        return u.end - u.begin > res.ring->slot_bytes();
+      });
+      return absl::ResourceExhaustedError(
+          absl::StrCat("tensor '", plan.sources[it->source].name, "' is read in row groups of ",
+                       it->end - it->begin, " bytes, more than a pinned staging slot (",
+                       res.ring->slot_bytes(), " bytes); raise --pinned-budget"));
+    }
+  } else {
+    // One slot per worker plus one, so a worker can read its next unit while its last one is
+    // still in DMA.
+    const uint64_t slot_bytes =
+        (std::max<uint64_t>({largest, chunk, 4096}) + kSlack + 4095) / 4096 * 4096;
+    const int slots = threads + 1;
+    WD_ASSIGN_OR_RETURN(
+        res.own_ring,
+        StagingRing::Create(
+            std::make_shared<CudaPinnedAllocator>(cu, res.devices[0].ctx.get()),
+            {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
+    res.ring = res.own_ring.get();
   }
-  // Slots hold a whole unit (a row group wider than the chunk gets a larger slot); one slot per
-  // worker plus one, so a worker can read its next unit while its last one is still in DMA.
-  const uint64_t slot_bytes = (std::max<uint64_t>({largest, chunk, 4096}) + 4095) / 4096 * 4096;
-  const int slots = threads + 1;
-  WD_ASSIGN_OR_RETURN(
-      res.ring, StagingRing::Create(
-                    std::make_shared<CudaPinnedAllocator>(cu, res.devices[0].ctx.get()),
-                    {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
+  StagingRing& ring = *res.ring;
+  const uint64_t slot_bytes = ring.slot_bytes();
   // This thread's context for setup, zero-fills and read-back; restored on return.
   CudaContextGuard guard(cu);
   for (size_t d = 0; d < res.devices.size(); ++d) {
@@ -271,9 +303,13 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
           dr.scratch.push_back(std::move(b));
         }
       }
-      for (int i = 0; i < res.ring->slots(); ++i) {
+      for (int i = 0; i < ring.slots(); ++i) {
         WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
         dr.events.push_back(std::move(e));
+      }
+      for (int i = 0; checksums != nullptr && i < 2 * threads; ++i) {
+        WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
+        dr.readback.push_back(std::move(e));
       }
       return absl::OkStatus();
     }();
@@ -285,13 +321,22 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
   absl::Mutex mu;
   absl::Status first_error;  // guarded by mu
   std::atomic<bool> failed{false};
+  std::atomic<bool> uring_warned{false};
   auto fail = [&](absl::Status s) {
     absl::MutexLock l(&mu);
     if (first_error.ok()) first_error = std::move(s);
     failed = true;
   };
+  // Runs `body(w)` on `n` workers (this thread is worker 0).
+  auto run_workers = [](size_t n, const std::function<void(int)>& body) {
+    std::vector<std::thread> pool;
+    for (int w = 1; w < static_cast<int>(n); ++w) pool.emplace_back(body, w);
+    body(0);
+    for (std::thread& t : pool) t.join();
+  };
   auto worker = [&](int w) {
     CudaContextGuard wguard(cu);
+    detail::LazyUringReader reader(options.uring_queue_depth, &uring_warned);
     size_t current = res.devices.size();  // device index whose context is current
     auto use = [&](size_t d) -> absl::Status {
       if (current == d) return absl::OkStatus();
@@ -311,15 +356,18 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
       const WorkUnit& u = units[i];
       const PlanSource& src = plan.sources[u.source];
       const uint64_t len = u.end - u.begin;
-      absl::StatusOr<StagingSlot> slot = res.ring->Acquire();
+      const uint64_t offset = src.offset + u.begin;
+      absl::StatusOr<StagingSlot> slot = ring.Acquire();
       if (!slot.ok()) return fail(slot.status());
-      absl::Status s =
-          PreadExact(files[src.file].get(), slot->data(), len, src.offset + u.begin,
-                     absl::StrCat(plan.files[src.file].path, " (tensor '", src.name, "')"));
-      if (!s.ok()) return fail(s);
-      progress->bytes_pread.fetch_add(len, std::memory_order_relaxed);
-      if (verbatim[u.source] >= 0) unit_crc[i] = Crc32c(slot->data(), len);
+      UringReader* uring =
+          files.WantUring(src.file, offset, len, slot->size()) ? reader.get() : nullptr;
+      absl::StatusOr<std::span<const std::byte>> read = detail::ReadInto(
+          files, uring, src.file, offset, len, slot->data(), slot->size(), src.name, progress);
+      if (!read.ok()) return fail(read.status());
+      const std::byte* bytes = read->data();
+      if (verbatim[u.source] >= 0) unit_crc[i] = Crc32c(bytes, len);
 
+      absl::Status s;
       std::vector<bool> used(res.devices.size(), false);    // a copy may have been enqueued
       std::vector<bool> staged(res.devices.size(), false);  // unit copied to scratch
       for (const PieceRef& pr : by_source[u.source]) {
@@ -335,11 +383,11 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
           if (src.dtype != t.dtype) {
             scratch = dr.scratch[w].get();
             if (!staged[d]) {
-              WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyHtoDAsync(scratch, slot->data(), len, stream));
+              WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyHtoDAsync(scratch, bytes, len, stream));
               staged[d] = true;
             }
           }
-          return CopyPieceRowsDevice(cu, p, src.dtype, t.dtype, slot->data(), scratch,
+          return CopyPieceRowsDevice(cu, p, src.dtype, t.dtype, bytes, scratch,
                                      static_cast<int64_t>(u.begin / pr.row_bytes),
                                      static_cast<int64_t>(u.end / pr.row_bytes),
                                      bases[pr.rank] + t.offset, stream);
@@ -371,18 +419,12 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
         }
         waits.push_back(wait);
       }
-      if (!waits.empty()) slot->SetFence(SlotFence(cu, std::move(waits)));
+      if (!waits.empty()) slot->SetFence(SlotFence(cu, std::move(waits)), &res);
       if (!s.ok()) return fail(s);
       progress->bytes_done.fetch_add(len, std::memory_order_relaxed);
     }
   };
-  {
-    std::vector<std::thread> pool;
-    const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(units.size(), 1)));
-    for (int w = 1; w < n; ++w) pool.emplace_back(worker, w);
-    worker(0);
-    for (std::thread& t : pool) t.join();
-  }
+  run_workers(std::min<size_t>(threads, std::max<size_t>(units.size(), 1)), worker);
   {
     absl::MutexLock l(&mu);
     if (!first_error.ok()) return first_error;
@@ -414,37 +456,139 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     }();
     if (!s.ok()) return device_error(d, s);
   }
+  if (checksums == nullptr) return absl::OkStatus();
 
-  if (checksums != nullptr) {
-    detail::AssignVerbatimChecksums(plan, work, unit_crc, checksums);
-    // The rest: read the finished target back through one slot.
-    absl::StatusOr<StagingSlot> slot = res.ring->Acquire();
-    if (!slot.ok()) return slot.status();
-    for (size_t r = 0; r < plan.ranks.size(); ++r) {
-      const DeviceResources& dr = res.devices[dev_index[r]];
-      const CUstream stream = dr.streams[0].get();
-      const RankPlan& rp = plan.ranks[r];
-      const absl::Status s = [&]() -> absl::Status {
-        WD_RETURN_IF_ERROR(guard.Use(dr.ctx.get()));
-        for (size_t t = 0; t < rp.targets.size(); ++t) {
-          if (checksums->crc[r][t] >= 0) continue;
-          uint32_t crc = 0;
-          const CUdeviceptr dev = bases[r] + rp.targets[t].offset;
-          for (uint64_t off = 0; off < rp.targets[t].nbytes; off += slot->size()) {
-            const uint64_t n = std::min<uint64_t>(slot->size(), rp.targets[t].nbytes - off);
-            // The stream is synchronized before the slot is read or reused, so no fence.
-            WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyDtoHAsync(slot->data(), dev + off, n, stream));
-            WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream));
-            crc = Crc32cCombine(crc, Crc32c(slot->data(), n), n);
-          }
-          checksums->crc[r][t] = crc;
-        }
-        return absl::OkStatus();
-      }();
-      if (!s.ok()) return rank_error(r, Annotate(s, "checksum read-back"));
+  // The checksums of the other targets: slot-sized pieces read back in parallel.
+  detail::AssignVerbatimChecksums(plan, work, unit_crc, checksums);
+  struct Piece {
+    size_t rank, target;
+    uint64_t offset, bytes;
+    uint32_t crc = 0;
+  };
+  std::vector<Piece> pieces;
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    for (size_t t = 0; t < plan.ranks[r].targets.size(); ++t) {
+      if (checksums->crc[r][t] >= 0) continue;
+      const uint64_t n = plan.ranks[r].targets[t].nbytes;
+      if (n == 0) checksums->crc[r][t] = 0;  // the CRC32C of no bytes
+      for (uint64_t off = 0; off < n; off += slot_bytes) {
+        pieces.push_back({r, t, off, std::min(slot_bytes, n - off)});
+      }
     }
   }
+  next = 0;
+  auto reader = [&](int w) {
+    CudaContextGuard wguard(cu);
+    // Buffer b of this worker: its slot, and the piece whose D2H into it is in flight.
+    StagingSlot buf[2];
+    struct InFlight {
+      size_t piece, device;
+      bool recorded;  // else: wait for the whole stream
+    };
+    std::optional<InFlight> flight[2];
+    // Waits for buffer b's copy and checksums it; `check` false on error paths (only waits).
+    auto complete = [&](int b, bool check) -> absl::Status {
+      if (!flight[b]) return absl::OkStatus();
+      const InFlight f = *std::exchange(flight[b], std::nullopt);
+      const DeviceResources& dr = res.devices[f.device];
+      Piece& p = pieces[f.piece];
+      WD_RETURN_IF_ERROR(wguard.Use(dr.ctx.get()));
+      const CUresult r = f.recorded ? cu.EventSynchronize(dr.readback[2 * w + b].get())
+                                    : cu.StreamSynchronize(dr.streams[w].get());
+      WD_CU_RETURN_IF_ERROR(cu, r);
+      if (check) p.crc = Crc32c(buf[b].data(), p.bytes);
+      return absl::OkStatus();
+    };
+    auto wait_all = [&]() {
+      for (int b = 0; b < 2; ++b) (void)complete(b, false);
+    };
+    absl::StatusOr<StagingSlot> first = ring.Acquire();
+    if (!first.ok()) return fail(first.status());
+    buf[0] = std::move(*first);
+    absl::StatusOr<StagingSlot> second = ring.TryAcquire();
+    if (second.ok()) buf[1] = std::move(*second);
+    const int nbuf = buf[1] ? 2 : 1;
+    for (int k = 0;; ++k) {
+      const int b = k % nbuf;
+      absl::Status s = complete(b, true);
+      if (!s.ok()) {
+        wait_all();
+        return fail(Annotate(s, "checksum read-back"));
+      }
+      if (failed.load(std::memory_order_relaxed)) return wait_all();
+      const size_t i = next.fetch_add(1);
+      if (i >= pieces.size()) break;
+      const Piece& p = pieces[i];
+      const size_t d = dev_index[p.rank];
+      const DeviceResources& dr = res.devices[d];
+      const CUstream stream = dr.streams[w].get();
+      s = [&]() -> absl::Status {
+        WD_RETURN_IF_ERROR(wguard.Use(dr.ctx.get()));
+        flight[b] = InFlight{i, d, false};
+        WD_CU_RETURN_IF_ERROR(
+            cu, cu.MemcpyDtoHAsync(
+                    buf[b].data(),
+                    bases[p.rank] + plan.ranks[p.rank].targets[p.target].offset + p.offset, p.bytes,
+                    stream));
+        WD_CU_RETURN_IF_ERROR(cu, cu.EventRecord(dr.readback[2 * w + b].get(), stream));
+        flight[b]->recorded = true;
+        return absl::OkStatus();
+      }();
+      if (!s.ok()) {
+        wait_all();
+        return fail(rank_error(p.rank, Annotate(s, "checksum read-back")));
+      }
+    }
+    for (int b = 0; b < nbuf; ++b) {
+      // In issue order: the older copy first.
+      const absl::Status s = complete(b, true);
+      if (!s.ok()) {
+        wait_all();
+        return fail(Annotate(s, "checksum read-back"));
+      }
+    }
+  };
+  if (!pieces.empty()) {
+    run_workers(std::min<size_t>(threads, pieces.size()), reader);
+    absl::MutexLock l(&mu);
+    if (!first_error.ok()) return first_error;
+  }
+  for (size_t k = 0; k < pieces.size();) {
+    const Piece& head = pieces[k];
+    uint32_t crc = 0;
+    for (; k < pieces.size() && pieces[k].rank == head.rank && pieces[k].target == head.target;
+         ++k) {
+      crc = Crc32cCombine(crc, pieces[k].crc, pieces[k].bytes);
+    }
+    checksums->crc[head.rank][head.target] = crc;
+  }
   return absl::OkStatus();
+}
+
+// The daemon's pinned staging (executor.h). The ring is freed before the context it was
+// allocated in is released.
+class CudaStagingImpl final : public CudaStaging {
+ public:
+  StagingRing& ring() override { return *ring_; }
+
+ private:
+  friend absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t, int, int);
+  CudaPrimaryContext ctx_;
+  std::unique_ptr<StagingRing> ring_;
+};
+
+absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t budget, int workers,
+                                                               int device) {
+  WD_ASSIGN_OR_RETURN(const CudaDriver* cu, CudaDriver::Get());
+  auto staging = std::make_unique<CudaStagingImpl>();
+  WD_ASSIGN_OR_RETURN(staging->ctx_, CudaPrimaryContext::Retain(*cu, device));
+  const uint64_t share = budget / (2 * static_cast<uint64_t>(std::max(1, workers)) + 1);
+  const uint64_t slot =
+      std::max<uint64_t>(64 << 10, std::min<uint64_t>(64 << 20, share) / 4096 * 4096);
+  WD_ASSIGN_OR_RETURN(staging->ring_, StagingRing::Create(std::make_shared<CudaPinnedAllocator>(
+                                                              *cu, staging->ctx_.get()),
+                                                          {.budget = budget, .slot_bytes = slot}));
+  return staging;
 }
 
 }  // namespace weightd

@@ -1,5 +1,6 @@
-// StagingRing: a fixed ring of page-aligned staging buffers, allocated once per load and
-// bounded by the pinned-memory budget, whatever the model size.
+// StagingRing: a fixed ring of page-aligned staging buffers, bounded by a memory budget whatever
+// the model size. The CUDA path shares one ring between all loads of a daemon (executor.h,
+// CudaStaging); the host path makes one per load.
 //
 //   WD_ASSIGN_OR_RETURN(auto ring, StagingRing::Create(PageAllocator(), {.budget = 1 << 30,
 //                                                                         .slot_bytes = 16 <<
@@ -14,9 +15,15 @@
 // memcpy, so no fence is needed; the CUDA executor attaches "cuEventSynchronize(event)".
 // StagingSlot is an RAII handle: an error path that drops it cannot leak the slot.
 //
+// Shared rings: a fence may outlive the load that attached it (the slot can sit free with its
+// fence until another load acquires it), and it refers to that load's CUDA events. So fences
+// carry an owner tag, and a load calls DrainFences(owner) before destroying what its fences
+// wait on: that runs the owner's pending fences and waits for any of them another thread's
+// Acquire is running at that moment. After it returns no fence of the owner remains.
+//
 // Memory comes from a StagingAllocator: PageAllocator (mmap'd anonymous memory, optionally
-// mlock'd) on the host, cuMemHostAlloc under CUDA (cuda_pinned_allocator.h). Allocation is all-or-nothing:
-// a failure releases what was already allocated.
+// mlock'd) on the host, cuMemHostAlloc under CUDA (cuda_pinned_allocator.h). Allocation is
+// all-or-nothing: a failure releases what was already allocated.
 //
 // Thread-safety: Acquire and slot release may run concurrently from any threads. A StagingSlot
 // is used by one thread at a time. The ring must outlive its slots.
@@ -28,6 +35,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -84,7 +92,8 @@ class StagingSlot {
   int index() const noexcept { return index_; }
   explicit operator bool() const noexcept { return ring_ != nullptr; }
   // Attaches the wait for this slot's consumer; it runs before the slot is handed out again.
-  void SetFence(std::function<absl::Status()> fence);
+  // `owner` tags it for DrainFences(owner) (any pointer unique to the consumer; may be null).
+  void SetFence(std::function<absl::Status()> fence, const void* owner = nullptr);
   // Returns the slot now (as the destructor would).
   void Release() noexcept;
 
@@ -95,6 +104,7 @@ class StagingSlot {
   std::byte* data_ = nullptr;
   uint64_t size_ = 0;
   std::function<absl::Status()> fence_;
+  const void* owner_ = nullptr;
 };
 
 class StagingRing {
@@ -110,6 +120,9 @@ class StagingRing {
   // Blocks until a slot is free, runs its pending fence, and hands it out. A failing fence is
   // returned (the slot goes back to the free list without a fence).
   absl::StatusOr<StagingSlot> Acquire();
+  // As Acquire, but returns an empty slot at once when none is free (for an optional second
+  // buffer: a holder that waits for a second slot could deadlock with other holders).
+  absl::StatusOr<StagingSlot> TryAcquire();
 
   int slots() const noexcept { return static_cast<int>(buffers_.size()); }
   uint64_t slot_bytes() const noexcept { return slot_bytes_; }
@@ -118,19 +131,32 @@ class StagingRing {
   int peak_in_use() const;  // most slots out at once since creation
   // Runs every pending fence (e.g. before the consumer's resources are destroyed).
   absl::Status DrainFences();
+  // Runs the pending fences tagged `owner` and waits for those other threads are running; no
+  // fence of `owner` remains afterwards. Returns the first failure.
+  absl::Status DrainFences(const void* owner);
 
  private:
   StagingRing(std::shared_ptr<StagingAllocator> a, uint64_t slot_bytes)
       : allocator_(std::move(a)), slot_bytes_(slot_bytes) {}
   friend class StagingSlot;
-  void Return(int index, std::function<absl::Status()> fence) noexcept;
+  struct Fence {
+    std::function<absl::Status()> wait;
+    const void* owner = nullptr;
+  };
+  void Return(int index, Fence fence) noexcept;
+  // Takes the last free slot (mu_ held, free_ not empty) and its pending fence, which the
+  // caller then runs without the lock through Finish.
+  std::pair<int, Fence> Take() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<StagingSlot> Finish(int index, Fence fence);
+  absl::Status Drain(const void* owner, bool all);
 
   std::shared_ptr<StagingAllocator> allocator_;
   uint64_t slot_bytes_;
   std::vector<std::byte*> buffers_;
   mutable absl::Mutex mu_;
   std::vector<int> free_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::function<absl::Status()>> fences_ ABSL_GUARDED_BY(mu_);
+  std::vector<Fence> fences_ ABSL_GUARDED_BY(mu_);
+  std::vector<const void*> running_ ABSL_GUARDED_BY(mu_);  // owners of fences being run
   int in_use_ ABSL_GUARDED_BY(mu_) = 0;
   int peak_in_use_ ABSL_GUARDED_BY(mu_) = 0;
 };

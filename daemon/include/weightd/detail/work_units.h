@@ -5,15 +5,22 @@
 #ifndef WEIGHTD_DETAIL_WORK_UNITS_H_
 #define WEIGHTD_DETAIL_WORK_UNITS_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "weightd/backend.h"
+#include "weightd/detail/uring_reader.h"
 #include "weightd/executor.h"
+#include "weightd/mapped_file.h"
 #include "weightd/plan.h"
+#include "weightd/unique_fd.h"
 
 namespace weightd::detail {
 
@@ -51,6 +58,56 @@ absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<Arena* const>
 // from the per-unit CRCs (`unit_crc[i]` covers units[i]).
 void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
                              const std::vector<uint32_t>& unit_crc, TargetChecksums* checksums);
+
+// The plan's checkpoint files opened for reading units, and the choice of how each unit is read
+// (IoMode). Shared by the executors; thread-safe once opened.
+class PlanFiles {
+ public:
+  // Opens every file of `plan` buffered; in the staged modes (kAuto, kUring) also with O_DIRECT
+  // (ReadFile), and in kAuto maps each one for mincore (an unmappable file counts as cached).
+  static absl::StatusOr<PlanFiles> Open(const Plan& plan, IoMode mode);
+  bool staged() const { return mode_ != IoMode::kPread; }
+  int fd(uint32_t file) const { return fds_[file].get(); }
+  const std::string& path(uint32_t file) const { return paths_[file]; }
+  ReadFile& direct(uint32_t file) const { return *direct_[file]; }
+  // Whether bytes [offset, offset + length) of `file` go through io_uring into a buffer of
+  // `capacity` bytes: kUring whenever they fit, kAuto when they fit and less than
+  // kCachedThreshold of them is in the page cache, kPread never.
+  bool WantUring(uint32_t file, uint64_t offset, uint64_t length, uint64_t capacity) const;
+
+ private:
+  IoMode mode_ = IoMode::kPread;
+  std::vector<std::string> paths_;
+  std::vector<UniqueFd> fds_;
+  std::vector<std::unique_ptr<ReadFile>> direct_;
+  std::vector<MappedFile> maps_;
+};
+
+// One worker thread's io_uring reader, made on first use. When io_uring is unavailable (sysctl,
+// seccomp) get() returns null from then on, and the load logs it once (`warned` is the load's
+// flag, shared by its workers).
+class LazyUringReader {
+ public:
+  LazyUringReader(unsigned queue_depth, std::atomic<bool>* warned)
+      : queue_depth_(queue_depth), warned_(warned) {}
+  UringReader* get();
+
+ private:
+  unsigned queue_depth_;
+  std::atomic<bool>* warned_;
+  std::unique_ptr<UringReader> reader_;
+  bool failed_ = false;
+};
+
+// Reads bytes [offset, offset + length) of `file` into `buffer` (4 KiB aligned, `capacity`
+// bytes): with `uring` (the caller's choice, from files.WantUring) or, when null, pread. Returns
+// the span of the bytes inside `buffer` (an O_DIRECT read starts at the aligned offset below)
+// and counts them in progress->bytes_uring or bytes_pread. Errors name the file and `tensor`.
+absl::StatusOr<std::span<const std::byte>> ReadInto(const PlanFiles& files, UringReader* uring,
+                                                    uint32_t file, uint64_t offset, uint64_t length,
+                                                    std::byte* buffer, uint64_t capacity,
+                                                    absl::string_view tensor,
+                                                    LoadProgress* progress);
 
 }  // namespace weightd::detail
 
