@@ -46,7 +46,8 @@ constexpr char kHelp[] =
     "  --backend KIND        auto (default: cuda when a CUDA driver reports a device, else\n"
     "                        host), cuda (VMM device arenas, exported as fds that clients\n"
     "                        map on the GPU), or host (sealed memfds in RAM)\n"
-    "  --pinned-budget BYTES staging memory per load, e.g. 1GiB (default 1 GiB)\n"
+    "  --pinned-budget BYTES pinned staging memory shared by all CUDA loads (host loads: read\n"
+    "                        buffers per load), e.g. 1GiB (default 1 GiB)\n"
     "  --log-level LEVEL     error, warning, notice, info (default) or debug\n"
     "  --takeover            take over the daemon running on the socket (same uid only): receive\n"
     "                        its models and listening socket, serve them, and let it exit\n"
@@ -246,7 +247,9 @@ int main(int argc, char** argv) {
 
   const uint64_t nofile = RaiseFileLimit();
   std::string backend_reason;
-  auto be = MakeBackend(config.backend, {.device_memory_budget = config.device_memory_budget},
+  auto be = MakeBackend(config.backend,
+                        {.device_memory_budget = config.device_memory_budget,
+                         .host_memory_budget = config.host_memory_budget},
                         &backend_reason);
   if (!be.ok()) {
     LogError("start failed: %s", be.status().message());

@@ -1,10 +1,10 @@
 #include "weightd/config.h"
-#include "weightd/executor.h"
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
+#include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/log.h"
 #include "weightd/status_macros.h"
@@ -39,6 +39,15 @@ absl::StatusOr<int64_t> PositiveInt(const json& v, absl::string_view source, abs
   return v.get<int64_t>();
 }
 
+// An integer, or a string with a unit ("1GiB"); `example` completes the error message.
+absl::StatusOr<uint64_t> ByteCount(const json& v, absl::string_view source, absl::string_view key,
+                                   absl::string_view example) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>();
+  if (v.is_string()) return ParseByteSize(v.get<std::string>(), absl::StrCat(source, ": ", key));
+  return KeyError(source, key,
+                  absl::StrCat("a byte count (integer, or a string such as ", example, ")"));
+}
+
 absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view source) {
   if (!j.is_object())
     return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
@@ -56,25 +65,14 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
         return KeyError(source, k, "\"auto\", \"cuda\" or \"host\"");
       }
     } else if (k == "pinned_budget") {
-      if (v.is_number_unsigned()) {
-        c.pinned_budget = v.get<uint64_t>();
-      } else if (v.is_string()) {
-        WD_ASSIGN_OR_RETURN(c.pinned_budget,
-                            ParseByteSize(v.get<std::string>(), absl::StrCat(source, ": ", k)));
-      } else {
-        return KeyError(source, k, "a byte count (integer, or a string such as \"1GiB\")");
-      }
+      WD_ASSIGN_OR_RETURN(c.pinned_budget, ByteCount(v, source, k, "\"1GiB\""));
       if (c.pinned_budget < (1u << 20)) return KeyError(source, k, "at least 1 MiB");
     } else if (k == "device_memory_budget") {
-      if (v.is_number_unsigned()) {
-        c.device_memory_budget = v.get<uint64_t>();
-      } else if (v.is_string()) {
-        WD_ASSIGN_OR_RETURN(c.device_memory_budget,
-                            ParseByteSize(v.get<std::string>(), absl::StrCat(source, ": ", k)));
-      } else {
-        return KeyError(source, k,
-                        "a byte count (integer, or a string such as \"40GiB\"; 0 = no budget)");
-      }
+      WD_ASSIGN_OR_RETURN(c.device_memory_budget,
+                          ByteCount(v, source, k, "\"40GiB\"; 0 = no budget"));
+    } else if (k == "host_memory_budget") {
+      WD_ASSIGN_OR_RETURN(c.host_memory_budget,
+                          ByteCount(v, source, k, "\"64GiB\"; 0 = no budget"));
     } else if (k == "allow_uids") {
       WD_ASSIGN_OR_RETURN(c.allow_uids, IdList(v, source, k));
     } else if (k == "allow_gids") {
@@ -135,12 +133,13 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
       }
       c.socket_mode = static_cast<uint32_t>(mode);
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          source, ": unknown key '", k,
-          "' (known: socket, backend, pinned_budget, device_memory_budget, allow_uids, "
-          "allow_gids, model_roots, "
-          "preload, max_connections, max_request_bytes, hello_timeout_ms, io_threads, "
-          "io_mode, log_level, socket_mode)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": unknown key '", k,
+                       "' (known: socket, backend, pinned_budget, device_memory_budget, "
+                       "host_memory_budget, allow_uids, "
+                       "allow_gids, model_roots, "
+                       "preload, max_connections, max_request_bytes, hello_timeout_ms, io_threads, "
+                       "io_mode, log_level, socket_mode)"));
     }
   }
   return c;

@@ -5,11 +5,23 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <optional>
 #include <utility>
+#include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
+#include "weightd/log.h"
 #include "weightd/status_macros.h"
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND
 #include "weightd/cuda_backend.h"
@@ -30,11 +42,36 @@ absl::StatusOr<UniqueFd> CreateMemfd(absl::string_view label, uint64_t bytes) {
   return fd;
 }
 
+class HostArena;
+
+}  // namespace
+
+// The arenas alive now, for admission. An arena registers when made and leaves in its
+// destructor, both under `mu`, so Admit may look at any registered arena while holding it.
+struct HostBackend::Ledger {
+  mutable absl::Mutex mu;
+  std::map<const HostArena*, uint64_t> arenas ABSL_GUARDED_BY(mu);  // -> bytes
+};
+
+namespace {
+
 class HostArena final : public Arena {
  public:
-  HostArena(UniqueFd fd, uint64_t size, std::string label, std::byte* map)
-      : fd_(std::move(fd)), size_(size), label_(std::move(label)), write_map_(map) {}
+  HostArena(UniqueFd fd, uint64_t size, std::string label, std::byte* map,
+            std::shared_ptr<HostBackend::Ledger> ledger)
+      : fd_(std::move(fd)),
+        size_(size),
+        label_(std::move(label)),
+        write_map_(map),
+        ledger_(std::move(ledger)) {
+    absl::MutexLock l(&ledger_->mu);
+    ledger_->arenas[this] = size_;
+  }
   ~HostArena() override {
+    {
+      absl::MutexLock l(&ledger_->mu);
+      ledger_->arenas.erase(this);
+    }
     if (write_map_ != nullptr) ::munmap(write_map_, size_);
     if (read_map_ != nullptr) ::munmap(const_cast<std::byte*>(read_map_), size_);
   }
@@ -82,6 +119,16 @@ class HostArena final : public Arena {
     return absl::OkStatus();
   }
 
+  // Bytes not yet resident while the arena is being filled (0 once sealed: nothing more is
+  // written). A memfd's st_blocks counts its allocated pages.
+  uint64_t PendingBytes() const {
+    if (sealed_.load(std::memory_order_acquire)) return 0;
+    struct stat st;
+    if (::fstat(fd_.get(), &st) != 0) return size_;
+    const uint64_t resident = static_cast<uint64_t>(st.st_blocks) * 512;
+    return resident >= size_ ? 0 : size_ - resident;
+  }
+
   absl::StatusOr<UniqueFd> Export() const override {
     if (!sealed_) {
       return absl::FailedPreconditionError(
@@ -98,10 +145,142 @@ class HostArena final : public Arena {
   std::string label_;
   std::byte* write_map_ = nullptr;
   const std::byte* read_map_ = nullptr;
-  bool sealed_ = false;
+  std::atomic<bool> sealed_{false};
+  std::shared_ptr<HostBackend::Ledger> ledger_;
 };
 
+// The first line of `path`, or nullopt.
+std::optional<std::string> ReadLine(const std::string& path) {
+  std::ifstream f(path);
+  std::string line;
+  if (!f || !std::getline(f, line)) return std::nullopt;
+  return line;
+}
+
+std::optional<uint64_t> ReadBytes(const std::string& path) {
+  std::optional<std::string> line = ReadLine(path);
+  uint64_t v;
+  if (!line || !absl::SimpleAtoi(absl::StripAsciiWhitespace(*line), &v)) return std::nullopt;
+  return v;
+}
+
+// The tightest limit less usage over `dir` and its ancestors up to `root` (both included).
+void TightestCgroup(const std::string& root, std::string dir, const char* limit_file,
+                    const char* usage_file, HostMemoryState* out) {
+  for (;;) {
+    const std::optional<uint64_t> limit = ReadBytes(dir + "/" + limit_file);
+    const std::optional<uint64_t> usage = ReadBytes(dir + "/" + usage_file);
+    // cgroup v2 writes "max" (not a number) for no limit; v1 a huge number, never reached.
+    if (limit && usage && *limit < (1ull << 60)) {
+      const uint64_t left = *limit > *usage ? *limit - *usage : 0;
+      if (!out->cgroup_left || left < *out->cgroup_left) {
+        out->cgroup_left = left;
+        out->cgroup = dir;
+      }
+    }
+    if (dir.size() <= root.size()) return;
+    dir.resize(dir.rfind('/'));
+  }
+}
+
 }  // namespace
+
+HostMemoryState ReadHostMemory(const HostMemorySources& sources) {
+  HostMemoryState st;
+  {
+    std::ifstream f(sources.meminfo);
+    std::string line;
+    while (std::getline(f, line)) {
+      absl::string_view v = line;
+      if (!absl::ConsumePrefix(&v, "MemAvailable:")) continue;
+      v = absl::StripAsciiWhitespace(v);
+      uint64_t kb;
+      if (absl::ConsumeSuffix(&v, "kB") && absl::SimpleAtoi(absl::StripAsciiWhitespace(v), &kb)) {
+        st.mem_available = kb * 1024;
+      }
+      break;
+    }
+  }
+  std::ifstream f(sources.self_cgroup);
+  std::string line;
+  while (std::getline(f, line)) {
+    // "ID:controllers:path"; v2 is "0::path", v1 names "memory" among the controllers.
+    std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
+    if (parts.size() != 3 || parts[2].empty() || parts[2][0] != '/') continue;
+    const std::string path = parts[2] == "/" ? "" : parts[2];
+    if (parts[1].empty()) {
+      TightestCgroup(sources.cgroup_root, sources.cgroup_root + path, "memory.max",
+                     "memory.current", &st);
+      continue;
+    }
+    for (absl::string_view c : absl::StrSplit(parts[1], ',')) {
+      if (c != "memory") continue;
+      const std::string root = sources.cgroup_root + "/memory";
+      TightestCgroup(root, root + path, "memory.limit_in_bytes", "memory.usage_in_bytes", &st);
+    }
+  }
+  return st;
+}
+
+HostBackend::HostBackend(uint64_t memory_budget, HostMemorySources sources)
+    : memory_budget_(memory_budget),
+      sources_(std::move(sources)),
+      ledger_(std::make_shared<Ledger>()) {}
+
+HostBackend::~HostBackend() = default;
+
+uint64_t HostBackend::held_bytes() const {
+  absl::MutexLock l(&ledger_->mu);
+  uint64_t n = 0;
+  for (const auto& [arena, bytes] : ledger_->arenas) n += bytes;
+  return n;
+}
+
+uint64_t HostBackend::pending_bytes() const {
+  absl::MutexLock l(&ledger_->mu);
+  uint64_t n = 0;
+  for (const auto& [arena, bytes] : ledger_->arenas) n += arena->PendingBytes();
+  return n;
+}
+
+absl::Status HostBackend::Admit(absl::string_view model, absl::Span<const ArenaRequest> arenas) {
+  uint64_t needed = 0;
+  for (const ArenaRequest& r : arenas) needed += r.bytes;
+  if (needed == 0) return absl::OkStatus();
+  const uint64_t held = held_bytes(), pending = pending_bytes();
+  auto less = [](uint64_t a, uint64_t b) { return a > b ? a - b : 0; };
+  uint64_t available = std::numeric_limits<uint64_t>::max();
+  std::string why;
+  auto consider = [&](uint64_t left, std::string what) {
+    if (left < available) {
+      available = left;
+      why = std::move(what);
+    }
+  };
+  if (memory_budget_ > 0) {
+    consider(less(memory_budget_, held),
+             absl::StrCat("host_memory_budget of ", FormatBytes(memory_budget_), " less ",
+                          FormatBytes(held), " of arenas held"));
+  }
+  const HostMemoryState st = ReadHostMemory(sources_);
+  const std::string filling =
+      pending > 0 ? absl::StrCat(" less ", FormatBytes(pending), " of arenas still being filled")
+                  : "";
+  if (st.mem_available) {
+    consider(less(*st.mem_available, pending),
+             absl::StrCat("MemAvailable of ", FormatBytes(*st.mem_available), filling));
+  }
+  if (st.cgroup_left) {
+    consider(less(*st.cgroup_left, pending),
+             absl::StrCat("memory cgroup ", st.cgroup, " with ", FormatBytes(*st.cgroup_left),
+                          " left under its limit", filling));
+  }
+  if (needed <= available) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat("model '", model, "' needs ", needed, " bytes (", FormatBytes(needed),
+                   ") of host memory for ", arenas.size(), " arena(s), but only ", available,
+                   " bytes (", FormatBytes(available), ") are available: ", why));
+}
 
 absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Allocate(const ArenaRequest& request) {
   if (request.device >= 0) {
@@ -121,7 +300,7 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Allocate(const ArenaRequest&
     }
     map = static_cast<std::byte*>(p);
   }
-  return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, map);
+  return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, map, ledger_);
 }
 
 absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd,
@@ -149,7 +328,7 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd,
     return absl::FailedPreconditionError(absl::StrCat("arena ", label, " has ", st.st_size,
                                                       " bytes; its record says ", request.bytes));
   }
-  auto a = std::make_unique<HostArena>(std::move(fd), request.bytes, label, nullptr);
+  auto a = std::make_unique<HostArena>(std::move(fd), request.bytes, label, nullptr, ledger_);
   WD_RETURN_IF_ERROR(a->AdoptSealed());
   return a;
 }
@@ -192,7 +371,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind,
   };
   if (kind == "host") {
     explain("backend host: asked for (arenas are sealed memfds in RAM)");
-    return std::make_unique<HostBackend>();
+    return std::make_unique<HostBackend>(options.host_memory_budget);
   }
   if (kind != "auto" && kind != "cuda") {
     return absl::InvalidArgumentError(
@@ -212,16 +391,15 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(absl::string_view kind,
   }
   explain(
       absl::StrCat("backend host: auto found no usable CUDA device (", b.status().message(), ")"));
-  return std::make_unique<HostBackend>();
+  return std::make_unique<HostBackend>(options.host_memory_budget);
 #else
-  (void)options;
   if (kind == "cuda") {
     return absl::FailedPreconditionError(
         "backend 'cuda' is not available in this build (configured with "
         "WEIGHTD_ENABLE_CUDA=OFF); use --backend host or auto");
   }
   explain("backend host: auto, and this build has no CUDA backend (WEIGHTD_ENABLE_CUDA=OFF)");
-  return std::make_unique<HostBackend>();
+  return std::make_unique<HostBackend>(options.host_memory_budget);
 #endif
 }
 

@@ -294,12 +294,15 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     }
     // All of the load's arenas are checked before the first is allocated, so a load that does
     // not fit fails at once instead of after filling some devices.
-    WD_RETURN_IF_ERROR(backend_->Admit(name, requests));
     std::vector<Arena*> raw;
-    for (const ArenaRequest& request : requests) {
-      WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate(request));
-      raw.push_back(a.get());
-      arenas.push_back(std::move(a));
+    {
+      absl::MutexLock admission(&admission_mu_);
+      WD_RETURN_IF_ERROR(backend_->Admit(name, requests));
+      for (const ArenaRequest& request : requests) {
+        WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate(request));
+        raw.push_back(a.get());
+        arenas.push_back(std::move(a));
+      }
     }
     ExecutorOptions eo;
     eo.threads = config_.io_threads;

@@ -121,7 +121,9 @@ TEST(CudaExecutorGpuTest, MatchesHostExecutorAtT1AndT2WithAndWithoutCast) {
       if (mode == IoMode::kUring && have_uring) {
         EXPECT_GT(dp.bytes_uring.load(), 0u) << "io_uring did not feed the CUDA path";
       }
-      if (mode == IoMode::kPread) EXPECT_EQ(dp.bytes_uring.load(), 0u);
+      if (mode == IoMode::kPread) {
+        EXPECT_EQ(dp.bytes_uring.load(), 0u);
+      }
       if (use_shared) {
         EXPECT_EQ((*shared)->ring().in_use(), 0) << "the load kept a shared slot";
       }

@@ -729,6 +729,53 @@ TEST_F(DaemonTest, StatusAnswersDuringALoadWithProgress) {
   EXPECT_TRUE(c->Unload("big").ok());
 }
 
+// A checkpoint of a few KB on disk whose headers claim 256 GiB (a sparse file): the load is
+// refused before anything is allocated, naming the bytes needed and available, and the daemon
+// and its other models carry on. Without admission the daemon was OOM-killed filling the memfd.
+TEST_F(DaemonTest, ALoadLargerThanMemoryIsRefusedBeforeAllocating) {
+  const std::string dir = g_dir + "/models/sparse";
+  std::filesystem::create_directory(dir);
+  constexpr uint64_t kTensor = 64ull << 30;
+  std::string header = "{";
+  for (int i = 0; i < 4; ++i) {
+    header += (i ? ",\"" : "\"") + std::string("t") + std::to_string(i) +
+              "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(kTensor) +
+              "],\"data_offsets\":[" + std::to_string(i * kTensor) + "," +
+              std::to_string((i + 1) * kTensor) + "]}";
+  }
+  header += "}";
+  while (header.size() % 8) header += ' ';
+  const std::string path = dir + "/model.safetensors";
+  {
+    std::ofstream f(path, std::ios::binary);
+    const uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header;
+  }
+  if (::truncate(path.c_str(), static_cast<off_t>(8 + header.size() + 4 * kTensor)) != 0) {
+    GTEST_SKIP() << "this filesystem cannot hold a 256 GiB sparse file: " << std::strerror(errno);
+  }
+  auto c = Client::Connect(g_socket);
+  ASSERT_TRUE(c.ok());
+  LoadOptions hf;
+  hf.recipe = "hf";
+  ASSERT_TRUE(c->Load("sparse", dir, hf).ok());
+  ASSERT_TRUE(WaitUntil([] { return ModelState("sparse") != "loading"; }));
+  auto st = c->Status(std::string("sparse"));
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->front().state, "failed");
+  EXPECT_THAT(st->front().error, HasSubstr("of host memory"));
+  EXPECT_THAT(st->front().error, HasSubstr("needs 274877906944 bytes"));
+  EXPECT_THAT(st->front().error, HasSubstr("available"));
+  EXPECT_EQ(st->front().bytes_done, 0u);
+  EXPECT_EQ(ModelState("demo"), "ready");
+  auto a = c->Attach("demo", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(a->Verify().ok());
+  EXPECT_TRUE(c->Unload("sparse").ok());
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(DaemonTest, ClientsSurviveDaemonDisappearingMidAttach) {
   // An attachment's memory stays valid when the model is force-unloaded under it.
   auto c = Client::Connect(g_socket);

@@ -4,6 +4,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "daemon_test_util.h"
@@ -162,6 +165,116 @@ TEST(ConfigTest, DeviceMemoryBudget) {
   ExpectConfigError(R"({"device_memory_budget":"much"})", "device_memory_budget");
   ExpectConfigError(R"({"device_memory_budget":-1})", "'device_memory_budget'");
   ExpectConfigError(R"({"device_memory_budet":1})", "device_memory_budget");  // in the known list
+}
+
+TEST(ConfigTest, HostMemoryBudget) {
+  EXPECT_EQ(ParseConfig("{}", "t.json")->host_memory_budget, 0u);
+  EXPECT_EQ(ParseConfig(R"({"host_memory_budget":"64GiB"})", "t.json")->host_memory_budget,
+            64ull << 30);
+  ExpectConfigError(R"({"host_memory_budget":"lots"})", "host_memory_budget");
+  ExpectConfigError(R"({"host_memory_budget":-5})", "'host_memory_budget'");
+}
+
+// A fake /proc and cgroup tree for host-memory admission.
+class HostMemoryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/wd_hostmem_XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    src_.meminfo = dir_ + "/meminfo";
+    src_.self_cgroup = dir_ + "/cgroup";
+    src_.cgroup_root = dir_ + "/sys";
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void Write(const std::string& rel, const std::string& text) {
+    const std::filesystem::path p = dir_ + "/" + rel;
+    std::filesystem::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+  std::string dir_;
+  HostMemorySources src_;
+};
+
+TEST_F(HostMemoryTest, MemAvailableAndTheTightestCgroupV2Ancestor) {
+  Write("meminfo", "MemTotal:  99999 kB\nMemFree: 5 kB\nMemAvailable:    1048576 kB\n");
+  Write("cgroup", "0::/a/b\n");
+  Write("sys/memory.max", "max\n");  // the namespace's root: no limit
+  Write("sys/memory.current", "123\n");
+  Write("sys/a/memory.max", "3000000000\n");
+  Write("sys/a/memory.current", "1000000000\n");
+  Write("sys/a/b/memory.max", "max\n");
+  Write("sys/a/b/memory.current", "5\n");
+  HostMemoryState st = ReadHostMemory(src_);
+  ASSERT_TRUE(st.mem_available.has_value());
+  EXPECT_EQ(*st.mem_available, 1ull << 30);
+  ASSERT_TRUE(st.cgroup_left.has_value());
+  EXPECT_EQ(*st.cgroup_left, 2000000000u);
+  EXPECT_EQ(st.cgroup, dir_ + "/sys/a");
+  // The leaf's own limit, tighter still.
+  Write("sys/a/b/memory.max", "1000\n");
+  st = ReadHostMemory(src_);
+  EXPECT_EQ(*st.cgroup_left, 995u);
+  EXPECT_EQ(st.cgroup, dir_ + "/sys/a/b");
+  // Usage over the limit leaves nothing, not a wrapped-around huge number.
+  Write("sys/a/b/memory.current", "5000\n");
+  EXPECT_EQ(*ReadHostMemory(src_).cgroup_left, 0u);
+}
+
+TEST_F(HostMemoryTest, CgroupV1AndMissingFiles) {
+  Write("cgroup", "7:cpu,cpuacct:/x\n5:memory:/x\n");
+  Write("sys/memory/memory.limit_in_bytes", "500\n");
+  Write("sys/memory/memory.usage_in_bytes", "100\n");
+  Write("sys/memory/x/memory.limit_in_bytes", "9223372036854771712\n");  // v1's "no limit"
+  Write("sys/memory/x/memory.usage_in_bytes", "90\n");
+  HostMemoryState st = ReadHostMemory(src_);
+  EXPECT_FALSE(st.mem_available.has_value()) << "no meminfo file was written";
+  ASSERT_TRUE(st.cgroup_left.has_value());
+  EXPECT_EQ(*st.cgroup_left, 400u);
+  // Nothing readable: no limits, and admission falls back to the budget alone.
+  HostMemorySources none{dir_ + "/no", dir_ + "/no", dir_ + "/no"};
+  st = ReadHostMemory(none);
+  EXPECT_FALSE(st.mem_available.has_value());
+  EXPECT_FALSE(st.cgroup_left.has_value());
+}
+
+TEST_F(HostMemoryTest, AdmissionAgainstTheBudgetCountsHeldArenas) {
+  Write("meminfo", "MemAvailable: 1073741824 kB\n");  // 1 TiB: the budget decides
+  HostBackend b(10 << 20, src_);
+  const ArenaRequest eight{8 << 20, -1, "m/rank0"};
+  ASSERT_TRUE(b.Admit("m", {&eight, 1}).ok());
+  auto a = b.Allocate(eight);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(b.held_bytes(), 8u << 20);
+  const ArenaRequest four{4 << 20, -1, "n/rank0"};
+  const absl::Status s = b.Admit("n", {&four, 1});
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model 'n' needs 4194304 bytes"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("2097152 bytes"));  // what is left
+  EXPECT_THAT(std::string(s.message()), HasSubstr("host_memory_budget"));
+  a->reset();
+  EXPECT_EQ(b.held_bytes(), 0u);
+  EXPECT_TRUE(b.Admit("n", {&four, 1}).ok());
+}
+
+TEST_F(HostMemoryTest, ArenasStillBeingFilledCountAgainstMemAvailable) {
+  Write("meminfo", "MemAvailable: 102400 kB\n");  // 100 MiB
+  HostBackend b(0, src_);
+  auto a = b.Allocate({80 << 20, -1, "m/rank0"});
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(b.pending_bytes(), 80u << 20);  // ftruncate'd, nothing resident yet
+  const ArenaRequest thirty{30 << 20, -1, "n/rank0"};
+  const absl::Status s = b.Admit("n", {&thirty, 1});
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("still being filled"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("MemAvailable"));
+  // Once filled, the kernel's figure (here: fixed) is what counts.
+  std::span<std::byte> w = (*a)->writable();
+  std::memset(w.data(), 1, w.size());
+  EXPECT_EQ(b.pending_bytes(), 0u);
+  EXPECT_TRUE(b.Admit("n", {&thirty, 1}).ok());
+  ASSERT_TRUE((*a)->Seal().ok());
+  EXPECT_EQ(b.pending_bytes(), 0u);
 }
 
 // A sealed host arena, as an earlier daemon would have handed it over.
@@ -367,63 +480,63 @@ class ExecutorTest : public ::testing::Test {
 
 TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
   for (IoMode mode : {IoMode::kPread, IoMode::kUring, IoMode::kAuto})
-  for (int threads : {1, 3}) {
-    SCOPED_TRACE(absl::StrCat("io_mode ", IoModeName(mode), " threads ", threads));
-    std::vector<std::unique_ptr<Arena>> arenas;
-    std::vector<Arena*> raw;
-    for (const RankPlan& r : plan_.ranks) {
-      arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
-      std::span<std::byte> w = arenas.back()->writable();
-      std::fill(w.begin(), w.end(), std::byte{0xEE});  // zero-fills must really write zeros
-      raw.push_back(arenas.back().get());
-    }
-    LoadProgress progress;
-    ExecutorOptions o;
-    o.threads = threads;
-    o.chunk_bytes = 64 << 10;
-    o.io_mode = mode;
-    TargetChecksums crcs;
-    ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress, &crcs).ok());
-    if (mode == IoMode::kUring) {
-      EXPECT_EQ(progress.bytes_uring.load(), progress.bytes_total.load());
-    }
-    if (mode == IoMode::kPread) {
-      EXPECT_EQ(progress.bytes_pread.load(), progress.bytes_total.load());
-    }
-    // Checksummed while reading: the verbatim targets only.
-    ASSERT_EQ(crcs.crc.size(), 2u);
-    EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
-    EXPECT_EQ(crcs.crc[0][1], Crc32c(s1_.bytes.data(), s1_.bytes.size()));
-    EXPECT_EQ(crcs.crc[0][0], -1);
-    EXPECT_EQ(crcs.crc[1][1], -1);  // cast to BF16
-    // Each source byte read once, for both ranks together.
-    EXPECT_EQ(progress.bytes_total.load(), s0_.bytes.size() + s1_.bytes.size());
-    EXPECT_EQ(progress.bytes_done.load(), progress.bytes_total.load());
-    for (size_t r = 0; r < 2; ++r) {
-      const std::vector<std::byte> want = Expected(r);
-      std::span<std::byte> got = raw[r]->writable();
-      for (const PlanTarget& t : plan_.ranks[r].targets) {
-        if (t.name == "z") {
-          EXPECT_TRUE(std::all_of(got.begin() + t.offset, got.begin() + t.offset + t.nbytes,
-                                  [](std::byte b) { return b == std::byte{0}; }));
-          continue;
+    for (int threads : {1, 3}) {
+      SCOPED_TRACE(absl::StrCat("io_mode ", IoModeName(mode), " threads ", threads));
+      std::vector<std::unique_ptr<Arena>> arenas;
+      std::vector<Arena*> raw;
+      for (const RankPlan& r : plan_.ranks) {
+        arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+        std::span<std::byte> w = arenas.back()->writable();
+        std::fill(w.begin(), w.end(), std::byte{0xEE});  // zero-fills must really write zeros
+        raw.push_back(arenas.back().get());
+      }
+      LoadProgress progress;
+      ExecutorOptions o;
+      o.threads = threads;
+      o.chunk_bytes = 64 << 10;
+      o.io_mode = mode;
+      TargetChecksums crcs;
+      ASSERT_TRUE(ExecutePlanHost(plan_, raw, o, &progress, &crcs).ok());
+      if (mode == IoMode::kUring) {
+        EXPECT_EQ(progress.bytes_uring.load(), progress.bytes_total.load());
+      }
+      if (mode == IoMode::kPread) {
+        EXPECT_EQ(progress.bytes_pread.load(), progress.bytes_total.load());
+      }
+      // Checksummed while reading: the verbatim targets only.
+      ASSERT_EQ(crcs.crc.size(), 2u);
+      EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
+      EXPECT_EQ(crcs.crc[0][1], Crc32c(s1_.bytes.data(), s1_.bytes.size()));
+      EXPECT_EQ(crcs.crc[0][0], -1);
+      EXPECT_EQ(crcs.crc[1][1], -1);  // cast to BF16
+      // Each source byte read once, for both ranks together.
+      EXPECT_EQ(progress.bytes_total.load(), s0_.bytes.size() + s1_.bytes.size());
+      EXPECT_EQ(progress.bytes_done.load(), progress.bytes_total.load());
+      for (size_t r = 0; r < 2; ++r) {
+        const std::vector<std::byte> want = Expected(r);
+        std::span<std::byte> got = raw[r]->writable();
+        for (const PlanTarget& t : plan_.ranks[r].targets) {
+          if (t.name == "z") {
+            EXPECT_TRUE(std::all_of(got.begin() + t.offset, got.begin() + t.offset + t.nbytes,
+                                    [](std::byte b) { return b == std::byte{0}; }));
+            continue;
+          }
+          EXPECT_EQ(std::memcmp(got.data() + t.offset, want.data() + t.offset, t.nbytes), 0)
+              << "rank " << r << " target " << t.name << " threads " << threads;
         }
-        EXPECT_EQ(std::memcmp(got.data() + t.offset, want.data() + t.offset, t.nbytes), 0)
-            << "rank " << r << " target " << t.name << " threads " << threads;
+      }
+      ASSERT_TRUE(raw[1]->Seal().ok());
+      auto m = BuildRankManifest(plan_, 1, *raw[1], "m", -1, threads, &crcs.crc[1]);
+      ASSERT_TRUE(m.ok());
+      EXPECT_EQ(m->tensors[1].dtype, DType::kBF16);
+      EXPECT_EQ(m->tensors[1].crc32c, Crc32c(raw[1]->readable().data() + 131072, 2000));
+      ASSERT_TRUE(raw[0]->Seal().ok());
+      auto m0 = BuildRankManifest(plan_, 0, *raw[0], "m", -1, threads, &crcs.crc[0]);
+      ASSERT_TRUE(m0.ok());
+      for (const ManifestTensor& t : m0->tensors) {
+        EXPECT_EQ(t.crc32c, Crc32c(raw[0]->readable().data() + t.offset, t.nbytes)) << t.name;
       }
     }
-    ASSERT_TRUE(raw[1]->Seal().ok());
-    auto m = BuildRankManifest(plan_, 1, *raw[1], "m", -1, threads, &crcs.crc[1]);
-    ASSERT_TRUE(m.ok());
-    EXPECT_EQ(m->tensors[1].dtype, DType::kBF16);
-    EXPECT_EQ(m->tensors[1].crc32c, Crc32c(raw[1]->readable().data() + 131072, 2000));
-    ASSERT_TRUE(raw[0]->Seal().ok());
-    auto m0 = BuildRankManifest(plan_, 0, *raw[0], "m", -1, threads, &crcs.crc[0]);
-    ASSERT_TRUE(m0.ok());
-    for (const ManifestTensor& t : m0->tensors) {
-      EXPECT_EQ(t.crc32c, Crc32c(raw[0]->readable().data() + t.offset, t.nbytes)) << t.name;
-    }
-  }
 }
 
 TEST_F(ExecutorTest, AutoModeReadsColdChunksWithUring) {
@@ -449,8 +562,9 @@ TEST_F(ExecutorTest, AutoModeReadsColdChunksWithUring) {
     const std::vector<std::byte> want = Expected(r);
     for (const PlanTarget& t : plan_.ranks[r].targets) {
       if (t.name == "z") continue;
-      EXPECT_EQ(std::memcmp(raw[r]->writable().data() + t.offset, want.data() + t.offset,
-                            t.nbytes), 0) << t.name;
+      EXPECT_EQ(std::memcmp(raw[r]->writable().data() + t.offset, want.data() + t.offset, t.nbytes),
+                0)
+          << t.name;
     }
   }
 }

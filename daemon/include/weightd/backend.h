@@ -67,6 +67,9 @@ struct BackendOptions {
   // beyond the device's free memory. Checked by Admit(), so a load over it fails before it
   // allocates anything.
   uint64_t device_memory_budget = 0;
+  // Most bytes of arenas the host backend may hold (config `host_memory_budget`); 0 = bounded
+  // by MemAvailable and the memory cgroup only (host_backend.h).
+  uint64_t host_memory_budget = 0;
 };
 
 // "a host memfd", "CUDA VMM device memory": for messages.
@@ -100,7 +103,7 @@ class Backend {
   // load of `model`. RESOURCE_EXHAUSTED naming the model, the device, the bytes needed and the
   // bytes free (or the budget left). Advisory: another process may take the memory between
   // this check and Allocate(), which then fails with its own RESOURCE_EXHAUSTED. The default
-  // admits everything (host memory admission is not implemented).
+  // admits everything.
   virtual absl::Status Admit(absl::string_view model, absl::Span<const ArenaRequest> arenas) {
     return absl::OkStatus();
   }

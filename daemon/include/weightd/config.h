@@ -31,6 +31,9 @@ struct DaemonConfig {
   uint64_t pinned_budget = 1ull << 30;
   // Most bytes of arenas per CUDA device (BackendOptions); 0 = bounded by free memory only.
   uint64_t device_memory_budget = 0;
+  // Most bytes of arenas the host backend holds (BackendOptions); 0 = bounded by MemAvailable
+  // and the memory cgroup only.
+  uint64_t host_memory_budget = 0;
   std::vector<uint32_t> allow_uids;  // default attach/admin list; the daemon's uid is implicit
   std::vector<uint32_t> allow_gids;
   std::vector<std::string> model_roots;  // empty = anywhere the daemon can read

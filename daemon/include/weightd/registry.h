@@ -191,6 +191,9 @@ class Registry {
   // one, in the context of its first device; a failure to make it fails that load only.
   absl::StatusOr<CudaStaging*> Staging(int device) ABSL_LOCKS_EXCLUDED(staging_mu_);
   absl::Mutex staging_mu_;
+  // Held from a load's Backend::Admit to its last Allocate, so that two loads cannot both be
+  // admitted into the same free memory.
+  absl::Mutex admission_mu_;
   std::unique_ptr<CudaStaging> staging_ ABSL_GUARDED_BY(staging_mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
   int running_loads_ ABSL_GUARDED_BY(mu_) = 0;
