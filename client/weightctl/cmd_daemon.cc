@@ -270,16 +270,41 @@ int AttachMain(int argc, char** argv) {
 int UnloadMain(int argc, char** argv) {
   std::string name, socket;
   bool force = false;
+  std::string wait_text = "30";
   ArgParser p("weightctl unload",
               "Unloads a model. Refused while clients are attached (their pids are listed) "
               "unless --force; a forced unload frees memory when the last client detaches.");
   p.Positional("NAME", &name, "model name");
   p.Flag("--force", &force, "unload even if attached, or cancel a running load");
+  p.Option("--wait-seconds", "N", &wait_text,
+           "how long to wait for a cancelled load to stop before exiting 3 (default 30)");
   AddSocket(p, &socket);
   if (int rc = ParseOrExit(p, argc, argv); rc >= 0) return rc;
   auto c = Client::Connect(socket);
   if (!c.ok()) return Fail(c.status());
+  auto wait = ParseInt("--wait-seconds", wait_text);
+  if (!wait.ok()) return Fail(wait.status());
+  const int wait_s = static_cast<int>(*wait);
   if (absl::Status s = c->Unload(name, force); !s.ok()) return Fail(s);
+  // A forced unload of a running load only asks it to stop: say "unloaded" once the model is
+  // gone, and the truth if it is not after `wait_s`.
+  std::string state;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(wait_s);
+  for (;;) {
+    auto st = c->Status(name);
+    if (!st.ok() && st.status().code() == absl::StatusCode::kNotFound) break;
+    if (!st.ok()) return Fail(st.status());
+    if (st->empty()) break;
+    state = st->front().state;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::fprintf(stderr,
+                   "weightctl: %s is still %s %d s after the unload was accepted (its load was "
+                   "asked to stop); check again with weightctl status\n",
+                   name.c_str(), state.c_str(), wait_s);
+      return 3;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   std::printf("unloaded %s\n", name.c_str());
   return 0;
 }

@@ -37,8 +37,8 @@ struct Index {
 
 // Parses the index with the strict cursor rather than nlohmann: a DeepSeek-size index lists
 // ~100k tensors, and building a DOM of it cost more than reading all shard headers together.
-absl::StatusOr<Index> ParseIndex(const std::string& path) {
-  WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxIndexBytes));
+absl::StatusOr<Index> ParseIndex(const std::string& path, absl::Span<const std::string> roots) {
+  WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxIndexBytes, roots));
   auto not_json = [&](const absl::Status& s) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": not a valid JSON object (", s.message(), ")"));
@@ -108,7 +108,8 @@ absl::StatusOr<Index> ParseIndex(const std::string& path) {
 
 // Parses the headers of `paths` on a few threads. Results are in input order; the first error
 // in input order wins so that messages are deterministic.
-absl::StatusOr<std::vector<SafetensorsFile>> ReadHeaders(const std::vector<std::string>& paths) {
+absl::StatusOr<std::vector<SafetensorsFile>> ReadHeaders(const std::vector<std::string>& paths,
+                                                         absl::Span<const std::string> roots) {
   std::vector<absl::StatusOr<SafetensorsFile>> results(paths.size(),
                                                        absl::UnknownError("not read"));
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
@@ -116,7 +117,7 @@ absl::StatusOr<std::vector<SafetensorsFile>> ReadHeaders(const std::vector<std::
   std::atomic<size_t> next{0};
   auto work = [&]() {
     for (size_t i = next.fetch_add(1); i < paths.size(); i = next.fetch_add(1)) {
-      results[i] = ReadSafetensorsFile(paths[i]);
+      results[i] = ReadSafetensorsFile(paths[i], roots);
     }
   };
   if (nthreads <= 1) {
@@ -170,12 +171,12 @@ const CheckpointTensor* Checkpoint::Find(absl::string_view name) const {
 
 absl::StatusOr<const ModelConfig*> Checkpoint::RequireConfig(absl::string_view needed_for) const {
   if (state_->config) return &*state_->config;
-  return absl::InvalidArgumentError(absl::StrCat("checkpoint '", state_->dir,
-                                                 "' has no config.json, needed for ",
-                                                 needed_for));
+  return absl::InvalidArgumentError(
+      absl::StrCat("checkpoint '", state_->dir, "' has no config.json, needed for ", needed_for));
 }
 
-absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
+absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path,
+                                            absl::Span<const std::string> roots) {
   auto state = std::make_unique<State>();
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
@@ -192,27 +193,43 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
     index_path = (fs::path(path) / std::string(kIndexName)).string();
     if (fs::exists(index_path, ec)) {
       have_index = true;
-      WD_ASSIGN_OR_RETURN(index, ParseIndex(index_path));
+      WD_ASSIGN_OR_RETURN(index, ParseIndex(index_path, roots));
       shard_names = index.files;
       std::sort(shard_names.begin(), shard_names.end());
       for (const std::string& f : shard_names) {
-        if (!fs::is_regular_file(fs::path(path) / f, ec)) {
+        const fs::file_status fst = fs::status(fs::path(path) / f, ec);
+        if (!fs::exists(fst)) {
           return absl::NotFoundError(absl::StrCat(index_path, ": names shard '", f,
                                                   "', which does not exist in '", path, "'"));
+        }
+        if (!fs::is_regular_file(fst)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(index_path, ": names shard '", f, "', which is ",
+                           fs::is_directory(fst) ? "a directory" : "not a regular file",
+                           " (a FIFO, device or socket)"));
         }
       }
     } else {
       for (const auto& entry : fs::directory_iterator(path, ec)) {
         const std::string name = entry.path().filename().string();
-        if (absl::EndsWith(name, ".safetensors") && entry.is_regular_file()) {
-          shard_names.push_back(name);
+        if (!absl::EndsWith(name, ".safetensors")) continue;
+        std::error_code kind_ec;
+        if (!entry.is_regular_file(kind_ec)) {
+          // Skipping it would load a checkpoint without its tensors; opening it could block.
+          return absl::InvalidArgumentError(
+              absl::StrCat("'", entry.path().string(), "' is ",
+                           entry.is_fifo(kind_ec) ? "a FIFO" : "not a regular file",
+                           ", in checkpoint directory '", path, "'"));
         }
+        shard_names.push_back(name);
       }
       if (ec) return ErrnoError(ec.value(), absl::StrCat("list directory '", path, "'"));
       std::sort(shard_names.begin(), shard_names.end());
       if (shard_names.empty()) {
-        return absl::NotFoundError(absl::StrCat("'", path, "' contains no *.safetensors files and "
-                                                "no ", kIndexName));
+        return absl::NotFoundError(absl::StrCat("'", path,
+                                                "' contains no *.safetensors files and "
+                                                "no ",
+                                                kIndexName));
       }
     }
   } else {
@@ -224,7 +241,7 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
   std::vector<std::string> paths;
   paths.reserve(shard_names.size());
   for (const std::string& n : shard_names) paths.push_back((fs::path(state->dir) / n).string());
-  WD_ASSIGN_OR_RETURN(std::vector<SafetensorsFile> headers, ReadHeaders(paths));
+  WD_ASSIGN_OR_RETURN(std::vector<SafetensorsFile> headers, ReadHeaders(paths, roots));
 
   size_t count = 0;
   for (const SafetensorsFile& h : headers) count += h.header.tensors.size();
@@ -237,6 +254,7 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
     cf.name = shard_names[fi];
     cf.file_size = h.file_size;
     cf.data_offset = h.data_offset;
+    cf.identity = h.identity;
     cf.metadata = std::move(h.header.metadata);
     for (TensorInfo& t : h.header.tensors) {
       CheckpointTensor& ct = unsorted.emplace_back();
@@ -262,9 +280,9 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
     const CheckpointTensor& a = state->tensors[i - 1];
     const CheckpointTensor& b = state->tensors[i];
     if (a.name == b.name) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor '", a.name, "' is stored in two shards: '", state->files[a.file].path,
-          "' and '", state->files[b.file].path, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", a.name, "' is stored in two shards: '",
+                       state->files[a.file].path, "' and '", state->files[b.file].path, "'"));
     }
   }
   state->by_name.reserve(state->tensors.size());
@@ -291,9 +309,9 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
       }
       const CheckpointTensor& t = state->tensors[it->second];
       if (t.file != file_pos[file_id]) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            index_path, ": tensor '", tensor, "' is listed in shard '", file,
-            "' but is stored in '", state->files[t.file].name, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path, ": tensor '", tensor, "' is listed in shard '", file,
+                         "' but is stored in '", state->files[t.file].name, "'"));
       }
       if (listed[it->second]) {
         return absl::InvalidArgumentError(
@@ -306,16 +324,16 @@ absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& path) {
       for (uint32_t i = 0; i < state->tensors.size(); ++i) {
         if (listed[i]) continue;
         const CheckpointTensor& t = state->tensors[i];
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tensor '", t.name, "' is stored in '", state->files[t.file].path, "' but ",
-            index_path, " does not list it"));
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' is stored in '",
+                                                       state->files[t.file].path, "' but ",
+                                                       index_path, " does not list it"));
       }
     }
   }
 
   const std::string config_path = (fs::path(state->dir) / "config.json").string();
   if (fs::exists(config_path, ec)) {
-    WD_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::Load(config_path));
+    WD_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::Load(config_path, roots));
     state->config = std::move(cfg);
   }
   {
@@ -336,6 +354,9 @@ absl::StatusOr<std::span<const std::byte>> Checkpoint::MapTensor(const Checkpoin
     std::unique_ptr<MappedFile>& slot = state_->maps[t.file];
     if (!slot) {
       WD_ASSIGN_OR_RETURN(MappedFile mf, MappedFile::Open(state_->files[t.file].path));
+      const absl::Status same =
+          CheckUnchanged(state_->files[t.file].path, state_->files[t.file].identity, mf.identity());
+      if (!same.ok()) return Annotate(same, absl::StrCat("tensor '", t.name, "'"));
       slot = std::make_unique<MappedFile>(std::move(mf));
     }
     m = slot.get();
@@ -357,7 +378,11 @@ absl::Status Checkpoint::ReadAt(uint32_t file, uint64_t offset, uint64_t len, vo
     absl::MutexLock lock(&state_->map_mu);
     UniqueFd& slot = state_->fds[file];
     if (!slot) {
-      WD_ASSIGN_OR_RETURN(slot, UniqueFd::Open(state_->files[file].path, O_RDONLY));
+      WD_ASSIGN_OR_RETURN(UniqueFd fd, OpenRegularFile(state_->files[file].path));
+      WD_ASSIGN_OR_RETURN(FileIdentity now, IdentityOfFd(fd.get(), state_->files[file].path));
+      WD_RETURN_IF_ERROR(
+          CheckUnchanged(state_->files[file].path, state_->files[file].identity, now));
+      slot = std::move(fd);
     }
     fd = slot.get();
   }

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include "absl/strings/str_cat.h"
+#include "weightd/file_util.h"
 #include "weightd/status_macros.h"
 #include "weightd/unique_fd.h"
 
@@ -15,6 +16,7 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
     Unmap();
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    identity_ = other.identity_;
   }
   return *this;
 }
@@ -28,13 +30,11 @@ void MappedFile::Unmap() noexcept {
 }
 
 absl::StatusOr<MappedFile> MappedFile::Open(const std::string& path) {
-  WD_ASSIGN_OR_RETURN(UniqueFd fd, UniqueFd::Open(path, O_RDONLY));
+  WD_ASSIGN_OR_RETURN(UniqueFd fd, OpenRegularFile(path));
   struct stat st {};
   WD_SYSCALL_OR_RETURN(::fstat(fd.get(), &st), absl::StrCat("fstat '", path, "'"));
-  if (!S_ISREG(st.st_mode)) {
-    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is not a regular file"));
-  }
   MappedFile f;
+  f.identity_ = IdentityOf(st);
   if (st.st_size == 0) return f;
   void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
   if (p == MAP_FAILED) return ErrnoError(errno, absl::StrCat("mmap '", path, "'"));

@@ -66,8 +66,9 @@ absl::StatusOr<ModelConfig> ModelConfig::Parse(absl::string_view json, absl::str
   return cfg;
 }
 
-absl::StatusOr<ModelConfig> ModelConfig::Load(const std::string& path) {
-  WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxConfigBytes));
+absl::StatusOr<ModelConfig> ModelConfig::Load(const std::string& path,
+                                              absl::Span<const std::string> roots) {
+  WD_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxConfigBytes, roots));
   return Parse(text, path);
 }
 

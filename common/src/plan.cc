@@ -696,7 +696,9 @@ absl::StatusOr<Plan> Builder::Build() {
   plan.tp = opts_.tp;
   plan.expert_parallel = opts_.expert_parallel;
   plan.checkpoint_bytes = ckpt_.total_bytes();
-  for (const CheckpointFile& f : ckpt_.files()) plan.files.push_back({f.path, f.file_size, 0});
+  for (const CheckpointFile& f : ckpt_.files()) {
+    plan.files.push_back({f.path, f.file_size, 0, f.identity});
+  }
   absl::flat_hash_map<uint32_t, uint32_t> source_of;
   for (uint32_t t : used) {
     source_of[t] = static_cast<uint32_t>(plan.sources.size());

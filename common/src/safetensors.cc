@@ -319,11 +319,11 @@ absl::StatusOr<SafetensorsFile> ParseSafetensorsBuffer(absl::string_view bytes,
   return f;
 }
 
-absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
-  WD_ASSIGN_OR_RETURN(UniqueFd fd, UniqueFd::Open(path, O_RDONLY));
+absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path,
+                                                    absl::Span<const std::string> roots) {
+  WD_ASSIGN_OR_RETURN(UniqueFd fd, OpenRegularFile(path, roots));
   struct stat st {};
   WD_SYSCALL_OR_RETURN(::fstat(fd.get(), &st), absl::StrCat("fstat '", path, "'"));
-  if (!S_ISREG(st.st_mode)) return FileError(path, "not a regular file");
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
     return FileError(path, absl::StrCat("file is ", size,
@@ -338,6 +338,7 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   f.path = path;
   f.file_size = size;
   f.data_offset = 8 + n;
+  f.identity = IdentityOf(st);
   WD_ASSIGN_OR_RETURN(f.header, ParseSafetensorsHeader(json, size - f.data_offset, path));
   return f;
 }

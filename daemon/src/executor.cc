@@ -270,6 +270,7 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     absl::MutexLock l(&mu);
     if (!first_error.ok()) return first_error;
   }
+  WD_RETURN_IF_ERROR(files.CheckUnchanged());
   if (checksums != nullptr) detail::AssignVerbatimChecksums(plan, work, unit_crc, checksums);
 
   for (size_t r = 0; r < plan.ranks.size(); ++r) {

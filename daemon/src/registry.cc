@@ -164,6 +164,15 @@ bool Registry::MayAttach(const Model& m, const Peer& peer) const {
          InAllowedGroup(m.allow_gids, peer);
 }
 
+std::vector<std::string> Registry::ResolvedRoots() const {
+  std::vector<std::string> roots;
+  for (const std::string& root : config_.model_roots) {
+    char rr[PATH_MAX];
+    if (::realpath(root.c_str(), rr) != nullptr) roots.push_back(rr);
+  }
+  return roots;
+}
+
 absl::Status Registry::CheckPath(const std::string& path, absl::string_view what) const {
   char resolved[PATH_MAX];
   if (::realpath(path.c_str(), resolved) == nullptr) {
@@ -171,10 +180,7 @@ absl::Status Registry::CheckPath(const std::string& path, absl::string_view what
   }
   if (config_.model_roots.empty()) return absl::OkStatus();
   const std::string real = resolved;
-  for (const std::string& root : config_.model_roots) {
-    char rr[PATH_MAX];
-    if (::realpath(root.c_str(), rr) == nullptr) continue;
-    std::string r = rr;
+  for (const std::string& r : ResolvedRoots()) {
     if (r == "/" || real == r ||
         (real.size() > r.size() && real.compare(0, r.size(), r) == 0 && real[r.size()] == '/')) {
       return absl::OkStatus();
@@ -266,7 +272,13 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     }
   });
   auto run = [&]() -> absl::Status {
-    WD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(m->spec.checkpoint));
+    // Every file the load reads must resolve inside model_roots, symlinks followed: the
+    // directory's check above does not cover a shard that links out of it.
+    const std::vector<std::string> roots = ResolvedRoots();
+    if (!config_.model_roots.empty() && roots.empty()) {
+      return absl::PermissionDeniedError("no configured model_roots directory exists");
+    }
+    WD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(m->spec.checkpoint, roots));
     PlanOptions opts;
     opts.tp = m->spec.tp;
     if (m->ranks.size() == 1) opts.rank = m->ranks[0].rank;

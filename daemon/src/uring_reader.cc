@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "weightd/file_util.h"
 #include "weightd/status_macros.h"
 
 namespace weightd {
@@ -29,16 +30,20 @@ absl::StatusOr<std::unique_ptr<ReadFile>> ReadFile::Open(const std::string& path
                                                          bool want_direct) {
   auto f = std::make_unique<ReadFile>();
   f->path_ = path;
-  WD_ASSIGN_OR_RETURN(f->buffered_, UniqueFd::Open(path, O_RDONLY));
+  WD_ASSIGN_OR_RETURN(f->buffered_, OpenRegularFile(path));
   struct stat st {};
   WD_SYSCALL_OR_RETURN(::fstat(f->buffered_.get(), &st), absl::StrCat("fstat '", path, "'"));
   f->size_ = static_cast<uint64_t>(st.st_size);
+  f->identity_ = IdentityOf(st);
   if (want_direct) {
     // EINVAL here is the filesystem refusing O_DIRECT (tmpfs); any other error would have
-    // shown on the buffered open already, so a failure only means "buffered only".
-    UniqueFd d(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));
-    if (d) {
-      f->direct_ = std::move(d);
+    // shown on the buffered open already, so a failure only means "buffered only". The second
+    // open must reach the same file as the first (the path could have been swapped between).
+    absl::StatusOr<UniqueFd> d = OpenRegularFile(path, {}, O_DIRECT);
+    struct stat dst {};
+    if (d.ok() && ::fstat(d->get(), &dst) == 0 && dst.st_dev == st.st_dev &&
+        dst.st_ino == st.st_ino) {
+      f->direct_ = std::move(*d);
       f->direct_ok_.store(true);
     }
   }

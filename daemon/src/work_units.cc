@@ -83,22 +83,28 @@ void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
 absl::StatusOr<PlanFiles> PlanFiles::Open(const Plan& plan, IoMode mode) {
   PlanFiles f;
   f.mode_ = mode;
-  f.fds_.resize(plan.files.size());
-  for (size_t i = 0; i < plan.files.size(); ++i) {
-    f.paths_.push_back(plan.files[i].path);
-    WD_ASSIGN_OR_RETURN(f.fds_[i], UniqueFd::Open(plan.files[i].path, O_RDONLY));
+  for (const PlanFile& pf : plan.files) {
+    WD_ASSIGN_OR_RETURN(std::unique_ptr<ReadFile> rf,
+                        ReadFile::Open(pf.path, mode != IoMode::kPread));
+    if (pf.identity)
+      WD_RETURN_IF_ERROR(weightd::CheckUnchanged(pf.path, *pf.identity, rf->identity()));
+    f.files_.push_back(std::move(rf));
   }
-  if (mode == IoMode::kPread) return f;
-  f.direct_.resize(plan.files.size());
+  if (mode != IoMode::kAuto) return f;
   f.maps_.resize(plan.files.size());
   for (size_t i = 0; i < plan.files.size(); ++i) {
-    WD_ASSIGN_OR_RETURN(f.direct_[i], ReadFile::Open(plan.files[i].path, true));
-    if (mode == IoMode::kAuto) {
-      absl::StatusOr<MappedFile> m = MappedFile::Open(plan.files[i].path);
-      if (m.ok()) f.maps_[i] = std::move(*m);
-    }
+    absl::StatusOr<MappedFile> m = MappedFile::Open(plan.files[i].path);
+    if (m.ok()) f.maps_[i] = std::move(*m);
   }
   return f;
+}
+
+absl::Status PlanFiles::CheckUnchanged() const {
+  for (const std::unique_ptr<ReadFile>& f : files_) {
+    WD_ASSIGN_OR_RETURN(FileIdentity now, IdentityOfFd(f->buffered_fd(), f->path()));
+    WD_RETURN_IF_ERROR(weightd::CheckUnchanged(f->path(), f->identity(), now));
+  }
+  return absl::OkStatus();
 }
 
 bool PlanFiles::WantUring(uint32_t file, uint64_t offset, uint64_t length,

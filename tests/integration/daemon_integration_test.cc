@@ -776,6 +776,52 @@ TEST_F(DaemonTest, ALoadLargerThanMemoryIsRefusedBeforeAllocating) {
   std::filesystem::remove_all(dir);
 }
 
+// Untrusted files named by a load: a FIFO as config.json used to block the load thread in open()
+// forever (unload --force then lied, and SIGTERM hung); a shard symlinked out of model_roots
+// used to load. Both now fail the load at once with the file named, and the name is reusable.
+TEST_F(DaemonTest, FifosAndSymlinksOutOfTheRootsFailTheLoadCleanly) {
+  auto c = Client::Connect(g_socket);
+  ASSERT_TRUE(c.ok());
+  LoadOptions hf;
+  hf.recipe = "hf";
+  const std::string fifo = g_dir + "/models/fifo";
+  std::filesystem::copy(g_ckpt, fifo);
+  std::filesystem::remove(fifo + "/config.json");
+  ASSERT_EQ(::mkfifo((fifo + "/config.json").c_str(), 0600), 0);
+  ASSERT_TRUE(c->Load("fifo", fifo, hf).ok());
+  ASSERT_TRUE(WaitUntil([] { return ModelState("fifo") != "loading"; }, std::chrono::seconds(10)))
+      << "the load is stuck on the FIFO";
+  auto st = c->Status(std::string("fifo"));
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->front().state, "failed");
+  EXPECT_THAT(st->front().error, HasSubstr("config.json"));
+  EXPECT_THAT(st->front().error, HasSubstr("a FIFO"));
+  RunResult un = Ctl({"unload", "fifo"});
+  EXPECT_EQ(un.exit_code, 0) << un.err;
+  EXPECT_THAT(un.out, HasSubstr("unloaded fifo"));
+  EXPECT_EQ(c->Status(std::string("fifo")).status().code(), absl::StatusCode::kNotFound);
+
+  const std::string outside = g_dir + "/outside";
+  std::filesystem::create_directory(outside);
+  const std::string escape = g_dir + "/models/escape";
+  std::filesystem::copy(g_ckpt, escape);
+  const std::string shard = "model-00002-of-00003.safetensors";
+  std::filesystem::rename(escape + "/" + shard, outside + "/" + shard);
+  std::filesystem::create_symlink(outside + "/" + shard, escape + "/" + shard);
+  ASSERT_TRUE(c->Load("escape", escape, hf).ok());
+  ASSERT_TRUE(WaitUntil([] { return ModelState("escape") != "loading"; }));
+  st = c->Status(std::string("escape"));
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->front().state, "failed");
+  EXPECT_THAT(st->front().error, HasSubstr(shard));
+  EXPECT_THAT(st->front().error, HasSubstr("outside the configured model_roots"));
+  EXPECT_TRUE(c->Unload("escape").ok());
+  EXPECT_EQ(ModelState("demo"), "ready");
+  std::filesystem::remove_all(fifo);
+  std::filesystem::remove_all(escape);
+  std::filesystem::remove_all(outside);
+}
+
 TEST_F(DaemonTest, ClientsSurviveDaemonDisappearingMidAttach) {
   // An attachment's memory stays valid when the model is force-unloaded under it.
   auto c = Client::Connect(g_socket);

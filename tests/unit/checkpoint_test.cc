@@ -1,9 +1,12 @@
 // Tests of Checkpoint::Open over hand-built shard directories, and of the data accessors.
 #include "weightd/checkpoint.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -13,6 +16,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
+#include "weightd/file_util.h"
+#include "weightd/mapped_file.h"
 
 namespace weightd {
 namespace {
@@ -318,6 +323,100 @@ TEST(CheckpointDataTest, ReadAtAfterTruncationIsDataLoss) {
   // The mapping is created after the truncation here, so it sees the short size and refuses.
   EXPECT_THAT(ckpt->MapTensor(*b), StatusIs(absl::StatusCode::kDataLoss,
                                             Subs({shard_path.c_str(), "'b'", "truncated"})));
+}
+
+// Paths from a client are untrusted: a FIFO must not block open() (before, a load thread
+// waited forever for a writer), and the error says what the file is.
+TEST(UntrustedFilesTest, FifosAndDevicesAreRefusedWithoutBlocking) {
+  TempDir dir;
+  const std::string fifo = dir.Path("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_THAT(OpenRegularFile(fifo).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({fifo.c_str(), "a FIFO"})));
+  EXPECT_THAT(OpenRegularFile("/dev/null").status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({"a character device"})));
+  EXPECT_THAT(OpenRegularFile(dir.path()).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({"a directory"})));
+  EXPECT_THAT(ReadFileToString(fifo, 1 << 20).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({"a FIFO"})));
+  EXPECT_THAT(MappedFile::Open(fifo).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({"a FIFO"})));
+
+  // config.json, a shard, and a shard named by the index as FIFOs.
+  TwoShards shards;
+  shards.Write(dir);
+  ASSERT_EQ(::mkfifo(dir.Path("config.json").c_str(), 0600), 0);
+  EXPECT_THAT(Checkpoint::Open(dir.path()).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({"config.json", "a FIFO"})));
+  ASSERT_EQ(::unlink(dir.Path("config.json").c_str()), 0);
+  ASSERT_EQ(::mkfifo(dir.Path("model-00003-of-00003.safetensors").c_str(), 0600), 0);
+  EXPECT_THAT(Checkpoint::Open(dir.path()).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, Subs({"a FIFO"})));
+  ASSERT_EQ(::unlink(dir.Path("model-00003-of-00003.safetensors").c_str()), 0);
+  ASSERT_EQ(::mkfifo(dir.Path("extra.safetensors").c_str(), 0600), 0);
+  dir.Write(
+      kIndex,
+      IndexJson({{"a", kShard1}, {"b", kShard1}, {"c", kShard2}, {"d", "extra.safetensors"}}));
+  EXPECT_THAT(Checkpoint::Open(dir.path()).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       Subs({"extra.safetensors", "not a regular file"})));
+}
+
+// With model roots, every file read must resolve inside one after symlinks; the content of a
+// file outside is never read (so never echoed in an error).
+TEST(UntrustedFilesTest, SymlinksOutOfTheModelRootsAreRefused) {
+  TempDir root, outside;
+  const std::string model = root.Path("m");
+  ASSERT_EQ(::mkdir(model.c_str(), 0755), 0);
+  TwoShards shards;
+  const std::string secret = outside.Write(kShard1, shards.s1.Bytes());
+  const std::string real_root = std::filesystem::canonical(root.path()).string();
+  const std::vector<std::string> roots = {real_root};
+  std::ofstream(model + "/" + kShard2, std::ios::binary) << shards.s2.Bytes();
+  ASSERT_EQ(::symlink(secret.c_str(), (model + "/" + kShard1).c_str()), 0);
+  EXPECT_THAT(Checkpoint::Open(model, roots).status(),
+              StatusIs(absl::StatusCode::kPermissionDenied,
+                       Subs({kShard1, "outside the configured model_roots", real_root.c_str()})));
+  // Without roots (weightctl), the same checkpoint opens.
+  EXPECT_TRUE(Checkpoint::Open(model).ok());
+
+  // A symlink that stays inside the root (a hub cache's snapshot -> blob) is fine.
+  ASSERT_EQ(::unlink((model + "/" + kShard1).c_str()), 0);
+  root.Write("blob1", shards.s1.Bytes());
+  ASSERT_EQ(::symlink("../blob1", (model + "/" + kShard1).c_str()), 0);
+  EXPECT_TRUE(Checkpoint::Open(model, roots).ok()) << Checkpoint::Open(model, roots).status();
+
+  // config.json linked to a file outside: refused before it is read.
+  const std::string outside_config = outside.Write("config.json", "{\"top secret\": 1}");
+  ASSERT_EQ(::symlink(outside_config.c_str(), (model + "/config.json").c_str()), 0);
+  absl::Status s = Checkpoint::Open(model, roots).status();
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kPermissionDenied,
+                          Subs({"config.json", "outside the configured model_roots"})));
+  EXPECT_THAT(std::string(s.message()), ::testing::Not(::testing::HasSubstr("top secret")));
+}
+
+TEST(UntrustedFilesTest, AFileRewrittenAfterItsHeaderWasReadIsDataLoss) {
+  TempDir dir;
+  TwoShards shards;
+  shards.Write(dir);
+  absl::StatusOr<Checkpoint> ckpt = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  const CheckpointTensor* c = ckpt->Find("c");
+  ASSERT_NE(c, nullptr);
+  // Same size, new bytes: only the times tell.
+  const std::string path = dir.Path(kShard2);
+  ::usleep(10000);
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(c->offset));
+    f.put('\x7f');
+  }
+  std::string buf(c->nbytes, '\0');
+  EXPECT_THAT(ckpt->ReadAt(c->file, c->offset, c->nbytes, buf.data()),
+              StatusIs(absl::StatusCode::kDataLoss,
+                       Subs({path.c_str(), "changed while weightd was reading it"})));
+  EXPECT_THAT(ckpt->MapTensor(*c).status(),
+              StatusIs(absl::StatusCode::kDataLoss, Subs({"'c'", "modification time changed"})));
 }
 
 }  // namespace

@@ -12,15 +12,18 @@
 #include "daemon_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "weightd/checkpoint.h"
 #include "weightd/config.h"
 #include "weightd/crc32c.h"
 #include "weightd/detail/page_cache.h"
+#include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/handoff.h"
 #include "weightd/host_backend.h"
 #include "weightd/kernels/copy.h"
 #include "weightd/manifest.h"
+#include "weightd/plan.h"
 #include "weightd/registry.h"
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND
 #include "weightd/cuda_backend.h"
@@ -567,6 +570,51 @@ TEST_F(ExecutorTest, AutoModeReadsColdChunksWithUring) {
           << t.name;
     }
   }
+}
+
+// A shard rewritten in place between planning and reading, or while it is read, fails the load
+// with DATA_LOSS naming it: before, the mixed snapshot was served as ready and verified.
+TEST_F(ExecutorTest, AShardRewrittenDuringTheLoadIsDataLoss) {
+  auto ckpt = Checkpoint::Open(dir_ / "m.safetensors");
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  PlanOptions po;
+  po.recipe_name = "hf";
+  auto plan = BuildPlan(*ckpt, po);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_TRUE(plan->files[0].identity.has_value());
+  std::vector<std::unique_ptr<Arena>> arenas;
+  std::vector<Arena*> raw;
+  for (const RankPlan& r : plan->ranks) {
+    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+    raw.push_back(arenas.back().get());
+  }
+  auto rewrite = [&] {
+    ::usleep(10000);  // a new modification time even on coarse-grained clocks
+    UniqueFd fd(::open((dir_ / "m.safetensors").c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd);
+    const char x = 0x11;
+    ASSERT_EQ(::pwrite(fd.get(), &x, 1, static_cast<off_t>(plan->sources[0].offset)), 1);
+  };
+  for (IoMode mode : {IoMode::kPread, IoMode::kUring}) {
+    // Opened after the rewrite: the plan's record no longer matches.
+    rewrite();
+    LoadProgress p;
+    ExecutorOptions o;
+    o.io_mode = mode;
+    absl::Status s = ExecutePlanHost(*plan, raw, o, &p);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("m.safetensors"));
+    EXPECT_THAT(std::string(s.message()), HasSubstr("changed while weightd was reading it"));
+  }
+  // Rewritten while open: the check after the last read catches it.
+  plan->files[0].identity.reset();
+  auto files = detail::PlanFiles::Open(*plan, IoMode::kPread);
+  ASSERT_TRUE(files.ok()) << files.status();
+  EXPECT_TRUE(files->CheckUnchanged().ok());
+  rewrite();
+  absl::Status s = files->CheckUnchanged();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("modification time changed"));
 }
 
 TEST_F(ExecutorTest, CancelAndShortFileAndBadPlan) {

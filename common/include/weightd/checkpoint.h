@@ -25,11 +25,13 @@
 #include <optional>
 #include <span>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "weightd/dtype.h"
+#include "weightd/file_util.h"
 #include "weightd/model_config.h"
 
 namespace weightd {
@@ -40,6 +42,7 @@ struct CheckpointFile {
   uint64_t file_size = 0;
   uint64_t data_offset = 0;  // absolute offset of the data section
   std::vector<std::pair<std::string, std::string>> metadata;
+  FileIdentity identity;  // when its header was read; readers check the file is still that one
 };
 
 struct CheckpointTensor {
@@ -60,7 +63,10 @@ class Checkpoint {
   // Opens a checkpoint directory or a single .safetensors file (see the file comment).
   // `config.json` beside the shards is parsed if present; its absence is not an error here
   // (operations that need it report that).
-  static absl::StatusOr<Checkpoint> Open(const std::string& path);
+  // With `roots` (absolute, resolved directories: the daemon's model_roots), every file read
+  // (index, shards, config.json) must resolve inside one, after symlinks (OpenRegularFile).
+  static absl::StatusOr<Checkpoint> Open(const std::string& path,
+                                         absl::Span<const std::string> roots = {});
 
   // The directory holding the shards.
   const std::string& dir() const;

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "weightd/file_util.h"
 
 namespace weightd {
 
@@ -28,23 +29,29 @@ class MappedFile {
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   MappedFile(MappedFile&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+      : data_(std::exchange(other.data_, nullptr)),
+        size_(std::exchange(other.size_, 0)),
+        identity_(other.identity_) {}
   MappedFile& operator=(MappedFile&& other) noexcept;
   ~MappedFile();
 
-  // Maps `path` read-only. Errors name the path and the failing call.
+  // Maps `path` read-only (opened with OpenRegularFile: never blocks, regular files only).
+  // Errors name the path and the failing call.
   static absl::StatusOr<MappedFile> Open(const std::string& path);
 
   std::span<const std::byte> bytes() const noexcept {
     return {static_cast<const std::byte*>(data_), size_};
   }
   uint64_t size() const noexcept { return size_; }
+  // The file's identity when it was mapped.
+  const FileIdentity& identity() const noexcept { return identity_; }
 
  private:
   void Unmap() noexcept;
 
   void* data_ = nullptr;
   uint64_t size_ = 0;
+  FileIdentity identity_;
 };
 
 }  // namespace weightd

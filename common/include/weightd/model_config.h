@@ -14,11 +14,12 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 
 namespace weightd {
 
@@ -27,7 +28,9 @@ class ModelConfig {
   // Parses `json` (the text of a config.json). `label` names the file in error messages.
   static absl::StatusOr<ModelConfig> Parse(absl::string_view json, absl::string_view label);
   // Reads and parses the file at `path`.
-  static absl::StatusOr<ModelConfig> Load(const std::string& path);
+  // `roots`: see OpenRegularFile (file_util.h).
+  static absl::StatusOr<ModelConfig> Load(const std::string& path,
+                                          absl::Span<const std::string> roots = {});
 
   const std::string& label() const { return label_; }
   // `architectures` (e.g. {"LlamaForCausalLM"}); may be empty.

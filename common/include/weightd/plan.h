@@ -37,6 +37,7 @@
 #include "absl/strings/string_view.h"
 #include "weightd/checkpoint.h"
 #include "weightd/dtype.h"
+#include "weightd/file_util.h"
 
 namespace weightd {
 
@@ -118,6 +119,9 @@ struct PlanFile {
   std::string path;
   uint64_t file_size = 0;
   uint64_t read_bytes = 0;  // bytes of this file the plan reads, each counted once for all ranks
+  // The checkpoint's record of the file (not in the plan's JSON); the executors refuse a file
+  // that no longer matches it. Unset (nullopt) in plans read back from JSON.
+  std::optional<FileIdentity> identity;
 };
 
 struct Plan {
@@ -135,8 +139,8 @@ struct Plan {
 
 struct PlanOptions {
   int tp = 1;
-  std::optional<int> rank;      // plan only this rank
-  std::optional<DType> dtype;   // target dtype for floating-point tensors; nullopt = checkpoint's
+  std::optional<int> rank;     // plan only this rank
+  std::optional<DType> dtype;  // target dtype for floating-point tensors; nullopt = checkpoint's
   bool expert_parallel = false;
   std::vector<std::string> skip_substrings;  // extra skip rules (--skip)
   std::optional<std::string> recipe_file;    // --recipe FILE: extends or overrides a recipe

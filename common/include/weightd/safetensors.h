@@ -4,7 +4,8 @@
 // section. The JSON maps tensor names to {"dtype", "shape", "data_offsets": [begin, end]}
 // (offsets relative to the data section) plus an optional "__metadata__" string map.
 //
-//   WD_ASSIGN_OR_RETURN(SafetensorsFile f, ReadSafetensorsFile("/m/model-00001-of-00004.safetensors"));
+//   WD_ASSIGN_OR_RETURN(SafetensorsFile f,
+//                       ReadSafetensorsFile("/m/model-00001-of-00004.safetensors"));
 //   for (const TensorInfo& t : f.tensors) { ... f.data_offset + t.begin ... }
 //
 // Everything is checked before a value is handed out: header length against the file size and
@@ -17,12 +18,13 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "weightd/dtype.h"
+#include "weightd/file_util.h"
 
 namespace weightd {
 
@@ -50,8 +52,7 @@ struct SafetensorsHeader {
 
 // Parses and validates the JSON header `json` of a file whose data section is `data_size`
 // bytes long. `file_label` (usually the path) prefixes every error message.
-absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view json,
-                                                         uint64_t data_size,
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(absl::string_view json, uint64_t data_size,
                                                          absl::string_view file_label);
 
 struct SafetensorsFile {
@@ -59,6 +60,7 @@ struct SafetensorsFile {
   uint64_t file_size = 0;
   uint64_t data_offset = 0;  // 8 + header length: absolute offset of the data section
   SafetensorsHeader header;
+  FileIdentity identity;  // of the file as it was read
 };
 
 // Parses a complete in-memory file image (length prefix, header, data). Used by the fuzzer and
@@ -68,7 +70,9 @@ absl::StatusOr<SafetensorsFile> ParseSafetensorsBuffer(absl::string_view bytes,
 
 // Reads the length prefix and header of `path` with pread (never the data section) and
 // validates it against the file's size.
-absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path);
+// `roots`: see OpenRegularFile (file_util.h).
+absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path,
+                                                    absl::Span<const std::string> roots = {});
 
 }  // namespace weightd
 

@@ -171,6 +171,8 @@ class Registry {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static std::vector<std::string> FdNames(const Model& m);
   bool MayAttach(const Model& m, const Peer& peer) const;
+  // model_roots, each resolved (realpath); those that do not exist are left out.
+  std::vector<std::string> ResolvedRoots() const;
   absl::Status CheckPath(const std::string& path, absl::string_view what) const;
 
   Backend* const backend_;

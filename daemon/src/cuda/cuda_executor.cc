@@ -429,6 +429,7 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     absl::MutexLock l(&mu);
     if (!first_error.ok()) return first_error;
   }
+  WD_RETURN_IF_ERROR(files.CheckUnchanged());
 
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];

@@ -34,6 +34,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "weightd/file_util.h"
 #include "weightd/unique_fd.h"
 
 namespace weightd {
@@ -43,11 +44,14 @@ inline constexpr uint64_t kDirectIoAlignment = 4096;
 // A checkpoint file opened twice: buffered, and (when possible) O_DIRECT. Thread-safe.
 class ReadFile {
  public:
-  // Opens `path` read-only; with `want_direct`, also with O_DIRECT (silently buffered-only when
-  // the filesystem refuses it). Errors name the path.
+  // Opens `path` read-only (OpenRegularFile: never blocks, regular files only); with
+  // `want_direct`, also with O_DIRECT (silently buffered-only when the filesystem refuses it).
+  // Errors name the path.
   static absl::StatusOr<std::unique_ptr<ReadFile>> Open(const std::string& path, bool want_direct);
   const std::string& path() const { return path_; }
   uint64_t size() const { return size_; }
+  // Of the buffered descriptor, when opened.
+  const FileIdentity& identity() const { return identity_; }
   int buffered_fd() const { return buffered_.get(); }
   // The O_DIRECT descriptor, or -1 once direct I/O is off for this file.
   int direct_fd() const { return direct_ok_.load(std::memory_order_relaxed) ? direct_.get() : -1; }
@@ -57,6 +61,7 @@ class ReadFile {
  private:
   std::string path_;
   uint64_t size_ = 0;
+  FileIdentity identity_;
   UniqueFd buffered_;
   UniqueFd direct_;
   std::atomic<bool> direct_ok_{false};

@@ -63,13 +63,18 @@ void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
 // (IoMode). Shared by the executors; thread-safe once opened.
 class PlanFiles {
  public:
-  // Opens every file of `plan` buffered; in the staged modes (kAuto, kUring) also with O_DIRECT
-  // (ReadFile), and in kAuto maps each one for mincore (an unmappable file counts as cached).
+  // Opens every file of `plan` buffered (one descriptor per file); in the staged modes (kAuto,
+  // kUring) also with O_DIRECT (a second one), and in kAuto maps each one for mincore (an
+  // unmappable file counts as cached). A file whose identity differs from the plan's record
+  // (PlanFile::identity: replaced or rewritten since its header was read) is DATA_LOSS.
   static absl::StatusOr<PlanFiles> Open(const Plan& plan, IoMode mode);
   bool staged() const { return mode_ != IoMode::kPread; }
-  int fd(uint32_t file) const { return fds_[file].get(); }
-  const std::string& path(uint32_t file) const { return paths_[file]; }
-  ReadFile& direct(uint32_t file) const { return *direct_[file]; }
+  int fd(uint32_t file) const { return files_[file]->buffered_fd(); }
+  const std::string& path(uint32_t file) const { return files_[file]->path(); }
+  ReadFile& direct(uint32_t file) const { return *files_[file]; }
+  // After the last read: DATA_LOSS naming the first file that changed since it was opened
+  // (rewritten in place during the load), so a mixed snapshot is never served as ready.
+  absl::Status CheckUnchanged() const;
   // Whether bytes [offset, offset + length) of `file` go through io_uring into a buffer of
   // `capacity` bytes: kUring whenever they fit, kAuto when they fit and less than
   // kCachedThreshold of them is in the page cache, kPread never.
@@ -77,9 +82,7 @@ class PlanFiles {
 
  private:
   IoMode mode_ = IoMode::kPread;
-  std::vector<std::string> paths_;
-  std::vector<UniqueFd> fds_;
-  std::vector<std::unique_ptr<ReadFile>> direct_;
+  std::vector<std::unique_ptr<ReadFile>> files_;
   std::vector<MappedFile> maps_;
 };
 
