@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "weightd/checkpoint.h"
 #include "weightd/cuda_backend.h"
+#include "weightd/detail/metrics_text.h"
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
@@ -80,19 +81,6 @@ bool Contains(const std::vector<uint32_t>& v, uint32_t x) {
 
 std::string IdsText(const std::vector<uint32_t>& v) {
   return v.empty() ? "none" : absl::StrJoin(v, ",");
-}
-
-std::string EscapeLabel(absl::string_view s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
 }
 
 }  // namespace
@@ -560,47 +548,53 @@ void Registry::WaitForLoads() {
 
 std::string Registry::Metrics() const {
   absl::MutexLock l(&mu_);
-  std::string out;
-  absl::StrAppend(&out,
-                  "# HELP weightd_models Models in the registry.\n# TYPE weightd_models gauge\n",
-                  "weightd_models ", models_.size(), "\n");
-  absl::StrAppend(
-      &out, "# TYPE weightd_loads_total counter\nweightd_loads_total ", loads_total_,
-      "\n# TYPE weightd_loads_failed_total counter\nweightd_loads_failed_total ", loads_failed_,
-      "\n# TYPE weightd_loads_running gauge\nweightd_loads_running ", running_loads_,
-      "\n# TYPE weightd_attaches_total counter\nweightd_attaches_total ", attaches_total_,
-      "\n# TYPE weightd_loaded_bytes_total counter\nweightd_loaded_bytes_total ",
-      bytes_loaded_total_,
-      "\n# HELP weightd_checkpoint_bytes_read_total Checkpoint bytes read by loads (0 after a "
-      "restart that re-adopted every model).\n# TYPE weightd_checkpoint_bytes_read_total counter\n"
-      "weightd_checkpoint_bytes_read_total ",
-      bytes_read_total_,
-      "\n# HELP weightd_models_adopted_total Models taken over from an earlier daemon (fd store "
-      "or takeover) without reading their checkpoint.\n# TYPE weightd_models_adopted_total "
-      "counter\nweightd_models_adopted_total ",
-      adopted_total_, "\n");
-  absl::StrAppend(&out, "# HELP weightd_rank_ready 1 when the rank is ready.\n",
-                  "# TYPE weightd_rank_ready gauge\n");
-  std::string bytes = "# TYPE weightd_rank_arena_bytes gauge\n";
-  std::string leases = "# TYPE weightd_rank_leases gauge\n";
-  std::string progress =
-      "# TYPE weightd_load_bytes_done gauge\n# TYPE weightd_load_bytes_total gauge\n";
+  MetricFamily models("weightd_models", "gauge", "Models in the registry, whatever their state.");
+  models.Add("", models_.size());
+  MetricFamily loads("weightd_loads_total", "counter", "Loads started.");
+  loads.Add("", loads_total_);
+  MetricFamily failed("weightd_loads_failed_total", "counter", "Loads that failed.");
+  failed.Add("", loads_failed_);
+  MetricFamily running("weightd_loads_running", "gauge", "Loads in progress.");
+  running.Add("", running_loads_);
+  MetricFamily attaches("weightd_attaches_total", "counter", "Leases granted by attach.");
+  attaches.Add("", attaches_total_);
+  MetricFamily loaded("weightd_loaded_bytes_total", "counter",
+                      "Checkpoint bytes of the loads that finished ready.");
+  loaded.Add("", bytes_loaded_total_);
+  MetricFamily read("weightd_checkpoint_bytes_read_total", "counter",
+                    "Checkpoint bytes read by loads (0 after a restart that re-adopted every "
+                    "model).");
+  read.Add("", bytes_read_total_);
+  MetricFamily adopted("weightd_models_adopted_total", "counter",
+                       "Models taken over from an earlier daemon (fd store or takeover) without "
+                       "reading their checkpoint.");
+  adopted.Add("", adopted_total_);
+  MetricFamily ready("weightd_rank_ready", "gauge", "1 when the rank is ready.");
+  MetricFamily arena("weightd_rank_arena_bytes", "gauge", "Bytes of the rank's arena.");
+  MetricFamily leases("weightd_rank_leases", "gauge", "Leases held on the rank.");
+  MetricFamily done("weightd_load_bytes_done", "gauge",
+                    "Checkpoint bytes the model's load has read so far.");
+  MetricFamily total("weightd_load_bytes_total", "gauge",
+                     "Checkpoint bytes the model's load reads in all.");
   for (const auto& [n, m] : models_) {
-    const std::string model = EscapeLabel(n);
-    absl::StrAppend(&progress, "weightd_load_bytes_done{model=\"", model, "\"} ",
-                    m->progress.bytes_done.load(), "\nweightd_load_bytes_total{model=\"", model,
-                    "\"} ", m->progress.bytes_total.load(), "\n");
+    const std::string model = Labels({{"model", n}});
+    done.Add(model, m->progress.bytes_done.load());
+    total.Add(model, m->progress.bytes_total.load());
+    std::map<int, uint64_t> per_rank;
+    for (const LeaseInfo& li : m->leases) ++per_rank[li.rank];
     for (const Model::Rank& r : m->ranks) {
-      const std::string labels = absl::StrCat("{model=\"", model, "\",rank=\"", r.rank, "\"}");
-      absl::StrAppend(&out, "weightd_rank_ready", labels, " ", r.state == RankState::kReady ? 1 : 0,
-                      "\n");
-      absl::StrAppend(&bytes, "weightd_rank_arena_bytes", labels, " ", r.arena_bytes, "\n");
-      size_t count = 0;
-      for (const LeaseInfo& li : m->leases) count += li.rank == r.rank;
-      absl::StrAppend(&leases, "weightd_rank_leases", labels, " ", count, "\n");
+      const std::string labels = Labels({{"model", n}, {"rank", absl::StrCat(r.rank)}});
+      ready.Add(labels, r.state == RankState::kReady ? 1 : 0);
+      arena.Add(labels, r.arena_bytes);
+      leases.Add(labels, per_rank[r.rank]);
     }
   }
-  return out + bytes + leases + progress;
+  std::string out;
+  for (const MetricFamily* f : {&models, &loads, &failed, &running, &attaches, &loaded, &read,
+                                &adopted, &ready, &arena, &leases, &done, &total}) {
+    f->AppendTo(&out);
+  }
+  return out;
 }
 
 void Registry::SetHooks(RegistryHooks hooks) { hooks_ = std::move(hooks); }

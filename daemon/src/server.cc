@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "weightd/detail/metrics_text.h"
 #include "weightd/handoff.h"
 #include "weightd/log.h"
 #include "weightd/protocol.h"
@@ -545,12 +546,17 @@ void Server::Impl::OnReadable(Connection& c) {
 
 std::string Server::Impl::Metrics() {
   std::string out = registry->Metrics();
-  absl::StrAppend(&out, "# TYPE weightd_connections gauge\nweightd_connections ", conns.size(),
-                  "\n# TYPE weightd_requests_total counter\nweightd_requests_total ",
-                  requests_total, "\n# TYPE weightd_request_errors_total counter\n",
-                  "weightd_request_errors_total ", errors_total,
-                  "\n# TYPE weightd_connections_refused_total counter\n",
-                  "weightd_connections_refused_total ", refused_total, "\n");
+  MetricFamily connections("weightd_connections", "gauge", "Open client connections.");
+  connections.Add("", conns.size());
+  MetricFamily requests("weightd_requests_total", "counter", "Requests received.");
+  requests.Add("", requests_total);
+  MetricFamily errors("weightd_request_errors_total", "counter",
+                      "Requests answered with an error.");
+  errors.Add("", errors_total);
+  MetricFamily refused("weightd_connections_refused_total", "counter",
+                       "Connections refused at max_connections.");
+  refused.Add("", refused_total);
+  for (const MetricFamily* f : {&connections, &requests, &errors, &refused}) f->AppendTo(&out);
   return out;
 }
 

@@ -4,13 +4,17 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <set>
+#include <sstream>
 #include <thread>
 
+#include "absl/strings/str_join.h"
 #include "daemon_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "weightd/config.h"
 #include "weightd/crc32c.h"
+#include "weightd/detail/metrics_text.h"
 #include "weightd/detail/page_cache.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
@@ -765,6 +769,59 @@ TEST_F(RegistryTest, AdoptsStoredFdsAndRefusesTheOtherKind) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("adopting model 'm'"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("a host memfd"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("CUDA VMM device memory"));
+}
+
+// Each family of a text exposition must be one group: its HELP line, its TYPE line, then all
+// its samples, with no line of another family in between (Prometheus text format 0.0.4).
+void ExpectContiguousFamilies(const std::string& text) {
+  std::vector<std::string> groups;  // family of each run of consecutive lines
+  std::set<std::string> helped, typed;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    ASSERT_FALSE(line.empty());
+    std::string family;
+    if (line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0) {
+      family = line.substr(7, line.find(' ', 7) - 7);
+      if (line[2] == 'H') {
+        EXPECT_TRUE(helped.insert(family).second) << "second HELP line of " << family;
+      } else {
+        EXPECT_TRUE(helped.count(family)) << "TYPE before HELP for " << family;
+        EXPECT_TRUE(typed.insert(family).second) << "second TYPE line of " << family;
+      }
+    } else {
+      family = line.substr(0, line.find_first_of("{ "));
+      EXPECT_TRUE(typed.count(family)) << "sample before its TYPE line: " << line;
+    }
+    if (groups.empty() || groups.back() != family) groups.push_back(family);
+  }
+  const std::set<std::string> distinct(groups.begin(), groups.end());
+  EXPECT_EQ(distinct.size(), groups.size()) << "a family is split into several groups:\n"
+                                            << absl::StrJoin(groups, "\n");
+}
+
+TEST(MetricsTextTest, FamiliesAndLabelEscaping) {
+  MetricFamily f("weightd_x", "gauge", "An example.");
+  f.Add("", 1);
+  f.Add(Labels({{"model", "a\"b\\c\nd"}, {"rank", "0"}}), uint64_t{18446744073709551615ull});
+  std::string out;
+  f.AppendTo(&out);
+  EXPECT_EQ(out,
+            "# HELP weightd_x An example.\n# TYPE weightd_x gauge\nweightd_x 1\n"
+            "weightd_x{model=\"a\\\"b\\\\c\\nd\",rank=\"0\"} 18446744073709551615\n");
+  ExpectContiguousFamilies(out);
+}
+
+TEST_F(RegistryTest, MetricsFamiliesAreContiguous) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  ASSERT_TRUE(reg.StartLoad("n", Spec(dir_.path(), 2), Self()).ok());
+  reg.WaitForLoads();
+  ASSERT_TRUE(reg.Attach("n", 1, Self(), 3).ok());
+  const std::string m = reg.Metrics();
+  ExpectContiguousFamilies(m);
+  EXPECT_THAT(m, HasSubstr("weightd_rank_leases{model=\"n\",rank=\"1\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr("weightd_load_bytes_done{model=\"m\"} "));
+  EXPECT_THAT(m, HasSubstr("weightd_load_bytes_total{model=\"n\"} "));
 }
 
 TEST_F(RegistryTest, MetricsText) {
