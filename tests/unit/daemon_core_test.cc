@@ -20,6 +20,7 @@
 #include "weightd/file_util.h"
 #include "weightd/handoff.h"
 #include "weightd/host_backend.h"
+#include "weightd/log.h"
 #include "weightd/kernels/copy.h"
 #include "weightd/manifest.h"
 #include "weightd/registry.h"
@@ -32,6 +33,7 @@ namespace {
 
 using testing::FakeTensor;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing::RandomTensor;
 using testing::TempDir;
 using testing::WriteSafetensors;
@@ -769,6 +771,65 @@ TEST_F(RegistryTest, AdoptsStoredFdsAndRefusesTheOtherKind) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("adopting model 'm'"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("a host memfd"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("CUDA VMM device memory"));
+}
+
+TEST(LogTest, RateLimitAdmitsABurstPerIntervalAndCountsTheRest) {
+  LogRateLimit limit(3, absl::Seconds(10));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  uint64_t suppressed = 99;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(limit.Admit(t0 + absl::Seconds(i), &suppressed));
+    EXPECT_EQ(suppressed, 0u);
+  }
+  for (int i = 0; i < 1000; ++i) EXPECT_FALSE(limit.Admit(t0 + absl::Seconds(9), &suppressed));
+  // A new window: the first line admitted carries the count of the dropped ones.
+  EXPECT_TRUE(limit.Admit(t0 + absl::Seconds(10), &suppressed));
+  EXPECT_EQ(suppressed, 1000u);
+  EXPECT_TRUE(limit.Admit(t0 + absl::Seconds(11), &suppressed));
+  EXPECT_EQ(suppressed, 0u);
+}
+
+// stderr goes to a file while the object lives; Text() is what was written.
+class CaptureStderr {
+ public:
+  explicit CaptureStderr(const std::string& path) : path_(path), saved_(::dup(STDERR_FILENO)) {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ::dup2(fd, STDERR_FILENO);
+    ::close(fd);
+  }
+  ~CaptureStderr() { Restore(); }
+  std::string Text() {
+    Restore();
+    auto text = ReadFileToString(path_, 1 << 24);
+    return text.ok() ? *text : std::string(text.status().message());
+  }
+
+ private:
+  void Restore() {
+    if (saved_ < 0) return;
+    ::dup2(saved_, STDERR_FILENO);
+    ::close(std::exchange(saved_, -1));
+  }
+  std::string path_;
+  int saved_;
+};
+
+TEST(LogTest, LimitedLinesHaveABudgetPerCallSite) {
+  TempDir dir;
+  InitLogging(LogLevel::kInfo);
+  CaptureStderr capture(dir / "log");
+  for (int i = 0; i < 10000; ++i) WD_LOG_LIMITED(LogLevel::kWarning, "flood %d", i);
+  for (int i = 0; i < 3; ++i) WD_LOG_LIMITED(LogLevel::kWarning, "another site %d", i);
+  // Below the threshold: neither written nor counted.
+  for (int i = 0; i < 10; ++i) WD_LOG_LIMITED(LogLevel::kDebug, "debug %d", i);
+  const std::string text = capture.Text();
+  size_t flood = 0, other = 0;
+  for (size_t at = 0; (at = text.find("flood ", at)) != std::string::npos; ++at) ++flood;
+  for (size_t at = 0; (at = text.find("another site ", at)) != std::string::npos; ++at) ++other;
+  EXPECT_EQ(flood, static_cast<size_t>(kLogLimitLines)) << text;
+  EXPECT_EQ(other, 3u) << text;
+  EXPECT_THAT(text, Not(HasSubstr("debug")));
+  EXPECT_LT(text.size(), 2000u);
 }
 
 // Each family of a text exposition must be one group: its HELP line, its TYPE line, then all
