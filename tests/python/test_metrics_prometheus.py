@@ -42,6 +42,7 @@ EXPECTED = {
     "weightd_requests": "counter",
     "weightd_request_errors": "counter",
     "weightd_connections_refused": "counter",
+    "weightd_connections_shed": "counter",
 }
 
 

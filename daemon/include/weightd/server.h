@@ -7,10 +7,14 @@
 // One thread runs an epoll loop over the listening socket and every connection (all
 // non-blocking), so a client that never speaks, or stops reading, delays nobody. Connections
 // that send no `hello` within hello_timeout are closed; beyond max_connections a new connection
-// gets one RESOURCE_EXHAUSTED packet and is closed. Every request is answered (or the
-// connection closed): oversized, truncated, non-JSON and malformed requests get
-// INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies; fds sent by a client are closed unread. Leases
-// belong to their connection: when it closes (even by SIGKILL of the client) they are released.
+// gets one RESOURCE_EXHAUSTED packet and is closed. When accept() fails for want of a file
+// descriptor (RLIMIT_NOFILE), pending connections are shed: accepted through a descriptor held
+// in reserve for this and closed at once (metric weightd_connections_shed_total); after any
+// accept() failure the listener rests, 20 ms doubling up to 1 s while failures go on, so the
+// loop never spins. Every request is answered (or the connection closed): oversized,
+// truncated, non-JSON and malformed requests get INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies;
+// fds sent by a client are closed unread. Leases belong to their connection: when it closes
+// (even by SIGKILL of the client) they are released.
 //
 // Takeover (docs/PROTOCOL.md): on `takeover` from the daemon's own uid the server stops calling
 // accept(), freezes the registry and sends every model's fds and a duplicate of the listening
