@@ -465,6 +465,7 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
     });
     if (li != leases.end()) {
       leases.erase(li);
+      ++detaches_total_;
       return absl::OkStatus();
     }
   }
@@ -473,15 +474,18 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
 }
 
 void Registry::ReleaseConnection(uint64_t connection) {
-  absl::MutexLock l(&mu_);
-  for (auto& entry : models_) {
-    const std::string& n = entry.first;
-    std::erase_if(entry.second->leases, [&](const LeaseInfo& x) {
-      if (x.connection != connection) return false;
-      LogInfo("detach %s rank %d: pid %d lease %llu (connection closed)", n, x.rank, x.peer.pid,
-              static_cast<unsigned long long>(x.id));
-      return true;
-    });
+  size_t released = 0;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [name, m] : models_) {
+      released +=
+          std::erase_if(m->leases, [&](const LeaseInfo& x) { return x.connection == connection; });
+    }
+    detaches_total_ += released;
+  }
+  if (released > 0) {
+    LogDebug("connection %llu closed: %zu leases released",
+             static_cast<unsigned long long>(connection), released);
   }
 }
 
@@ -558,6 +562,10 @@ std::string Registry::Metrics() const {
   running.Add("", running_loads_);
   MetricFamily attaches("weightd_attaches_total", "counter", "Leases granted by attach.");
   attaches.Add("", attaches_total_);
+  MetricFamily detaches("weightd_detaches_total", "counter",
+                        "Leases released by detach or by their connection closing (not those "
+                        "dropped by a forced unload).");
+  detaches.Add("", detaches_total_);
   MetricFamily loaded("weightd_loaded_bytes_total", "counter",
                       "Checkpoint bytes of the loads that finished ready.");
   loaded.Add("", bytes_loaded_total_);
@@ -590,8 +598,8 @@ std::string Registry::Metrics() const {
     }
   }
   std::string out;
-  for (const MetricFamily* f : {&models, &loads, &failed, &running, &attaches, &loaded, &read,
-                                &adopted, &ready, &arena, &leases, &done, &total}) {
+  for (const MetricFamily* f : {&models, &loads, &failed, &running, &attaches, &detaches, &loaded,
+                                &read, &adopted, &ready, &arena, &leases, &done, &total}) {
     f->AppendTo(&out);
   }
   return out;

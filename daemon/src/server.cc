@@ -763,14 +763,16 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
         cont["continuation"] = part + 1;
         Queue(c, cont.dump(), std::move(fds));
       }
-      LogInfo("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
-              static_cast<unsigned long long>(g->lease));
+      // Attaches and detaches are routine and can be frequent: counted in the metrics, logged
+      // only at debug level.
+      LogDebug("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
+               static_cast<unsigned long long>(g->lease));
       return;
     }
     case Op::kDetach: {
       const absl::Status s = registry->Detach(name, r.rank, c.id);
       if (!s.ok()) return fail(s);
-      LogInfo("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
+      LogDebug("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
       Queue(c, OkReply(r.id_json, json::object()));
       return;
     }

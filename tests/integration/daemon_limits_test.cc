@@ -3,6 +3,7 @@
 // set the config keys, the descriptor limit and the log level it is about, and stops it with
 // SIGTERM.
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -119,12 +120,62 @@ double Sample(const std::string& text, const std::string& name) {
   return -1;
 }
 
+constexpr char kHello[] = R"({"op":"hello","version":1,"id":0})";
+constexpr char kAttachDemo[] = R"({"op":"attach","name":"demo","rank":0,"id":1})";
+
+// A protocol connection without the client library. Fds that come with a reply are closed at
+// once (the daemon's lease stays until detach or until the connection closes).
+class Raw {
+ public:
+  explicit Raw(const std::string& socket) {
+    auto fd = ConnectSeqpacket(socket);
+    if (fd.ok()) fd_ = std::move(*fd);
+  }
+  // The reply, or {"eof":true} / {"timeout":true} / {"send_failed":true}.
+  json Call(const std::string& request) {
+    if (!SendPacket(fd_.get(), request).ok()) return {{"send_failed", true}};
+    pollfd p{fd_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 10000) != 1) return {{"timeout", true}};
+    auto packet = RecvPacket(fd_.get(), 8 << 20);
+    if (!packet.ok() || packet->eof) return {{"eof", true}};
+    return json::parse(packet->data, nullptr, false);
+  }
+
+ private:
+  UniqueFd fd_;
+};
+
+// Writes the demo checkpoint (tests/python/make_demo_checkpoint.py) to `dir`; "" or the error.
+std::string MakeDemoCheckpoint(const std::string& dir) {
+  const std::string out = dir + ".out";
+  const int rc = WaitFor(testing::Spawn({PYTHON_BIN, MAKE_DEMO_CHECKPOINT, dir}, out, out),
+                         std::chrono::seconds(60));
+  return rc == 0 ? "" : "make_demo_checkpoint.py failed: " + Slurp(out);
+}
+
+// Loads `name` from `checkpoint` and waits until it is ready; "" or what went wrong.
+std::string LoadAndWait(const std::string& socket, const std::string& name,
+                        const std::string& checkpoint) {
+  auto c = Client::Connect(socket);
+  if (!c.ok()) return c.status().ToString();
+  LoadOptions o;
+  o.recipe = "hf";
+  if (absl::Status s = c->Load(name, checkpoint, o); !s.ok()) return s.ToString();
+  std::string state;
+  WaitUntil([&] {
+    auto st = c->Status(name);
+    state = st.ok() ? st->front().state + " " + st->front().error : st.status().ToString();
+    return st.ok() && st->front().state != "loading";
+  });
+  return state == "ready " ? "" : state;
+}
+
 // Under a descriptor limit far below its connections, the daemon sheds the connections it cannot
 // hold instead of spinning on accept(): little CPU, a short log, a metric, and it serves a new
 // client as soon as connections close.
 TEST(DaemonLimitsTest, FullDescriptorTableShedsConnectionsWithoutSpinning) {
   constexpr int kLimit = 64, kConnections = 100;
-  OwnDaemon d({{"hello_timeout_ms", 60000}}, kLimit);
+  OwnDaemon d(json{{"hello_timeout_ms", 60000}}, kLimit);
   ASSERT_TRUE(d.ready()) << d.Log();
   std::vector<UniqueFd> socks;
   for (int i = 0; i < kConnections; ++i) {
@@ -165,6 +216,44 @@ TEST(DaemonLimitsTest, FullDescriptorTableShedsConnectionsWithoutSpinning) {
   const double shed = Sample(*m, "weightd_connections_shed_total");
   EXPECT_GE(shed, kConnections - kLimit) << *m << d.Log();
   EXPECT_LE(shed, kConnections) << *m;
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+}
+
+// At the default log level attaches and detaches leave no line in the log (they are counted
+// in the metrics); loads still log their state changes.
+TEST(DaemonLogTest, AttachAndDetachAreNotLoggedAtInfo) {
+  constexpr int kAttaches = 40, kClosedConnections = 10;
+  OwnDaemon d(json{{"io_threads", 2}});
+  ASSERT_TRUE(d.ready()) << d.Log();
+  const std::string ckpt = d.dir() + "/demo";
+  ASSERT_EQ(MakeDemoCheckpoint(ckpt), "");
+  ASSERT_EQ(LoadAndWait(d.socket(), "demo", ckpt), "") << d.Log();
+  auto c = Client::Connect(d.socket());
+  ASSERT_TRUE(c.ok()) << c.status();
+  for (int i = 0; i < kAttaches; ++i) {
+    auto a = c->Attach("demo", 0);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(a->Detach().ok());
+  }
+  // Leases released by their connection closing.
+  for (int i = 0; i < kClosedConnections; ++i) {
+    Raw raw(d.socket());
+    ASSERT_EQ(raw.Call(kHello).value("ok", false), true);
+    const json reply = raw.Call(kAttachDemo);
+    ASSERT_EQ(reply.value("ok", false), true) << reply.dump();
+  }
+  std::string metrics;
+  EXPECT_TRUE(WaitUntil([&] {
+    auto m = c->Metrics();
+    metrics = m.ok() ? *m : m.status().ToString();
+    return Sample(metrics, "weightd_detaches_total") == kAttaches + kClosedConnections;
+  })) << metrics;
+  EXPECT_EQ(Sample(metrics, "weightd_attaches_total"), kAttaches + kClosedConnections);
+  const std::string log = d.Log();
+  EXPECT_THAT(log, HasSubstr("load demo: done"));
+  EXPECT_THAT(log, Not(HasSubstr("attach demo")));
+  EXPECT_THAT(log, Not(HasSubstr("detach demo")));
+  EXPECT_THAT(log, Not(HasSubstr("lease")));
   EXPECT_EQ(d.Stop(), 0) << d.Log();
 }
 

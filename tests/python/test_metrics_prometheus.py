@@ -30,6 +30,7 @@ EXPECTED = {
     "weightd_loads_failed": "counter",
     "weightd_loads_running": "gauge",
     "weightd_attaches": "counter",
+    "weightd_detaches": "counter",
     "weightd_loaded_bytes": "counter",
     "weightd_checkpoint_bytes_read": "counter",
     "weightd_models_adopted": "counter",
@@ -117,3 +118,4 @@ def test_values(daemon):
             break
         time.sleep(0.05)
     assert value(families["weightd_rank_leases"], model="demo", rank="0") == 0
+    assert value(families["weightd_detaches"]) >= 1

@@ -192,6 +192,7 @@ class Registry {
   uint64_t loads_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t loads_failed_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t attaches_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t detaches_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t bytes_loaded_total_ ABSL_GUARDED_BY(mu_) = 0;
   // Checkpoint bytes read by loads, finished or not: stays 0 across an fd-store restart.
   uint64_t bytes_read_total_ ABSL_GUARDED_BY(mu_) = 0;
