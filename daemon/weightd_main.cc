@@ -349,6 +349,7 @@ int main(int argc, char** argv) {
   }
   so.socket_mode = config.socket_mode;
   so.max_connections = config.max_connections;
+  so.max_connections_per_uid = config.max_connections_per_uid;
   so.max_request_bytes = config.max_request_bytes;
   so.hello_timeout = absl::Milliseconds(config.hello_timeout_ms);
   auto server = Server::Create(so, &registry);

@@ -128,6 +128,13 @@ bool Registry::MayAdminister(const Peer& peer) const {
          InAllowedGroup(config_.allow_gids, peer);
 }
 
+void Registry::UncountLeases(const std::vector<LeaseInfo>& leases) {
+  for (const LeaseInfo& li : leases) {
+    auto held = connection_leases_.find(li.connection);
+    if (held != connection_leases_.end() && --held->second == 0) connection_leases_.erase(held);
+  }
+}
+
 bool Registry::MayAttach(const Model& m, const Peer& peer) const {
   return peer.uid == self_uid_ || Contains(m.allow_uids, peer.uid) ||
          InAllowedGroup(m.allow_gids, peer);
@@ -364,6 +371,7 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
                                                           const Peer& peer) const {
   absl::MutexLock l(&mu_);
   std::vector<ModelStatus> out;
+  size_t listed = 0;
   for (const auto& [n, m] : models_) {
     if (!name.empty() && n != name) continue;
     if (!MayAttach(*m, peer) && !MayAdminister(peer)) {
@@ -391,10 +399,17 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
       rs.state = r.state;
       rs.arena_bytes = r.arena_bytes;
       rs.tensors = r.tensors;
-      for (const LeaseInfo& li : m->leases) {
-        if (li.rank == r.rank) rs.leases.push_back(li);
-      }
       s.ranks.push_back(std::move(rs));
+    }
+    for (const LeaseInfo& li : m->leases) {
+      auto rs = std::find_if(s.ranks.begin(), s.ranks.end(),
+                             [&](const RankStatus& x) { return x.rank == li.rank; });
+      if (rs == s.ranks.end()) continue;
+      ++rs->lease_count;
+      if (listed < kStatusMaxListedLeases) {
+        rs->leases.push_back(li);
+        ++listed;
+      }
     }
     out.push_back(std::move(s));
   }
@@ -439,6 +454,14 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
     case RankState::kReady:
       break;
   }
+  if (auto held = connection_leases_.find(connection);
+      held != connection_leases_.end() &&
+      held->second >= static_cast<uint64_t>(config_.max_leases_per_connection)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this connection already holds ", held->second,
+        " leases, the most one connection may hold (config max_leases_per_connection); detach "
+        "some first"));
+  }
   AttachGrant g;
   g.manifest = UniqueFd(::fcntl(r->manifest.get(), F_DUPFD_CLOEXEC, 0));
   if (!g.manifest) return ErrnoError(errno, "dup of a manifest memfd");
@@ -451,6 +474,7 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
           : std::string());
   g.lease = next_lease_++;
   m.leases.push_back({g.lease, connection, peer, rank});
+  ++connection_leases_[connection];
   ++attaches_total_;
   return g;
 }
@@ -464,6 +488,7 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
       return x.connection == connection && x.rank == rank;
     });
     if (li != leases.end()) {
+      UncountLeases({*li});
       leases.erase(li);
       ++detaches_total_;
       return absl::OkStatus();
@@ -482,6 +507,7 @@ void Registry::ReleaseConnection(uint64_t connection) {
           std::erase_if(m->leases, [&](const LeaseInfo& x) { return x.connection == connection; });
     }
     detaches_total_ += released;
+    connection_leases_.erase(connection);
   }
   if (released > 0) {
     LogDebug("connection %llu closed: %zu leases released",
@@ -506,13 +532,26 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
     }
     Model& m = *it->second;
     if (!m.leases.empty() && !force) {
-      std::vector<std::string> who;
+      // A bounded message, whatever the number of leases: the first holders, each once.
+      constexpr size_t kListed = 16;
+      std::vector<std::pair<pid_t, int>> who;
+      size_t more = 0;
       for (const LeaseInfo& li : m.leases) {
-        who.push_back(absl::StrCat("pid ", li.peer.pid, " (rank ", li.rank, ")"));
+        const std::pair<pid_t, int> key(li.peer.pid, li.rank);
+        if (std::find(who.begin(), who.end(), key) != who.end()) continue;
+        if (who.size() < kListed) {
+          who.push_back(key);
+        } else {
+          ++more;  // may count a holder twice; only its order of magnitude matters here
+        }
       }
-      return absl::FailedPreconditionError(absl::StrCat("model '", name, "' is attached by ",
-                                                        absl::StrJoin(who, ", "),
-                                                        "; detach them or use force"));
+      std::string text = absl::StrJoin(who, ", ", [](std::string* out, const auto& x) {
+        absl::StrAppend(out, "pid ", x.first, " (rank ", x.second, ")");
+      });
+      if (more > 0) absl::StrAppend(&text, " and others");
+      if (m.leases.size() > who.size()) absl::StrAppend(&text, " (", m.leases.size(), " leases)");
+      return absl::FailedPreconditionError(
+          absl::StrCat("model '", name, "' is attached by ", text, "; detach them or use force"));
     }
     if (!m.finished) {
       if (!force) {
@@ -526,6 +565,7 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
       return absl::OkStatus();
     }
     for (Model::Rank& r : m.ranks) r.state = RankState::kUnloading;
+    UncountLeases(m.leases);
     victim = std::move(it->second);
     models_.erase(it);
   }

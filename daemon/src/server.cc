@@ -116,6 +116,7 @@ json StatusJson(const ModelStatus& m) {
     jr["state"] = std::string(RankStateName(r.state));
     jr["arena_bytes"] = r.arena_bytes;
     jr["tensors"] = r.tensors;
+    jr["lease_count"] = r.lease_count;
     json leases = json::array();
     for (const LeaseInfo& li : r.leases) {
       leases.push_back({{"lease", li.id}, {"pid", li.peer.pid}, {"uid", li.peer.uid}});
@@ -139,6 +140,7 @@ struct Server::Impl {
   // (and at once close) a connection that would otherwise wait in the backlog (ShedBacklog).
   UniqueFd reserve_fd;
   std::map<uint64_t, Connection> conns;  // owned by the Run() thread only
+  std::map<uid_t, int> conns_per_uid;    // of conns
   uint64_t next_id = 1;
   std::atomic<bool> stop{false};
   // Connections refused at the cap, kept open briefly: closing a unix socket with unread data
@@ -168,6 +170,8 @@ struct Server::Impl {
   int ShedBacklog();
 
   void Accept();
+  // Sends `why` as the connection's only packet and keeps it open briefly (see `refused`).
+  void Refuse(UniqueFd fd, const absl::Status& why);
   void Close(uint64_t id, absl::string_view why);
   void OnReadable(Connection& c);
   void Flush(Connection& c);
@@ -501,23 +505,27 @@ void Server::Impl::Accept() {
     }
     accept_pause = kAcceptPauseFirst;
     if (conns.size() >= static_cast<size_t>(options.max_connections)) {
-      ++refused_total;
-      (void)SendPacket(
-          fd.get(), EncodeErrorReply(
-                        "null", absl::ResourceExhaustedError(absl::StrCat(
-                                    "weightd is at its connection limit (", options.max_connections,
-                                    " connections; config max_connections)"))));
-      if (refused.size() >= 256) {
-        Drain(refused.front().first.get());
-        refused.pop_front();
-      }
-      refused.emplace_back(std::move(fd), absl::Now());
+      Refuse(std::move(fd), absl::ResourceExhaustedError(absl::StrCat(
+                                "weightd is at its connection limit (", options.max_connections,
+                                " connections; config max_connections)")));
       continue;
     }
     ucred cred{};
     socklen_t len = sizeof(cred);
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
       WD_LOG_LIMITED(LogLevel::kWarning, "SO_PEERCRED failed: %s", std::strerror(errno));
+      continue;
+    }
+    if (auto held = conns_per_uid.find(cred.uid);
+        held != conns_per_uid.end() && held->second >= options.max_connections_per_uid) {
+      WD_LOG_LIMITED(LogLevel::kWarning,
+                     "connection of pid %d uid %u refused: the uid holds %d connections "
+                     "(max_connections_per_uid)",
+                     cred.pid, cred.uid, held->second);
+      Refuse(std::move(fd), absl::ResourceExhaustedError(absl::StrCat(
+                                "uid ", cred.uid, " already holds ", held->second,
+                                " connections to weightd, the most one uid may hold (config "
+                                "max_connections_per_uid)")));
       continue;
     }
     // Forced (root) or capped by wmem_max; a larger buffer lets big status replies fit.
@@ -538,15 +546,30 @@ void Server::Impl::Accept() {
     c.fd = std::move(fd);
     c.peer = {cred.pid, cred.uid, cred.gid, PeerGroups(c.fd.get())};
     c.accepted = absl::Now();
+    ++conns_per_uid[cred.uid];
     LogDebug("connection %llu: pid %d uid %u", static_cast<unsigned long long>(id), cred.pid,
              cred.uid);
   }
+}
+
+void Server::Impl::Refuse(UniqueFd fd, const absl::Status& why) {
+  ++refused_total;
+  (void)SendPacket(fd.get(), EncodeErrorReply("null", why));
+  if (refused.size() >= 256) {
+    Drain(refused.front().first.get());
+    refused.pop_front();
+  }
+  refused.emplace_back(std::move(fd), absl::Now());
 }
 
 void Server::Impl::Close(uint64_t id, absl::string_view why) {
   auto it = conns.find(id);
   if (it == conns.end()) return;
   Connection& c = it->second;
+  if (auto held = conns_per_uid.find(c.peer.uid);
+      held != conns_per_uid.end() && --held->second <= 0) {
+    conns_per_uid.erase(held);
+  }
   registry->ReleaseConnection(id);
   if (id == takeover_conn) AbortTakeover(why);
   LogDebug("connection %llu (pid %d): closed: %s", static_cast<unsigned long long>(id), c.peer.pid,
@@ -641,7 +664,7 @@ std::string Server::Impl::Metrics() {
                       "Requests answered with an error.");
   errors.Add("", errors_total);
   MetricFamily refused("weightd_connections_refused_total", "counter",
-                       "Connections refused at max_connections.");
+                       "Connections refused at max_connections or max_connections_per_uid.");
   refused.Add("", refused_total);
   MetricFamily shed("weightd_connections_shed_total", "counter",
                     "Connections closed as soon as accepted because the daemon had no file "

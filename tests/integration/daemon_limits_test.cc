@@ -3,15 +3,18 @@
 // set the config keys, the descriptor limit and the log level it is about, and stops it with
 // SIGTERM.
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -254,6 +257,133 @@ TEST(DaemonLogTest, AttachAndDetachAreNotLoggedAtInfo) {
   EXPECT_THAT(log, Not(HasSubstr("attach demo")));
   EXPECT_THAT(log, Not(HasSubstr("detach demo")));
   EXPECT_THAT(log, Not(HasSubstr("lease")));
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+}
+
+// One connection holds at most max_leases_per_connection leases; the refusal names the key,
+// and a detach makes room again.
+TEST(DaemonLimitsTest, LeaseCapPerConnection) {
+  OwnDaemon d(json{{"max_leases_per_connection", 5}, {"io_threads", 2}});
+  ASSERT_TRUE(d.ready()) << d.Log();
+  const std::string ckpt = d.dir() + "/demo";
+  ASSERT_EQ(MakeDemoCheckpoint(ckpt), "");
+  ASSERT_EQ(LoadAndWait(d.socket(), "demo", ckpt), "") << d.Log();
+  Raw raw(d.socket());
+  ASSERT_EQ(raw.Call(kHello).value("ok", false), true);
+  for (int i = 0; i < 5; ++i) {
+    const json reply = raw.Call(kAttachDemo);
+    ASSERT_EQ(reply.value("ok", false), true) << i << ": " << reply.dump();
+  }
+  json refused = raw.Call(kAttachDemo);
+  ASSERT_TRUE(refused.contains("error")) << refused.dump();
+  EXPECT_EQ(refused["error"].value("code", ""), "RESOURCE_EXHAUSTED");
+  EXPECT_THAT(refused["error"].value("message", ""), HasSubstr("max_leases_per_connection"));
+  // Other connections are not limited by this one's leases.
+  auto c = Client::Connect(d.socket());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("demo", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(a->Detach().ok());
+  auto st = c->Status(std::string("demo"));
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(st->front().ranks[0].lease_count, 5u);
+  ASSERT_EQ(raw.Call(R"({"op":"detach","name":"demo","rank":0,"id":2})").value("ok", false), true);
+  EXPECT_EQ(raw.Call(kAttachDemo).value("ok", false), true);
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+}
+
+// With many leases the status reply lists a bounded number and counts them all; the client
+// library and weightctl show the count.
+TEST(DaemonLimitsTest, StatusReplyStaysBoundedWithManyLeases) {
+  constexpr int kLeases = 1500;
+  OwnDaemon d(json{{"io_threads", 2}});
+  ASSERT_TRUE(d.ready()) << d.Log();
+  const std::string ckpt = d.dir() + "/demo";
+  ASSERT_EQ(MakeDemoCheckpoint(ckpt), "");
+  ASSERT_EQ(LoadAndWait(d.socket(), "demo", ckpt), "") << d.Log();
+  Raw raw(d.socket());
+  ASSERT_EQ(raw.Call(kHello).value("ok", false), true);
+  for (int i = 0; i < kLeases; ++i) {
+    const json reply = raw.Call(kAttachDemo);
+    ASSERT_EQ(reply.value("ok", false), true) << i << ": " << reply.dump();
+  }
+  const json status = raw.Call(R"({"op":"status","id":3})");
+  ASSERT_EQ(status.value("ok", false), true) << status.dump().substr(0, 2000);
+  const json& rank = status["result"]["models"][0]["ranks"][0];
+  EXPECT_EQ(rank.value("lease_count", 0), kLeases);
+  EXPECT_EQ(rank["leases"].size(), 64u);
+  EXPECT_LT(status.dump().size(), 8u << 10);
+
+  auto c = Client::Connect(d.socket());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto st = c->Status(std::string("demo"));
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_EQ(st->front().ranks[0].lease_count, static_cast<uint64_t>(kLeases));
+  EXPECT_EQ(st->front().ranks[0].leases.size(), 64u);
+  const std::string out = d.dir() + "/status.out";
+  ASSERT_EQ(
+      WaitFor(testing::Spawn({WEIGHTCTL_BIN, "status", "demo", "--socket", d.socket()}, out, out),
+              std::chrono::seconds(30)),
+      0)
+      << Slurp(out);
+  EXPECT_THAT(Slurp(out), HasSubstr("1500 leases pids "));
+  const std::string json_out = d.dir() + "/status.json";
+  ASSERT_EQ(
+      WaitFor(testing::Spawn({WEIGHTCTL_BIN, "status", "demo", "--json", "--socket", d.socket()},
+                             json_out, json_out),
+              std::chrono::seconds(30)),
+      0);
+  EXPECT_THAT(Slurp(json_out), HasSubstr("\"lease_count\": 1500"));
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+}
+
+// Of max_connections, one uid holds at most max_connections_per_uid; another uid still gets in,
+// and a closed connection makes room again.
+TEST(DaemonLimitsTest, ConnectionCapPerUid) {
+  OwnDaemon d(json{{"max_connections_per_uid", 3}, {"socket_mode", "0666"}});
+  ASSERT_TRUE(d.ready()) << d.Log();
+  ::chmod(d.dir().c_str(), 0755);  // reachable by the uid-65534 child
+  // Client::Connect in OwnDaemon's wait closed its connections; the daemon may not have seen it.
+  std::vector<std::unique_ptr<Raw>> held;
+  ASSERT_TRUE(WaitUntil([&] {
+    held.clear();
+    for (int i = 0; i < 3; ++i) {
+      held.push_back(std::make_unique<Raw>(d.socket()));
+      if (held.back()->Call(kHello).value("ok", false) != true) return false;
+    }
+    return true;
+  }));
+  Raw extra(d.socket());
+  const json refused = extra.Call(kHello);
+  ASSERT_TRUE(refused.contains("error")) << refused.dump();
+  EXPECT_EQ(refused["error"].value("code", ""), "RESOURCE_EXHAUSTED");
+  EXPECT_THAT(refused["error"].value("message", ""), HasSubstr("max_connections_per_uid"));
+  EXPECT_THAT(refused["error"].value("message", ""),
+              HasSubstr("uid " + std::to_string(::geteuid())));
+  if (::geteuid() == 0) {
+    int pipefd[2];
+    ASSERT_EQ(::pipe(pipefd), 0);
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::close(pipefd[0]);
+      std::string msg = "setuid failed";
+      if (::setgroups(0, nullptr) == 0 && ::setgid(65534) == 0 && ::setuid(65534) == 0) {
+        Raw other(d.socket());
+        msg = other.Call(kHello).dump();
+      }
+      (void)!::write(pipefd[1], msg.data(), msg.size());
+      ::_exit(0);
+    }
+    ::close(pipefd[1]);
+    std::string msg;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(pipefd[0], buf, sizeof(buf))) > 0;) msg.append(buf, n);
+    ::close(pipefd[0]);
+    WaitFor(child, std::chrono::seconds(20));
+    EXPECT_THAT(msg, HasSubstr("\"ok\":true")) << "uid 65534 was refused";
+  }
+  held.pop_back();
+  EXPECT_TRUE(WaitUntil([&] { return Raw(d.socket()).Call(kHello).value("ok", false) == true; }));
   EXPECT_EQ(d.Stop(), 0) << d.Log();
 }
 

@@ -44,12 +44,14 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->backend, "auto");
   EXPECT_EQ(c->pinned_budget, 1ull << 30);
   EXPECT_EQ(c->max_connections, 1024);
+  EXPECT_EQ(c->max_connections_per_uid, 256);
+  EXPECT_EQ(c->max_leases_per_connection, 4096);
   EXPECT_EQ(c->max_request_bytes, 65536u);
   EXPECT_EQ(c->socket_mode, 0660u);
   c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
       "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
       "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
-      "socket_mode":"0600",
+      "socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
       "preload":[{"name":"llama","checkpoint":"/models/l","tp":2,"allow_uids":[7]}]})",
                   "t.json");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -59,6 +61,8 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->allow_gids, std::vector<uint32_t>{27});
   EXPECT_EQ(c->model_roots, std::vector<std::string>{"/models"});
   EXPECT_EQ(c->max_connections, 10);
+  EXPECT_EQ(c->max_connections_per_uid, 3);
+  EXPECT_EQ(c->max_leases_per_connection, 5);
   EXPECT_EQ(c->hello_timeout_ms, 500);
   EXPECT_EQ(c->socket_mode, 0600u);
   ASSERT_EQ(c->preload.size(), 1u);
@@ -83,6 +87,8 @@ TEST(ConfigTest, Errors) {
   ExpectConfigError(R"({"pinned_budget":10})", "at least 1 MiB");
   ExpectConfigError(R"({"allow_uids":["root"]})", "'allow_uids'");
   ExpectConfigError(R"({"max_connections":0})", "'max_connections'");
+  ExpectConfigError(R"({"max_connections_per_uid":0})", "'max_connections_per_uid'");
+  ExpectConfigError(R"({"max_leases_per_connection":-1})", "'max_leases_per_connection'");
   ExpectConfigError(R"({"socket_mode":"0999"})", "'socket_mode'");
   ExpectConfigError(R"({"log_level":"loud"})", "'log_level'");
   ExpectConfigError(R"({"preload":[{"checkpoint":"/x"}]})", "preload[0]");
@@ -596,6 +602,59 @@ TEST_F(RegistryTest, ForceUnloadWhileAttached) {
   ASSERT_NE(p, MAP_FAILED);
   EXPECT_EQ(std::memcmp(p, tensors_[0].bytes.data(), 64), 0);
   ::munmap(p, 4096);
+}
+
+TEST_F(RegistryTest, LeaseCapPerConnection) {
+  config_.max_leases_per_connection = 3;
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  ASSERT_TRUE(reg.StartLoad("n", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  // The cap counts the connection's leases on every model and rank.
+  ASSERT_TRUE(reg.Attach("m", 0, Self(), 1).ok());
+  ASSERT_TRUE(reg.Attach("m", 1, Self(), 1).ok());
+  ASSERT_TRUE(reg.Attach("n", 0, Self(), 1).ok());
+  auto refused = reg.Attach("m", 0, Self(), 1);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("max_leases_per_connection"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("holds 3 leases"));
+  EXPECT_TRUE(reg.Attach("m", 0, Self(), 2).ok()) << "another connection has its own count";
+  // A detach, a forced unload and a closed connection each give the slots back.
+  ASSERT_TRUE(reg.Detach("m", 1, 1).ok());
+  EXPECT_TRUE(reg.Attach("m", 1, Self(), 1).ok());
+  EXPECT_FALSE(reg.Attach("m", 1, Self(), 1).ok());
+  ASSERT_TRUE(reg.Unload("n", /*force=*/true, Self()).ok());
+  EXPECT_TRUE(reg.Attach("m", 1, Self(), 1).ok());
+  EXPECT_FALSE(reg.Attach("m", 1, Self(), 1).ok());
+  reg.ReleaseConnection(1);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(reg.Attach("m", 0, Self(), 1).ok()) << i;
+}
+
+// However many leases there are, Status lists a bounded number and counts the rest, and the
+// refusal of an unload names a bounded number of holders.
+TEST_F(RegistryTest, StatusAndUnloadRefusalStayBoundedWithManyLeases) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  reg.WaitForLoads();
+  constexpr int kLeases = 5000;
+  for (int i = 0; i < kLeases; ++i) {
+    Peer p = Self();
+    p.pid = 100000 + i;  // a distinct holder each time
+    ASSERT_TRUE(reg.Attach("m", i % 2, p, 1 + i % 3).ok()) << i;
+  }
+  auto st = reg.Status("m", Self());
+  ASSERT_TRUE(st.ok()) << st.status();
+  const std::vector<RankStatus>& ranks = st->front().ranks;
+  ASSERT_EQ(ranks.size(), 2u);
+  EXPECT_EQ(ranks[0].lease_count, kLeases / 2);
+  EXPECT_EQ(ranks[1].lease_count, kLeases / 2);
+  EXPECT_EQ(ranks[0].leases.size() + ranks[1].leases.size(), kStatusMaxListedLeases);
+  EXPECT_EQ(ranks[0].leases.front().peer.pid, 100000) << "the oldest lease first";
+  absl::Status u = reg.Unload("m", false, Self());
+  EXPECT_EQ(u.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(u.message()), HasSubstr("pid 100000 (rank 0)"));
+  EXPECT_THAT(std::string(u.message()), HasSubstr("and others (5000 leases)"));
+  EXPECT_LT(u.message().size(), 1000u);
 }
 
 TEST_F(RegistryTest, DuplicateNameAndBadRequests) {
