@@ -444,6 +444,8 @@ int main(int argc, char** argv) {
   notifier.join();
 #endif
   server->reset();
+  // Running loads end here, so that their last lines come before "stopped".
+  registry.Shutdown();
   LogInfo("%s", handed_over ? "stopped: handed over to the successor" : "stopped");
   return run.ok() ? 0 : 1;
 }

@@ -88,13 +88,19 @@ std::string IdsText(const std::vector<uint32_t>& v) {
 Registry::Registry(Backend* backend, DaemonConfig config)
     : backend_(backend), config_(std::move(config)), self_uid_(::geteuid()) {}
 
-Registry::~Registry() {
+Registry::~Registry() { Shutdown(); }
+
+void Registry::Shutdown() {
   std::vector<LoadThread> threads;
+  int running = 0;
   {
     absl::MutexLock l(&mu_);
+    shutting_down_ = true;
+    running = running_loads_;
     for (auto& [name, m] : models_) m->progress.cancel = true;
     threads.swap(threads_);
   }
+  if (running > 0) LogInfo("shutdown: cancelling %d running loads", running);
   for (LoadThread& t : threads) t.thread.join();
 }
 
@@ -200,6 +206,7 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
     m->ranks.push_back(std::move(r));
   }
   absl::MutexLock l(&mu_);
+  if (shutting_down_) return absl::UnavailableError("weightd is shutting down");
   if (frozen_) {
     return absl::UnavailableError("weightd is handing over to its successor; retry in a moment");
   }
@@ -317,12 +324,14 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   const absl::Duration elapsed = absl::Now() - m->started;
   const uint64_t bytes = m->progress.bytes_total.load();
   std::vector<std::unique_ptr<Arena>> to_free;
-  bool cancelled = false;
+  bool cancelled = false, shutdown = false;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   {
     absl::MutexLock l(&mu_);
     bytes_read_total_ += m->progress.bytes_done.load();
     cancelled = m->unload_requested;
+    // The executor's error names the only other cause of a cancel (unload --force).
+    shutdown = !cancelled && !status.ok() && shutting_down_;
     m->finished = true;
     m->elapsed = elapsed;
     --running_loads_;
@@ -330,6 +339,10 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       to_free = std::move(arenas);
       auto it = models_.find(name);
       if (it != models_.end() && it->second == m) models_.erase(it);
+    } else if (shutdown) {
+      m->error = "cancelled: weightd is shutting down";
+      for (Model::Rank& r : m->ranks) r.state = RankState::kFailed;
+      to_free = std::move(arenas);
     } else if (!status.ok()) {
       ++loads_failed_;
       m->error = std::string(status.message());
@@ -359,6 +372,8 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   const double secs = absl::ToDoubleSeconds(elapsed);
   if (cancelled) {
     LogInfo("load %s: cancelled after %.2f s; unloaded", name, secs);
+  } else if (shutdown) {
+    LogInfo("load %s: cancelled after %.2f s: weightd is shutting down", name, secs);
   } else if (status.ok()) {
     LogInfo("load %s: done %s in %.3f s (%.2f GB/s)", name, FormatBytes(bytes), secs,
             secs > 0 ? bytes / secs / 1e9 : 0.0);

@@ -30,6 +30,7 @@
 namespace weightd {
 namespace {
 
+using ::testing::EndsWith;
 using ::testing::HasSubstr;
 using ::testing::Not;
 using json = nlohmann::json;
@@ -385,6 +386,60 @@ TEST(DaemonLimitsTest, ConnectionCapPerUid) {
   held.pop_back();
   EXPECT_TRUE(WaitUntil([&] { return Raw(d.socket()).Call(kHello).value("ok", false) == true; }));
   EXPECT_EQ(d.Stop(), 0) << d.Log();
+}
+
+// SIGTERM during a load: the load is cancelled for the shutdown (not "unload --force"), and its
+// last line comes before the daemon's "stopped".
+TEST(DaemonLogTest, SigtermCancelsARunningLoadBeforeStopped) {
+  OwnDaemon d(json{{"io_threads", 1}, {"pinned_budget", "1MiB"}});
+  ASSERT_TRUE(d.ready()) << d.Log();
+  // 1 GiB of tensors in a sparse file: quick to write, long enough to read that the load is
+  // still running when SIGTERM arrives.
+  const std::string dir = d.dir() + "/big";
+  std::filesystem::create_directory(dir);
+  {
+    constexpr int kTensors = 16;
+    constexpr uint64_t kBytes = 64ull << 20;
+    std::string header = "{";
+    for (int i = 0; i < kTensors; ++i) {
+      header += (i ? ",\"t" : "\"t") + std::to_string(i) + "\":{\"dtype\":\"U8\",\"shape\":[" +
+                std::to_string(kBytes) + "],\"data_offsets\":[" + std::to_string(i * kBytes) + "," +
+                std::to_string((i + 1) * kBytes) + "]}";
+    }
+    header += "}";
+    while (header.size() % 8) header += ' ';
+    const uint64_t n = header.size();
+    {
+      std::ofstream f(dir + "/model.safetensors", std::ios::binary);
+      f.write(reinterpret_cast<const char*>(&n), 8);
+      f << header;
+    }
+    std::filesystem::resize_file(dir + "/model.safetensors", 8 + n + kTensors * kBytes);
+  }
+  auto c = Client::Connect(d.socket());
+  ASSERT_TRUE(c.ok()) << c.status();
+  LoadOptions o;
+  o.recipe = "hf";
+  ASSERT_TRUE(c->Load("big", dir, o).ok());
+  // Reading has begun (the plan is made and the arena allocated).
+  ASSERT_TRUE(WaitUntil([&] {
+    auto st = c->Status(std::string("big"));
+    return st.ok() && (st->front().bytes_done > 0 || st->front().state != "loading");
+  })) << d.Log();
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
+  const std::string log = d.Log();
+  if (log.find("load big: done") != std::string::npos) {
+    GTEST_SKIP() << "the load finished before SIGTERM arrived:\n" << log;
+  }
+  EXPECT_THAT(log, HasSubstr("load big: cancelled after "));
+  EXPECT_THAT(log, HasSubstr("weightd is shutting down"));
+  EXPECT_THAT(log, Not(HasSubstr("unload --force")));
+  EXPECT_THAT(log, Not(HasSubstr("failed")));
+  // "stopped" is the last line.
+  std::string last = log.substr(0, log.find_last_not_of('\n') + 1);
+  last = last.substr(last.rfind('\n') + 1);
+  EXPECT_THAT(last, EndsWith("weightd: stopped")) << log;
+  EXPECT_LT(log.find("load big: cancelled"), log.find("weightd: stopped")) << log;
 }
 
 }  // namespace

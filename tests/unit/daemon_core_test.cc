@@ -657,6 +657,14 @@ TEST_F(RegistryTest, StatusAndUnloadRefusalStayBoundedWithManyLeases) {
   EXPECT_LT(u.message().size(), 1000u);
 }
 
+TEST_F(RegistryTest, NoLoadStartsAfterShutdown) {
+  Registry reg(&backend_, config_);
+  reg.Shutdown();
+  const absl::Status s = reg.StartLoad("m", Spec(dir_.path()), Self());
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("shutting down"));
+}
+
 TEST_F(RegistryTest, DuplicateNameAndBadRequests) {
   Registry reg(&backend_, config_);
   ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());

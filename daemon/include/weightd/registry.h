@@ -120,7 +120,7 @@ struct AttachGrant {
 class Registry {
  public:
   Registry(Backend* backend, DaemonConfig config);
-  ~Registry();  // cancels running loads and joins their threads
+  ~Registry();  // Shutdown()
   Registry(const Registry&) = delete;
   Registry& operator=(const Registry&) = delete;
 
@@ -149,6 +149,10 @@ class Registry {
 
   // Blocks until no load is running (tests, shutdown).
   void WaitForLoads();
+
+  // Cancels the running loads and waits for their threads; each logs that it was cancelled
+  // because weightd is shutting down. Loads asked for afterwards are UNAVAILABLE.
+  void Shutdown();
 
   bool MayAdminister(const Peer& peer) const;
 
@@ -210,6 +214,7 @@ class Registry {
   uint64_t bytes_read_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t adopted_total_ ABSL_GUARDED_BY(mu_) = 0;
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   RegistryHooks hooks_;
 };
 
