@@ -407,6 +407,7 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
     s.load_seconds = absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
     s.started_unix = absl::ToDoubleSeconds(m->started - absl::UnixEpoch());
     s.origin = m->origin;
+    std::map<int, size_t> index;  // rank -> its place in s.ranks
     for (const Model::Rank& r : m->ranks) {
       RankStatus rs;
       rs.rank = r.rank;
@@ -414,15 +415,16 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
       rs.state = r.state;
       rs.arena_bytes = r.arena_bytes;
       rs.tensors = r.tensors;
+      index[r.rank] = s.ranks.size();
       s.ranks.push_back(std::move(rs));
     }
     for (const LeaseInfo& li : m->leases) {
-      auto rs = std::find_if(s.ranks.begin(), s.ranks.end(),
-                             [&](const RankStatus& x) { return x.rank == li.rank; });
-      if (rs == s.ranks.end()) continue;
-      ++rs->lease_count;
+      auto at = index.find(li.rank);
+      if (at == index.end()) continue;
+      RankStatus& rs = s.ranks[at->second];
+      ++rs.lease_count;
       if (listed < kStatusMaxListedLeases) {
-        rs->leases.push_back(li);
+        rs.leases.push_back(li);
         ++listed;
       }
     }
@@ -550,20 +552,20 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
       // A bounded message, whatever the number of leases: the first holders, each once.
       constexpr size_t kListed = 16;
       std::vector<std::pair<pid_t, int>> who;
-      size_t more = 0;
+      bool others = false;
       for (const LeaseInfo& li : m.leases) {
         const std::pair<pid_t, int> key(li.peer.pid, li.rank);
         if (std::find(who.begin(), who.end(), key) != who.end()) continue;
-        if (who.size() < kListed) {
-          who.push_back(key);
-        } else {
-          ++more;  // may count a holder twice; only its order of magnitude matters here
+        if (who.size() == kListed) {
+          others = true;
+          break;
         }
+        who.push_back(key);
       }
       std::string text = absl::StrJoin(who, ", ", [](std::string* out, const auto& x) {
         absl::StrAppend(out, "pid ", x.first, " (rank ", x.second, ")");
       });
-      if (more > 0) absl::StrAppend(&text, " and others");
+      if (others) absl::StrAppend(&text, " and others");
       if (m.leases.size() > who.size()) absl::StrAppend(&text, " (", m.leases.size(), " leases)");
       return absl::FailedPreconditionError(
           absl::StrCat("model '", name, "' is attached by ", text, "; detach them or use force"));
