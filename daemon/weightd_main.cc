@@ -352,6 +352,7 @@ int main(int argc, char** argv) {
   }
   so.socket_mode = config.socket_mode;
   so.max_connections = config.max_connections;
+  so.max_connections_per_uid = config.max_connections_per_uid;
   so.max_request_bytes = config.max_request_bytes;
   so.hello_timeout = absl::Milliseconds(config.hello_timeout_ms);
   auto server = Server::Create(so, &registry);
@@ -446,6 +447,8 @@ int main(int argc, char** argv) {
   notifier.join();
 #endif
   server->reset();
+  // Running loads end here, so that their last lines come before "stopped".
+  registry.Shutdown();
   LogInfo("%s", handed_over ? "stopped: handed over to the successor" : "stopped");
   return run.ok() ? 0 : 1;
 }

@@ -13,7 +13,7 @@ APT_PACKAGES=(
   # far smaller than PyPI's wheels with their CUDA libraries.
   python3-torch python3-pytest libtorch-dev
 )
-PIP_PACKAGES=(numpy safetensors pytest)
+PIP_PACKAGES=(numpy safetensors pytest prometheus_client)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

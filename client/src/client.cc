@@ -194,6 +194,8 @@ ModelInfo ParseModel(const json& j) {
                 {l.value("lease", uint64_t{0}), l.value("pid", int64_t{0}), l.value("uid", 0u)});
           }
         }
+        // A daemon that lists every lease sends no count.
+        ri.lease_count = r.value("lease_count", uint64_t{ri.leases.size()});
       }
       m.ranks.push_back(std::move(ri));
     }
@@ -538,6 +540,7 @@ json ModelToJson(const ModelInfo& m) {
                      {"state", r.state},
                      {"arena_bytes", r.arena_bytes},
                      {"tensors", r.tensors},
+                     {"lease_count", r.lease_count},
                      {"leases", leases}});
   }
   j["ranks"] = ranks;

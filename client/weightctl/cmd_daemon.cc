@@ -1,6 +1,7 @@
 // weightctl commands that talk to the daemon: load, status, list, attach, unload, metrics.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -67,11 +68,17 @@ std::string ProgressLine(const ModelInfo& m) {
 void PrintModel(const ModelInfo& m) {
   std::printf("%s\n", ProgressLine(m).c_str());
   for (const RankStatusInfo& r : m.ranks) {
+    // The daemon lists only some leases: their pids, each once, and "..." for the rest.
     std::vector<std::string> pids;
-    for (const LeaseStatus& l : r.leases) pids.push_back(absl::StrCat(l.pid));
-    std::printf("    rank %d: %-9s device %d, %s, %u tensors, %zu leases%s%s\n", r.rank,
+    for (const LeaseStatus& l : r.leases) {
+      std::string pid = absl::StrCat(l.pid);
+      if (std::find(pids.begin(), pids.end(), pid) == pids.end()) pids.push_back(std::move(pid));
+    }
+    if (r.lease_count > r.leases.size()) pids.push_back("...");
+    std::printf("    rank %d: %-9s device %d, %s, %u tensors, %llu leases%s%s\n", r.rank,
                 r.state.c_str(), r.device, HumanBytes(r.arena_bytes).c_str(), r.tensors,
-                r.leases.size(), pids.empty() ? "" : " pids ", absl::StrJoin(pids, ",").c_str());
+                static_cast<unsigned long long>(r.lease_count), pids.empty() ? "" : " pids ",
+                absl::StrJoin(pids, ",").c_str());
   }
 }
 

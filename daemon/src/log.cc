@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -56,6 +57,29 @@ void LogLine(LogLevel level, absl::string_view message) {
   }
   // One write per line keeps lines of concurrent threads whole.
   (void)!::write(STDERR_FILENO, line.data(), line.size());
+}
+
+bool LogRateLimit::Admit(absl::Time now, uint64_t* suppressed) {
+  absl::MutexLock l(&mu_);
+  if (now - window_start_ >= interval_) {
+    window_start_ = now;
+    written_ = 0;
+  }
+  if (written_ >= lines_) {
+    ++suppressed_;
+    return false;
+  }
+  ++written_;
+  *suppressed = std::exchange(suppressed_, 0);
+  return true;
+}
+
+void LogLineLimited(LogRateLimit& limit, LogLevel level, absl::string_view message) {
+  if (!LogEnabled(level)) return;
+  uint64_t suppressed = 0;
+  if (!limit.Admit(absl::Now(), &suppressed)) return;
+  if (suppressed == 0) return LogLine(level, message);
+  LogLine(level, absl::StrCat(message, " [suppressed ", suppressed, " similar lines]"));
 }
 
 std::string FormatBytes(uint64_t bytes) {

@@ -16,6 +16,7 @@
 #include "weightd/checkpoint.h"
 #include "weightd/cuda_backend.h"
 #include "weightd/detail/staging_ring.h"
+#include "weightd/detail/metrics_text.h"
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
@@ -83,31 +84,24 @@ std::string IdsText(const std::vector<uint32_t>& v) {
   return v.empty() ? "none" : absl::StrJoin(v, ",");
 }
 
-std::string EscapeLabel(absl::string_view s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
 }  // namespace
 
 Registry::Registry(Backend* backend, DaemonConfig config)
     : backend_(backend), config_(std::move(config)), self_uid_(::geteuid()) {}
 
-Registry::~Registry() {
+Registry::~Registry() { Shutdown(); }
+
+void Registry::Shutdown() {
   std::vector<LoadThread> threads;
+  int running = 0;
   {
     absl::MutexLock l(&mu_);
+    shutting_down_ = true;
+    running = running_loads_;
     for (auto& [name, m] : models_) m->progress.cancel = true;
     threads.swap(threads_);
   }
+  if (running > 0) LogInfo("shutdown: cancelling %d running loads", running);
   for (LoadThread& t : threads) t.thread.join();
 }
 
@@ -157,6 +151,13 @@ bool InAllowedGroup(const std::vector<uint32_t>& allowed, const Peer& peer) {
 bool Registry::MayAdminister(const Peer& peer) const {
   return peer.uid == self_uid_ || Contains(config_.allow_uids, peer.uid) ||
          InAllowedGroup(config_.allow_gids, peer);
+}
+
+void Registry::UncountLeases(const std::vector<LeaseInfo>& leases) {
+  for (const LeaseInfo& li : leases) {
+    auto held = connection_leases_.find(li.connection);
+    if (held != connection_leases_.end() && --held->second == 0) connection_leases_.erase(held);
+  }
 }
 
 bool Registry::MayAttach(const Model& m, const Peer& peer) const {
@@ -230,6 +231,7 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
     m->ranks.push_back(std::move(r));
   }
   absl::MutexLock l(&mu_);
+  if (shutting_down_) return absl::UnavailableError("weightd is shutting down");
   if (frozen_) {
     return absl::UnavailableError("weightd is handing over to its successor; retry in a moment");
   }
@@ -361,12 +363,14 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   const absl::Duration elapsed = absl::Now() - m->started;
   const uint64_t bytes = m->progress.bytes_total.load();
   std::vector<std::unique_ptr<Arena>> to_free;
-  bool cancelled = false;
+  bool cancelled = false, shutdown = false;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   {
     absl::MutexLock l(&mu_);
     bytes_read_total_ += m->progress.bytes_done.load();
     cancelled = m->unload_requested;
+    // The executor's error names the only other cause of a cancel (unload --force).
+    shutdown = !cancelled && !status.ok() && shutting_down_;
     m->finished = true;
     m->elapsed = elapsed;
     --running_loads_;
@@ -374,6 +378,10 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       to_free = std::move(arenas);
       auto it = models_.find(name);
       if (it != models_.end() && it->second == m) models_.erase(it);
+    } else if (shutdown) {
+      m->error = "cancelled: weightd is shutting down";
+      for (Model::Rank& r : m->ranks) r.state = RankState::kFailed;
+      to_free = std::move(arenas);
     } else if (!status.ok()) {
       ++loads_failed_;
       m->error = std::string(status.message());
@@ -403,6 +411,8 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   const double secs = absl::ToDoubleSeconds(elapsed);
   if (cancelled) {
     LogInfo("load %s: cancelled after %.2f s; unloaded", name, secs);
+  } else if (shutdown) {
+    LogInfo("load %s: cancelled after %.2f s: weightd is shutting down", name, secs);
   } else if (status.ok()) {
     LogInfo("load %s: done %s in %.3f s (%.2f GB/s)", name, FormatBytes(bytes), secs,
             secs > 0 ? bytes / secs / 1e9 : 0.0);
@@ -415,6 +425,7 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
                                                           const Peer& peer) const {
   absl::MutexLock l(&mu_);
   std::vector<ModelStatus> out;
+  size_t listed = 0;
   for (const auto& [n, m] : models_) {
     if (!name.empty() && n != name) continue;
     if (!MayAttach(*m, peer) && !MayAdminister(peer)) {
@@ -435,6 +446,7 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
     s.load_seconds = absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
     s.started_unix = absl::ToDoubleSeconds(m->started - absl::UnixEpoch());
     s.origin = m->origin;
+    std::map<int, size_t> index;  // rank -> its place in s.ranks
     for (const Model::Rank& r : m->ranks) {
       RankStatus rs;
       rs.rank = r.rank;
@@ -442,10 +454,18 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
       rs.state = r.state;
       rs.arena_bytes = r.arena_bytes;
       rs.tensors = r.tensors;
-      for (const LeaseInfo& li : m->leases) {
-        if (li.rank == r.rank) rs.leases.push_back(li);
-      }
+      index[r.rank] = s.ranks.size();
       s.ranks.push_back(std::move(rs));
+    }
+    for (const LeaseInfo& li : m->leases) {
+      auto at = index.find(li.rank);
+      if (at == index.end()) continue;
+      RankStatus& rs = s.ranks[at->second];
+      ++rs.lease_count;
+      if (listed < kStatusMaxListedLeases) {
+        rs.leases.push_back(li);
+        ++listed;
+      }
     }
     out.push_back(std::move(s));
   }
@@ -490,6 +510,14 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
     case RankState::kReady:
       break;
   }
+  if (auto held = connection_leases_.find(connection);
+      held != connection_leases_.end() &&
+      held->second >= static_cast<uint64_t>(config_.max_leases_per_connection)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this connection already holds ", held->second,
+        " leases, the most one connection may hold (config max_leases_per_connection); detach "
+        "some first"));
+  }
   AttachGrant g;
   g.manifest = UniqueFd(::fcntl(r->manifest.get(), F_DUPFD_CLOEXEC, 0));
   if (!g.manifest) return ErrnoError(errno, "dup of a manifest memfd");
@@ -502,6 +530,7 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
           : std::string());
   g.lease = next_lease_++;
   m.leases.push_back({g.lease, connection, peer, rank});
+  ++connection_leases_[connection];
   ++attaches_total_;
   return g;
 }
@@ -515,7 +544,9 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
       return x.connection == connection && x.rank == rank;
     });
     if (li != leases.end()) {
+      UncountLeases({*li});
       leases.erase(li);
+      ++detaches_total_;
       return absl::OkStatus();
     }
   }
@@ -524,15 +555,19 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
 }
 
 void Registry::ReleaseConnection(uint64_t connection) {
-  absl::MutexLock l(&mu_);
-  for (auto& entry : models_) {
-    const std::string& n = entry.first;
-    std::erase_if(entry.second->leases, [&](const LeaseInfo& x) {
-      if (x.connection != connection) return false;
-      LogInfo("detach %s rank %d: pid %d lease %llu (connection closed)", n, x.rank, x.peer.pid,
-              static_cast<unsigned long long>(x.id));
-      return true;
-    });
+  size_t released = 0;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [name, m] : models_) {
+      released +=
+          std::erase_if(m->leases, [&](const LeaseInfo& x) { return x.connection == connection; });
+    }
+    detaches_total_ += released;
+    connection_leases_.erase(connection);
+  }
+  if (released > 0) {
+    LogDebug("connection %llu closed: %zu leases released",
+             static_cast<unsigned long long>(connection), released);
   }
 }
 
@@ -553,13 +588,26 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
     }
     Model& m = *it->second;
     if (!m.leases.empty() && !force) {
-      std::vector<std::string> who;
+      // A bounded message, whatever the number of leases: the first holders, each once.
+      constexpr size_t kListed = 16;
+      std::vector<std::pair<pid_t, int>> who;
+      bool others = false;
       for (const LeaseInfo& li : m.leases) {
-        who.push_back(absl::StrCat("pid ", li.peer.pid, " (rank ", li.rank, ")"));
+        const std::pair<pid_t, int> key(li.peer.pid, li.rank);
+        if (std::find(who.begin(), who.end(), key) != who.end()) continue;
+        if (who.size() == kListed) {
+          others = true;
+          break;
+        }
+        who.push_back(key);
       }
-      return absl::FailedPreconditionError(absl::StrCat("model '", name, "' is attached by ",
-                                                        absl::StrJoin(who, ", "),
-                                                        "; detach them or use force"));
+      std::string text = absl::StrJoin(who, ", ", [](std::string* out, const auto& x) {
+        absl::StrAppend(out, "pid ", x.first, " (rank ", x.second, ")");
+      });
+      if (others) absl::StrAppend(&text, " and others");
+      if (m.leases.size() > who.size()) absl::StrAppend(&text, " (", m.leases.size(), " leases)");
+      return absl::FailedPreconditionError(
+          absl::StrCat("model '", name, "' is attached by ", text, "; detach them or use force"));
     }
     if (!m.finished) {
       if (!force) {
@@ -573,6 +621,7 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
       return absl::OkStatus();
     }
     for (Model::Rank& r : m.ranks) r.state = RankState::kUnloading;
+    UncountLeases(m.leases);
     victim = std::move(it->second);
     models_.erase(it);
   }
@@ -599,47 +648,57 @@ void Registry::WaitForLoads() {
 
 std::string Registry::Metrics() const {
   absl::MutexLock l(&mu_);
-  std::string out;
-  absl::StrAppend(&out,
-                  "# HELP weightd_models Models in the registry.\n# TYPE weightd_models gauge\n",
-                  "weightd_models ", models_.size(), "\n");
-  absl::StrAppend(
-      &out, "# TYPE weightd_loads_total counter\nweightd_loads_total ", loads_total_,
-      "\n# TYPE weightd_loads_failed_total counter\nweightd_loads_failed_total ", loads_failed_,
-      "\n# TYPE weightd_loads_running gauge\nweightd_loads_running ", running_loads_,
-      "\n# TYPE weightd_attaches_total counter\nweightd_attaches_total ", attaches_total_,
-      "\n# TYPE weightd_loaded_bytes_total counter\nweightd_loaded_bytes_total ",
-      bytes_loaded_total_,
-      "\n# HELP weightd_checkpoint_bytes_read_total Checkpoint bytes read by loads (0 after a "
-      "restart that re-adopted every model).\n# TYPE weightd_checkpoint_bytes_read_total counter\n"
-      "weightd_checkpoint_bytes_read_total ",
-      bytes_read_total_,
-      "\n# HELP weightd_models_adopted_total Models taken over from an earlier daemon (fd store "
-      "or takeover) without reading their checkpoint.\n# TYPE weightd_models_adopted_total "
-      "counter\nweightd_models_adopted_total ",
-      adopted_total_, "\n");
-  absl::StrAppend(&out, "# HELP weightd_rank_ready 1 when the rank is ready.\n",
-                  "# TYPE weightd_rank_ready gauge\n");
-  std::string bytes = "# TYPE weightd_rank_arena_bytes gauge\n";
-  std::string leases = "# TYPE weightd_rank_leases gauge\n";
-  std::string progress =
-      "# TYPE weightd_load_bytes_done gauge\n# TYPE weightd_load_bytes_total gauge\n";
+  MetricFamily models("weightd_models", "gauge", "Models in the registry, whatever their state.");
+  models.Add("", models_.size());
+  MetricFamily loads("weightd_loads_total", "counter", "Loads started.");
+  loads.Add("", loads_total_);
+  MetricFamily failed("weightd_loads_failed_total", "counter", "Loads that failed.");
+  failed.Add("", loads_failed_);
+  MetricFamily running("weightd_loads_running", "gauge", "Loads in progress.");
+  running.Add("", running_loads_);
+  MetricFamily attaches("weightd_attaches_total", "counter", "Leases granted by attach.");
+  attaches.Add("", attaches_total_);
+  MetricFamily detaches("weightd_detaches_total", "counter",
+                        "Leases released by detach or by their connection closing (not those "
+                        "dropped by a forced unload).");
+  detaches.Add("", detaches_total_);
+  MetricFamily loaded("weightd_loaded_bytes_total", "counter",
+                      "Checkpoint bytes of the loads that finished ready.");
+  loaded.Add("", bytes_loaded_total_);
+  MetricFamily read("weightd_checkpoint_bytes_read_total", "counter",
+                    "Checkpoint bytes read by loads (0 after a restart that re-adopted every "
+                    "model).");
+  read.Add("", bytes_read_total_);
+  MetricFamily adopted("weightd_models_adopted_total", "counter",
+                       "Models taken over from an earlier daemon (fd store or takeover) without "
+                       "reading their checkpoint.");
+  adopted.Add("", adopted_total_);
+  MetricFamily ready("weightd_rank_ready", "gauge", "1 when the rank is ready.");
+  MetricFamily arena("weightd_rank_arena_bytes", "gauge", "Bytes of the rank's arena.");
+  MetricFamily leases("weightd_rank_leases", "gauge", "Leases held on the rank.");
+  MetricFamily done("weightd_load_bytes_done", "gauge",
+                    "Checkpoint bytes the model's load has read so far.");
+  MetricFamily total("weightd_load_bytes_total", "gauge",
+                     "Checkpoint bytes the model's load reads in all.");
   for (const auto& [n, m] : models_) {
-    const std::string model = EscapeLabel(n);
-    absl::StrAppend(&progress, "weightd_load_bytes_done{model=\"", model, "\"} ",
-                    m->progress.bytes_done.load(), "\nweightd_load_bytes_total{model=\"", model,
-                    "\"} ", m->progress.bytes_total.load(), "\n");
+    const std::string model = Labels({{"model", n}});
+    done.Add(model, m->progress.bytes_done.load());
+    total.Add(model, m->progress.bytes_total.load());
+    std::map<int, uint64_t> per_rank;
+    for (const LeaseInfo& li : m->leases) ++per_rank[li.rank];
     for (const Model::Rank& r : m->ranks) {
-      const std::string labels = absl::StrCat("{model=\"", model, "\",rank=\"", r.rank, "\"}");
-      absl::StrAppend(&out, "weightd_rank_ready", labels, " ", r.state == RankState::kReady ? 1 : 0,
-                      "\n");
-      absl::StrAppend(&bytes, "weightd_rank_arena_bytes", labels, " ", r.arena_bytes, "\n");
-      size_t count = 0;
-      for (const LeaseInfo& li : m->leases) count += li.rank == r.rank;
-      absl::StrAppend(&leases, "weightd_rank_leases", labels, " ", count, "\n");
+      const std::string labels = Labels({{"model", n}, {"rank", absl::StrCat(r.rank)}});
+      ready.Add(labels, r.state == RankState::kReady ? 1 : 0);
+      arena.Add(labels, r.arena_bytes);
+      leases.Add(labels, per_rank[r.rank]);
     }
   }
-  return out + bytes + leases + progress;
+  std::string out;
+  for (const MetricFamily* f : {&models, &loads, &failed, &running, &attaches, &detaches, &loaded,
+                                &read, &adopted, &ready, &arena, &leases, &done, &total}) {
+    f->AppendTo(&out);
+  }
+  return out;
 }
 
 void Registry::SetHooks(RegistryHooks hooks) { hooks_ = std::move(hooks); }

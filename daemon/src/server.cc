@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "weightd/detail/metrics_text.h"
 #include "weightd/handoff.h"
 #include "weightd/log.h"
 #include "weightd/protocol.h"
@@ -48,6 +50,13 @@ using json = nlohmann::json;
 constexpr int kSendBufferBytes = 8 << 20;
 constexpr size_t kMaxQueuedReplies = 256;
 constexpr int kPacketsPerWakeup = 16;
+// After accept() fails for want of a descriptor (or any other reason), the listening socket is
+// left out of the epoll set for a while, doubling from the first to the last value while the
+// failures go on, so a full fd table cannot make the loop spin.
+constexpr absl::Duration kAcceptPauseFirst = absl::Milliseconds(20);
+constexpr absl::Duration kAcceptPauseMax = absl::Seconds(1);
+// Most pending connections shed in one wakeup; the rest wait for the next.
+constexpr int kMaxShedPerWakeup = 256;
 
 struct Outgoing {
   std::string data;
@@ -107,6 +116,7 @@ json StatusJson(const ModelStatus& m) {
     jr["state"] = std::string(RankStateName(r.state));
     jr["arena_bytes"] = r.arena_bytes;
     jr["tensors"] = r.tensors;
+    jr["lease_count"] = r.lease_count;
     json leases = json::array();
     for (const LeaseInfo& li : r.leases) {
       leases.push_back({{"lease", li.id}, {"pid", li.peer.pid}, {"uid", li.peer.uid}});
@@ -125,16 +135,25 @@ struct Server::Impl {
   Registry* registry = nullptr;
   UniqueFd listen_fd;
   UniqueFd epoll_fd;
-  UniqueFd wake_fd;                      // eventfd written by Stop()
+  UniqueFd wake_fd;  // eventfd written by Stop()
+  // /dev/null, held so that one descriptor is free when the table is full: closed to accept
+  // (and at once close) a connection that would otherwise wait in the backlog (ShedBacklog).
+  UniqueFd reserve_fd;
   std::map<uint64_t, Connection> conns;  // owned by the Run() thread only
+  std::map<uid_t, int> conns_per_uid;    // of conns
   uint64_t next_id = 1;
   std::atomic<bool> stop{false};
   // Connections refused at the cap, kept open briefly: closing a unix socket with unread data
   // (the client's hello) resets the peer before it can read the refusal.
   std::deque<std::pair<UniqueFd, absl::Time>> refused;
-  uint64_t requests_total = 0, errors_total = 0, refused_total = 0;
+  uint64_t requests_total = 0, errors_total = 0, refused_total = 0, shed_total = 0;
   // Takeover state (docs/PROTOCOL.md "takeover").
   bool accepting = true;
+  // accept() back-off: the listener is out of the epoll set until accept_resume.
+  bool accept_paused = false;
+  absl::Time accept_resume;
+  absl::Duration accept_pause = kAcceptPauseFirst;
+  bool listener_in_epoll = true;
   uint64_t takeover_conn = 0;  // the successor's connection while a takeover is in progress
   absl::Time takeover_deadline;
   bool handed_over = false;
@@ -143,8 +162,16 @@ struct Server::Impl {
   void StartTakeover(Connection& c, const Request& r);
   void AbortTakeover(absl::string_view why);
   void SetAccepting(bool on);
+  // Adds or removes the listener from the epoll set: it is watched while accepting and not
+  // paused.
+  void UpdateListener();
+  void PauseAccepting(absl::string_view why, int err);
+  // Accepts and closes pending connections through the reserved descriptor; returns how many.
+  int ShedBacklog();
 
   void Accept();
+  // Sends `why` as the connection's only packet and keeps it open briefly (see `refused`).
+  void Refuse(UniqueFd fd, const absl::Status& why);
   void Close(uint64_t id, absl::string_view why);
   void OnReadable(Connection& c);
   void Flush(Connection& c);
@@ -225,6 +252,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   } else {
     WD_RETURN_IF_ERROR(impl->Bind());
   }
+  impl->reserve_fd = UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (!impl->reserve_fd) return ErrnoError(errno, "opening /dev/null (the reserved descriptor)");
   impl->epoll_fd = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
   if (!impl->epoll_fd) return ErrnoError(errno, "epoll_create1");
   impl->wake_fd = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -256,24 +285,74 @@ Server::~Server() {
 bool Server::handed_over() const { return impl_->handed_over; }
 
 void Server::Impl::SetAccepting(bool on) {
-  if (on == accepting) return;
   accepting = on;
-  if (on) {
+  UpdateListener();
+}
+
+void Server::Impl::UpdateListener() {
+  const bool want = accepting && !accept_paused;
+  if (want == listener_in_epoll) return;
+  if (want) {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = 0;
     if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, listen_fd.get(), &ev) != 0) {
-      LogError("epoll_ctl re-adding the listening socket failed: %s", std::strerror(errno));
+      WD_LOG_LIMITED(LogLevel::kError, "epoll_ctl re-adding the listening socket failed: %s",
+                     std::strerror(errno));
+      return;
     }
   } else {
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, listen_fd.get(), nullptr);
   }
+  listener_in_epoll = want;
+}
+
+int Server::Impl::ShedBacklog() {
+  int shed = 0;
+  while (shed < kMaxShedPerWakeup) {
+    if (!reserve_fd) {
+      // Another thread (a load opening its checkpoint) may hold the slot it left.
+      reserve_fd = UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+      if (!reserve_fd) break;
+    }
+    reserve_fd.Reset();
+    UniqueFd fd(::accept4(listen_fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+    const bool accepted = static_cast<bool>(fd);
+    if (accepted) {
+      // Usually lost: a peer that already sent its hello sees the connection reset instead.
+      (void)SendPacket(
+          fd.get(), EncodeErrorReply("null", absl::ResourceExhaustedError(
+                                                 "weightd has no file descriptor left for "
+                                                 "this connection (RLIMIT_NOFILE); retry later")));
+      fd.Reset();
+      ++shed;
+    }
+    reserve_fd = UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (!accepted) break;  // the backlog is empty, or the slot was taken before accept4
+  }
+  shed_total += shed;
+  return shed;
+}
+
+void Server::Impl::PauseAccepting(absl::string_view why, int err) {
+  int shed = 0;
+  if (err == EMFILE || err == ENFILE) shed = ShedBacklog();
+  WD_LOG_LIMITED(LogLevel::kWarning,
+                 "accept failed: %s (%s); %d pending connections shed, %zu open; not accepting "
+                 "for %.0f ms",
+                 std::strerror(err), std::string(why), shed, conns.size(),
+                 absl::ToDoubleMilliseconds(accept_pause));
+  accept_paused = true;
+  accept_resume = absl::Now() + accept_pause;
+  accept_pause = std::min(accept_pause * 2, kAcceptPauseMax);
+  UpdateListener();
 }
 
 void Server::Impl::StartTakeover(Connection& c, const Request& r) {
   auto fail = [&](const absl::Status& s) {
     ++errors_total;
-    LogWarning("takeover: refused for pid %d uid %u: %s", c.peer.pid, c.peer.uid, s.message());
+    WD_LOG_LIMITED(LogLevel::kWarning, "takeover: refused for pid %d uid %u: %s", c.peer.pid,
+                   c.peer.uid, s.message());
     Queue(c, EncodeErrorReply(r.id_json, s));
   };
   if (c.peer.uid != ::geteuid()) {
@@ -355,8 +434,13 @@ absl::Status Server::Run() {
   }
   std::vector<epoll_event> events(256);
   while (!s.stop.load()) {
-    const int n = ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()),
-                               s.handed_over ? 10 : 200);
+    int timeout_ms = s.handed_over ? 10 : 200;
+    if (s.accept_paused) {
+      const int64_t until = absl::ToInt64Milliseconds(s.accept_resume - absl::Now()) + 1;
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(until, 0, timeout_ms));
+    }
+    const int n =
+        ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()), timeout_ms);
     if (n < 0) {
       if (errno == EINTR) continue;
       return ErrnoError(errno, "epoll_wait");
@@ -366,7 +450,7 @@ absl::Status Server::Run() {
       const uint64_t id = events[i].data.u64;
       if (id == 0) {
         // A takeover earlier in this batch may have stopped accepting.
-        if (s.accepting) s.Accept();
+        if (s.accepting && !s.accept_paused) s.Accept();
         continue;
       }
       if (id == ~0ull) continue;
@@ -381,6 +465,10 @@ absl::Status Server::Run() {
     }
     // Clients that never said hello must not hold a connection slot forever.
     const absl::Time now = absl::Now();
+    if (s.accept_paused && now >= s.accept_resume) {
+      s.accept_paused = false;
+      s.UpdateListener();
+    }
     std::vector<uint64_t> expired;
     for (const auto& [id, c] : s.conns) {
       if (!c.hello && now - c.accepted > s.options.hello_timeout) expired.push_back(id);
@@ -406,30 +494,38 @@ void Server::Impl::Accept() {
   for (;;) {
     UniqueFd fd(::accept4(listen_fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
     if (!fd) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        LogWarning("accept failed: %s", std::strerror(errno));
+      const int err = errno;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      if (err != EAGAIN && err != EWOULDBLOCK) {
+        PauseAccepting(
+            err == EMFILE || err == ENFILE ? "the descriptor table is full" : "unexpected error",
+            err);
       }
       return;
     }
+    accept_pause = kAcceptPauseFirst;
     if (conns.size() >= static_cast<size_t>(options.max_connections)) {
-      ++refused_total;
-      (void)SendPacket(
-          fd.get(), EncodeErrorReply(
-                        "null", absl::ResourceExhaustedError(absl::StrCat(
-                                    "weightd is at its connection limit (", options.max_connections,
-                                    " connections; config max_connections)"))));
-      if (refused.size() >= 256) {
-        Drain(refused.front().first.get());
-        refused.pop_front();
-      }
-      refused.emplace_back(std::move(fd), absl::Now());
+      Refuse(std::move(fd), absl::ResourceExhaustedError(absl::StrCat(
+                                "weightd is at its connection limit (", options.max_connections,
+                                " connections; config max_connections)")));
       continue;
     }
     ucred cred{};
     socklen_t len = sizeof(cred);
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-      LogWarning("SO_PEERCRED failed: %s", std::strerror(errno));
+      WD_LOG_LIMITED(LogLevel::kWarning, "SO_PEERCRED failed: %s", std::strerror(errno));
+      continue;
+    }
+    if (auto held = conns_per_uid.find(cred.uid);
+        held != conns_per_uid.end() && held->second >= options.max_connections_per_uid) {
+      WD_LOG_LIMITED(LogLevel::kWarning,
+                     "connection of pid %d uid %u refused: the uid holds %d connections "
+                     "(max_connections_per_uid)",
+                     cred.pid, cred.uid, held->second);
+      Refuse(std::move(fd), absl::ResourceExhaustedError(absl::StrCat(
+                                "uid ", cred.uid, " already holds ", held->second,
+                                " connections to weightd, the most one uid may hold (config "
+                                "max_connections_per_uid)")));
       continue;
     }
     // Forced (root) or capped by wmem_max; a larger buffer lets big status replies fit.
@@ -442,7 +538,7 @@ void Server::Impl::Accept() {
     ev.events = EPOLLIN | EPOLLRDHUP;
     ev.data.u64 = id;
     if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, fd.get(), &ev) != 0) {
-      LogWarning("epoll_ctl failed: %s", std::strerror(errno));
+      WD_LOG_LIMITED(LogLevel::kWarning, "epoll_ctl failed: %s", std::strerror(errno));
       continue;
     }
     Connection& c = conns[id];
@@ -450,15 +546,30 @@ void Server::Impl::Accept() {
     c.fd = std::move(fd);
     c.peer = {cred.pid, cred.uid, cred.gid, PeerGroups(c.fd.get())};
     c.accepted = absl::Now();
+    ++conns_per_uid[cred.uid];
     LogDebug("connection %llu: pid %d uid %u", static_cast<unsigned long long>(id), cred.pid,
              cred.uid);
   }
+}
+
+void Server::Impl::Refuse(UniqueFd fd, const absl::Status& why) {
+  ++refused_total;
+  (void)SendPacket(fd.get(), EncodeErrorReply("null", why));
+  if (refused.size() >= 256) {
+    Drain(refused.front().first.get());
+    refused.pop_front();
+  }
+  refused.emplace_back(std::move(fd), absl::Now());
 }
 
 void Server::Impl::Close(uint64_t id, absl::string_view why) {
   auto it = conns.find(id);
   if (it == conns.end()) return;
   Connection& c = it->second;
+  if (auto held = conns_per_uid.find(c.peer.uid);
+      held != conns_per_uid.end() && --held->second <= 0) {
+    conns_per_uid.erase(held);
+  }
   registry->ReleaseConnection(id);
   if (id == takeover_conn) AbortTakeover(why);
   LogDebug("connection %llu (pid %d): closed: %s", static_cast<unsigned long long>(id), c.peer.pid,
@@ -545,12 +656,23 @@ void Server::Impl::OnReadable(Connection& c) {
 
 std::string Server::Impl::Metrics() {
   std::string out = registry->Metrics();
-  absl::StrAppend(&out, "# TYPE weightd_connections gauge\nweightd_connections ", conns.size(),
-                  "\n# TYPE weightd_requests_total counter\nweightd_requests_total ",
-                  requests_total, "\n# TYPE weightd_request_errors_total counter\n",
-                  "weightd_request_errors_total ", errors_total,
-                  "\n# TYPE weightd_connections_refused_total counter\n",
-                  "weightd_connections_refused_total ", refused_total, "\n");
+  MetricFamily connections("weightd_connections", "gauge", "Open client connections.");
+  connections.Add("", conns.size());
+  MetricFamily requests("weightd_requests_total", "counter", "Requests received.");
+  requests.Add("", requests_total);
+  MetricFamily errors("weightd_request_errors_total", "counter",
+                      "Requests answered with an error.");
+  errors.Add("", errors_total);
+  MetricFamily refused("weightd_connections_refused_total", "counter",
+                       "Connections refused at max_connections or max_connections_per_uid.");
+  refused.Add("", refused_total);
+  MetricFamily shed("weightd_connections_shed_total", "counter",
+                    "Connections closed as soon as accepted because the daemon had no file "
+                    "descriptor left.");
+  shed.Add("", shed_total);
+  for (const MetricFamily* f : {&connections, &requests, &errors, &refused, &shed}) {
+    f->AppendTo(&out);
+  }
   return out;
 }
 
@@ -608,8 +730,8 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
     case Op::kLoad: {
       const absl::Status s = registry->StartLoad(name, r.load, c.peer);
       if (!s.ok()) {
-        LogWarning("load %s: refused for pid %d uid %u: %s", name, c.peer.pid, c.peer.uid,
-                   s.message());
+        WD_LOG_LIMITED(LogLevel::kWarning, "load %s: refused for pid %d uid %u: %s", name,
+                       c.peer.pid, c.peer.uid, s.message());
         return fail(s);
       }
       Queue(c, OkReply(r.id_json, {{"name", name}, {"state", "loading"}}));
@@ -618,8 +740,8 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
     case Op::kAttach: {
       auto g = registry->Attach(name, r.rank, c.peer, c.id);
       if (!g.ok()) {
-        LogWarning("attach %s rank %d: refused for pid %d uid %u: %s", name, r.rank, c.peer.pid,
-                   c.peer.uid, g.status().message());
+        WD_LOG_LIMITED(LogLevel::kWarning, "attach %s rank %d: refused for pid %d uid %u: %s", name,
+                       r.rank, c.peer.pid, c.peer.uid, g.status().message());
         return fail(g.status());
       }
       // First packet: reply + manifest fd + as many arena fds as fit; then continuation
@@ -664,14 +786,16 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
         cont["continuation"] = part + 1;
         Queue(c, cont.dump(), std::move(fds));
       }
-      LogInfo("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
-              static_cast<unsigned long long>(g->lease));
+      // Attaches and detaches are routine and can be frequent: counted in the metrics, logged
+      // only at debug level.
+      LogDebug("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
+               static_cast<unsigned long long>(g->lease));
       return;
     }
     case Op::kDetach: {
       const absl::Status s = registry->Detach(name, r.rank, c.id);
       if (!s.ok()) return fail(s);
-      LogInfo("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
+      LogDebug("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
       Queue(c, OkReply(r.id_json, json::object()));
       return;
     }

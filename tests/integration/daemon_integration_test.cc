@@ -2,10 +2,10 @@
 // processes (weightctl, wd_attach_check) and raw sockets for the robustness cases.
 //
 // The suite owns one daemon (SetUpTestSuite) whose config allows hello within 1 s, 1010
-// connections, socket mode 0666 (so the uid-65534 test reaches it; the model's allow list is
-// what must refuse it) and model_roots = <tmp>/models. TearDownTestSuite kills the daemon and
-// removes the directory; a gtest environment does the same if the process exits early, and every
-// wait is bounded.
+// connections (all of them to one uid), socket mode 0666 (so the uid-65534 test reaches it; the
+// model's allow list is what must refuse it) and model_roots = <tmp>/models. TearDownTestSuite
+// kills the daemon and removes the directory; a gtest environment does the same if the process
+// exits early, and every wait is bounded.
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
@@ -163,10 +163,12 @@ class DaemonTest : public ::testing::Test {
     g_ckpt = g_dir + "/models/demo";
     RunResult mk = RunProcess({PYTHON_BIN, MAKE_DEMO_CHECKPOINT, g_ckpt});
     ASSERT_EQ(mk.exit_code, 0) << mk.err;
-    std::ofstream(g_dir + "/weightd.json") << json{
-        {"socket", g_socket},      {"backend", "host"},     {"hello_timeout_ms", 1000},
-        {"max_connections", 1010}, {"socket_mode", "0666"}, {"model_roots", {g_dir + "/models"}},
-        {"io_threads", 2}}.dump();
+    std::ofstream(g_dir + "/weightd.json")
+        << json{{"socket", g_socket},       {"backend", "host"},
+                {"hello_timeout_ms", 1000}, {"max_connections", 1010},
+                {"socket_mode", "0666"},    {"model_roots", {g_dir + "/models"}},
+                {"io_threads", 2},          {"max_connections_per_uid", 1010}}
+               .dump();
     g_daemon = Spawn({WEIGHTD_BIN, "--config", g_dir + "/weightd.json", "--log-level", "debug"},
                      g_dir + "/weightd.out", g_dir + "/weightd.log");
     ASSERT_TRUE(WaitUntil([] { return Client::Connect(g_socket).ok(); }))

@@ -142,6 +142,8 @@ def test_tensors_outlive_client_and_hold_lease(daemon):
     ls = leases(sock, "demo")
     assert [l["pid"] for l in ls] == [os.getpid()]
     with weightd.Client(sock) as c2:
+        assert [r["lease_count"] for r in c2.status("demo")["ranks"]] == [1]
+    with weightd.Client(sock) as c2:
         with pytest.raises(weightd.FailedPreconditionError) as e:
             c2.unload("demo")
         assert "demo" in e.value.message and e.value.code == 9

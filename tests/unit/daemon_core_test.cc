@@ -7,20 +7,25 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 #include <thread>
 
+#include "absl/strings/str_join.h"
 #include "daemon_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "weightd/checkpoint.h"
 #include "weightd/config.h"
 #include "weightd/crc32c.h"
+#include "weightd/detail/metrics_text.h"
 #include "weightd/detail/page_cache.h"
 #include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
 #include "weightd/handoff.h"
 #include "weightd/host_backend.h"
+#include "weightd/log.h"
 #include "weightd/kernels/copy.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
@@ -34,6 +39,7 @@ namespace {
 
 using testing::FakeTensor;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing::RandomTensor;
 using testing::TempDir;
 using testing::WriteSafetensors;
@@ -44,12 +50,14 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->backend, "auto");
   EXPECT_EQ(c->pinned_budget, 1ull << 30);
   EXPECT_EQ(c->max_connections, 1024);
+  EXPECT_EQ(c->max_connections_per_uid, 256);
+  EXPECT_EQ(c->max_leases_per_connection, 4096);
   EXPECT_EQ(c->max_request_bytes, 65536u);
   EXPECT_EQ(c->socket_mode, 0660u);
   c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
       "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
       "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
-      "socket_mode":"0600",
+      "socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
       "preload":[{"name":"llama","checkpoint":"/models/l","tp":2,"allow_uids":[7]}]})",
                   "t.json");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -59,6 +67,8 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->allow_gids, std::vector<uint32_t>{27});
   EXPECT_EQ(c->model_roots, std::vector<std::string>{"/models"});
   EXPECT_EQ(c->max_connections, 10);
+  EXPECT_EQ(c->max_connections_per_uid, 3);
+  EXPECT_EQ(c->max_leases_per_connection, 5);
   EXPECT_EQ(c->hello_timeout_ms, 500);
   EXPECT_EQ(c->socket_mode, 0600u);
   ASSERT_EQ(c->preload.size(), 1u);
@@ -83,6 +93,8 @@ TEST(ConfigTest, Errors) {
   ExpectConfigError(R"({"pinned_budget":10})", "at least 1 MiB");
   ExpectConfigError(R"({"allow_uids":["root"]})", "'allow_uids'");
   ExpectConfigError(R"({"max_connections":0})", "'max_connections'");
+  ExpectConfigError(R"({"max_connections_per_uid":0})", "'max_connections_per_uid'");
+  ExpectConfigError(R"({"max_leases_per_connection":-1})", "'max_leases_per_connection'");
   ExpectConfigError(R"({"socket_mode":"0999"})", "'socket_mode'");
   ExpectConfigError(R"({"log_level":"loud"})", "'log_level'");
   ExpectConfigError(R"({"preload":[{"checkpoint":"/x"}]})", "preload[0]");
@@ -754,6 +766,67 @@ TEST_F(RegistryTest, ForceUnloadWhileAttached) {
   ::munmap(p, 4096);
 }
 
+TEST_F(RegistryTest, LeaseCapPerConnection) {
+  config_.max_leases_per_connection = 3;
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  ASSERT_TRUE(reg.StartLoad("n", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  // The cap counts the connection's leases on every model and rank.
+  ASSERT_TRUE(reg.Attach("m", 0, Self(), 1).ok());
+  ASSERT_TRUE(reg.Attach("m", 1, Self(), 1).ok());
+  ASSERT_TRUE(reg.Attach("n", 0, Self(), 1).ok());
+  auto refused = reg.Attach("m", 0, Self(), 1);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("max_leases_per_connection"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("holds 3 leases"));
+  EXPECT_TRUE(reg.Attach("m", 0, Self(), 2).ok()) << "another connection has its own count";
+  // A detach, a forced unload and a closed connection each give the slots back.
+  ASSERT_TRUE(reg.Detach("m", 1, 1).ok());
+  EXPECT_TRUE(reg.Attach("m", 1, Self(), 1).ok());
+  EXPECT_FALSE(reg.Attach("m", 1, Self(), 1).ok());
+  ASSERT_TRUE(reg.Unload("n", /*force=*/true, Self()).ok());
+  EXPECT_TRUE(reg.Attach("m", 1, Self(), 1).ok());
+  EXPECT_FALSE(reg.Attach("m", 1, Self(), 1).ok());
+  reg.ReleaseConnection(1);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(reg.Attach("m", 0, Self(), 1).ok()) << i;
+}
+
+// However many leases there are, Status lists a bounded number and counts the rest, and the
+// refusal of an unload names a bounded number of holders.
+TEST_F(RegistryTest, StatusAndUnloadRefusalStayBoundedWithManyLeases) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  reg.WaitForLoads();
+  constexpr int kLeases = 5000;
+  for (int i = 0; i < kLeases; ++i) {
+    Peer p = Self();
+    p.pid = 100000 + i;  // a distinct holder each time
+    ASSERT_TRUE(reg.Attach("m", i % 2, p, 1 + i % 3).ok()) << i;
+  }
+  auto st = reg.Status("m", Self());
+  ASSERT_TRUE(st.ok()) << st.status();
+  const std::vector<RankStatus>& ranks = st->front().ranks;
+  ASSERT_EQ(ranks.size(), 2u);
+  EXPECT_EQ(ranks[0].lease_count, kLeases / 2);
+  EXPECT_EQ(ranks[1].lease_count, kLeases / 2);
+  EXPECT_EQ(ranks[0].leases.size() + ranks[1].leases.size(), kStatusMaxListedLeases);
+  EXPECT_EQ(ranks[0].leases.front().peer.pid, 100000) << "the oldest lease first";
+  absl::Status u = reg.Unload("m", false, Self());
+  EXPECT_EQ(u.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(u.message()), HasSubstr("pid 100000 (rank 0)"));
+  EXPECT_THAT(std::string(u.message()), HasSubstr("and others (5000 leases)"));
+  EXPECT_LT(u.message().size(), 1000u);
+}
+
+TEST_F(RegistryTest, NoLoadStartsAfterShutdown) {
+  Registry reg(&backend_, config_);
+  reg.Shutdown();
+  const absl::Status s = reg.StartLoad("m", Spec(dir_.path()), Self());
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("shutting down"));
+}
+
 TEST_F(RegistryTest, DuplicateNameAndBadRequests) {
   Registry reg(&backend_, config_);
   ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
@@ -927,6 +1000,118 @@ TEST_F(RegistryTest, AdoptsStoredFdsAndRefusesTheOtherKind) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("adopting model 'm'"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("a host memfd"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("CUDA VMM device memory"));
+}
+
+TEST(LogTest, RateLimitAdmitsABurstPerIntervalAndCountsTheRest) {
+  LogRateLimit limit(3, absl::Seconds(10));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  uint64_t suppressed = 99;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(limit.Admit(t0 + absl::Seconds(i), &suppressed));
+    EXPECT_EQ(suppressed, 0u);
+  }
+  for (int i = 0; i < 1000; ++i) EXPECT_FALSE(limit.Admit(t0 + absl::Seconds(9), &suppressed));
+  // A new window: the first line admitted carries the count of the dropped ones.
+  EXPECT_TRUE(limit.Admit(t0 + absl::Seconds(10), &suppressed));
+  EXPECT_EQ(suppressed, 1000u);
+  EXPECT_TRUE(limit.Admit(t0 + absl::Seconds(11), &suppressed));
+  EXPECT_EQ(suppressed, 0u);
+}
+
+// stderr goes to a file while the object lives; Text() is what was written.
+class CaptureStderr {
+ public:
+  explicit CaptureStderr(const std::string& path) : path_(path), saved_(::dup(STDERR_FILENO)) {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ::dup2(fd, STDERR_FILENO);
+    ::close(fd);
+  }
+  ~CaptureStderr() { Restore(); }
+  std::string Text() {
+    Restore();
+    auto text = ReadFileToString(path_, 1 << 24);
+    return text.ok() ? *text : std::string(text.status().message());
+  }
+
+ private:
+  void Restore() {
+    if (saved_ < 0) return;
+    ::dup2(saved_, STDERR_FILENO);
+    ::close(std::exchange(saved_, -1));
+  }
+  std::string path_;
+  int saved_;
+};
+
+TEST(LogTest, LimitedLinesHaveABudgetPerCallSite) {
+  TempDir dir;
+  InitLogging(LogLevel::kInfo);
+  CaptureStderr capture(dir / "log");
+  for (int i = 0; i < 10000; ++i) WD_LOG_LIMITED(LogLevel::kWarning, "flood %d", i);
+  for (int i = 0; i < 3; ++i) WD_LOG_LIMITED(LogLevel::kWarning, "another site %d", i);
+  // Below the threshold: neither written nor counted.
+  for (int i = 0; i < 10; ++i) WD_LOG_LIMITED(LogLevel::kDebug, "debug %d", i);
+  const std::string text = capture.Text();
+  size_t flood = 0, other = 0;
+  for (size_t at = 0; (at = text.find("flood ", at)) != std::string::npos; ++at) ++flood;
+  for (size_t at = 0; (at = text.find("another site ", at)) != std::string::npos; ++at) ++other;
+  EXPECT_EQ(flood, static_cast<size_t>(kLogLimitLines)) << text;
+  EXPECT_EQ(other, 3u) << text;
+  EXPECT_THAT(text, Not(HasSubstr("debug")));
+  EXPECT_LT(text.size(), 2000u);
+}
+
+// Each family of a text exposition must be one group: its HELP line, its TYPE line, then all
+// its samples, with no line of another family in between (Prometheus text format 0.0.4).
+void ExpectContiguousFamilies(const std::string& text) {
+  std::vector<std::string> groups;  // family of each run of consecutive lines
+  std::set<std::string> helped, typed;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    ASSERT_FALSE(line.empty());
+    std::string family;
+    if (line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0) {
+      family = line.substr(7, line.find(' ', 7) - 7);
+      if (line[2] == 'H') {
+        EXPECT_TRUE(helped.insert(family).second) << "second HELP line of " << family;
+      } else {
+        EXPECT_TRUE(helped.count(family)) << "TYPE before HELP for " << family;
+        EXPECT_TRUE(typed.insert(family).second) << "second TYPE line of " << family;
+      }
+    } else {
+      family = line.substr(0, line.find_first_of("{ "));
+      EXPECT_TRUE(typed.count(family)) << "sample before its TYPE line: " << line;
+    }
+    if (groups.empty() || groups.back() != family) groups.push_back(family);
+  }
+  const std::set<std::string> distinct(groups.begin(), groups.end());
+  EXPECT_EQ(distinct.size(), groups.size()) << "a family is split into several groups:\n"
+                                            << absl::StrJoin(groups, "\n");
+}
+
+TEST(MetricsTextTest, FamiliesAndLabelEscaping) {
+  MetricFamily f("weightd_x", "gauge", "An example.");
+  f.Add("", 1);
+  f.Add(Labels({{"model", "a\"b\\c\nd"}, {"rank", "0"}}), uint64_t{18446744073709551615ull});
+  std::string out;
+  f.AppendTo(&out);
+  EXPECT_EQ(out,
+            "# HELP weightd_x An example.\n# TYPE weightd_x gauge\nweightd_x 1\n"
+            "weightd_x{model=\"a\\\"b\\\\c\\nd\",rank=\"0\"} 18446744073709551615\n");
+  ExpectContiguousFamilies(out);
+}
+
+TEST_F(RegistryTest, MetricsFamiliesAreContiguous) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path(), 2), Self()).ok());
+  ASSERT_TRUE(reg.StartLoad("n", Spec(dir_.path(), 2), Self()).ok());
+  reg.WaitForLoads();
+  ASSERT_TRUE(reg.Attach("n", 1, Self(), 3).ok());
+  const std::string m = reg.Metrics();
+  ExpectContiguousFamilies(m);
+  EXPECT_THAT(m, HasSubstr("weightd_rank_leases{model=\"n\",rank=\"1\"} 1\n"));
+  EXPECT_THAT(m, HasSubstr("weightd_load_bytes_done{model=\"m\"} "));
+  EXPECT_THAT(m, HasSubstr("weightd_load_bytes_total{model=\"n\"} "));
 }
 
 TEST_F(RegistryTest, MetricsText) {

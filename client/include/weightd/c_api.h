@@ -113,8 +113,9 @@ WD_API int wd_client_version(const wd_client* c);
 
 /* All visible models as JSON: {"models":[{"name","state","checkpoint","backend","tp",
  * "bytes_total","bytes_done","seconds","error"?,"ranks":[{"rank","device","state",
- * "arena_bytes","tensors","leases":[{"lease","pid","uid"}]}]}]} (the shape of
- * `weightctl status --json`). Free *out_json with wd_string_free. */
+ * "arena_bytes","tensors","lease_count","leases":[{"lease","pid","uid"}]}]}]} (the shape of
+ * `weightctl status --json`; "leases" lists at most 64 leases in all, "lease_count" counts the
+ * rank's leases). Free *out_json with wd_string_free. */
 WD_API int wd_list_json(wd_client* c, char** out_json);
 
 /* Like wd_list_json; `name` NULL = all models, else that one (WD_NOT_FOUND if absent). */

@@ -67,6 +67,8 @@ struct RankStatusInfo {
   std::string state;  // "loading", "ready", "failed", "unloading"
   uint64_t arena_bytes = 0;
   uint32_t tensors = 0;
+  uint64_t lease_count = 0;  // leases held on the rank
+  // Some of them: a status reply lists at most 64 leases in all (the oldest first).
   std::vector<LeaseStatus> leases;
 };
 
@@ -172,7 +174,8 @@ class Client {
 
 // `{"models": [...]}` as `weightctl status --json` prints it and the C ABI returns it: per model
 // name, state, checkpoint, backend, tp, bytes_total, bytes_done, seconds, error (when failed)
-// and ranks (rank, device, state, arena_bytes, tensors, leases [{lease, pid, uid}]).
+// and ranks (rank, device, state, arena_bytes, tensors, lease_count, leases [{lease, pid, uid}],
+// the latter at most 64 in all).
 // `indent` < 0 gives one line.
 std::string ModelsToJson(const std::vector<ModelInfo>& models, int indent = -1);
 

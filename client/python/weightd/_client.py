@@ -95,7 +95,8 @@ class Client:
     def list(self):
         """All models visible to this user: a list of dicts (name, state, checkpoint, backend,
         tp, bytes_total, bytes_done, seconds, error?, ranks=[{rank, device, state, arena_bytes,
-        tensors, leases=[{lease, pid, uid}]}])."""
+        tensors, lease_count, leases=[{lease, pid, uid}]}]); `leases` lists at most 64 leases in
+        all, `lease_count` counts each rank's."""
         out = ctypes.c_void_p()
         _lib.check(self._lib.wd_list_json(self._handle(), ctypes.byref(out)))
         return json.loads(_lib.take_string(out))["models"]

@@ -39,6 +39,8 @@ struct DaemonConfig {
   std::vector<std::string> model_roots;  // empty = anywhere the daemon can read
   std::vector<PreloadEntry> preload;
   int max_connections = 1024;
+  int max_connections_per_uid = 256;     // of max_connections, the most one uid may hold
+  int max_leases_per_connection = 4096;  // attaches held at once on one connection
   uint64_t max_request_bytes = kDefaultMaxRequestBytes;
   int hello_timeout_ms = 10000;   // clients that send no hello within this are disconnected
   int io_threads = 4;             // reader/copier threads per load

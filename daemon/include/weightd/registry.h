@@ -65,6 +65,10 @@ struct LeaseInfo {
   int rank = 0;
 };
 
+// The most leases one Status() call lists (the oldest first, in model and rank order), so that a
+// status reply stays small whatever the number of leases; RankStatus::lease_count has them all.
+inline constexpr size_t kStatusMaxListedLeases = 64;
+
 // A snapshot for status replies.
 struct RankStatus {
   int rank = 0;
@@ -72,7 +76,8 @@ struct RankStatus {
   RankState state = RankState::kLoading;
   uint64_t arena_bytes = 0;
   uint32_t tensors = 0;
-  std::vector<LeaseInfo> leases;
+  uint64_t lease_count = 0;       // leases held on the rank
+  std::vector<LeaseInfo> leases;  // some of them (kStatusMaxListedLeases)
 };
 
 struct ModelStatus {
@@ -115,7 +120,7 @@ struct AttachGrant {
 class Registry {
  public:
   Registry(Backend* backend, DaemonConfig config);
-  ~Registry();  // cancels running loads and joins their threads
+  ~Registry();  // Shutdown()
   Registry(const Registry&) = delete;
   Registry& operator=(const Registry&) = delete;
 
@@ -124,16 +129,19 @@ class Registry {
   // unauthorized peer or a checkpoint outside model_roots, INVALID_ARGUMENT for bad options.
   absl::Status StartLoad(const std::string& name, const LoadSpec& spec, const Peer& peer);
 
-  // Models the peer may see (all of them when `name` is empty), sorted by name.
+  // Models the peer may see (all of them when `name` is empty), sorted by name. Lists at most
+  // kStatusMaxListedLeases leases in all.
   absl::StatusOr<std::vector<ModelStatus>> Status(const std::string& name, const Peer& peer) const;
 
+  // A new lease of `connection` on (name, rank). RESOURCE_EXHAUSTED naming the config key when
+  // the connection already holds max_leases_per_connection leases (on all models together).
   absl::StatusOr<AttachGrant> Attach(const std::string& name, int rank, const Peer& peer,
                                      uint64_t connection);
   // Releases one lease of `connection` on (name, rank). NOT_FOUND if it holds none.
   absl::Status Detach(const std::string& name, int rank, uint64_t connection);
   void ReleaseConnection(uint64_t connection);
 
-  // FAILED_PRECONDITION listing the attached pids unless `force`.
+  // FAILED_PRECONDITION listing (some of) the attached pids unless `force`.
   absl::Status Unload(const std::string& name, bool force, const Peer& peer);
 
   // Prometheus text exposition.
@@ -141,6 +149,10 @@ class Registry {
 
   // Blocks until no load is running (tests, shutdown).
   void WaitForLoads();
+
+  // Cancels the running loads and waits for their threads; each logs that it was cancelled
+  // because weightd is shutting down. Loads asked for afterwards are UNAVAILABLE.
+  void Shutdown();
 
   bool MayAdminister(const Peer& peer) const;
 
@@ -173,6 +185,8 @@ class Registry {
   bool MayAttach(const Model& m, const Peer& peer) const;
   // model_roots, each resolved (realpath); those that do not exist are left out.
   std::vector<std::string> ResolvedRoots() const;
+  // Takes `leases` off the per-connection counts (they are being dropped).
+  void UncountLeases(const std::vector<LeaseInfo>& leases) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckPath(const std::string& path, absl::string_view what) const;
 
   Backend* const backend_;
@@ -198,15 +212,19 @@ class Registry {
   absl::Mutex admission_mu_;
   std::unique_ptr<CudaStaging> staging_ ABSL_GUARDED_BY(staging_mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
+  // Leases held per connection, on all models (for max_leases_per_connection).
+  std::map<uint64_t, uint64_t> connection_leases_ ABSL_GUARDED_BY(mu_);
   int running_loads_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t loads_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t loads_failed_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t attaches_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t detaches_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t bytes_loaded_total_ ABSL_GUARDED_BY(mu_) = 0;
   // Checkpoint bytes read by loads, finished or not: stays 0 across an fd-store restart.
   uint64_t bytes_read_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t adopted_total_ ABSL_GUARDED_BY(mu_) = 0;
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   RegistryHooks hooks_;
 };
 

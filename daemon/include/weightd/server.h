@@ -6,11 +6,15 @@
 //
 // One thread runs an epoll loop over the listening socket and every connection (all
 // non-blocking), so a client that never speaks, or stops reading, delays nobody. Connections
-// that send no `hello` within hello_timeout are closed; beyond max_connections a new connection
-// gets one RESOURCE_EXHAUSTED packet and is closed. Every request is answered (or the
-// connection closed): oversized, truncated, non-JSON and malformed requests get
-// INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies; fds sent by a client are closed unread. Leases
-// belong to their connection: when it closes (even by SIGKILL of the client) they are released.
+// that send no `hello` within hello_timeout are closed; beyond max_connections, or beyond
+// max_connections_per_uid for its peer's uid, a new connection gets one RESOURCE_EXHAUSTED
+// packet and is closed. When accept() fails for want of a file descriptor (RLIMIT_NOFILE),
+// pending connections are shed: accepted through a descriptor held in reserve for this and
+// closed at once (metric weightd_connections_shed_total); after any accept() failure the
+// listener rests, 20 ms doubling up to 1 s while failures go on, so the loop never spins. Every request is answered (or the connection closed): oversized,
+// truncated, non-JSON and malformed requests get INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies;
+// fds sent by a client are closed unread. Leases belong to their connection: when it closes
+// (even by SIGKILL of the client) they are released.
 //
 // Takeover (docs/PROTOCOL.md): on `takeover` from the daemon's own uid the server stops calling
 // accept(), freezes the registry and sends every model's fds and a duplicate of the listening
@@ -49,6 +53,8 @@ struct ServerOptions {
   // takeover is aborted and this daemon accepts again.
   absl::Duration takeover_timeout = absl::Seconds(30);
   int max_connections = 1024;
+  // Of max_connections, the most that peers of one uid may hold at once.
+  int max_connections_per_uid = 256;
   size_t max_request_bytes = kDefaultMaxRequestBytes;
   absl::Duration hello_timeout = absl::Seconds(10);
   // Called from the event loop at least every 200 ms while it runs (the systemd watchdog ping
