@@ -26,6 +26,12 @@ def file_bytes(header_text, data_size, length=None):
         data_size % 256)
 
 
+def file_bytes_raw(raw, data_size):
+    """Like file_bytes, for a header given as bytes (which need not be valid UTF-8)."""
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw + bytes(data_size)
+
+
 def contiguous(tensors, metadata=None):
     """tensors: list of (name, dtype, shape). Returns (header text, data size)."""
     header, offset = {}, 0
@@ -54,6 +60,10 @@ def seeds():
                                              ("v", "U8", [3])])
     yield "valid_unicode_name", file_bytes(
         '{"caf\\u00e9.\\ud83d\\ude00":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', 1)
+    yield "valid_raw_utf8_name", file_bytes(
+        '{"caf\u00e9.\u4e2d.\U0001f600":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', 1)
+    yield "bad_utf8_name", file_bytes_raw(
+        b'{"w\xff\xc0\xaf":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', 1)
     yield "valid_unknown_key", file_bytes(
         '{"w":{"x":[1,{"y":null}],"dtype":"I8","shape":[2],"data_offsets":[0,2]}}', 2)
     yield "valid_empty_header", file_bytes("{}", 0)
