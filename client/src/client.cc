@@ -57,7 +57,8 @@ struct Client::Impl {
     if (!fd) return absl::UnavailableError("the connection to weightd is closed");
     const uint64_t id = next_id++;
     req.id_json = absl::StrCat(id);
-    if (absl::Status s = SendPacket(fd.get(), EncodeRequest(req)); !s.ok()) {
+    WD_ASSIGN_OR_RETURN(const std::string wire, EncodeRequest(req));
+    if (absl::Status s = SendPacket(fd.get(), wire); !s.ok()) {
       fd.Reset();
       return absl::UnavailableError(absl::StrCat("sending to weightd failed: ", s.message()));
     }
@@ -294,9 +295,9 @@ absl::Status Attachment::Read(const TensorView& tensor, uint64_t offset, void* d
     return absl::OkStatus();
   }
   if (absl::Status s = ref.map->CopyToHost(ref.offset + offset, dst, n); !s.ok()) {
-    return absl::Status(s.code(), absl::StrCat("reading tensor '", tensor.name, "' of model '",
-                                               impl_->model, "' rank ", impl_->rank,
-                                               " back from the GPU: ", s.message()));
+    return absl::Status(s.code(),
+                        absl::StrCat("reading tensor '", tensor.name, "' of model '", impl_->model,
+                                     "' rank ", impl_->rank, " back from the GPU: ", s.message()));
   }
   return absl::OkStatus();
 }

@@ -21,6 +21,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "detail/json_text.h"
 #include "weightd/recipe.h"
 #include "weightd/status_macros.h"
 
@@ -822,7 +823,7 @@ json I3(const Index3& a) { return json::array({a[0], a[1], a[2]}); }
 
 }  // namespace
 
-std::string PlanToJson(const Plan& plan) {
+absl::StatusOr<std::string> PlanToJson(const Plan& plan) {
   json j;
   j["format"] = "weightd-plan-1";
   j["checkpoint"] = plan.checkpoint;
@@ -884,7 +885,11 @@ std::string PlanToJson(const Plan& plan) {
     }
     j["ranks"].push_back(std::move(jr));
   }
-  return j.dump(1) + "\n";
+  WD_ASSIGN_OR_RETURN(
+      std::string text,
+      detail::DumpJsonText(
+          j, 1, absl::StrCat("the plan of '", detail::PrintableBytes(plan.checkpoint), "'")));
+  return text + "\n";
 }
 
 namespace {
@@ -1019,8 +1024,7 @@ absl::StatusOr<Plan> PlanFromJsonImpl(const json& j) {
 }  // namespace
 
 absl::StatusOr<Plan> PlanFromJson(absl::string_view text) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError("plan: not valid JSON");
+  WD_ASSIGN_OR_RETURN(json j, detail::ParseJsonText(text, "plan"));
   // nlohmann reports missing keys and wrong types by exception; they stop here.
   try {
     return PlanFromJsonImpl(j);

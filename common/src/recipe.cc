@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "detail/builtin_recipes.h"
+#include "detail/json_text.h"
 #include "weightd/file_util.h"
 #include "weightd/status_macros.h"
 
@@ -255,9 +256,7 @@ Recipe Merge(const Recipe& base, Recipe overlay, const std::vector<std::string>&
 absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view label,
                                        const ModelConfig* config, int depth) {
   if (depth > 8) return Bad(label, "'extends' chain is longer than 8 (a cycle?)");
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false,
-                       /*ignore_comments=*/true);
-  if (j.is_discarded()) return Bad(label, "not valid JSON");
+  WD_ASSIGN_OR_RETURN(json j, detail::ParseJsonText(text, label, /*allow_comments=*/true));
   if (!j.is_object()) return Bad(label, "a recipe must be a JSON object");
   const std::string where(label);
   WD_RETURN_IF_ERROR(
@@ -278,11 +277,13 @@ absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view
     for (auto it = d.begin(); it != d.end(); ++it) {
       if (it->is_boolean()) {
         r.config_defaults.emplace_back(it.key(), it->get<bool>() ? 1 : 0);
-      } else if (it->is_number_integer()) {
+      } else if (it->is_number_integer() &&
+                 !(it->is_number_unsigned() &&
+                   it->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
         r.config_defaults.emplace_back(it.key(), it->get<int64_t>());
       } else {
-        return Bad(where,
-                   absl::StrCat("config_defaults.", it.key(), " must be an integer or a boolean"));
+        return Bad(where, absl::StrCat("config_defaults.", it.key(),
+                                       " must be a 64-bit integer or a boolean"));
       }
     }
   }

@@ -7,6 +7,7 @@
 
 #include <filesystem>
 
+#include "absl/cleanup/cleanup.h"
 #include "support/synthetic_checkpoint.h"
 #include "weightd/checkpoint.h"
 
@@ -202,14 +203,38 @@ TEST_F(PlanTest, JsonRoundTripIsExactAndDeterministic) {
   auto a = BuildPlan(c, o);
   auto b = BuildPlan(c, o);
   ASSERT_TRUE(a.ok() && b.ok());
-  const std::string ja = PlanToJson(*a);
+  const absl::StatusOr<std::string> ja = PlanToJson(*a);
+  ASSERT_TRUE(ja.ok()) << ja.status();
   EXPECT_EQ(ja, PlanToJson(*b));
-  auto back = PlanFromJson(ja);
+  auto back = PlanFromJson(*ja);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(PlanToJson(*back), ja);
   EXPECT_FALSE(a->ranks[0].transforms.empty());  // BF16 -> F32 casts are listed
   auto broken = PlanFromJson(R"({"checkpoint": "x"})");
   EXPECT_FALSE(broken.ok());
+}
+
+TEST_F(PlanTest, PlanToJsonRefusesAPathThatIsNotUtf8) {
+  // A directory name in another encoding (Latin-1 "é") is a valid path but not JSON text.
+  const std::filesystem::path parent = dir_;
+  absl::Cleanup restore = [&] { dir_ = parent; };  // TearDown removes the parent and all in it
+  dir_ /= "mod\xe9le";
+  Checkpoint c = Make(LlamaTensors(64, 4, 2, 16, 128, 100, 1), LlamaConfig(64, 4, 2, 128, 100, 1));
+  PlanOptions o;
+  auto plan = BuildPlan(c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  absl::StatusOr<std::string> j = PlanToJson(*plan);
+  ASSERT_FALSE(j.ok());
+  EXPECT_EQ(j.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(j.status().message().find("mod\\xe9le"), std::string::npos) << j.status();
+  EXPECT_NE(j.status().message().find("not UTF-8"), std::string::npos) << j.status();
+}
+
+TEST_F(PlanTest, PlanFromJsonNamesTheByteOffset) {
+  auto bad = PlanFromJson(R"({"checkpoint": x})");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("plan: not valid JSON at byte 15"), std::string::npos)
+      << bad.status();
 }
 
 TEST_F(PlanTest, OptionErrors) {

@@ -128,5 +128,24 @@ TEST(RecipeTest, ErrorsNameTheFileAndRule) {
   EXPECT_FALSE(ParseRecipe("{not json", "j.json", nullptr).ok());
 }
 
+TEST(RecipeTest, JsonErrorsNameTheFileAndByteOffset) {
+  auto utf8 = ParseRecipe("{\"name\": \"x\xff\"}", "r.json", nullptr);
+  ASSERT_FALSE(utf8.ok());
+  EXPECT_EQ(utf8.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(utf8.status().message().find("r.json: not valid JSON at byte 11"), std::string::npos)
+      << utf8.status();
+  auto syntax = ParseRecipe("{\"name\": \"x\", // a comment\n \"params\": [,]}", "s.json", nullptr);
+  ASSERT_FALSE(syntax.ok());
+  EXPECT_NE(syntax.status().message().find("s.json: not valid JSON at byte 39"), std::string::npos)
+      << syntax.status();
+  // Above int64: refused, not wrapped to a negative default.
+  auto big = ParseRecipe(R"({"name": "x", "config_defaults": {"n": 18446744073709551615}})",
+                         "b.json", nullptr);
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("b.json: config_defaults.n must be a 64-bit integer"),
+            std::string::npos)
+      << big.status();
+}
+
 }  // namespace
 }  // namespace weightd

@@ -135,8 +135,8 @@ struct Plan {
 
 struct PlanOptions {
   int tp = 1;
-  std::optional<int> rank;      // plan only this rank
-  std::optional<DType> dtype;   // target dtype for floating-point tensors; nullopt = checkpoint's
+  std::optional<int> rank;     // plan only this rank
+  std::optional<DType> dtype;  // target dtype for floating-point tensors; nullopt = checkpoint's
   bool expert_parallel = false;
   std::vector<std::string> skip_substrings;  // extra skip rules (--skip)
   std::optional<std::string> recipe_file;    // --recipe FILE: extends or overrides a recipe
@@ -147,8 +147,10 @@ struct PlanOptions {
 // docs/RECIPES.md).
 absl::StatusOr<Plan> BuildPlan(const Checkpoint& ckpt, const PlanOptions& options);
 
-// Deterministic JSON form (stable key order, no whitespace differences between runs).
-std::string PlanToJson(const Plan& plan);
+// Deterministic JSON form (stable key order, no whitespace differences between runs). JSON
+// carries UTF-8 text only: a path or name in the plan that is not UTF-8 (a checkpoint directory
+// named in another encoding) is an INVALID_ARGUMENT error naming the bad byte.
+absl::StatusOr<std::string> PlanToJson(const Plan& plan);
 absl::StatusOr<Plan> PlanFromJson(absl::string_view json);
 
 }  // namespace weightd

@@ -14,6 +14,12 @@
 
 namespace weightd::detail {
 
+// Length of the longest prefix of [p, p + n) that is well-formed UTF-8 (the Unicode standard's
+// table 3-7): no overlong forms, no UTF-16 surrogates, nothing above U+10FFFF, no sequence cut
+// short. When it returns less than n, `*why` says what is wrong with the sequence starting there
+// ("a truncated UTF-8 sequence", ...).
+size_t ValidUtf8Prefix(const char* p, size_t n, const char** why);
+
 class JsonCursor {
  public:
   static constexpr int kMaxDepth = 64;
