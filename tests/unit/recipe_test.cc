@@ -6,6 +6,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "test_util.h"
+
 namespace weightd {
 namespace {
 
@@ -145,6 +147,124 @@ TEST(RecipeTest, JsonErrorsNameTheFileAndByteOffset) {
   EXPECT_NE(big.status().message().find("b.json: config_defaults.n must be a 64-bit integer"),
             std::string::npos)
       << big.status();
+}
+
+// --- validation: every rule and field, and the fused targets across rules ----------------------
+
+using ::weightd::testing::StatusIs;
+using ::weightd::testing::Subs;
+
+constexpr absl::StatusCode kInvalid = absl::StatusCode::kInvalidArgument;
+constexpr char kQ[] =
+    R"({"source": "layers.{l}.wq", "target": "layers.{l}.qkv", "style": "qkv", "shard": "q"})";
+constexpr char kK[] =
+    R"({"source": "layers.{l}.wk", "target": "layers.{l}.qkv", "style": "qkv", "shard": "k"})";
+constexpr char kV[] =
+    R"({"source": "layers.{l}.wv", "target": "layers.{l}.qkv", "style": "qkv", "shard": "v"})";
+
+absl::StatusOr<Recipe> Params(const std::vector<std::string>& rules) {
+  return ParseRecipe(absl::StrCat(R"({"name": "t", "params": [)", absl::StrJoin(rules, ","), "]}"),
+                     "r.json", nullptr);
+}
+
+TEST(RecipeValidationTest, QkvTargetWithoutOneOfItsPartsIsRejected) {
+  EXPECT_THAT(
+      Params({kQ, kK}),
+      StatusIs(kInvalid, Subs({"r.json: qkv target 'layers.{l}.qkv' has no rule for part v",
+                               "r.json: params[0] (part q)", "r.json: params[1] (part k)"})));
+  EXPECT_THAT(Params({kV, kK}),
+              StatusIs(kInvalid, Subs({"r.json: qkv target 'layers.{l}.qkv'", "part q"})));
+  ASSERT_TRUE(Params({kQ, kK, kV}).ok());
+  // An alternative source for one part is fine.
+  ASSERT_TRUE(Params({kQ, kK, kV,
+                      R"({"source": "layers.{l}.q_proj", "target": "layers.{l}.qkv",
+                          "style": "qkv", "shard": "q"})"})
+                  .ok());
+}
+
+TEST(RecipeValidationTest, ExtendingCannotLeaveABuiltinFusedTargetIncomplete) {
+  // Replacing llama's v_proj rule (same source) by a replicated one leaves qkv_proj without v.
+  EXPECT_THAT(ParseRecipe(R"({"extends": "llama", "params": [
+                  {"source": "model.layers.{l}.self_attn.v_proj.weight", "style": "replicated"}]})",
+                          "mine.json", nullptr),
+              StatusIs(kInvalid, Subs({"mine.json: qkv target "
+                                       "'model.layers.{l}.self_attn.qkv_proj.weight' has no rule "
+                                       "for part v",
+                                       "built-in llama.json: params[5] (part q)"})));
+  EXPECT_THAT(ParseRecipe(R"({"extends": "llama",
+                              "remove_params": ["model.layers.{l}.mlp.gate_proj.weight"]})",
+                          "rm.json", nullptr),
+              StatusIs(kInvalid, Subs({"rm.json: merged_column target "
+                                       "'model.layers.{l}.mlp.gate_up_proj.weight' has no rule "
+                                       "for part 0"})));
+  EXPECT_THAT(ParseRecipe(R"({"extends": "llama", "remove_params": ["model.layers.{l}.nope"]})",
+                          "rm.json", nullptr),
+              StatusIs(kInvalid, Subs({"rm.json: remove_params[0] 'model.layers.{l}.nope'",
+                                       "recipe 'llama'"})));
+}
+
+TEST(RecipeValidationTest, MoeAndMergedColumnParts) {
+  const std::string gate =
+      R"({"source": "e.{e}.w1", "target": "w13", "style": "moe_w13", "shard": 0})";
+  EXPECT_THAT(
+      Params({gate}),
+      StatusIs(kInvalid, Subs({"r.json: moe_w13 target 'w13' has no rule for part 1 (up)"})));
+  EXPECT_THAT(
+      Params({gate, R"({"source": "e.{e}.w3", "target": "w13", "style": "moe_w13",
+                                "shard": 2})"}),
+      StatusIs(kInvalid, Subs({"r.json: params[1]", "'shard' must be 0 (gate) or 1 (up)"})));
+  ASSERT_TRUE(
+      Params({gate, R"({"source": "e.{e}.w3", "target": "w13", "style": "moe_w13", "shard": 1})"})
+          .ok());
+  EXPECT_THAT(
+      Params({R"({"source": "a", "target": "m", "style": "merged_column", "shard": 0})",
+              R"({"source": "b", "target": "m", "style": "merged_column", "shard": 2})"}),
+      StatusIs(kInvalid, Subs({"r.json: merged_column target 'm' has no rule for part 1"})));
+  EXPECT_THAT(Params({R"({"source": "a", "target": "m", "style": "merged_column", "shard": "k"})"}),
+              StatusIs(kInvalid, Subs({"r.json: params[0]", "[0, 64)"})));
+}
+
+TEST(RecipeValidationTest, ShardIsRequiredForFusedStylesAndRefusedForOthers) {
+  EXPECT_THAT(Params({R"({"source": "a", "target": "t", "style": "qkv"})"}),
+              StatusIs(kInvalid, Subs({"r.json: params[0]", "a qkv rule needs 'shard'"})));
+  EXPECT_THAT(Params({R"({"source": "a", "style": "replicated", "shard": 1})"}),
+              StatusIs(kInvalid, Subs({"r.json: params[0]", "'shard' applies to qkv"})));
+  EXPECT_THAT(Params({R"({"source": "a", "target": "t", "style": "qkv", "shard": 3})"}),
+              StatusIs(kInvalid, Subs({"r.json: params[0]", "\"q\", \"k\" or \"v\""})));
+}
+
+TEST(RecipeValidationTest, OneTargetHasOneStyle) {
+  EXPECT_THAT(Params({kQ, kK, kV, R"({"source": "layers.{l}.x", "target": "layers.{l}.qkv",
+                                       "style": "column"})"}),
+              StatusIs(kInvalid, Subs({"r.json: target 'layers.{l}.qkv' gets style qkv from "
+                                       "r.json: params[0] but column from r.json: params[3]"})));
+}
+
+TEST(RecipeValidationTest, PlaceholdersOfTheTargetMustBeCapturedByTheSource) {
+  EXPECT_THAT(Params({R"({"source": "a.{l}.w", "target": "b.{l}.{x}", "style": "replicated"})"}),
+              StatusIs(kInvalid, Subs({"r.json: params[0]", "uses {x}", "'a.{l}.w'"})));
+  EXPECT_THAT(Params({R"({"source": "a.{l}.b.{l}", "style": "replicated"})"}),
+              StatusIs(kInvalid, Subs({"r.json: params[0]", "{l} twice"})));
+}
+
+TEST(RecipeValidationTest, ShapeExpressionsAreProductsOfIntegersAndFields) {
+  for (const char* bad :
+       {"hidden_size**2", "", "hidden size", "-4", "a+b", "99999999999999999999"}) {
+    EXPECT_THAT(Params({absl::StrCat(R"({"source": "a", "style": "replicated", "shape": ["8", ")",
+                                     bad, R"("]})")}),
+                StatusIs(kInvalid, Subs({"r.json: params[0]", "shape[1]"})))
+        << bad;
+  }
+  ASSERT_TRUE(Params({R"({"source": "a", "style": "replicated",
+                           "shape": ["2 * num_attention_heads*head_dim", "_x1"]})"})
+                  .ok());
+}
+
+TEST(RecipeValidationTest, EmptySkipAndLayersField) {
+  EXPECT_THAT(ParseRecipe(R"({"name": "t", "skip": ["a", ""]})", "r.json", nullptr),
+              StatusIs(kInvalid, Subs({"r.json: skip[1] is empty"})));
+  EXPECT_THAT(ParseRecipe(R"({"name": "t", "layers_field": ""})", "r.json", nullptr),
+              StatusIs(kInvalid, Subs({"r.json: 'layers_field'"})));
 }
 
 }  // namespace

@@ -49,6 +49,8 @@ class NamePattern {
   // written back as "{name}".
   std::string Expand(const Captures& caps) const;
   bool HasVar(absl::string_view name) const;
+  // The placeholders' names in pattern order, repeats included ("l", "e", "*").
+  std::vector<std::string> VarNames() const;
   const std::string& text() const { return text_; }
 
  private:
@@ -116,7 +118,11 @@ absl::StatusOr<Recipe> BuiltinRecipe(absl::string_view name);
 absl::StatusOr<Recipe> RecipeForArchitectures(const std::vector<std::string>& architectures);
 
 // Parses a recipe document. `extends` is resolved against the built-ins ("auto": the one chosen
-// from `config`'s architectures, which must then be non-null).
+// from `config`'s architectures, which must then be non-null). Every field is checked, and the
+// merged recipe as a whole: one style per target pattern, a rule for each part of a fused target
+// (qkv: q, k, v; moe_w13: gate, up; merged_column: 0 to its last part), 'shard' on fused rules
+// only, target placeholders captured by the source, shape expressions well-formed, remove_params
+// naming base rules. A recipe that passes can be given to BuildPlan with any checkpoint.
 absl::StatusOr<Recipe> ParseRecipe(absl::string_view json, absl::string_view label,
                                    const ModelConfig* config);
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path, const ModelConfig* config);
