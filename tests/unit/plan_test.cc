@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "absl/cleanup/cleanup.h"
 #include "support/synthetic_checkpoint.h"
@@ -235,6 +236,161 @@ TEST_F(PlanTest, PlanFromJsonNamesTheByteOffset) {
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("plan: not valid JSON at byte 15"), std::string::npos)
       << bad.status();
+}
+
+// --- hostile recipes and configs: errors that name the rule, field or tensor, never a crash ----
+
+class PlanRobustnessTest : public PlanTest {
+ protected:
+  std::string WriteRecipe(const std::string& json) {
+    const std::string path = (dir_ / "recipe.json").string();
+    std::ofstream(path) << json;
+    return path;
+  }
+  // Llama with 1 layer, 4 heads of 16, GQA 2, the given config overrides appended.
+  Checkpoint SmallLlama(const std::string& extra_config = "", int64_t nkv = 2) {
+    std::string cfg = LlamaConfig(64, 4, nkv, 128, 100, 1);
+    if (!extra_config.empty()) cfg.insert(cfg.size() - 1, ", " + extra_config);
+    return Make(LlamaTensors(64, 4, nkv, 16, 128, 100, 1), cfg, 1);
+  }
+  static void ExpectInvalid(const absl::StatusOr<Plan>& p,
+                            const std::vector<std::string>& substrings) {
+    ASSERT_FALSE(p.ok());
+    EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument) << p.status();
+    for (const std::string& s : substrings) {
+      EXPECT_NE(p.status().message().find(s), std::string::npos)
+          << "\"" << s << "\" not in: " << p.status().message();
+    }
+  }
+};
+
+TEST_F(PlanRobustnessTest, QkvTargetWithoutVIsARecipeErrorNotACrash) {
+  // The v_proj rule replaced by a replicated one: qkv_proj gets q and k only. BuildPlan used to
+  // dereference the missing part (weightctl plan exited 139, a daemon load crashed).
+  Checkpoint c = SmallLlama();
+  PlanOptions o;
+  o.tp = 2;
+  o.recipe_file = WriteRecipe(R"({"extends": "llama", "params": [
+      {"source": "model.layers.{l}.self_attn.v_proj.weight", "style": "replicated"}]})");
+  ExpectInvalid(BuildPlan(c, o),
+                {*o.recipe_file, "qkv target", "model.layers.{l}.self_attn.qkv_proj.weight",
+                 "no rule for part v"});
+}
+
+TEST_F(PlanRobustnessTest, ZeroKeyValueHeadsIsAConfigError) {
+  // k_proj/v_proj of shape [0, 64] agree with num_key_value_heads 0; the qkv arithmetic then
+  // divided by it.
+  Checkpoint c = SmallLlama("", /*nkv=*/0);
+  PlanOptions o;
+  o.tp = 2;
+  ExpectInvalid(BuildPlan(c, o), {"config.json", "num_key_value_heads", "0"});
+}
+
+TEST_F(PlanRobustnessTest, NonPositiveHeadCountsAreConfigErrors) {
+  // Zero-row q/k/v agree with the shape expressions when a head count or head_dim is 0; the
+  // plan then had zero-size attention instead of an error.
+  {
+    std::string cfg = LlamaConfig(64, 4, 2, 128, 100, 1);
+    cfg.insert(cfg.size() - 1, R"(, "head_dim": 0)");
+    Checkpoint c = Make(LlamaTensors(64, 4, 2, /*hd=*/0, 128, 100, 1), cfg, 1);
+    ExpectInvalid(BuildPlan(c, PlanOptions{}), {"config.json", "'head_dim' is 0", "at least 1",
+                                                "model.layers.0.self_attn.qkv_proj.weight"});
+  }
+  std::filesystem::remove_all(dir_);
+  {
+    std::string cfg = LlamaConfig(64, /*nh=*/0, 2, 128, 100, 1);
+    cfg.insert(cfg.size() - 1, R"(, "head_dim": 16)");
+    Checkpoint c = Make(LlamaTensors(64, 0, 2, 16, 128, 100, 1), cfg, 1);
+    ExpectInvalid(BuildPlan(c, PlanOptions{}),
+                  {"config.json", "'num_attention_heads' is 0", "at least 1"});
+  }
+}
+
+TEST_F(PlanRobustnessTest, TensorsWithZeroRowsPlanWithoutDividingByZero) {
+  ASSERT_TRUE(testing::WriteSyntheticCheckpoint(
+      dir_.string(), {{"a", "BF16", {0, 4}}, {"b", "BF16", {0, 8, 2}}, {"c", "F32", {3, 0}}}, 1,
+      R"({"architectures": ["X"]})"));
+  auto c = Checkpoint::Open(dir_.string());
+  ASSERT_TRUE(c.ok()) << c.status();
+  PlanOptions o;
+  o.tp = 2;
+  o.recipe_file = WriteRecipe(R"({"name": "z", "params": [
+      {"source": "a", "style": "replicated"}, {"source": "b", "style": "column"},
+      {"source": "c", "style": "vocab"}]})");
+  auto plan = BuildPlan(*c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (const RankPlan& r : plan->ranks) {
+    EXPECT_EQ(Target(r, "a").shape, (std::vector<int64_t>{0, 4}));
+    EXPECT_EQ(Target(r, "b").shape, (std::vector<int64_t>{0, 8, 2}));
+    EXPECT_EQ(Target(r, "c").shape, (std::vector<int64_t>{32, 0}));
+    for (const PlanTarget& t : r.targets) EXPECT_EQ(t.nbytes, 0u) << t.name;
+  }
+  // What the planner produced is a plan its own checker accepts.
+  absl::StatusOr<std::string> j = PlanToJson(*plan);
+  ASSERT_TRUE(j.ok()) << j.status();
+  EXPECT_TRUE(PlanFromJson(*j).ok()) << PlanFromJson(*j).status();
+}
+
+TEST_F(PlanRobustnessTest, ShapeExpressionOverflowIsAnError) {
+  Checkpoint c = SmallLlama();
+  PlanOptions o;
+  o.recipe_file = WriteRecipe(R"({"extends": "llama", "params": [
+      {"source": "model.norm.weight", "style": "replicated",
+       "shape": ["4611686018427387904*hidden_size"]}]})");
+  ExpectInvalid(BuildPlan(c, o), {"overflows", "4611686018427387904*hidden_size", "params[0]"});
+}
+
+std::vector<testing::SyntheticTensor> MoeTensors(int experts, const std::string& index = "") {
+  std::vector<testing::SyntheticTensor> t = LlamaTensors(64, 4, 2, 16, 128, 100, 1);
+  std::erase_if(t, [](const testing::SyntheticTensor& x) {
+    return x.name.find(".mlp.") != std::string::npos;
+  });
+  t.push_back({"model.layers.0.block_sparse_moe.gate.weight", "BF16", {experts, 64}});
+  for (int e = 0; e < experts; ++e) {
+    const std::string p = "model.layers.0.block_sparse_moe.experts." +
+                          (index.empty() || e > 0 ? std::to_string(e) : index) + ".";
+    t.push_back({p + "w1.weight", "BF16", {32, 64}});
+    t.push_back({p + "w2.weight", "BF16", {64, 32}});
+    t.push_back({p + "w3.weight", "BF16", {32, 64}});
+  }
+  return t;
+}
+
+std::string MoeConfig(const std::string& experts) {
+  std::string cfg = LlamaConfig(64, 4, 2, 32, 100, 1, "MixtralForCausalLM");
+  cfg.insert(cfg.size() - 1, ", \"num_local_experts\": " + experts);
+  return cfg;
+}
+
+TEST_F(PlanRobustnessTest, ExpertsBeyondNumExpertsAreAnErrorNotDropped) {
+  // Three experts in the checkpoint, two in config.json: expert 2 was silently left out.
+  std::vector<testing::SyntheticTensor> t = MoeTensors(3);
+  for (auto& x : t) {
+    if (x.name == "model.layers.0.block_sparse_moe.gate.weight") x.shape = {2, 64};
+  }
+  Checkpoint c = Make(t, MoeConfig("2"), 2);
+  PlanOptions o;
+  o.tp = 2;
+  ExpectInvalid(BuildPlan(c, o),
+                {"model.layers.0.block_sparse_moe.experts.2.w", "expert 2", "num_experts is 2"});
+  o.expert_parallel = true;
+  ExpectInvalid(BuildPlan(c, o), {"expert 2", "num_experts is 2"});
+}
+
+TEST_F(PlanRobustnessTest, NonPositiveExpertCountIsAConfigError) {
+  std::vector<testing::SyntheticTensor> t = MoeTensors(1);
+  for (auto& x : t) {
+    if (x.name == "model.layers.0.block_sparse_moe.gate.weight") x.shape = {0, 64};
+  }
+  Checkpoint c = Make(t, MoeConfig("0"), 1);
+  PlanOptions o;
+  ExpectInvalid(BuildPlan(c, o), {"num_experts", "0"});
+}
+
+TEST_F(PlanRobustnessTest, ExpertIndexBeyond64BitsIsAnError) {
+  Checkpoint c = Make(MoeTensors(1, "99999999999999999999"), MoeConfig("1"), 1);
+  PlanOptions o;
+  ExpectInvalid(BuildPlan(c, o), {"99999999999999999999", "expert index"});
 }
 
 TEST_F(PlanTest, OptionErrors) {
