@@ -78,9 +78,10 @@ int64_t Numel(const std::vector<int64_t>& s) { return Numel(s.begin(), s.end());
 // dimensions are arbitrary.
 constexpr int64_t kMaxPlannedDim = int64_t{1} << 48;
 
-// A name that renames grow past this is refused: a rule that replaces a substring by a longer
-// one containing it, repeated, would otherwise double the name per rule.
-constexpr size_t kMaxRenamedBytes = 64 << 10;
+// Longest tensor name the planner maps, as stored or renamed (real names are under 300 bytes).
+// Renames could otherwise double a name per rule (a substring replaced by a longer one that
+// contains it), and pattern matching is linear in the name.
+constexpr size_t kMaxNameBytes = 64 << 10;
 
 // Missing parameters listed in one error.
 constexpr size_t kMaxMissingListed = 1000;
@@ -316,6 +317,11 @@ absl::Status Builder::MapTensors() {
       return false;
     };
     if (skipped(orig)) continue;
+    if (orig.size() > kMaxNameBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor name '", orig.substr(0, 64),
+                                                     "...' is ", orig.size(),
+                                                     " bytes; the limit is ", kMaxNameBytes));
+    }
     std::string name = orig;
     bool dropped = false;
     for (const RenameRule& rr : recipe_.renames) {
@@ -334,10 +340,10 @@ absl::Status Builder::MapTensors() {
           if (hit && !rr.drop) name = absl::StrReplaceAll(name, {{rr.from, rr.to}});
           break;
       }
-      if (name.size() > kMaxRenamedBytes) {
+      if (name.size() > kMaxNameBytes) {
         return absl::InvalidArgumentError(
-            absl::StrCat("renaming tensor '", orig, "' makes its name longer than ",
-                         kMaxRenamedBytes, " bytes (rule ", rr.label, ")"));
+            absl::StrCat("renaming tensor '", orig, "' makes its name longer than ", kMaxNameBytes,
+                         " bytes (rule ", rr.label, ")"));
       }
       if (hit && rr.drop) {
         dropped = true;

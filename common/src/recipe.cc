@@ -34,6 +34,7 @@ absl::StatusOr<NamePattern> NamePattern::Parse(absl::string_view text, absl::str
   NamePattern p;
   p.text_ = std::string(text);
   size_t i = 0;
+  int vars = 0;
   while (i < text.size()) {
     if (text[i] == '{') {
       const size_t close = text.find('}', i);
@@ -50,6 +51,10 @@ absl::StatusOr<NamePattern> NamePattern::Parse(absl::string_view text, absl::str
         // Two adjacent placeholders could split the same text in several ways.
         return absl::InvalidArgumentError(absl::StrCat(
             label, ": pattern '", text, "' has two adjacent placeholders; separate them by text"));
+      }
+      if (++vars > kMaxPlaceholders) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            label, ": pattern '", text, "' has more than ", kMaxPlaceholders, " placeholders"));
       }
       p.segments_.push_back({true, std::string(name)});
       i = close + 1;
@@ -84,15 +89,26 @@ bool NamePattern::Match(absl::string_view name, Captures* caps) const {
   Captures local;
   Captures* c = caps ? caps : &local;
   c->vars.clear();
-  return MatchFrom(0, name, c);
+  // Backtracking is the fast path (a real name matches or fails in a few steps), but several
+  // placeholders over a long name can take exponential time ("{a}1{b}1{c}1{d}2x" against a
+  // thousand 1s). Past this many steps the table decides, in time linear in the name.
+  size_t budget = 64 * (segments_.size() + 1) + 4 * name.size();
+  const int r = MatchFrom(0, name, c, &budget);
+  if (r >= 0) return r == 1;
+  c->vars.clear();
+  return MatchTabled(name, c);
 }
 
-bool NamePattern::MatchFrom(size_t seg, absl::string_view rest, Captures* caps) const {
-  if (seg == segments_.size()) return rest.empty();
+// 1: matched (captures in `caps`), 0: no match, -1: `*budget` steps ran out first.
+int NamePattern::MatchFrom(size_t seg, absl::string_view rest, Captures* caps,
+                           size_t* budget) const {
+  if (*budget == 0) return -1;
+  --*budget;
+  if (seg == segments_.size()) return rest.empty() ? 1 : 0;
   const Segment& s = segments_[seg];
   if (!s.is_var) {
-    if (!absl::StartsWith(rest, s.text)) return false;
-    return MatchFrom(seg + 1, rest.substr(s.text.size()), caps);
+    if (!absl::StartsWith(rest, s.text)) return 0;
+    return MatchFrom(seg + 1, rest.substr(s.text.size()), caps, budget);
   }
   const bool any = s.text == "*";
   size_t max_len = rest.size();
@@ -105,10 +121,60 @@ bool NamePattern::MatchFrom(size_t seg, absl::string_view rest, Captures* caps) 
     const size_t len = any ? k : max_len - k;
     if (!any && len == 0) break;
     caps->vars.emplace_back(s.text, std::string(rest.substr(0, len)));
-    if (MatchFrom(seg + 1, rest.substr(len), caps)) return true;
+    const int r = MatchFrom(seg + 1, rest.substr(len), caps, budget);
+    if (r != 0) return r;
     caps->vars.pop_back();
   }
-  return false;
+  return 0;
+}
+
+// The same search without backtracking: first, for every segment s and position p, whether
+// segments s.. can match name[p..] (from the last segment back, a prefix count making each
+// placeholder's range of end positions one subtraction); then the captures, choosing at each
+// placeholder the first length in MatchFrom's order whose remainder can match, which is the
+// split MatchFrom would have returned.
+bool NamePattern::MatchTabled(absl::string_view name, Captures* caps) const {
+  const size_t n = name.size(), segs = segments_.size();
+  std::vector<uint8_t> ok((segs + 1) * (n + 1), 0);
+  auto at = [&](size_t s, size_t p) -> uint8_t& { return ok[s * (n + 1) + p]; };
+  at(segs, n) = 1;
+  std::vector<size_t> digits(n + 1, 0);  // length of the digit run starting at each position
+  for (size_t p = n; p-- > 0;) digits[p] = absl::ascii_isdigit(name[p]) ? digits[p + 1] + 1 : 0;
+  std::vector<size_t> below(n + 2, 0);  // below[q]: positions before q where segment s+1 matches
+  for (size_t s = segs; s-- > 0;) {
+    const Segment& g = segments_[s];
+    if (!g.is_var) {
+      for (size_t p = 0; p + g.text.size() <= n; ++p) {
+        at(s, p) = at(s + 1, p + g.text.size()) && name.compare(p, g.text.size(), g.text) == 0;
+      }
+      continue;
+    }
+    for (size_t q = 0; q <= n; ++q) below[q + 1] = below[q] + at(s + 1, q);
+    const bool any = g.text == "*";
+    for (size_t p = 0; p <= n; ++p) {
+      if (!any && digits[p] == 0) continue;
+      const size_t first = any ? p : p + 1, last = any ? n : p + digits[p];
+      at(s, p) = below[last + 1] > below[first];
+    }
+  }
+  if (!at(0, 0)) return false;
+  size_t p = 0;
+  for (size_t s = 0; s < segs; ++s) {
+    const Segment& g = segments_[s];
+    if (!g.is_var) {
+      p += g.text.size();
+      continue;
+    }
+    size_t len = g.text == "*" ? 0 : digits[p];
+    if (g.text == "*") {
+      while (!at(s + 1, p + len)) ++len;
+    } else {
+      while (!at(s + 1, p + len)) --len;
+    }
+    caps->vars.emplace_back(g.text, std::string(name.substr(p, len)));
+    p += len;
+  }
+  return true;
 }
 
 std::string NamePattern::Expand(const Captures& caps) const {

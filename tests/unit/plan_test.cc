@@ -331,6 +331,18 @@ TEST_F(PlanRobustnessTest, TensorsWithZeroRowsPlanWithoutDividingByZero) {
   EXPECT_TRUE(PlanFromJson(*j).ok()) << PlanFromJson(*j).status();
 }
 
+TEST_F(PlanRobustnessTest, RenamesCannotGrowANameWithoutBound) {
+  // Each rule quadruples every "l" of the name: 4^20 times longer after twenty of them.
+  std::string renames;
+  for (int i = 0; i < 20; ++i) {
+    absl::StrAppend(&renames, i ? "," : "", R"({"substring": "l", "to": "llll"})");
+  }
+  Checkpoint c = SmallLlama();
+  PlanOptions o;
+  o.recipe_file = WriteRecipe(absl::StrCat(R"({"extends": "llama", "rename": [)", renames, "]}"));
+  ExpectInvalid(BuildPlan(c, o), {"renaming tensor", "longer than 65536 bytes", "rename["});
+}
+
 TEST_F(PlanRobustnessTest, ShapeExpressionOverflowIsAnError) {
   Checkpoint c = SmallLlama();
   PlanOptions o;

@@ -3,8 +3,13 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <fstream>
+#include <future>
+#include <random>
 #include <sstream>
+#include <tuple>
 
 #include "test_util.h"
 
@@ -37,6 +42,113 @@ TEST(NamePatternTest, RejectsMalformedPatterns) {
   EXPECT_NE(a.status().message().find("params[2]"), std::string::npos);
   EXPECT_FALSE(NamePattern::Parse("a.{l}{e}", "x").ok());
   EXPECT_FALSE(NamePattern::Parse("a.{}", "x").ok());
+}
+
+TEST(NamePatternTest, ManyPlaceholdersOverALongNameMatchInLinearTime) {
+  // Backtracking alone tried every split of the 1s among six digit placeholders before failing
+  // on the missing '2': days for this name (a recipe could hang a planner or a daemon load).
+  auto p = NamePattern::Parse("{a}1{b}1{c}1{d}1{e}1{f}2{g}x", "t");
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::string ones(3000, '1');
+  auto run = std::async(std::launch::async, [&] {
+    NamePattern::Captures no, yes;
+    const bool miss = p->Match(ones + "x", &no);
+    const bool hit = p->Match(ones + "25x", &yes);
+    return std::make_tuple(miss, hit, yes);
+  });
+  if (run.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+    ADD_FAILURE() << "Match did not return within 20 s";
+    std::_Exit(1);  // the match cannot be interrupted
+  }
+  const auto [miss, hit, caps] = run.get();
+  EXPECT_FALSE(miss);
+  ASSERT_TRUE(hit);
+  // The split backtracking would choose: {a} the longest run that leaves the rest matchable.
+  EXPECT_EQ(*caps.Get("a"), std::string(2990, '1'));
+  for (const char* v : {"b", "c", "d", "e", "f"}) EXPECT_EQ(*caps.Get(v), "1") << v;
+  EXPECT_EQ(*caps.Get("g"), "5");
+}
+
+// A plain backtracking matcher with NamePattern's order of preference, for small inputs.
+bool ReferenceMatch(const std::vector<std::pair<bool, std::string>>& segs, size_t s,
+                    const std::string& rest, std::vector<std::string>* caps) {
+  if (s == segs.size()) return rest.empty();
+  if (!segs[s].first) {
+    return rest.compare(0, segs[s].second.size(), segs[s].second) == 0 &&
+           ReferenceMatch(segs, s + 1, rest.substr(segs[s].second.size()), caps);
+  }
+  std::vector<size_t> lens;
+  if (segs[s].second == "*") {
+    for (size_t k = 0; k <= rest.size(); ++k) lens.push_back(k);
+  } else {
+    size_t run = 0;
+    while (run < rest.size() && rest[run] >= '0' && rest[run] <= '9') ++run;
+    for (size_t k = run; k >= 1; --k) lens.push_back(k);
+  }
+  for (size_t len : lens) {
+    caps->push_back(rest.substr(0, len));
+    if (ReferenceMatch(segs, s + 1, rest.substr(len), caps)) return true;
+    caps->pop_back();
+  }
+  return false;
+}
+
+TEST(NamePatternTest, LongSearchesGiveTheSameCapturesAsBacktracking) {
+  // Names mostly of 1s against several digit placeholders: a tenth of these searches run past
+  // Match's step budget and are decided by table; the reference backtracks to the end. Same
+  // answer and the same split, for every input.
+  std::mt19937 rng(12345);
+  const char* literals[] = {"1", "2", "x", "1", "21"};
+  const char* vars[] = {"a", "b", "*", "c", "e"};
+  int matched = 0;
+  for (int iter = 0; iter < 300; ++iter) {
+    std::string text;
+    std::vector<std::pair<bool, std::string>> segs;
+    const int nvars = 3 + static_cast<int>(rng() % 3);
+    int stars = 0;
+    for (int v = 0; v < nvars; ++v) {
+      const std::string lit = literals[rng() % 5];
+      std::string var = vars[rng() % 5];
+      if (var == "*" && stars++ > 0) var = "d" + std::to_string(v);  // sources bind once
+      if (var != "*" && text.find("{" + var + "}") != std::string::npos) var += std::to_string(v);
+      if (v > 0 || rng() % 2) {
+        text += lit;
+        segs.push_back({false, lit});
+      }
+      text += "{" + var + "}";
+      segs.push_back({true, var});
+    }
+    const std::string tail = literals[rng() % 5];
+    text += tail;
+    segs.push_back({false, tail});
+    std::string name;
+    const size_t len = 30 + rng() % 40;
+    for (size_t i = 0; i < len; ++i) name += "1111111112x"[rng() % 11];
+    name += tail;
+    auto p = NamePattern::Parse(text, "t");
+    ASSERT_TRUE(p.ok()) << text << ": " << p.status();
+    NamePattern::Captures caps;
+    std::vector<std::string> want;
+    const bool got = p->Match(name, &caps);
+    ASSERT_EQ(got, ReferenceMatch(segs, 0, name, &want)) << text << " vs " << name;
+    if (!got) continue;
+    ++matched;
+    ASSERT_EQ(caps.vars.size(), want.size()) << text << " vs " << name;
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(caps.vars[i].second, want[i]) << text << " vs " << name << ", placeholder " << i;
+    }
+  }
+  EXPECT_GT(matched, 10);  // the inputs match often enough to compare splits
+}
+
+TEST(NamePatternTest, AtMostSixteenPlaceholders) {
+  std::string text;
+  for (int i = 0; i < 17; ++i) text += "{v" + std::to_string(i) + "}.";
+  auto p = NamePattern::Parse(text, "r.json: params[4]");
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("r.json: params[4]"), std::string::npos);
+  EXPECT_NE(p.status().message().find("more than 16 placeholders"), std::string::npos);
+  EXPECT_TRUE(NamePattern::Parse(text.substr(text.find('.') + 1), "t").ok());
 }
 
 TEST(RecipeTest, BuiltinsParseAndCoverTheIssueArchitectures) {

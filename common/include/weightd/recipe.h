@@ -39,11 +39,18 @@ class NamePattern {
     const std::string* Get(absl::string_view name) const;
   };
 
+  // Placeholders one pattern may hold.
+  static constexpr int kMaxPlaceholders = 16;
+
   NamePattern() = default;
-  // Errors name `label`: an unterminated '{', an empty name, two adjacent placeholders.
+  // Errors name `label`: an unterminated '{', an empty name, two adjacent placeholders, more
+  // than kMaxPlaceholders placeholders.
   static absl::StatusOr<NamePattern> Parse(absl::string_view text, absl::string_view label);
 
-  // True when the whole of `name` matches; fills `caps` (cleared first) if non-null.
+  // True when the whole of `name` matches; fills `caps` (cleared first) if non-null. When
+  // several splits match, digit placeholders take the longest run and `{*}` the shortest text,
+  // left to right. Time is linear in name length times pattern length whatever the inputs: a
+  // backtracking search that runs long hands over to a table of which suffixes can match.
   bool Match(absl::string_view name, Captures* caps) const;
   // The pattern with each placeholder replaced by its capture; a placeholder with no capture is
   // written back as "{name}".
@@ -58,7 +65,8 @@ class NamePattern {
     bool is_var = false;
     std::string text;  // literal text, or the variable name
   };
-  bool MatchFrom(size_t seg, absl::string_view rest, Captures* caps) const;
+  int MatchFrom(size_t seg, absl::string_view rest, Captures* caps, size_t* budget) const;
+  bool MatchTabled(absl::string_view name, Captures* caps) const;
 
   std::string text_;
   std::vector<Segment> segments_;
