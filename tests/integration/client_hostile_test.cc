@@ -11,6 +11,7 @@
 #include <functional>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -407,6 +408,29 @@ TEST(ClientHostileTest, MistypedAttachAndStatusFieldsAreErrorsNotExceptions) {
                                  R"({"name":"m","ranks":[{"rank":0,"leases":[5]}]}]}})",
                                  status));
   EXPECT_TRUE(s.ok()) << s;
+}
+
+// Found by fuzz_client_reply: a number too large for uint64 arrives as a double, and nlohmann's
+// conversion of 4.18e23 to uint64_t was undefined behaviour (UBSan stops the process). Numbers
+// that do not fit the field are malformed replies.
+TEST(ClientHostileTest, NumbersOutsideTheFieldsRangeAreErrors) {
+  auto status = [](Client& c) { return c.Status().status(); };
+  for (const char* models : {
+           R"([{"name":"m","ranks":[{"rank":0,"arena_bytes":418446744073709551615096}]}])",
+           R"([{"name":"m","tp":1e10}])",
+           R"([{"name":"m","tp":4294967297}])",
+           R"([{"name":"m","bytes_done":-1}])",
+           R"([{"name":"m","ranks":[1099511627776]}])",
+           R"([{"name":"m","ranks":[{"leases":[{"uid":-5}]}]}])",
+       }) {
+    absl::Status s;
+    EXPECT_NO_THROW(
+        s = ConnectAnd("\"status\"",
+                       absl::StrCat(R"({"ok":true,"id":$ID,"result":{"models":)", models, "}}"),
+                       status));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << models << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("wrong type or range")) << models;
+  }
 }
 
 }  // namespace
