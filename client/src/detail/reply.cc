@@ -1,10 +1,9 @@
 #include "detail/reply.h"
 
-#include <limits>
-#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "detail/json_value.h"
 #include "weightd/protocol.h"
 
 namespace weightd::detail {
@@ -27,77 +26,40 @@ auto Guarded(absl::string_view what, F&& decode) -> decltype(decode()) {
   }
 }
 
-// `v` into `*out` if it has T's kind and, for integers, fits T; false otherwise. Every number
-// goes through this: nlohmann's get<int>() of a double such as 4e23 is a float-to-integer
-// conversion out of range, which is undefined behaviour.
-template <typename T>
-bool Get(const json& v, T* out) {
-  if constexpr (std::is_same_v<T, std::string>) {
-    if (!v.is_string()) return false;
-    *out = v.get<std::string>();
-  } else if constexpr (std::is_floating_point_v<T>) {
-    if (!v.is_number()) return false;
-    *out = v.get<T>();
-  } else {
-    if (!v.is_number_integer()) return false;
-    if (v.is_number_unsigned()) {
-      const uint64_t x = v.get<uint64_t>();
-      if (x > static_cast<uint64_t>(std::numeric_limits<T>::max())) return false;
-      *out = static_cast<T>(x);
-    } else {
-      const int64_t x = v.get<int64_t>();
-      if (x < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
-          (x > 0 &&
-           static_cast<uint64_t>(x) > static_cast<uint64_t>(std::numeric_limits<T>::max()))) {
-        return false;
-      }
-      *out = static_cast<T>(x);
-    }
-  }
-  return true;
-}
-
-// Field `key` of object `j` into `*out` when present (else `*out` keeps its default).
-template <typename T>
-bool Field(const json& j, const char* key, T* out) {
-  const auto it = j.find(key);
-  return it == j.end() || Get(*it, out);
-}
-
 absl::StatusOr<ModelInfo> DecodeModel(const json& j) {
   ModelInfo m;
   auto bad = [](const char* field) {
     return Malformed(absl::StrCat("model field '", field, "' has the wrong type or range"));
   };
-  if (!Field(j, "name", &m.name)) return bad("name");
-  if (!Field(j, "state", &m.state)) return bad("state");
-  if (!Field(j, "checkpoint", &m.checkpoint)) return bad("checkpoint");
-  if (!Field(j, "backend", &m.backend)) return bad("backend");
-  if (!Field(j, "error", &m.error)) return bad("error");
-  if (!Field(j, "tp", &m.tp)) return bad("tp");
-  if (!Field(j, "bytes_total", &m.bytes_total)) return bad("bytes_total");
-  if (!Field(j, "bytes_done", &m.bytes_done)) return bad("bytes_done");
-  if (!Field(j, "seconds", &m.seconds)) return bad("seconds");
+  if (!JsonField(j, "name", &m.name)) return bad("name");
+  if (!JsonField(j, "state", &m.state)) return bad("state");
+  if (!JsonField(j, "checkpoint", &m.checkpoint)) return bad("checkpoint");
+  if (!JsonField(j, "backend", &m.backend)) return bad("backend");
+  if (!JsonField(j, "error", &m.error)) return bad("error");
+  if (!JsonField(j, "tp", &m.tp)) return bad("tp");
+  if (!JsonField(j, "bytes_total", &m.bytes_total)) return bad("bytes_total");
+  if (!JsonField(j, "bytes_done", &m.bytes_done)) return bad("bytes_done");
+  if (!JsonField(j, "seconds", &m.seconds)) return bad("seconds");
   const auto ranks = j.find("ranks");
   if (ranks == j.end() || !ranks->is_array()) return m;
   for (const json& r : *ranks) {
     RankStatusInfo ri;
     if (r.is_number_integer()) {  // `list` gives rank numbers only
-      if (!Get(r, &ri.rank)) return bad("ranks");
+      if (!JsonTo(r, &ri.rank)) return bad("ranks");
       ri.state = m.state;
     } else if (r.is_object()) {
-      if (!Field(r, "rank", &ri.rank)) return bad("rank");
-      if (!Field(r, "device", &ri.device)) return bad("device");
-      if (!Field(r, "state", &ri.state)) return bad("state");
-      if (!Field(r, "arena_bytes", &ri.arena_bytes)) return bad("arena_bytes");
-      if (!Field(r, "tensors", &ri.tensors)) return bad("tensors");
+      if (!JsonField(r, "rank", &ri.rank)) return bad("rank");
+      if (!JsonField(r, "device", &ri.device)) return bad("device");
+      if (!JsonField(r, "state", &ri.state)) return bad("state");
+      if (!JsonField(r, "arena_bytes", &ri.arena_bytes)) return bad("arena_bytes");
+      if (!JsonField(r, "tensors", &ri.tensors)) return bad("tensors");
       const auto leases = r.find("leases");
       if (leases != r.end() && leases->is_array()) {
         for (const json& l : *leases) {
           if (!l.is_object()) continue;
           LeaseStatus ls;
-          if (!Field(l, "lease", &ls.lease) || !Field(l, "pid", &ls.pid) ||
-              !Field(l, "uid", &ls.uid)) {
+          if (!JsonField(l, "lease", &ls.lease) || !JsonField(l, "pid", &ls.pid) ||
+              !JsonField(l, "uid", &ls.uid)) {
             return bad("leases");
           }
           ri.leases.push_back(ls);
