@@ -46,8 +46,13 @@ absl::StatusOr<nlohmann::json> ParseJsonText(absl::string_view text, absl::strin
     return absl::InvalidArgumentError(
         absl::StrCat(label, ": not valid JSON at byte ", at, ": ", ParseErrorReason(e.what())));
   } catch (const nlohmann::json::exception& e) {
+    // Other errors of the parser: a number too large for a double ("1e999").
+    absl::string_view what = e.what();
+    if (const size_t bracket = what.find("] "); bracket != absl::string_view::npos) {
+      what.remove_prefix(bracket + 2);
+    }
     return absl::InvalidArgumentError(
-        absl::StrCat(label, ": not valid JSON: ", PrintableBytes(e.what())));
+        absl::StrCat(label, ": not valid JSON: ", PrintableBytes(what)));
   }
 }
 
