@@ -1020,6 +1020,37 @@ absl::StatusOr<std::string> PlanToJson(const Plan& plan) {
 
 namespace {
 
+// The byte size of `shape` elements of `dtype` is `nbytes`, without overflow.
+bool SizeAgrees(const std::vector<int64_t>& shape, DType dtype, uint64_t nbytes) {
+  const int64_t n = Numel(shape);
+  uint64_t bytes = 0;
+  return n >= 0 && !__builtin_mul_overflow(static_cast<uint64_t>(n), DTypeSize(dtype), &bytes) &&
+         bytes == nbytes;
+}
+
+// The box of a piece lies inside the views of its source and target. The plan may come from a
+// file, so every product and sum is overflow-checked.
+bool PieceInside(const PlanPiece& p, const PlanSource& s, const PlanTarget& t) {
+  auto volume = [](const Index3& a, int64_t* out) {
+    return !__builtin_mul_overflow(a[0], a[1], out) && !__builtin_mul_overflow(*out, a[2], out);
+  };
+  int64_t src = 0, dst = 0;
+  if (!volume(p.src_shape, &src) || !volume(p.dst_shape, &dst) || src != Numel(s.shape) ||
+      dst != Numel(t.shape)) {
+    return false;
+  }
+  for (int d = 0; d < 3; ++d) {
+    int64_t src_end = 0, dst_end = 0;
+    if (p.extent[d] < 0 || p.src_start[d] < 0 || p.dst_start[d] < 0 ||
+        __builtin_add_overflow(p.src_start[d], p.extent[d], &src_end) ||
+        __builtin_add_overflow(p.dst_start[d], p.extent[d], &dst_end) || src_end > p.src_shape[d] ||
+        dst_end > p.dst_shape[d]) {
+      return false;
+    }
+  }
+  return true;
+}
+
 absl::Status CheckPlan(const Plan& plan) {
   auto bad = [](auto&&... parts) {
     return absl::InvalidArgumentError(absl::StrCat("plan: ", parts...));
@@ -1027,14 +1058,14 @@ absl::Status CheckPlan(const Plan& plan) {
   for (size_t i = 0; i < plan.sources.size(); ++i) {
     const PlanSource& s = plan.sources[i];
     if (s.file >= plan.files.size()) return bad("sources[", i, "] names file ", s.file);
-    if (static_cast<uint64_t>(Numel(s.shape)) * DTypeSize(s.dtype) != s.nbytes) {
+    if (!SizeAgrees(s.shape, s.dtype, s.nbytes)) {
       return bad("sources[", i, "] '", s.name, "': shape and dtype disagree with nbytes");
     }
   }
   for (const RankPlan& r : plan.ranks) {
     for (const PlanTarget& t : r.targets) {
-      if (t.offset % kTargetAlignment || t.offset + t.nbytes > r.arena_bytes ||
-          static_cast<uint64_t>(Numel(t.shape)) * DTypeSize(t.dtype) != t.nbytes) {
+      if (t.offset % kTargetAlignment || t.offset > r.arena_bytes ||
+          t.nbytes > r.arena_bytes - t.offset || !SizeAgrees(t.shape, t.dtype, t.nbytes)) {
         return bad("rank ", r.rank, " target '", t.name, "': bad offset, size or shape");
       }
     }
@@ -1043,19 +1074,13 @@ absl::Status CheckPlan(const Plan& plan) {
       if (p.source >= plan.sources.size() || p.target >= r.targets.size()) {
         return bad("rank ", r.rank, " pieces[", i, "] index out of range");
       }
-      const PlanSource& s = plan.sources[p.source];
-      const PlanTarget& t = r.targets[p.target];
-      bool ok = p.src_shape[0] * p.src_shape[1] * p.src_shape[2] == Numel(s.shape) &&
-                p.dst_shape[0] * p.dst_shape[1] * p.dst_shape[2] == Numel(t.shape);
-      for (int d = 0; d < 3 && ok; ++d) {
-        ok = p.extent[d] >= 0 && p.src_start[d] >= 0 && p.dst_start[d] >= 0 &&
-             p.src_start[d] + p.extent[d] <= p.src_shape[d] &&
-             p.dst_start[d] + p.extent[d] <= p.dst_shape[d];
+      if (!PieceInside(p, plan.sources[p.source], r.targets[p.target])) {
+        return bad("rank ", r.rank, " pieces[", i, "] box outside its source or target");
       }
-      if (!ok) return bad("rank ", r.rank, " pieces[", i, "] box outside its source or target");
     }
     for (const PlanZeroFill& z : r.zero_fills) {
-      if (z.target >= r.targets.size() || z.offset + z.nbytes > r.targets[z.target].nbytes) {
+      if (z.target >= r.targets.size() || z.offset > r.targets[z.target].nbytes ||
+          z.nbytes > r.targets[z.target].nbytes - z.offset) {
         return bad("rank ", r.rank, " zero fill outside its target");
       }
     }

@@ -405,6 +405,29 @@ TEST_F(PlanRobustnessTest, ExpertIndexBeyond64BitsIsAnError) {
   ExpectInvalid(BuildPlan(c, o), {"99999999999999999999", "expert index"});
 }
 
+TEST_F(PlanTest, PlanFromJsonRefusesSizesThatOnlyAgreeByOverflow) {
+  // 2^32 x 2^32 elements wrap to 0 in 64 bits, which "agreed" with nbytes 0.
+  const std::string head =
+      R"({"checkpoint": "c", "recipe": "r", "architecture": "", "tp": 1, "expert_parallel": false,
+          "checkpoint_bytes": 0, "read_bytes": 0,
+          "files": [{"path": "f", "file_size": 8, "read_bytes": 0}],)";
+  auto wrapped = PlanFromJson(head + R"("sources": [{"name": "w", "dtype": "U8",
+      "shape": [4294967296, 4294967296], "file": 0, "offset": 8, "nbytes": 0}], "ranks": []})");
+  ASSERT_FALSE(wrapped.ok());
+  EXPECT_NE(wrapped.status().message().find("sources[0] 'w': shape and dtype disagree"),
+            std::string::npos)
+      << wrapped.status();
+  // A zero fill whose end wraps past 2^64 lies outside its target.
+  auto fill = PlanFromJson(head + R"("sources": [], "ranks": [{"rank": 0, "arena_bytes": 256,
+      "targets": [{"name": "t", "dtype": "U8", "shape": [4], "offset": 0, "nbytes": 4,
+                   "style": "replicated"}], "pieces": [],
+      "zero_fills": [{"target": 0, "offset": 2, "nbytes": 18446744073709551615}],
+      "transforms": []}]})");
+  ASSERT_FALSE(fill.ok());
+  EXPECT_NE(fill.status().message().find("zero fill outside its target"), std::string::npos)
+      << fill.status();
+}
+
 TEST_F(PlanTest, OptionErrors) {
   Checkpoint c = Make(LlamaTensors(64, 4, 2, 16, 128, 100, 1), LlamaConfig(64, 4, 2, 128, 100, 1));
   PlanOptions o;
