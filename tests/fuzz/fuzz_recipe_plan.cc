@@ -57,6 +57,9 @@ void Report(absl::string_view what) {
 constexpr uint64_t kMaxDataBytes = uint64_t{1} << 50;
 constexpr size_t kMaxTensors = 64;
 
+constexpr const char* kFiles[] = {"recipe.json", "config.json", "model.safetensors"};
+
+// A directory of this process for the files of one input, removed at exit.
 const std::string& WorkDir() {
   static const std::string* dir = [] {
     std::string tmpl =
@@ -64,6 +67,13 @@ const std::string& WorkDir() {
     if (mkdtemp(tmpl.data()) == nullptr) std::abort();
     return new std::string(tmpl);
   }();
+  static const bool cleanup = [] {
+    return std::atexit([] {
+             for (const char* f : kFiles) unlink((*dir + "/" + f).c_str());
+             rmdir(dir->c_str());
+           }) == 0;
+  }();
+  (void)cleanup;
   return *dir;
 }
 
@@ -201,9 +211,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<absl::string_view> part = absl::StrSplit(input, "\n%%\n");
   part.resize(4);
   const std::string& dir = WorkDir();
-  const std::string recipe_path = dir + "/recipe.json";
-  const std::string config_path = dir + "/config.json";
-  const std::string shard_path = dir + "/model.safetensors";
+  const std::string recipe_path = dir + "/" + kFiles[0];
+  const std::string config_path = dir + "/" + kFiles[1];
+  const std::string shard_path = dir + "/" + kFiles[2];
 
   // The recipe alone, as `weightctl plan --recipe` reads it before any checkpoint.
   (void)weightd::ParseRecipe(part[0], "fuzz.json", nullptr);
