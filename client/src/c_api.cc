@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "detail/dlpack.h"
+#include "detail/json_value.h"
 #include "nlohmann/json.hpp"
 #include "weightd/client.h"
 #include "weightd/dtype.h"
@@ -74,17 +75,12 @@ int ModelsOut(const absl::StatusOr<std::vector<weightd::ModelInfo>>& models, cha
 }
 
 // Reads one optional key of the load options, naming the key and the expected type on error.
+// Numbers must have the field's kind and range (2.5 or 4294967297 is not a tp).
 template <typename T>
 absl::Status Get(const json& o, const char* key, const char* type, T* out) {
-  auto it = o.find(key);
-  if (it == o.end()) return absl::OkStatus();
-  try {
-    *out = it->get<T>();
-  } catch (const json::exception&) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("load options: '", key, "' must be ", type, ", got ", it->dump()));
-  }
-  return absl::OkStatus();
+  if (weightd::detail::JsonField(o, key, out)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("load options: '", key, "' must be ", type, ", got ", o.at(key).dump()));
 }
 
 absl::Status ParseLoadOptions(const char* text, weightd::LoadOptions* o) {

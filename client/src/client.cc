@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "detail/device_mapping.h"
+#include "detail/reply.h"
 #include "nlohmann/json.hpp"
 #include "weightd/crc32c.h"
 #include "weightd/file_util.h"
@@ -57,32 +58,27 @@ struct Client::Impl {
     if (!fd) return absl::UnavailableError("the connection to weightd is closed");
     const uint64_t id = next_id++;
     req.id_json = absl::StrCat(id);
-    if (absl::Status s = SendPacket(fd.get(), EncodeRequest(req)); !s.ok()) {
+    WD_ASSIGN_OR_RETURN(const std::string wire, EncodeRequest(req));
+    if (absl::Status s = SendPacket(fd.get(), wire); !s.ok()) {
       fd.Reset();
       return absl::UnavailableError(absl::StrCat("sending to weightd failed: ", s.message()));
     }
     Reply reply;
-    WD_ASSIGN_OR_RETURN(json j, Receive(id, &reply.fds));
-    if (!j.value("ok", false)) {
-      const json& e = j.contains("error") && j["error"].is_object() ? j["error"] : json::object();
-      const std::string code = e.value("code", "INTERNAL");
-      const std::string msg = e.value("message", "weightd sent an error without a message");
-      absl::StatusCode c = StatusCodeFromWireName(code);
-      if (c == absl::StatusCode::kUnknown) c = absl::StatusCode::kInternal;
-      return absl::Status(c, msg);
-    }
-    reply.result = j.contains("result") ? j["result"] : json::object();
+    WD_ASSIGN_OR_RETURN(reply.result, Receive(id, &reply.fds));
     if (req.op == Op::kAttach) {
-      const int64_t extra = reply.result.value("fd_messages", 0);
-      if (extra < 0 || extra > 1024) return absl::InternalError("bad fd_messages in attach reply");
+      WD_ASSIGN_OR_RETURN(const int64_t extra, detail::DecodeFdMessages(reply.result));
       for (int64_t i = 0; i < extra; ++i) {
-        WD_ASSIGN_OR_RETURN(json cont, Receive(id, &reply.fds));
-        if (!cont.value("ok", false)) return absl::InternalError("bad attach continuation");
+        absl::StatusOr<json> cont = Receive(id, &reply.fds);
+        if (!cont.ok()) {
+          return absl::Status(cont.status().code(),
+                              absl::StrCat("attach continuation: ", cont.status().message()));
+        }
       }
     }
     return reply;
   }
 
+  // The next packet's result (detail::DecodeReplyPacket), its fds appended to `fds`.
   absl::StatusOr<json> Receive(uint64_t id, std::vector<UniqueFd>* fds)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     absl::StatusOr<Packet> received = RecvPacket(fd.get(), kMaxReplyBytes);
@@ -98,15 +94,7 @@ struct Client::Impl {
     }
     if (p.truncated) return absl::InternalError("reply from weightd exceeds 4 MiB");
     for (UniqueFd& f : p.fds) fds->push_back(std::move(f));
-    json j = json::parse(p.data, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) {
-      return absl::InternalError("weightd sent a reply that is not a JSON object");
-    }
-    // A refusal sent at accept time (connection limit) carries id null.
-    if (j.contains("id") && j["id"].is_number_unsigned() && j["id"].get<uint64_t>() != id) {
-      return absl::InternalError(absl::StrCat("reply id ", j["id"].dump(), " != request id ", id));
-    }
-    return j;
+    return detail::DecodeReplyPacket(p.data, id);
   }
 };
 
@@ -163,59 +151,6 @@ absl::StatusOr<std::string> ReadSealedManifest(int fd, uint64_t expected) {
   std::string bytes(expected, '\0');
   WD_RETURN_IF_ERROR(PreadExact(fd, bytes.data(), expected, 0, "manifest memfd"));
   return bytes;
-}
-
-ModelInfo ParseModel(const json& j) {
-  ModelInfo m;
-  m.name = j.value("name", "");
-  m.state = j.value("state", "");
-  m.checkpoint = j.value("checkpoint", "");
-  m.backend = j.value("backend", "");
-  m.error = j.value("error", "");
-  m.tp = j.value("tp", 1);
-  m.bytes_total = j.value("bytes_total", uint64_t{0});
-  m.bytes_done = j.value("bytes_done", uint64_t{0});
-  m.seconds = j.value("seconds", 0.0);
-  if (j.contains("ranks") && j["ranks"].is_array()) {
-    for (const json& r : j["ranks"]) {
-      RankStatusInfo ri;
-      if (r.is_number_integer()) {  // `list` gives rank numbers only
-        ri.rank = r.get<int>();
-        ri.state = m.state;
-      } else if (r.is_object()) {
-        ri.rank = r.value("rank", 0);
-        ri.device = r.value("device", -1);
-        ri.state = r.value("state", "");
-        ri.arena_bytes = r.value("arena_bytes", uint64_t{0});
-        ri.tensors = r.value("tensors", 0u);
-        if (r.contains("leases") && r["leases"].is_array()) {
-          for (const json& l : r["leases"]) {
-            ri.leases.push_back(
-                {l.value("lease", uint64_t{0}), l.value("pid", int64_t{0}), l.value("uid", 0u)});
-          }
-        }
-        // A daemon that lists every lease sends no count.
-        ri.lease_count = r.value("lease_count", uint64_t{ri.leases.size()});
-      }
-      m.ranks.push_back(std::move(ri));
-    }
-  }
-  return m;
-}
-
-absl::StatusOr<std::vector<ModelInfo>> ParseModels(const json& result) {
-  std::vector<ModelInfo> out;
-  try {
-    if (!result.contains("models") || !result["models"].is_array()) {
-      return absl::InternalError("reply without a 'models' array");
-    }
-    for (const json& m : result["models"]) {
-      if (m.is_object()) out.push_back(ParseModel(m));
-    }
-  } catch (const json::exception& e) {
-    return absl::InternalError(absl::StrCat("malformed reply from weightd: ", e.what()));
-  }
-  return out;
 }
 
 }  // namespace
@@ -296,9 +231,9 @@ absl::Status Attachment::Read(const TensorView& tensor, uint64_t offset, void* d
     return absl::OkStatus();
   }
   if (absl::Status s = ref.map->CopyToHost(ref.offset + offset, dst, n); !s.ok()) {
-    return absl::Status(s.code(), absl::StrCat("reading tensor '", tensor.name, "' of model '",
-                                               impl_->model, "' rank ", impl_->rank,
-                                               " back from the GPU: ", s.message()));
+    return absl::Status(s.code(),
+                        absl::StrCat("reading tensor '", tensor.name, "' of model '", impl_->model,
+                                     "' rank ", impl_->rank, " back from the GPU: ", s.message()));
   }
   return absl::OkStatus();
 }
@@ -338,12 +273,13 @@ absl::StatusOr<Client> Client::Connect(const std::string& socket_path) {
   hello.version = kProtocolVersion;
   hello.client = "libweightd_client";
   WD_ASSIGN_OR_RETURN(Reply r, impl->Call(hello));
-  impl->version = r.result.value("version", 0);
-  if (impl->version < 1 || impl->version > kProtocolVersion) {
+  WD_ASSIGN_OR_RETURN(const int64_t version, detail::DecodeHelloResult(r.result));
+  if (version < 1 || version > kProtocolVersion) {
     return absl::FailedPreconditionError(
-        absl::StrCat("weightd at ", path, " speaks protocol version ", impl->version,
+        absl::StrCat("weightd at ", path, " speaks protocol version ", version,
                      "; this client speaks 1..", kProtocolVersion));
   }
+  impl->version = static_cast<int>(version);
   return Client(std::move(impl));
 }
 
@@ -351,7 +287,7 @@ absl::StatusOr<std::vector<ModelInfo>> Client::List() {
   Request r;
   r.op = Op::kList;
   WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
-  return ParseModels(reply.result);
+  return detail::DecodeModelsResult(reply.result);
 }
 
 absl::Status Client::Load(const std::string& name, const std::string& checkpoint,
@@ -378,7 +314,7 @@ absl::StatusOr<std::vector<ModelInfo>> Client::Status(const std::optional<std::s
   r.op = Op::kStatus;
   r.name = name;
   WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
-  return ParseModels(reply.result);
+  return detail::DecodeModelsResult(reply.result);
 }
 
 absl::Status Client::Unload(const std::string& name, bool force) {
@@ -393,10 +329,7 @@ absl::StatusOr<std::string> Client::Metrics() {
   Request r;
   r.op = Op::kMetrics;
   WD_ASSIGN_OR_RETURN(Reply reply, impl_->Call(r));
-  if (!reply.result.contains("text") || !reply.result["text"].is_string()) {
-    return absl::InternalError("metrics reply without 'text'");
-  }
-  return reply.result["text"].get<std::string>();
+  return detail::DecodeMetricsResult(reply.result);
 }
 
 absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
@@ -414,34 +347,14 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
   Attachment att(std::move(a));
   Attachment::Impl& im = *att.impl_;
   im.fds = std::move(reply.fds);
-  const json& res = reply.result;
-  if (!res.contains("manifest_bytes") || !res["manifest_bytes"].is_number_unsigned() ||
-      !res.contains("lease") || !res["lease"].is_number_unsigned()) {
-    return absl::InternalError("attach reply lacks manifest_bytes or lease");
-  }
-  im.lease = res["lease"].get<uint64_t>();
+  WD_ASSIGN_OR_RETURN(const detail::AttachResult res, detail::DecodeAttachResult(reply.result));
+  im.lease = res.lease;
   if (im.fds.empty()) return absl::InternalError("attach reply carried no manifest fd");
-  WD_ASSIGN_OR_RETURN(std::string bytes,
-                      ReadSealedManifest(im.fds[0].get(), res["manifest_bytes"].get<uint64_t>()));
+  WD_ASSIGN_OR_RETURN(std::string bytes, ReadSealedManifest(im.fds[0].get(), res.manifest_bytes));
   WD_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(bytes));
-  if (m.arenas.size() + 1 != im.fds.size()) {
-    return absl::InternalError(absl::StrCat("manifest lists ", m.arenas.size(),
-                                            " arenas but weightd sent ", im.fds.size() - 1,
-                                            " arena fds"));
-  }
-  if (m.model != name || static_cast<int>(m.rank) != rank) {
-    return absl::InternalError(absl::StrCat("manifest is for model '", m.model, "' rank ", m.rank,
-                                            ", not '", name, "' rank ", rank));
-  }
   // `arena_info` (docs/PROTOCOL.md) is present when any arena is device memory.
-  const json* arena_info = nullptr;
-  if (res.contains("arena_info")) {
-    arena_info = &res["arena_info"];
-    if (!arena_info->is_array() || arena_info->size() != m.arenas.size()) {
-      return absl::InternalError(absl::StrCat("attach reply's arena_info is not an array of ",
-                                              m.arenas.size(), " entries"));
-    }
-  }
+  WD_ASSIGN_OR_RETURN(const std::vector<std::string> uuids,
+                      detail::CheckAttachManifest(m, res, im.fds.size() - 1, name, rank));
   std::vector<const std::byte*> bases(m.arenas.size(), nullptr);
   std::vector<const DeviceMapping*> device_maps(m.arenas.size(), nullptr);
   for (size_t i = 0; i < m.arenas.size(); ++i) {
@@ -449,18 +362,7 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
     if (m.arenas[i].kind == ArenaKind::kCudaVmm) {
       const std::string where =
           absl::StrCat("model '", name, "' rank ", rank, ": arena ", i, " is in GPU memory");
-      std::string uuid;
-      if (arena_info != nullptr && (*arena_info)[i].is_object()) {
-        uuid = (*arena_info)[i].value("device_uuid", "");
-      }
-      if (uuid.empty()) {
-        return absl::UnavailableError(absl::StrCat(
-            where, " but weightd sent no device_uuid for it (a daemon older than this client)"));
-      }
-      if (uuid.size() != 32 || uuid.find_first_not_of("0123456789abcdef") != std::string::npos) {
-        return absl::InternalError(
-            absl::StrCat(where, " with device_uuid '", uuid, "', which is not 32 hex digits"));
-      }
+      const std::string& uuid = uuids[i];
       absl::StatusOr<std::unique_ptr<DeviceMapping>> dm =
           DeviceMapping::Map(fd, m.arenas[i].size, uuid);
       if (!dm.ok()) {
@@ -472,11 +374,6 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
       bases[i] = reinterpret_cast<const std::byte*>(static_cast<uintptr_t>((*dm)->base()));
       im.device_maps.push_back(*std::move(dm));
       continue;
-    }
-    if (m.arenas[i].kind != ArenaKind::kHostMemfd) {
-      return absl::UnimplementedError(absl::StrCat("model '", name, "' rank ", rank, ": arena ", i,
-                                                   " has a kind this client does not know (",
-                                                   static_cast<uint32_t>(m.arenas[i].kind), ")"));
     }
     const int seals = ::fcntl(fd, F_GET_SEALS);
     // Without SHRINK a peer could truncate the memfd under the mapping (SIGBUS on access).

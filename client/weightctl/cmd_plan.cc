@@ -149,7 +149,12 @@ int PlanMain(int argc, char** argv) {
     return 1;
   }
   if (json) {
-    std::cout << PlanToJson(*plan);
+    absl::StatusOr<std::string> text = PlanToJson(*plan);
+    if (!text.ok()) {
+      std::cerr << "weightctl plan: " << text.status().message() << "\n";
+      return 1;
+    }
+    std::cout << *text;
   } else {
     PrintHuman(*plan, *o);
   }

@@ -85,7 +85,15 @@ absl::StatusOr<OutFile> CreateOutput(const std::string& path, const RankPlan& r)
                  {"data_offsets", {off, off + t.nbytes}}};
     off += t.nbytes;
   }
-  std::string header = h.dump();
+  std::string header;
+  try {
+    header = h.dump();
+  } catch (const nlohmann::json::exception& e) {
+    // dump() throws on a string that is not UTF-8; plan targets are checked names, but the
+    // writer's exception must not escape a command either way.
+    return absl::InvalidArgumentError(
+        absl::StrCat("writing the safetensors header of ", path, ": ", e.what()));
+  }
   // The data section must start 8-byte aligned, as the safetensors writer pads it.
   header.append((8 - header.size() % 8) % 8, ' ');
   OutFile out;

@@ -1,8 +1,10 @@
 #include "weightd/model_config.h"
 
+#include <cstdint>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "detail/json_text.h"
 #include "weightd/file_util.h"
 #include "weightd/status_macros.h"
 
@@ -19,10 +21,7 @@ void PutIfAbsent(Map& m, const std::string& k, T v) {
 }  // namespace
 
 absl::StatusOr<ModelConfig> ModelConfig::Parse(absl::string_view json, absl::string_view label) {
-  nlohmann::json doc = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded()) {
-    return absl::InvalidArgumentError(absl::StrCat(label, ": not valid JSON"));
-  }
+  WD_ASSIGN_OR_RETURN(nlohmann::json doc, detail::ParseJsonText(json, label));
   if (!doc.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": top level is not a JSON object"));
   }
@@ -34,12 +33,19 @@ absl::StatusOr<ModelConfig> ModelConfig::Parse(absl::string_view json, absl::str
       const nlohmann::json& v = it.value();
       if (v.is_boolean()) {
         PutIfAbsent(cfg.bools_, it.key(), v.get<bool>());
+      } else if (v.is_number_unsigned()) {
+        // Above int64's range the value means nothing to the planner; it is left out rather
+        // than wrapped to a negative number.
+        if (v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX)) {
+          PutIfAbsent(cfg.ints_, it.key(), static_cast<int64_t>(v.get<uint64_t>()));
+        }
       } else if (v.is_number_integer()) {
         PutIfAbsent(cfg.ints_, it.key(), v.get<int64_t>());
       } else if (v.is_number_float()) {
         const double d = v.get<double>();
-        // Some writers emit integral fields as 4096.0.
-        if (d == static_cast<double>(static_cast<int64_t>(d))) {
+        // Some writers emit integral fields as 4096.0. Converting a double outside int64's
+        // range is undefined, so the range is checked first (2^63 is exact in a double).
+        if (d >= -0x1p63 && d < 0x1p63 && d == static_cast<double>(static_cast<int64_t>(d))) {
           PutIfAbsent(cfg.ints_, it.key(), static_cast<int64_t>(d));
         }
       } else if (v.is_string()) {
@@ -93,8 +99,8 @@ std::optional<std::string> ModelConfig::GetString(absl::string_view key) const {
 absl::StatusOr<int64_t> ModelConfig::RequireInt(absl::string_view key,
                                                 absl::string_view needed_for) const {
   if (std::optional<int64_t> v = GetInt(key)) return *v;
-  return absl::InvalidArgumentError(absl::StrCat(label_, ": missing integer field '", key,
-                                                 "', needed for ", needed_for));
+  return absl::InvalidArgumentError(
+      absl::StrCat(label_, ": missing integer field '", key, "', needed for ", needed_for));
 }
 
 std::optional<int64_t> ModelConfig::num_key_value_heads() const {

@@ -21,6 +21,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "detail/json_text.h"
 #include "weightd/recipe.h"
 #include "weightd/status_macros.h"
 
@@ -58,11 +59,32 @@ std::string ShapeStr(const std::vector<int64_t>& s) {
 
 bool IsCastableFloat(DType t) { return t == DType::kBF16 || t == DType::kF16 || t == DType::kF32; }
 
-int64_t Numel(const std::vector<int64_t>& s) {
+// Elements of a tensor of shape [first, last): 0 when any dimension is 0 (whatever the others
+// are), -1 when a dimension is negative or the product overflows int64.
+int64_t Numel(std::vector<int64_t>::const_iterator first,
+              std::vector<int64_t>::const_iterator last) {
+  if (std::find(first, last, 0) != last) return 0;
   int64_t n = 1;
-  for (int64_t d : s) n *= d;
+  for (; first != last; ++first) {
+    if (*first < 0 || __builtin_mul_overflow(n, *first, &n)) return -1;
+  }
   return n;
 }
+int64_t Numel(const std::vector<int64_t>& s) { return Numel(s.begin(), s.end()); }
+
+// Checkpoint tensors the planner accepts: every dimension and the byte size below 2^48 (256 TiB).
+// Real tensors are far smaller; the bound keeps the layout arithmetic (padding, fused row
+// counts, offsets) inside int64 for any header, including zero-element tensors whose other
+// dimensions are arbitrary.
+constexpr int64_t kMaxPlannedDim = int64_t{1} << 48;
+
+// Longest tensor name the planner maps, as stored or renamed (real names are under 300 bytes).
+// Renames could otherwise double a name per rule (a substring replaced by a longer one that
+// contains it), and pattern matching is linear in the name.
+constexpr size_t kMaxNameBytes = 64 << 10;
+
+// Missing parameters listed in one error.
+constexpr size_t kMaxMissingListed = 1000;
 
 // Config lookups with the recipe's defaults and the derived Hugging Face fields.
 class ConfigView {
@@ -96,24 +118,40 @@ class ConfigView {
     // Hugging Face's PretrainedConfig default for the one boolean recipes use today.
     return name == "tie_word_embeddings";
   }
+  std::string Label() const { return cfg_ ? cfg_->label() : std::string("config.json"); }
   absl::StatusOr<int64_t> Require(absl::string_view name, absl::string_view why) const {
     if (auto v = Int(name)) return *v;
     return absl::InvalidArgumentError(
-        absl::StrCat(cfg_ ? cfg_->label() : std::string("config.json"), ": field '", name,
-                     "' is missing; it is needed for ", why));
+        absl::StrCat(Label(), ": field '", name, "' is missing; it is needed for ", why));
+  }
+  // Require, and the value must be at least 1 (a head count, a head size).
+  absl::StatusOr<int64_t> RequirePositive(absl::string_view name, absl::string_view why) const {
+    WD_ASSIGN_OR_RETURN(int64_t v, Require(name, why));
+    if (v < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Label(), ": '", name, "' is ", v, "; it must be at least 1 for ", why));
+    }
+    return v;
   }
   // Evaluates "a*b*3"; `fields` receives "a=..., b=..." for messages.
   absl::StatusOr<int64_t> Eval(absl::string_view expr, absl::string_view why,
                                std::vector<std::string>* fields) const {
     int64_t v = 1;
+    std::vector<std::string> local;
+    if (fields == nullptr) fields = &local;
     for (absl::string_view term : absl::StrSplit(expr, '*')) {
       term = absl::StripAsciiWhitespace(term);
       int64_t t = 0;
       if (!absl::SimpleAtoi(term, &t)) {
         WD_ASSIGN_OR_RETURN(t, Require(term, why));
-        if (fields) fields->push_back(absl::StrCat(term, "=", t));
+        fields->push_back(absl::StrCat(term, "=", t));
       }
-      v *= t;
+      if (__builtin_mul_overflow(v, t, &v)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "'", expr, "' overflows 64 bits",
+            fields->empty() ? "" : absl::StrCat(" with ", absl::StrJoin(*fields, ", ")), ", in ",
+            why));
+      }
     }
     return v;
   }
@@ -181,7 +219,8 @@ PlanPiece RowsPiece(const std::vector<int64_t>& s, int64_t a, int64_t n, int64_t
     pc.dst_start = {p, 0, d};
     return pc;
   }
-  const int64_t c = Numel(s) / s[0];
+  // The trailing dimensions' product, not Numel(s) / s[0]: s[0] may be 0.
+  const int64_t c = Numel(s.begin() + 1, s.end());
   pc.src_shape = {1, s[0], c};
   pc.src_start = {0, a, 0};
   pc.extent = {1, n, c};
@@ -278,6 +317,11 @@ absl::Status Builder::MapTensors() {
       return false;
     };
     if (skipped(orig)) continue;
+    if (orig.size() > kMaxNameBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor name '", orig.substr(0, 64),
+                                                     "...' is ", orig.size(),
+                                                     " bytes; the limit is ", kMaxNameBytes));
+    }
     std::string name = orig;
     bool dropped = false;
     for (const RenameRule& rr : recipe_.renames) {
@@ -295,6 +339,11 @@ absl::Status Builder::MapTensors() {
           hit = absl::StrContains(name, rr.from);
           if (hit && !rr.drop) name = absl::StrReplaceAll(name, {{rr.from, rr.to}});
           break;
+      }
+      if (name.size() > kMaxNameBytes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("renaming tensor '", orig, "' makes its name longer than ", kMaxNameBytes,
+                         " bytes (rule ", rr.label, ")"));
       }
       if (hit && rr.drop) {
         dropped = true;
@@ -322,13 +371,25 @@ absl::Status Builder::MapTensors() {
       continue;
     }
     if (!rule->skip_if_config.empty() && cfg_.Bool(rule->skip_if_config)) continue;
+    const CheckpointTensor& ct = T(i);
+    if (ct.nbytes >= static_cast<uint64_t>(kMaxPlannedDim) ||
+        std::any_of(ct.shape.begin(), ct.shape.end(),
+                    [](int64_t d) { return d < 0 || d >= kMaxPlannedDim; })) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", orig, "' has shape ", ShapeStr(ct.shape), " (", ct.nbytes,
+          " bytes); weightd plans tensors whose dimensions and byte size are below 2^48"));
+    }
     mapped_names_.insert(name);
     Member m;
     m.tensor = i;
     m.rule = rule;
     if (const std::string* e = caps.Get("e")) {
       int64_t v = 0;
-      (void)absl::SimpleAtoi(*e, &v);
+      if (!absl::SimpleAtoi(*e, &v) || v >= kMaxPlannedDim) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", orig, "' has expert index ", *e,
+                                                       ", which is out of range (rule ",
+                                                       rule->label, ")"));
+      }
       m.expert = v;
     }
     const std::string target = rule->target.Expand(caps);
@@ -385,7 +446,18 @@ absl::Status Builder::CheckShapesAndCoverage() {
   }
   // Parameters nothing fills: required rules expanded over layers and experts, and every part
   // of a fused target that received some part.
+  // The list stops at kMaxMissingListed: a config.json claiming 10^18 layers must not make the
+  // enumeration run for ever (every step past the checkpoint's tensors adds to the list).
   std::set<std::string> missing;
+  bool more_missing = false;
+  auto note_missing = [&](std::string what) {
+    if (missing.size() >= kMaxMissingListed) {
+      more_missing = true;
+      return false;
+    }
+    missing.insert(std::move(what));
+    return true;
+  };
   const std::optional<int64_t> layers = cfg_.Int(recipe_.layers_field);
   const std::optional<int64_t> experts = cfg_.Int("num_experts");
   for (const ParamRule& r : recipe_.params) {
@@ -396,13 +468,13 @@ absl::Status Builder::CheckShapesAndCoverage() {
     if ((has_l && !layers) || (has_e && !experts)) continue;
     const int64_t nl = has_l ? *layers : 1, ne = has_e ? *experts : 1;
     NamePattern::Captures caps;
-    for (int64_t l = 0; l < nl; ++l) {
-      for (int64_t e = 0; e < ne; ++e) {
+    for (int64_t l = 0; l < nl && !more_missing; ++l) {
+      for (int64_t e = 0; e < ne && !more_missing; ++e) {
         caps.vars = {{"l", absl::StrCat(l)}, {"e", absl::StrCat(e)}};
         const std::string src = r.source.Expand(caps);
         if (absl::StrContains(src, "{")) continue;  // another placeholder: cannot enumerate
         if (!mapped_names_.contains(src)) {
-          missing.insert(
+          note_missing(
               absl::StrCat(r.target.Expand(caps), " (needs checkpoint tensor '", src, "')"));
         }
       }
@@ -421,26 +493,36 @@ absl::Status Builder::CheckShapesAndCoverage() {
     for (const ParamRule& r : recipe_.params) {
       if (r.style == g.style && r.target.text() == g.rule->target.text()) shards.insert(r.shard);
     }
-    std::vector<int64_t> expert_ids = {-1};
+    // Experts -1 .. -1 for an unfused target, 0 .. num_experts - 1 for a fused one.
+    int64_t first_expert = -1, end_expert = 0;
     if (g.style == ParallelStyle::kMoeW13 || g.style == ParallelStyle::kMoeW2) {
       WD_ASSIGN_OR_RETURN(
-          int64_t ne, cfg_.Require("num_experts", absl::StrCat("fused experts of '", name, "'")));
-      expert_ids.clear();
-      for (int64_t e = 0; e < ne; ++e) expert_ids.push_back(e);
+          int64_t ne,
+          cfg_.RequirePositive("num_experts", absl::StrCat("the fused experts of '", name, "'")));
+      for (const Member& m : g.members) {
+        if (m.expert < 0 || m.expert >= ne) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("tensor '", T(m.tensor).name, "' is expert ", m.expert, " of '", name,
+                           "' but num_experts is ", ne, " (rule ", m.rule->label, ")"));
+        }
+      }
+      first_expert = 0;
+      end_expert = ne;
     }
-    for (int64_t e : expert_ids) {
+    for (int64_t e = first_expert; e < end_expert && !more_missing; ++e) {
       for (int s : shards) {
         if (have.count({e, s})) continue;
-        missing.insert(absl::StrCat(
-            name, " (", e >= 0 ? absl::StrCat("expert ", e, ", ") : "",
-            g.style == ParallelStyle::kQkv ? std::string(1, "qkv"[s]) : absl::StrCat("part ", s),
-            " has no checkpoint tensor)"));
+        note_missing(absl::StrCat(name, " (", e >= 0 ? absl::StrCat("expert ", e, ", ") : "",
+                                  g.style == ParallelStyle::kQkv && s >= 0 && s < 3
+                                      ? std::string(1, "qkv"[s])
+                                      : absl::StrCat("part ", s),
+                                  " has no checkpoint tensor)"));
       }
     }
   }
   if (!missing.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        missing.size(), " parameter(s) of recipe '", recipe_.name,
+        more_missing ? "more than " : "", missing.size(), " parameter(s) of recipe '", recipe_.name,
         "' are filled by no checkpoint tensor:\n  ", absl::StrJoin(missing, "\n  "),
         "\nIs the checkpoint complete (all shards listed in the index)? A recipe rule with "
         "\"required\": false makes a parameter optional."));
@@ -501,12 +583,34 @@ absl::Status Builder::LayOut(const Group& g, int r, RankTarget* out) const {
     }
     case ParallelStyle::kQkv: {
       const Member* part[3] = {nullptr, nullptr, nullptr};
-      for (const Member& m : g.members) part[m.rule->shard] = &m;
+      for (const Member& m : g.members) {
+        if (m.rule->shard < 0 || m.rule->shard > 2) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "rule ", m.rule->label, " puts '", T(m.tensor).name, "' in part ", m.rule->shard,
+              " of qkv target '", g.target, "'; a qkv part is q, k or v"));
+        }
+        part[m.rule->shard] = &m;
+      }
+      // The recipe check (every qkv target pattern has q, k and v rules) and the coverage check
+      // make this unreachable; it stays because a null part here would be a crash.
+      for (int i = 0; i < 3; ++i) {
+        if (part[i] == nullptr) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("qkv target '", g.target, "' (rule ", g.rule->label,
+                           ") has no checkpoint tensor for part ", std::string(1, "qkv"[i])));
+        }
+      }
       const std::string why = absl::StrCat("the qkv layout of '", g.target, "'");
-      WD_ASSIGN_OR_RETURN(int64_t nh, cfg_.Require("num_attention_heads", why));
-      WD_ASSIGN_OR_RETURN(int64_t nkv, cfg_.Require("num_key_value_heads", why));
-      WD_ASSIGN_OR_RETURN(int64_t hd, cfg_.Require("head_dim", why));
-      const int64_t want[3] = {nh * hd, nkv * hd, nkv * hd};
+      WD_ASSIGN_OR_RETURN(int64_t nh, cfg_.RequirePositive("num_attention_heads", why));
+      WD_ASSIGN_OR_RETURN(int64_t nkv, cfg_.RequirePositive("num_key_value_heads", why));
+      WD_ASSIGN_OR_RETURN(int64_t hd, cfg_.RequirePositive("head_dim", why));
+      int64_t want[3];
+      if (__builtin_mul_overflow(nh, hd, &want[0]) || __builtin_mul_overflow(nkv, hd, &want[1])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(cfg_.Label(), ": num_attention_heads (", nh, ") or num_key_value_heads (",
+                         nkv, ") times head_dim (", hd, ") overflows 64 bits, in ", why));
+      }
+      want[2] = want[1];
       const char* expr[3] = {"num_attention_heads*head_dim", "num_key_value_heads*head_dim",
                              "num_key_value_heads*head_dim"};
       for (int i = 0; i < 3; ++i) {
@@ -595,8 +699,19 @@ absl::Status Builder::LayOut(const Group& g, int r, RankTarget* out) const {
     case ParallelStyle::kMoeW13:
     case ParallelStyle::kMoeW2: {
       const bool w13 = g.style == ParallelStyle::kMoeW13;
-      WD_ASSIGN_OR_RETURN(int64_t ne, cfg_.Require("num_experts", absl::StrCat("fused experts of '",
-                                                                               g.target, "'")));
+      // CheckShapesAndCoverage checked num_experts >= 1 and every member's expert against it.
+      WD_ASSIGN_OR_RETURN(
+          int64_t ne, cfg_.RequirePositive("num_experts",
+                                           absl::StrCat("the fused experts of '", g.target, "'")));
+      for (const Member& m : g.members) {
+        if (m.expert < 0 || m.expert >= ne || (w13 && m.rule->shard != 0 && m.rule->shard != 1) ||
+            (!w13 && m.rule->shard != 0)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "tensor '", T(m.tensor).name, "' is expert ", m.expert, ", part ", m.rule->shard,
+              " of '", g.target, "', outside num_experts ", ne, " or the parts of ",
+              ParallelStyleName(g.style), " (rule ", m.rule->label, ")"));
+        }
+      }
       const auto& s0 = T(g.members[0].tensor).shape;
       for (const Member& m : g.members) {
         if (T(m.tensor).shape != s0 || s0.size() != 2) {
@@ -733,11 +848,23 @@ absl::StatusOr<Plan> Builder::Build() {
           rp.transforms.push_back({PlanTransform::Kind::kCast, tix, d, t.dtype});
         }
       }
-      t.nbytes = static_cast<uint64_t>(Numel(t.shape)) * DTypeSize(t.dtype);
+      // Every target is at most a few planned tensors (each below 2^48 bytes) plus vocab padding;
+      // the checks keep even an absurd recipe from wrapping an offset.
+      const int64_t numel = Numel(t.shape);
+      uint64_t end = 0;
+      if (numel < 0 ||
+          __builtin_mul_overflow(static_cast<uint64_t>(numel), DTypeSize(t.dtype), &t.nbytes) ||
+          t.nbytes > UINT64_MAX - kTargetAlignment ||
+          __builtin_add_overflow(offset, t.nbytes + kTargetAlignment - 1, &end)) {
+        return absl::InvalidArgumentError(absl::StrCat("target '", name, "' of shape ",
+                                                       ShapeStr(t.shape), " on rank ", rp.rank,
+                                                       " does not fit in a 64-bit arena"));
+      }
       t.offset = offset;
-      offset = (offset + t.nbytes + kTargetAlignment - 1) / kTargetAlignment * kTargetAlignment;
-      const uint64_t row_bytes =
-          t.shape.empty() ? t.nbytes : t.nbytes / static_cast<uint64_t>(t.shape[0]);
+      offset = end / kTargetAlignment * kTargetAlignment;
+      const uint64_t row_bytes = t.shape.empty() || t.shape[0] == 0
+                                     ? t.nbytes
+                                     : t.nbytes / static_cast<uint64_t>(t.shape[0]);
       for (const auto& [row, n] : rt.zero_rows) {
         rp.zero_fills.push_back(
             {tix, static_cast<uint64_t>(row) * row_bytes, static_cast<uint64_t>(n) * row_bytes});
@@ -824,7 +951,7 @@ json I3(const Index3& a) { return json::array({a[0], a[1], a[2]}); }
 
 }  // namespace
 
-std::string PlanToJson(const Plan& plan) {
+absl::StatusOr<std::string> PlanToJson(const Plan& plan) {
   json j;
   j["format"] = "weightd-plan-1";
   j["checkpoint"] = plan.checkpoint;
@@ -886,10 +1013,45 @@ std::string PlanToJson(const Plan& plan) {
     }
     j["ranks"].push_back(std::move(jr));
   }
-  return j.dump(1) + "\n";
+  WD_ASSIGN_OR_RETURN(
+      std::string text,
+      detail::DumpJsonText(
+          j, 1, absl::StrCat("the plan of '", detail::PrintableBytes(plan.checkpoint), "'")));
+  return text + "\n";
 }
 
 namespace {
+
+// The byte size of `shape` elements of `dtype` is `nbytes`, without overflow.
+bool SizeAgrees(const std::vector<int64_t>& shape, DType dtype, uint64_t nbytes) {
+  const int64_t n = Numel(shape);
+  uint64_t bytes = 0;
+  return n >= 0 && !__builtin_mul_overflow(static_cast<uint64_t>(n), DTypeSize(dtype), &bytes) &&
+         bytes == nbytes;
+}
+
+// The box of a piece lies inside the views of its source and target. The plan may come from a
+// file, so every product and sum is overflow-checked.
+bool PieceInside(const PlanPiece& p, const PlanSource& s, const PlanTarget& t) {
+  auto volume = [](const Index3& a, int64_t* out) {
+    return !__builtin_mul_overflow(a[0], a[1], out) && !__builtin_mul_overflow(*out, a[2], out);
+  };
+  int64_t src = 0, dst = 0;
+  if (!volume(p.src_shape, &src) || !volume(p.dst_shape, &dst) || src != Numel(s.shape) ||
+      dst != Numel(t.shape)) {
+    return false;
+  }
+  for (int d = 0; d < 3; ++d) {
+    int64_t src_end = 0, dst_end = 0;
+    if (p.extent[d] < 0 || p.src_start[d] < 0 || p.dst_start[d] < 0 ||
+        __builtin_add_overflow(p.src_start[d], p.extent[d], &src_end) ||
+        __builtin_add_overflow(p.dst_start[d], p.extent[d], &dst_end) || src_end > p.src_shape[d] ||
+        dst_end > p.dst_shape[d]) {
+      return false;
+    }
+  }
+  return true;
+}
 
 absl::Status CheckPlan(const Plan& plan) {
   auto bad = [](auto&&... parts) {
@@ -898,14 +1060,14 @@ absl::Status CheckPlan(const Plan& plan) {
   for (size_t i = 0; i < plan.sources.size(); ++i) {
     const PlanSource& s = plan.sources[i];
     if (s.file >= plan.files.size()) return bad("sources[", i, "] names file ", s.file);
-    if (static_cast<uint64_t>(Numel(s.shape)) * DTypeSize(s.dtype) != s.nbytes) {
+    if (!SizeAgrees(s.shape, s.dtype, s.nbytes)) {
       return bad("sources[", i, "] '", s.name, "': shape and dtype disagree with nbytes");
     }
   }
   for (const RankPlan& r : plan.ranks) {
     for (const PlanTarget& t : r.targets) {
-      if (t.offset % kTargetAlignment || t.offset + t.nbytes > r.arena_bytes ||
-          static_cast<uint64_t>(Numel(t.shape)) * DTypeSize(t.dtype) != t.nbytes) {
+      if (t.offset % kTargetAlignment || t.offset > r.arena_bytes ||
+          t.nbytes > r.arena_bytes - t.offset || !SizeAgrees(t.shape, t.dtype, t.nbytes)) {
         return bad("rank ", r.rank, " target '", t.name, "': bad offset, size or shape");
       }
     }
@@ -914,19 +1076,13 @@ absl::Status CheckPlan(const Plan& plan) {
       if (p.source >= plan.sources.size() || p.target >= r.targets.size()) {
         return bad("rank ", r.rank, " pieces[", i, "] index out of range");
       }
-      const PlanSource& s = plan.sources[p.source];
-      const PlanTarget& t = r.targets[p.target];
-      bool ok = p.src_shape[0] * p.src_shape[1] * p.src_shape[2] == Numel(s.shape) &&
-                p.dst_shape[0] * p.dst_shape[1] * p.dst_shape[2] == Numel(t.shape);
-      for (int d = 0; d < 3 && ok; ++d) {
-        ok = p.extent[d] >= 0 && p.src_start[d] >= 0 && p.dst_start[d] >= 0 &&
-             p.src_start[d] + p.extent[d] <= p.src_shape[d] &&
-             p.dst_start[d] + p.extent[d] <= p.dst_shape[d];
+      if (!PieceInside(p, plan.sources[p.source], r.targets[p.target])) {
+        return bad("rank ", r.rank, " pieces[", i, "] box outside its source or target");
       }
-      if (!ok) return bad("rank ", r.rank, " pieces[", i, "] box outside its source or target");
     }
     for (const PlanZeroFill& z : r.zero_fills) {
-      if (z.target >= r.targets.size() || z.offset + z.nbytes > r.targets[z.target].nbytes) {
+      if (z.target >= r.targets.size() || z.offset > r.targets[z.target].nbytes ||
+          z.nbytes > r.targets[z.target].nbytes - z.offset) {
         return bad("rank ", r.rank, " zero fill outside its target");
       }
     }
@@ -1021,8 +1177,7 @@ absl::StatusOr<Plan> PlanFromJsonImpl(const json& j) {
 }  // namespace
 
 absl::StatusOr<Plan> PlanFromJson(absl::string_view text) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError("plan: not valid JSON");
+  WD_ASSIGN_OR_RETURN(json j, detail::ParseJsonText(text, "plan"));
   // nlohmann reports missing keys and wrong types by exception; they stop here.
   try {
     return PlanFromJsonImpl(j);

@@ -4,6 +4,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "detail/json_cursor.h"
+#include "detail/json_text.h"
 #include "nlohmann/json.hpp"
 
 namespace weightd {
@@ -323,7 +325,28 @@ absl::StatusOr<Request> ParseRequest(absl::string_view text) {
   }
 }
 
-std::string EncodeRequest(const Request& r) {
+absl::StatusOr<std::string> EncodeRequest(const Request& r) {
+  // JSON is UTF-8 text; a path or name in another encoding is refused here, naming the field,
+  // rather than thrown from the JSON writer.
+  const std::string ctx = absl::StrCat(OpName(r.op), ": ");
+  std::vector<std::pair<const char*, const std::string*>> texts = {{"client", &r.client}};
+  if (r.name) texts.emplace_back("name", &*r.name);
+  if (r.op == Op::kLoad) {
+    texts.insert(texts.end(), {{"checkpoint", &r.load.checkpoint},
+                               {"dtype", &r.load.dtype},
+                               {"recipe_file", &r.load.recipe_file},
+                               {"recipe", &r.load.recipe}});
+    for (const std::string& s : r.load.skip) texts.emplace_back("skip", &s);
+  }
+  for (const auto& [field, text] : texts) {
+    const char* why = nullptr;
+    const size_t valid = detail::ValidUtf8Prefix(text->data(), text->size(), &why);
+    if (valid != text->size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(ctx, "field '", field, "' is not UTF-8 text: byte ", valid, " starts ", why,
+                       " (the protocol carries JSON, which is UTF-8)"));
+    }
+  }
   json j = json::object();
   if (r.op == Op::kLoad) j = LoadSpecToJsonObject(r.load);
   j["op"] = std::string(OpName(r.op));
@@ -348,7 +371,7 @@ std::string EncodeRequest(const Request& r) {
     default:
       break;
   }
-  return j.dump();
+  return detail::DumpJsonText(j, -1, absl::StrCat("the '", OpName(r.op), "' request"));
 }
 
 absl::StatusOr<LoadSpec> ParseLoadSpecJson(absl::string_view text, absl::string_view context) {

@@ -6,10 +6,15 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "detail/builtin_recipes.h"
+#include "detail/json_text.h"
 #include "weightd/file_util.h"
 #include "weightd/status_macros.h"
 
@@ -29,6 +34,7 @@ absl::StatusOr<NamePattern> NamePattern::Parse(absl::string_view text, absl::str
   NamePattern p;
   p.text_ = std::string(text);
   size_t i = 0;
+  int vars = 0;
   while (i < text.size()) {
     if (text[i] == '{') {
       const size_t close = text.find('}', i);
@@ -46,6 +52,10 @@ absl::StatusOr<NamePattern> NamePattern::Parse(absl::string_view text, absl::str
         return absl::InvalidArgumentError(absl::StrCat(
             label, ": pattern '", text, "' has two adjacent placeholders; separate them by text"));
       }
+      if (++vars > kMaxPlaceholders) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            label, ": pattern '", text, "' has more than ", kMaxPlaceholders, " placeholders"));
+      }
       p.segments_.push_back({true, std::string(name)});
       i = close + 1;
     } else {
@@ -57,6 +67,14 @@ absl::StatusOr<NamePattern> NamePattern::Parse(absl::string_view text, absl::str
   }
   if (!p.segments_.empty() && !p.segments_.back().is_var) p.last_literal_ = p.segments_.back().text;
   return p;
+}
+
+std::vector<std::string> NamePattern::VarNames() const {
+  std::vector<std::string> out;
+  for (const Segment& s : segments_) {
+    if (s.is_var) out.push_back(s.text);
+  }
+  return out;
 }
 
 bool NamePattern::HasVar(absl::string_view name) const {
@@ -71,15 +89,26 @@ bool NamePattern::Match(absl::string_view name, Captures* caps) const {
   Captures local;
   Captures* c = caps ? caps : &local;
   c->vars.clear();
-  return MatchFrom(0, name, c);
+  // Backtracking is the fast path (a real name matches or fails in a few steps), but several
+  // placeholders over a long name can take exponential time ("{a}1{b}1{c}1{d}2x" against a
+  // thousand 1s). Past this many steps the table decides, in time linear in the name.
+  size_t budget = 64 * (segments_.size() + 1) + 4 * name.size();
+  const int r = MatchFrom(0, name, c, &budget);
+  if (r >= 0) return r == 1;
+  c->vars.clear();
+  return MatchTabled(name, c);
 }
 
-bool NamePattern::MatchFrom(size_t seg, absl::string_view rest, Captures* caps) const {
-  if (seg == segments_.size()) return rest.empty();
+// 1: matched (captures in `caps`), 0: no match, -1: `*budget` steps ran out first.
+int NamePattern::MatchFrom(size_t seg, absl::string_view rest, Captures* caps,
+                           size_t* budget) const {
+  if (*budget == 0) return -1;
+  --*budget;
+  if (seg == segments_.size()) return rest.empty() ? 1 : 0;
   const Segment& s = segments_[seg];
   if (!s.is_var) {
-    if (!absl::StartsWith(rest, s.text)) return false;
-    return MatchFrom(seg + 1, rest.substr(s.text.size()), caps);
+    if (!absl::StartsWith(rest, s.text)) return 0;
+    return MatchFrom(seg + 1, rest.substr(s.text.size()), caps, budget);
   }
   const bool any = s.text == "*";
   size_t max_len = rest.size();
@@ -92,10 +121,60 @@ bool NamePattern::MatchFrom(size_t seg, absl::string_view rest, Captures* caps) 
     const size_t len = any ? k : max_len - k;
     if (!any && len == 0) break;
     caps->vars.emplace_back(s.text, std::string(rest.substr(0, len)));
-    if (MatchFrom(seg + 1, rest.substr(len), caps)) return true;
+    const int r = MatchFrom(seg + 1, rest.substr(len), caps, budget);
+    if (r != 0) return r;
     caps->vars.pop_back();
   }
-  return false;
+  return 0;
+}
+
+// The same search without backtracking: first, for every segment s and position p, whether
+// segments s.. can match name[p..] (from the last segment back, a prefix count making each
+// placeholder's range of end positions one subtraction); then the captures, choosing at each
+// placeholder the first length in MatchFrom's order whose remainder can match, which is the
+// split MatchFrom would have returned.
+bool NamePattern::MatchTabled(absl::string_view name, Captures* caps) const {
+  const size_t n = name.size(), segs = segments_.size();
+  std::vector<uint8_t> ok((segs + 1) * (n + 1), 0);
+  auto at = [&](size_t s, size_t p) -> uint8_t& { return ok[s * (n + 1) + p]; };
+  at(segs, n) = 1;
+  std::vector<size_t> digits(n + 1, 0);  // length of the digit run starting at each position
+  for (size_t p = n; p-- > 0;) digits[p] = absl::ascii_isdigit(name[p]) ? digits[p + 1] + 1 : 0;
+  std::vector<size_t> below(n + 2, 0);  // below[q]: positions before q where segment s+1 matches
+  for (size_t s = segs; s-- > 0;) {
+    const Segment& g = segments_[s];
+    if (!g.is_var) {
+      for (size_t p = 0; p + g.text.size() <= n; ++p) {
+        at(s, p) = at(s + 1, p + g.text.size()) && name.compare(p, g.text.size(), g.text) == 0;
+      }
+      continue;
+    }
+    for (size_t q = 0; q <= n; ++q) below[q + 1] = below[q] + at(s + 1, q);
+    const bool any = g.text == "*";
+    for (size_t p = 0; p <= n; ++p) {
+      if (!any && digits[p] == 0) continue;
+      const size_t first = any ? p : p + 1, last = any ? n : p + digits[p];
+      at(s, p) = below[last + 1] > below[first];
+    }
+  }
+  if (!at(0, 0)) return false;
+  size_t p = 0;
+  for (size_t s = 0; s < segs; ++s) {
+    const Segment& g = segments_[s];
+    if (!g.is_var) {
+      p += g.text.size();
+      continue;
+    }
+    size_t len = g.text == "*" ? 0 : digits[p];
+    if (g.text == "*") {
+      while (!at(s + 1, p + len)) ++len;
+    } else {
+      while (!at(s + 1, p + len)) --len;
+    }
+    caps->vars.emplace_back(g.text, std::string(name.substr(p, len)));
+    p += len;
+  }
+  return true;
 }
 
 std::string NamePattern::Expand(const Captures& caps) const {
@@ -176,6 +255,82 @@ absl::StatusOr<std::string> OptString(const json& obj, const char* key, absl::st
   return obj.at(key).get<std::string>();
 }
 
+bool IsFused(ParallelStyle s) {
+  return s == ParallelStyle::kQkv || s == ParallelStyle::kMergedColumn ||
+         s == ParallelStyle::kMoeW13;
+}
+
+// The name of part `shard` of a fused target, for messages: q/k/v, gate/up, or the index.
+std::string PartName(ParallelStyle style, int shard) {
+  if (style == ParallelStyle::kQkv && shard >= 0 && shard < 3) return std::string(1, "qkv"[shard]);
+  if (style == ParallelStyle::kMoeW13 && (shard == 0 || shard == 1)) {
+    return shard == 0 ? "0 (gate)" : "1 (up)";
+  }
+  return absl::StrCat(shard);
+}
+
+// "shard": required for the fused styles (it is the part's position), refused for the others.
+absl::Status ParseShard(const json& j, absl::string_view where, ParamRule* r) {
+  const absl::string_view style = ParallelStyleName(r->style);
+  if (!j.contains("shard")) {
+    if (!IsFused(r->style)) return absl::OkStatus();
+    const char* parts = r->style == ParallelStyle::kQkv      ? "\"q\", \"k\" or \"v\""
+                        : r->style == ParallelStyle::kMoeW13 ? "0 (gate) or 1 (up)"
+                                                             : "the part's index (0, 1, ...)";
+    return Bad(where, absl::StrCat("a ", style, " rule needs 'shard': ", parts));
+  }
+  if (!IsFused(r->style)) {
+    return Bad(where, absl::StrCat("'shard' applies to qkv, merged_column and moe_w13 rules "
+                                   "only; a ",
+                                   style, " rule fills its whole target"));
+  }
+  const json& s = j.at("shard");
+  if (r->style == ParallelStyle::kQkv) {
+    // 0, 1, 2 are accepted as the positions of q, k, v.
+    for (int part = 0; part < 3; ++part) {
+      if ((s.is_string() && s.get_ref<const std::string&>() == std::string(1, "qkv"[part])) ||
+          (s.is_number_integer() && s == part)) {
+        r->shard = part;
+        return absl::OkStatus();
+      }
+    }
+    return Bad(where, "a qkv rule's 'shard' must be \"q\", \"k\" or \"v\"");
+  }
+  const int64_t limit = r->style == ParallelStyle::kMoeW13 ? 2 : 64;
+  if (!s.is_number_integer() || (s.is_number_unsigned() && s.get<uint64_t>() >= 64) ||
+      s.get<int64_t>() < 0 || s.get<int64_t>() >= limit) {
+    return Bad(where, r->style == ParallelStyle::kMoeW13
+                          ? "a moe_w13 rule's 'shard' must be 0 (gate) or 1 (up)"
+                          : "a merged_column rule's 'shard' must be an integer in [0, 64)");
+  }
+  r->shard = static_cast<int>(s.get<int64_t>());
+  return absl::OkStatus();
+}
+
+// A shape expression: integers and config field names joined by '*' (what ConfigView::Eval
+// reads).
+absl::Status CheckShapeExpr(absl::string_view expr, size_t dim, absl::string_view where) {
+  auto bad = [&]() {
+    return Bad(where, absl::StrCat("shape[", dim, "] '", expr,
+                                   "' is not a product of integers and config field names, e.g. "
+                                   "\"num_attention_heads*head_dim\""));
+  };
+  for (absl::string_view term : absl::StrSplit(expr, '*')) {
+    term = absl::StripAsciiWhitespace(term);
+    if (term.empty()) return bad();
+    if (absl::ascii_isdigit(term[0])) {
+      int64_t v = 0;
+      if (!absl::SimpleAtoi(term, &v)) return bad();
+      continue;
+    }
+    if (!absl::ascii_isalpha(term[0]) && term[0] != '_') return bad();
+    for (const char c : term) {
+      if (!absl::ascii_isalnum(c) && c != '_') return bad();
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ParamRule> ParseParam(const json& j, const std::string& where) {
   if (!j.is_object()) return Bad(where, "a param rule must be an object");
   WD_RETURN_IF_ERROR(CheckKeys(
@@ -192,29 +347,31 @@ absl::StatusOr<ParamRule> ParseParam(const json& j, const std::string& where) {
   WD_ASSIGN_OR_RETURN(std::string style, OptString(j, "style", where));
   if (style.empty()) return Bad(where, "missing 'style'");
   WD_ASSIGN_OR_RETURN(r.style, ParseStyle(style, where));
-  if (j.contains("shard")) {
-    const json& s = j.at("shard");
-    if (s.is_number_integer() && s.get<int64_t>() >= 0 && s.get<int64_t>() < 64) {
-      r.shard = static_cast<int>(s.get<int64_t>());
-    } else if (s == "q") {
-      r.shard = 0;
-    } else if (s == "k") {
-      r.shard = 1;
-    } else if (s == "v") {
-      r.shard = 2;
-    } else {
-      return Bad(where, "'shard' must be \"q\", \"k\", \"v\" or an integer in [0, 64)");
-    }
-  }
-  if (r.style == ParallelStyle::kQkv && r.shard > 2) {
-    return Bad(where, "a qkv rule's shard must be q, k or v");
-  }
+  WD_RETURN_IF_ERROR(ParseShard(j, where, &r));
   if (j.contains("required")) {
     if (!j.at("required").is_boolean()) return Bad(where, "'required' must be true or false");
     r.required = j.at("required").get<bool>();
   }
   WD_ASSIGN_OR_RETURN(r.skip_if_config, OptString(j, "skip_if_config", where));
   WD_ASSIGN_OR_RETURN(r.shape, StringList(j, "shape", where));
+  for (size_t d = 0; d < r.shape.size(); ++d)
+    WD_RETURN_IF_ERROR(CheckShapeExpr(r.shape[d], d, where));
+  // Every placeholder of the target must be bound by the source; a source binds each once.
+  const std::vector<std::string> source_vars = r.source.VarNames();
+  for (size_t i = 0; i < source_vars.size(); ++i) {
+    if (std::find(source_vars.begin(), source_vars.begin() + i, source_vars[i]) !=
+        source_vars.begin() + i) {
+      return Bad(where, absl::StrCat("source pattern '", source, "' has the placeholder {",
+                                     source_vars[i], "} twice"));
+    }
+  }
+  for (const std::string& v : r.target.VarNames()) {
+    if (!r.source.HasVar(v)) {
+      return Bad(where,
+                 absl::StrCat("target pattern '", target, "' uses {", v,
+                              "}, which the source pattern '", source, "' does not capture"));
+    }
+  }
   const bool moe = r.style == ParallelStyle::kMoeW13 || r.style == ParallelStyle::kMoeW2;
   if (moe && !r.source.HasVar("e")) {
     return Bad(where, "a moe_w13/moe_w2 rule's source must capture the expert index as {e}");
@@ -227,7 +384,17 @@ absl::StatusOr<ParamRule> ParseParam(const json& j, const std::string& where) {
 
 // Overlay rules come first so that they win; a base rule with the same source pattern is
 // replaced, and `remove` drops base rules by source pattern.
-Recipe Merge(const Recipe& base, Recipe overlay, const std::vector<std::string>& remove) {
+absl::StatusOr<Recipe> Merge(const Recipe& base, Recipe overlay,
+                             const std::vector<std::string>& remove, absl::string_view where) {
+  for (size_t i = 0; i < remove.size(); ++i) {
+    const bool found = std::any_of(base.params.begin(), base.params.end(), [&](const ParamRule& r) {
+      return r.source.text() == remove[i];
+    });
+    if (!found) {
+      return Bad(where, absl::StrCat("remove_params[", i, "] '", remove[i],
+                                     "' is the source of no rule of recipe '", base.name, "'"));
+    }
+  }
   Recipe out = std::move(overlay);
   std::set<std::string> seen;
   for (const ParamRule& r : out.params) seen.insert(r.source.text());
@@ -252,12 +419,47 @@ Recipe Merge(const Recipe& base, Recipe overlay, const std::vector<std::string>&
   return out;
 }
 
+// Checks across rules, on the recipe as BuildPlan uses it (after `extends`): the rules naming one
+// target pattern agree on its style, and a fused target has a rule for every part (qkv: q, k
+// and v; moe_w13: gate and up; merged_column: 0 up to its highest part).
+absl::Status CheckTargets(const Recipe& r, absl::string_view where) {
+  std::map<std::string, std::vector<const ParamRule*>> by_target;
+  for (const ParamRule& p : r.params) by_target[p.target.text()].push_back(&p);
+  for (const auto& [target, rules] : by_target) {
+    const ParamRule& first = *rules[0];
+    for (const ParamRule* p : rules) {
+      if (p->style != first.style) {
+        return Bad(where, absl::StrCat("target '", target, "' gets style ",
+                                       ParallelStyleName(first.style), " from ", first.label,
+                                       " but ", ParallelStyleName(p->style), " from ", p->label,
+                                       "; the rules of one target must agree on its style"));
+      }
+    }
+    if (!IsFused(first.style)) continue;
+    std::set<int> parts;
+    for (const ParamRule* p : rules) parts.insert(p->shard);
+    const int need = first.style == ParallelStyle::kQkv      ? 3
+                     : first.style == ParallelStyle::kMoeW13 ? 2
+                                                             : *parts.rbegin() + 1;
+    for (int part = 0; part < need; ++part) {
+      if (parts.count(part)) continue;
+      std::vector<std::string> have;
+      for (const ParamRule* p : rules) {
+        have.push_back(absl::StrCat(p->label, " (part ", PartName(p->style, p->shard), ")"));
+      }
+      return Bad(where, absl::StrCat(ParallelStyleName(first.style), " target '", target,
+                                     "' has no rule for part ", PartName(first.style, part),
+                                     "; its rules: ", absl::StrJoin(have, ", "),
+                                     ". A fused target needs a rule for each of its parts"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view label,
                                        const ModelConfig* config, int depth) {
   if (depth > 8) return Bad(label, "'extends' chain is longer than 8 (a cycle?)");
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false,
-                       /*ignore_comments=*/true);
-  if (j.is_discarded()) return Bad(label, "not valid JSON");
+  WD_ASSIGN_OR_RETURN(json j, detail::ParseJsonText(text, label, /*allow_comments=*/true));
   if (!j.is_object()) return Bad(label, "a recipe must be a JSON object");
   const std::string where(label);
   WD_RETURN_IF_ERROR(
@@ -270,7 +472,15 @@ absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view
   WD_ASSIGN_OR_RETURN(r.name, OptString(j, "name", where));
   WD_ASSIGN_OR_RETURN(r.architectures, StringList(j, "architectures", where));
   WD_ASSIGN_OR_RETURN(r.skip, StringList(j, "skip", where));
+  for (size_t i = 0; i < r.skip.size(); ++i) {
+    if (r.skip[i].empty()) {
+      return Bad(where, absl::StrCat("skip[", i, "] is empty; it would skip every tensor"));
+    }
+  }
   WD_ASSIGN_OR_RETURN(std::string layers_field, OptString(j, "layers_field", where));
+  if (j.contains("layers_field") && layers_field.empty()) {
+    return Bad(where, "'layers_field' must name a config field");
+  }
   if (!layers_field.empty()) r.layers_field = layers_field;
   if (j.contains("config_defaults")) {
     const json& d = j.at("config_defaults");
@@ -278,11 +488,13 @@ absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view
     for (auto it = d.begin(); it != d.end(); ++it) {
       if (it->is_boolean()) {
         r.config_defaults.emplace_back(it.key(), it->get<bool>() ? 1 : 0);
-      } else if (it->is_number_integer()) {
+      } else if (it->is_number_integer() &&
+                 !(it->is_number_unsigned() &&
+                   it->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
         r.config_defaults.emplace_back(it.key(), it->get<int64_t>());
       } else {
-        return Bad(where,
-                   absl::StrCat("config_defaults.", it.key(), " must be an integer or a boolean"));
+        return Bad(where, absl::StrCat("config_defaults.", it.key(),
+                                       " must be a 64-bit integer or a boolean"));
       }
     }
   }
@@ -331,6 +543,7 @@ absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view
   if (extends.empty()) {
     if (!remove.empty()) return Bad(where, "'remove_params' needs 'extends'");
     if (r.name.empty()) return Bad(where, "missing 'name'");
+    WD_RETURN_IF_ERROR(CheckTargets(r, where));
     return r;
   }
   Recipe base;
@@ -352,7 +565,9 @@ absl::StatusOr<Recipe> ParseRecipeImpl(absl::string_view text, absl::string_view
         base, ParseRecipeImpl(it->json, absl::StrCat("built-in ", it->file), config, depth + 1));
   }
   if (r.name.empty()) r.name = absl::StrCat(base.name, "+", label);
-  return Merge(base, std::move(r), remove);
+  WD_ASSIGN_OR_RETURN(Recipe merged, Merge(base, std::move(r), remove, where));
+  WD_RETURN_IF_ERROR(CheckTargets(merged, where));
+  return merged;
 }
 
 struct Builtins {

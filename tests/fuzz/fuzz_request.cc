@@ -14,7 +14,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string input(reinterpret_cast<const char*>(data), size);
   auto r = weightd::ParseRequest(input);
   if (r.ok()) {
-    auto again = weightd::ParseRequest(weightd::EncodeRequest(*r));
+    // An accepted request is UTF-8 throughout (its JSON parser checks), so it always encodes.
+    absl::StatusOr<std::string> wire = weightd::EncodeRequest(*r);
+    if (!wire.ok()) std::abort();
+    auto again = weightd::ParseRequest(*wire);
     if (!again.ok() || again->op != r->op || again->name != r->name ||
         again->id_json != r->id_json || again->rank != r->rank) {
       std::abort();

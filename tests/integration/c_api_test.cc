@@ -177,6 +177,16 @@ TEST_F(CApiTest, LoadOptionsErrorsNameTheKey) {
   EXPECT_THAT(wd_last_error(), HasSubstr("must be a JSON object"));
   EXPECT_EQ(wd_load(c.get(), "demo", g_ckpt.c_str(), nullptr), WD_ALREADY_EXISTS);
   EXPECT_THAT(wd_last_error(), HasSubstr("demo"));
+  // Numbers of the wrong kind or range were converted by nlohmann: 2.5 became tp 2, 4294967297
+  // tp 1, -1 uid 4294967295, and 1e300 was an undefined float-to-integer conversion.
+  for (const char* bad : {R"({"tp": 2.5})", R"({"tp": 4294967297})", R"({"tp": 1e300})"}) {
+    EXPECT_EQ(wd_load(c.get(), "x", g_ckpt.c_str(), bad), WD_INVALID_ARGUMENT) << bad;
+    EXPECT_THAT(wd_last_error(), HasSubstr("'tp' must be an integer")) << bad;
+  }
+  EXPECT_EQ(wd_load(c.get(), "x", g_ckpt.c_str(), R"({"ranks": [0, 1e300]})"), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("'ranks' must be an array of integers"));
+  EXPECT_EQ(wd_load(c.get(), "x", g_ckpt.c_str(), R"({"allow_uids": [-1]})"), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("'allow_uids' must be an array of uids"));
 }
 
 TEST_F(CApiTest, AttachIteratesTensorsAndVerifies) {

@@ -11,6 +11,8 @@
 #include <functional>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "weightd/client.h"
@@ -43,10 +45,13 @@ std::string GoodManifest(uint64_t arena_size = 4096) {
   return EncodeManifest(m);
 }
 
-// Answers hello and detach like weightd; answers attach with `attach(fd)`.
+// Answers hello and detach like weightd; answers attach with `attach(fd)`. `custom(fd, request,
+// id)`, when given, sees every request first and returns true when it answered it.
 class FakeDaemon {
  public:
-  explicit FakeDaemon(std::function<void(int)> attach) : attach_(std::move(attach)) {
+  using Custom = std::function<bool(int, const std::string&, const std::string&)>;
+  explicit FakeDaemon(std::function<void(int)> attach, Custom custom = nullptr)
+      : attach_(std::move(attach)), custom_(std::move(custom)) {
     char tmpl[] = "/tmp/weightd-fake-XXXXXX";
     dir_ = ::mkdtemp(tmpl);
     path_ = dir_ + "/s";
@@ -76,6 +81,7 @@ class FakeDaemon {
       const std::string& d = p->data;
       const std::string id = d.substr(
           d.find("\"id\":") + 5, d.find_first_of(",}", d.find("\"id\":")) - d.find("\"id\":") - 5);
+      if (custom_ && custom_(c.get(), d, id)) continue;
       if (d.find("\"hello\"") != std::string::npos) {
         (void)SendPacket(c.get(), "{\"ok\":true,\"id\":" + id + ",\"result\":{\"version\":1}}");
       } else if (d.find("\"attach\"") != std::string::npos) {
@@ -87,6 +93,7 @@ class FakeDaemon {
     }
   }
   std::function<void(int)> attach_;
+  Custom custom_;
   std::string dir_, path_;
   UniqueFd listen_;
   std::thread thread_;
@@ -314,6 +321,116 @@ TEST(ClientHostileTest, DeviceArenaWithBadUuidOrArenaInfo) {
   s = AttachDevice("\"arena_info\":[],");
   EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("arena_info is not an array of 1 entries"));
+}
+
+// Replies whose JSON is well-formed but whose fields have the wrong types. nlohmann's value()
+// throws on a type mismatch; such a reply used to throw out of Client::Connect, List or Attach.
+absl::Status ConnectAnd(const std::string& op_in_request, const std::string& reply_result,
+                        const std::function<absl::Status(Client&)>& call) {
+  FakeDaemon d([](int) {},
+               [&](int sock, const std::string& request, const std::string& id) {
+                 if (request.find(op_in_request) == std::string::npos) return false;
+                 (void)SendPacket(sock, absl::StrReplaceAll(reply_result, {{"$ID", id}}));
+                 return true;
+               });
+  absl::StatusOr<Client> c = Client::Connect(d.path());
+  if (!c.ok()) return c.status();
+  return call(*c);
+}
+
+absl::Status HelloReply(const std::string& reply) {
+  return ConnectAnd("\"hello\"", reply, [](Client&) { return absl::OkStatus(); });
+}
+
+TEST(ClientHostileTest, MistypedReplyFieldsAreErrorsNotExceptions) {
+  for (const char* reply : {
+           R"({"ok":1,"id":$ID,"result":{"version":1}})",
+           R"({"ok":"true","id":$ID,"result":{"version":1}})",
+           R"({"id":$ID,"result":{"version":1}})",
+           R"({"ok":true,"id":$ID,"result":{"version":"1"}})",
+           R"({"ok":true,"id":$ID,"result":{"version":1.5}})",
+           R"({"ok":true,"id":$ID,"result":[1]})",
+           R"({"ok":true,"id":$ID,"result":"x"})",
+       }) {
+    absl::Status s;
+    EXPECT_NO_THROW(s = HelloReply(reply)) << reply;
+    EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << reply << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("malformed reply from weightd")) << reply;
+  }
+  // An error reply with fields of the wrong type is still an error, never a success.
+  for (const char* reply : {
+           R"({"ok":false,"id":$ID,"error":{"code":5,"message":"m"}})",
+           R"({"ok":false,"id":$ID,"error":{"code":"NOT_FOUND","message":[1]}})",
+           R"({"ok":false,"id":$ID,"error":{"code":"OK","message":"m"}})",
+           R"({"ok":false,"id":$ID,"error":7})",
+       }) {
+    absl::Status s;
+    EXPECT_NO_THROW(s = HelloReply(reply)) << reply;
+    EXPECT_FALSE(s.ok()) << reply;
+    EXPECT_NE(s.code(), absl::StatusCode::kUnknown) << reply << ": " << s;
+  }
+  absl::Status s =
+      HelloReply(R"({"ok":false,"id":$ID,"error":{"code":"NOT_FOUND","message":"m"}})");
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_EQ(s.message(), "m");
+}
+
+TEST(ClientHostileTest, MistypedAttachAndStatusFieldsAreErrorsNotExceptions) {
+  auto attach = [](Client& c) { return c.Attach("m", 0).status(); };
+  absl::Status s;
+  EXPECT_NO_THROW(s = ConnectAnd("\"attach\"",
+                                 R"({"ok":true,"id":$ID,"result":{"lease":1,"manifest_bytes":80,)"
+                                 R"("fd_messages":"2"}})",
+                                 attach));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("fd_messages"));
+  EXPECT_NO_THROW(s = ConnectAnd("\"attach\"",
+                                 R"({"ok":true,"id":$ID,"result":{"lease":1,"manifest_bytes":80,)"
+                                 R"("arena_info":[{"device_uuid":5}]}})",
+                                 attach));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("device_uuid"));
+  auto list = [](Client& c) { return c.List().status(); };
+  EXPECT_NO_THROW(
+      s = ConnectAnd("\"list\"", R"({"ok":true,"id":$ID,"result":{"models":[{"tp":"2"}]}})", list));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  // Entries of the wrong kind inside arrays are skipped; the rest decodes.
+  auto status = [](Client& c) -> absl::Status {
+    absl::StatusOr<std::vector<ModelInfo>> m = c.Status();
+    if (!m.ok()) return m.status();
+    if (m->size() != 1 || (*m)[0].ranks.size() != 1 || !(*m)[0].ranks[0].leases.empty()) {
+      return absl::InternalError("unexpected decode");
+    }
+    return absl::OkStatus();
+  };
+  EXPECT_NO_THROW(s = ConnectAnd("\"status\"",
+                                 R"({"ok":true,"id":$ID,"result":{"models":[3,)"
+                                 R"({"name":"m","ranks":[{"rank":0,"leases":[5]}]}]}})",
+                                 status));
+  EXPECT_TRUE(s.ok()) << s;
+}
+
+// Found by fuzz_client_reply: a number too large for uint64 arrives as a double, and nlohmann's
+// conversion of 4.18e23 to uint64_t was undefined behaviour (UBSan stops the process). Numbers
+// that do not fit the field are malformed replies.
+TEST(ClientHostileTest, NumbersOutsideTheFieldsRangeAreErrors) {
+  auto status = [](Client& c) { return c.Status().status(); };
+  for (const char* models : {
+           R"([{"name":"m","ranks":[{"rank":0,"arena_bytes":418446744073709551615096}]}])",
+           R"([{"name":"m","tp":1e10}])",
+           R"([{"name":"m","tp":4294967297}])",
+           R"([{"name":"m","bytes_done":-1}])",
+           R"([{"name":"m","ranks":[1099511627776]}])",
+           R"([{"name":"m","ranks":[{"leases":[{"uid":-5}]}]}])",
+       }) {
+    absl::Status s;
+    EXPECT_NO_THROW(
+        s = ConnectAnd("\"status\"",
+                       absl::StrCat(R"({"ok":true,"id":$ID,"result":{"models":)", models, "}}"),
+                       status));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << models << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("wrong type or range")) << models;
+  }
 }
 
 }  // namespace

@@ -127,6 +127,28 @@ TEST(ModelConfigTest, InvalidJson) {
               StatusIs(kInvalid, Subs({kLabel, "'architectures'"})));
 }
 
+TEST(ModelConfigTest, InvalidJsonNamesTheByteOffset) {
+  EXPECT_THAT(ModelConfig::Parse(R"({"hidden_size": 40x6})", kLabel),
+              StatusIs(kInvalid, Subs({kLabel, "not valid JSON at byte 18"})));
+  // A string that is not UTF-8: the error points at the bad byte and does not quote it raw.
+  absl::StatusOr<ModelConfig> bad = ModelConfig::Parse("{\"model_type\": \"ll\xff\"}", kLabel);
+  EXPECT_THAT(bad, StatusIs(kInvalid, Subs({kLabel, "not valid JSON at byte 18", "UTF-8"})));
+  EXPECT_EQ(bad.status().message().find('\xff'), std::string::npos) << bad.status();
+}
+
+TEST(ModelConfigTest, NumbersOutsideInt64AreNotIntegers) {
+  const ModelConfig c = MustParse(R"({"a": 1e300, "b": -1e300, "c": 18446744073709551615,
+    "d": 9223372036854775807, "e": 9223372036854775808.0, "f": -9223372036854775808.0,
+    "g": -9223372036854775808})");
+  EXPECT_EQ(c.GetInt("a"), std::nullopt);
+  EXPECT_EQ(c.GetInt("b"), std::nullopt);
+  EXPECT_EQ(c.GetInt("c"), std::nullopt);  // not wrapped to -1
+  EXPECT_EQ(c.GetInt("d"), INT64_MAX);
+  EXPECT_EQ(c.GetInt("e"), std::nullopt);
+  EXPECT_EQ(c.GetInt("f"), INT64_MIN);
+  EXPECT_EQ(c.GetInt("g"), INT64_MIN);
+}
+
 TEST(ModelConfigTest, LoadFromFile) {
   TempDir dir;
   const std::string path = dir.Write("config.json", R"({"hidden_size": 8})");

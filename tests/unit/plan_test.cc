@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 
+#include "absl/cleanup/cleanup.h"
 #include "support/synthetic_checkpoint.h"
 #include "weightd/checkpoint.h"
 
@@ -202,14 +204,228 @@ TEST_F(PlanTest, JsonRoundTripIsExactAndDeterministic) {
   auto a = BuildPlan(c, o);
   auto b = BuildPlan(c, o);
   ASSERT_TRUE(a.ok() && b.ok());
-  const std::string ja = PlanToJson(*a);
+  const absl::StatusOr<std::string> ja = PlanToJson(*a);
+  ASSERT_TRUE(ja.ok()) << ja.status();
   EXPECT_EQ(ja, PlanToJson(*b));
-  auto back = PlanFromJson(ja);
+  auto back = PlanFromJson(*ja);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(PlanToJson(*back), ja);
   EXPECT_FALSE(a->ranks[0].transforms.empty());  // BF16 -> F32 casts are listed
   auto broken = PlanFromJson(R"({"checkpoint": "x"})");
   EXPECT_FALSE(broken.ok());
+}
+
+TEST_F(PlanTest, PlanToJsonRefusesAPathThatIsNotUtf8) {
+  // A directory name in another encoding (Latin-1 "é") is a valid path but not JSON text.
+  const std::filesystem::path parent = dir_;
+  absl::Cleanup restore = [&] { dir_ = parent; };  // TearDown removes the parent and all in it
+  dir_ /= "mod\xe9le";
+  Checkpoint c = Make(LlamaTensors(64, 4, 2, 16, 128, 100, 1), LlamaConfig(64, 4, 2, 128, 100, 1));
+  PlanOptions o;
+  auto plan = BuildPlan(c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  absl::StatusOr<std::string> j = PlanToJson(*plan);
+  ASSERT_FALSE(j.ok());
+  EXPECT_EQ(j.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(j.status().message().find("mod\\xe9le"), std::string::npos) << j.status();
+  EXPECT_NE(j.status().message().find("not UTF-8"), std::string::npos) << j.status();
+}
+
+TEST_F(PlanTest, PlanFromJsonNamesTheByteOffset) {
+  auto bad = PlanFromJson(R"({"checkpoint": x})");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("plan: not valid JSON at byte 15"), std::string::npos)
+      << bad.status();
+}
+
+// --- hostile recipes and configs: errors that name the rule, field or tensor, never a crash ----
+
+class PlanRobustnessTest : public PlanTest {
+ protected:
+  std::string WriteRecipe(const std::string& json) {
+    const std::string path = (dir_ / "recipe.json").string();
+    std::ofstream(path) << json;
+    return path;
+  }
+  // Llama with 1 layer, 4 heads of 16, GQA 2, the given config overrides appended.
+  Checkpoint SmallLlama(const std::string& extra_config = "", int64_t nkv = 2) {
+    std::string cfg = LlamaConfig(64, 4, nkv, 128, 100, 1);
+    if (!extra_config.empty()) cfg.insert(cfg.size() - 1, ", " + extra_config);
+    return Make(LlamaTensors(64, 4, nkv, 16, 128, 100, 1), cfg, 1);
+  }
+  static void ExpectInvalid(const absl::StatusOr<Plan>& p,
+                            const std::vector<std::string>& substrings) {
+    ASSERT_FALSE(p.ok());
+    EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument) << p.status();
+    for (const std::string& s : substrings) {
+      EXPECT_NE(p.status().message().find(s), std::string::npos)
+          << "\"" << s << "\" not in: " << p.status().message();
+    }
+  }
+};
+
+TEST_F(PlanRobustnessTest, QkvTargetWithoutVIsARecipeErrorNotACrash) {
+  // The v_proj rule replaced by a replicated one: qkv_proj gets q and k only. BuildPlan used to
+  // dereference the missing part (weightctl plan exited 139, a daemon load crashed).
+  Checkpoint c = SmallLlama();
+  PlanOptions o;
+  o.tp = 2;
+  o.recipe_file = WriteRecipe(R"({"extends": "llama", "params": [
+      {"source": "model.layers.{l}.self_attn.v_proj.weight", "style": "replicated"}]})");
+  ExpectInvalid(BuildPlan(c, o),
+                {*o.recipe_file, "qkv target", "model.layers.{l}.self_attn.qkv_proj.weight",
+                 "no rule for part v"});
+}
+
+TEST_F(PlanRobustnessTest, ZeroKeyValueHeadsIsAConfigError) {
+  // k_proj/v_proj of shape [0, 64] agree with num_key_value_heads 0; the qkv arithmetic then
+  // divided by it.
+  Checkpoint c = SmallLlama("", /*nkv=*/0);
+  PlanOptions o;
+  o.tp = 2;
+  ExpectInvalid(BuildPlan(c, o), {"config.json", "num_key_value_heads", "0"});
+}
+
+TEST_F(PlanRobustnessTest, NonPositiveHeadCountsAreConfigErrors) {
+  // Zero-row q/k/v agree with the shape expressions when a head count or head_dim is 0; the
+  // plan then had zero-size attention instead of an error.
+  {
+    std::string cfg = LlamaConfig(64, 4, 2, 128, 100, 1);
+    cfg.insert(cfg.size() - 1, R"(, "head_dim": 0)");
+    Checkpoint c = Make(LlamaTensors(64, 4, 2, /*hd=*/0, 128, 100, 1), cfg, 1);
+    ExpectInvalid(BuildPlan(c, PlanOptions{}), {"config.json", "'head_dim' is 0", "at least 1",
+                                                "model.layers.0.self_attn.qkv_proj.weight"});
+  }
+  std::filesystem::remove_all(dir_);
+  {
+    std::string cfg = LlamaConfig(64, /*nh=*/0, 2, 128, 100, 1);
+    cfg.insert(cfg.size() - 1, R"(, "head_dim": 16)");
+    Checkpoint c = Make(LlamaTensors(64, 0, 2, 16, 128, 100, 1), cfg, 1);
+    ExpectInvalid(BuildPlan(c, PlanOptions{}),
+                  {"config.json", "'num_attention_heads' is 0", "at least 1"});
+  }
+}
+
+TEST_F(PlanRobustnessTest, TensorsWithZeroRowsPlanWithoutDividingByZero) {
+  ASSERT_TRUE(testing::WriteSyntheticCheckpoint(
+      dir_.string(), {{"a", "BF16", {0, 4}}, {"b", "BF16", {0, 8, 2}}, {"c", "F32", {3, 0}}}, 1,
+      R"({"architectures": ["X"]})"));
+  auto c = Checkpoint::Open(dir_.string());
+  ASSERT_TRUE(c.ok()) << c.status();
+  PlanOptions o;
+  o.tp = 2;
+  o.recipe_file = WriteRecipe(R"({"name": "z", "params": [
+      {"source": "a", "style": "replicated"}, {"source": "b", "style": "column"},
+      {"source": "c", "style": "vocab"}]})");
+  auto plan = BuildPlan(*c, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (const RankPlan& r : plan->ranks) {
+    EXPECT_EQ(Target(r, "a").shape, (std::vector<int64_t>{0, 4}));
+    EXPECT_EQ(Target(r, "b").shape, (std::vector<int64_t>{0, 8, 2}));
+    EXPECT_EQ(Target(r, "c").shape, (std::vector<int64_t>{32, 0}));
+    for (const PlanTarget& t : r.targets) EXPECT_EQ(t.nbytes, 0u) << t.name;
+  }
+  // What the planner produced is a plan its own checker accepts.
+  absl::StatusOr<std::string> j = PlanToJson(*plan);
+  ASSERT_TRUE(j.ok()) << j.status();
+  EXPECT_TRUE(PlanFromJson(*j).ok()) << PlanFromJson(*j).status();
+}
+
+TEST_F(PlanRobustnessTest, RenamesCannotGrowANameWithoutBound) {
+  // Each rule quadruples every "l" of the name: 4^20 times longer after twenty of them.
+  std::string renames;
+  for (int i = 0; i < 20; ++i) {
+    absl::StrAppend(&renames, i ? "," : "", R"({"substring": "l", "to": "llll"})");
+  }
+  Checkpoint c = SmallLlama();
+  PlanOptions o;
+  o.recipe_file = WriteRecipe(absl::StrCat(R"({"extends": "llama", "rename": [)", renames, "]}"));
+  ExpectInvalid(BuildPlan(c, o), {"renaming tensor", "longer than 65536 bytes", "rename["});
+}
+
+TEST_F(PlanRobustnessTest, ShapeExpressionOverflowIsAnError) {
+  Checkpoint c = SmallLlama();
+  PlanOptions o;
+  o.recipe_file = WriteRecipe(R"({"extends": "llama", "params": [
+      {"source": "model.norm.weight", "style": "replicated",
+       "shape": ["4611686018427387904*hidden_size"]}]})");
+  ExpectInvalid(BuildPlan(c, o), {"overflows", "4611686018427387904*hidden_size", "params[0]"});
+}
+
+std::vector<testing::SyntheticTensor> MoeTensors(int experts, const std::string& index = "") {
+  std::vector<testing::SyntheticTensor> t = LlamaTensors(64, 4, 2, 16, 128, 100, 1);
+  std::erase_if(t, [](const testing::SyntheticTensor& x) {
+    return x.name.find(".mlp.") != std::string::npos;
+  });
+  t.push_back({"model.layers.0.block_sparse_moe.gate.weight", "BF16", {experts, 64}});
+  for (int e = 0; e < experts; ++e) {
+    const std::string p = "model.layers.0.block_sparse_moe.experts." +
+                          (index.empty() || e > 0 ? std::to_string(e) : index) + ".";
+    t.push_back({p + "w1.weight", "BF16", {32, 64}});
+    t.push_back({p + "w2.weight", "BF16", {64, 32}});
+    t.push_back({p + "w3.weight", "BF16", {32, 64}});
+  }
+  return t;
+}
+
+std::string MoeConfig(const std::string& experts) {
+  std::string cfg = LlamaConfig(64, 4, 2, 32, 100, 1, "MixtralForCausalLM");
+  cfg.insert(cfg.size() - 1, ", \"num_local_experts\": " + experts);
+  return cfg;
+}
+
+TEST_F(PlanRobustnessTest, ExpertsBeyondNumExpertsAreAnErrorNotDropped) {
+  // Three experts in the checkpoint, two in config.json: expert 2 was silently left out.
+  std::vector<testing::SyntheticTensor> t = MoeTensors(3);
+  for (auto& x : t) {
+    if (x.name == "model.layers.0.block_sparse_moe.gate.weight") x.shape = {2, 64};
+  }
+  Checkpoint c = Make(t, MoeConfig("2"), 2);
+  PlanOptions o;
+  o.tp = 2;
+  ExpectInvalid(BuildPlan(c, o),
+                {"model.layers.0.block_sparse_moe.experts.2.w", "expert 2", "num_experts is 2"});
+  o.expert_parallel = true;
+  ExpectInvalid(BuildPlan(c, o), {"expert 2", "num_experts is 2"});
+}
+
+TEST_F(PlanRobustnessTest, NonPositiveExpertCountIsAConfigError) {
+  std::vector<testing::SyntheticTensor> t = MoeTensors(1);
+  for (auto& x : t) {
+    if (x.name == "model.layers.0.block_sparse_moe.gate.weight") x.shape = {0, 64};
+  }
+  Checkpoint c = Make(t, MoeConfig("0"), 1);
+  PlanOptions o;
+  ExpectInvalid(BuildPlan(c, o), {"num_experts", "0"});
+}
+
+TEST_F(PlanRobustnessTest, ExpertIndexBeyond64BitsIsAnError) {
+  Checkpoint c = Make(MoeTensors(1, "99999999999999999999"), MoeConfig("1"), 1);
+  PlanOptions o;
+  ExpectInvalid(BuildPlan(c, o), {"99999999999999999999", "expert index"});
+}
+
+TEST_F(PlanTest, PlanFromJsonRefusesSizesThatOnlyAgreeByOverflow) {
+  // 2^32 x 2^32 elements wrap to 0 in 64 bits, which "agreed" with nbytes 0.
+  const std::string head =
+      R"({"checkpoint": "c", "recipe": "r", "architecture": "", "tp": 1, "expert_parallel": false,
+          "checkpoint_bytes": 0, "read_bytes": 0,
+          "files": [{"path": "f", "file_size": 8, "read_bytes": 0}],)";
+  auto wrapped = PlanFromJson(head + R"("sources": [{"name": "w", "dtype": "U8",
+      "shape": [4294967296, 4294967296], "file": 0, "offset": 8, "nbytes": 0}], "ranks": []})");
+  ASSERT_FALSE(wrapped.ok());
+  EXPECT_NE(wrapped.status().message().find("sources[0] 'w': shape and dtype disagree"),
+            std::string::npos)
+      << wrapped.status();
+  // A zero fill whose end wraps past 2^64 lies outside its target.
+  auto fill = PlanFromJson(head + R"("sources": [], "ranks": [{"rank": 0, "arena_bytes": 256,
+      "targets": [{"name": "t", "dtype": "U8", "shape": [4], "offset": 0, "nbytes": 4,
+                   "style": "replicated"}], "pieces": [],
+      "zero_fills": [{"target": 0, "offset": 2, "nbytes": 18446744073709551615}],
+      "transforms": []}]})");
+  ASSERT_FALSE(fill.ok());
+  EXPECT_NE(fill.status().message().find("zero fill outside its target"), std::string::npos)
+      << fill.status();
 }
 
 TEST_F(PlanTest, OptionErrors) {

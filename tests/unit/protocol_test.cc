@@ -252,12 +252,36 @@ TEST(RequestTest, RoundTripsThroughEncode) {
   r.load.tp = 4;
   r.load.ranks = {0, 2};
   r.load.skip = {"a", "b"};
-  auto back = ParseRequest(EncodeRequest(r));
+  absl::StatusOr<std::string> wire = EncodeRequest(r);
+  ASSERT_TRUE(wire.ok()) << wire.status();
+  auto back = ParseRequest(*wire);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->load.tp, 4);
   EXPECT_EQ(back->load.ranks, (std::vector<int>{0, 2}));
   EXPECT_EQ(back->load.skip, (std::vector<std::string>{"a", "b"}));
   EXPECT_EQ(back->id_json, "12");
+}
+
+TEST(RequestTest, EncodeRefusesTextThatIsNotUtf8) {
+  // A checkpoint directory named in Latin-1 is a valid Linux path but cannot travel in JSON.
+  Request r;
+  r.op = Op::kLoad;
+  r.name = "m";
+  r.load.checkpoint = "/models/mod\xe9le";
+  absl::StatusOr<std::string> wire = EncodeRequest(r);
+  ASSERT_FALSE(wire.ok());
+  EXPECT_EQ(wire.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(wire.status().message()),
+              HasSubstr("load: field 'checkpoint' is not UTF-8 text: byte 11"));
+  r.load.checkpoint = "/models/x";
+  r.load.skip = {"ok", "\xc0\xaf"};
+  EXPECT_THAT(std::string(EncodeRequest(r).status().message()),
+              HasSubstr("field 'skip' is not UTF-8 text: byte 0 starts an overlong UTF-8 form"));
+  Request a;
+  a.op = Op::kAttach;
+  a.name = "\xed\xa0\x80";
+  EXPECT_THAT(std::string(EncodeRequest(a).status().message()),
+              HasSubstr("attach: field 'name' is not UTF-8 text"));
 }
 
 void ExpectReject(const std::string& json, const std::string& substr) {

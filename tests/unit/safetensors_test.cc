@@ -470,6 +470,89 @@ TEST(SafetensorsAcceptTest, UnicodeEscapesInNames) {
   EXPECT_EQ(f->header.tensors[1].name, "raw.\xc3\xa9");
 }
 
+// --- UTF-8 ----------------------------------------------------------------------------------
+
+struct BadUtf8 {
+  const char* label;
+  const char* bytes;  // placed in a tensor name right after "ab"
+  const char* why;
+};
+void PrintTo(const BadUtf8& c, std::ostream* os) { *os << c.label; }
+
+class SafetensorsBadUtf8Test : public ::testing::TestWithParam<BadUtf8> {};
+
+// Names reach JSON writers (plans, shard headers) and other languages' strings: a name that is
+// not well-formed UTF-8 is refused at the byte where it goes wrong.
+TEST_P(SafetensorsBadUtf8Test, IsRejectedAtItsByteOffset) {
+  const std::string json = absl::StrCat(R"({"ab)", GetParam().bytes,
+                                        R"(cd":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})");
+  // The bad sequence starts at header byte 4: after `{"ab`.
+  EXPECT_THAT(ParseJson(json, 1),
+              StatusIs(kInvalid, Subs({kFile, GetParam().why, "at byte 4 (found byte 0x"})));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, SafetensorsBadUtf8Test,
+    ::testing::Values(BadUtf8{"byte_ff", "\xff", "never occurs in UTF-8"},
+                      BadUtf8{"byte_f5", "\xf5\x80\x80\x80", "never occurs in UTF-8"},
+                      BadUtf8{"lone_continuation", "\x80", "continuation byte without a lead byte"},
+                      BadUtf8{"overlong_c0", "\xc0\xaf", "overlong"},
+                      BadUtf8{"overlong_c1", "\xc1\xbf", "overlong"},
+                      BadUtf8{"overlong_3_byte", "\xe0\x80\xaf", "overlong"},
+                      BadUtf8{"overlong_4_byte", "\xf0\x80\x80\xaf", "overlong"},
+                      BadUtf8{"surrogate_d800", "\xed\xa0\x80", "surrogate"},
+                      BadUtf8{"surrogate_dfff", "\xed\xbf\xbf", "surrogate"},
+                      BadUtf8{"above_10ffff", "\xf4\x90\x80\x80", "above U+10FFFF"},
+                      BadUtf8{"truncated_2_byte", "\xc3", "truncated"},
+                      BadUtf8{"truncated_3_byte", "\xe4\xb8", "truncated"},
+                      BadUtf8{"truncated_4_byte", "\xf0\x9f\x98", "truncated"},
+                      BadUtf8{"lead_then_ascii",
+                              "\xe4"
+                              "a"
+                              "\xad",
+                              "truncated"}),
+    [](const auto& info) { return std::string(info.param.label); });
+
+TEST(SafetensorsUtf8Test, BadSequenceAtTheEndOfAStringBeforeTheQuote) {
+  // The sequence is cut short by the closing quote, 8-byte chunks before it are plain ASCII.
+  const std::string name = "model.layers.0.mlp.weight\xe4\xb8";
+  const std::string json =
+      absl::StrCat("{\"", name, R"(":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})");
+  EXPECT_THAT(ParseJson(json, 1), StatusIs(kInvalid, Subs({kFile, "truncated", "at byte 27"})));
+}
+
+TEST(SafetensorsUtf8Test, BadBytesInMetadataAndUnknownKeysAreRejected) {
+  EXPECT_THAT(ParseJson("{\"__metadata__\":{\"format\":\"p\xfft\"}}"),
+              StatusIs(kInvalid, Subs({kFile, "UTF-8", "at byte 28"})));
+  EXPECT_THAT(ParseJson("{\"a\":{\"x\":[\"\xc0\x80\"],\"dtype\":\"U8\",\"shape\":[1],"
+                        "\"data_offsets\":[0,1]}}",
+                        1),
+              StatusIs(kInvalid, Subs({kFile, "overlong", "at byte 12"})));
+  EXPECT_THAT(ParseJson("{\"a\":{\"\xed\xa0\x80\":1,\"dtype\":\"U8\",\"shape\":[1],"
+                        "\"data_offsets\":[0,1]}}",
+                        1),
+              StatusIs(kInvalid, Subs({kFile, "surrogate", "at byte 7"})));
+}
+
+TEST(SafetensorsUtf8Test, EveryBoundaryCodePointIsAccepted) {
+  // U+0080, U+07FF, U+0800, U+D7FF, U+E000, U+FFFF, U+10000, U+10FFFF, at every alignment of
+  // the 8-byte scan.
+  const std::string chars[] = {"\xc2\x80",         "\xdf\xbf",        "\xe0\xa0\x80",
+                               "\xed\x9f\xbf",     "\xee\x80\x80",    "\xef\xbf\xbf",
+                               "\xf0\x90\x80\x80", "\xf4\x8f\xbf\xbf"};
+  for (size_t pad = 0; pad < 8; ++pad) {
+    for (const std::string& c : chars) {
+      const std::string name = std::string(pad, 'x') + c + "y";
+      SafetensorsBuilder b;
+      b.AddRaw(name, R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})");
+      b.SetDataSize(1);
+      absl::StatusOr<SafetensorsFile> f = Parse(b.Bytes());
+      ASSERT_TRUE(f.ok()) << f.status();
+      EXPECT_EQ(f->header.tensors[0].name, name);
+    }
+  }
+}
+
 TEST(SafetensorsAcceptTest, EscapesAndControlCharactersAtEveryPositionOfALongName) {
   // The string scanner skips plain characters several bytes at a time; a special character
   // must be seen wherever it falls within such a chunk.

@@ -151,8 +151,10 @@ struct PlanOptions {
 // docs/RECIPES.md).
 absl::StatusOr<Plan> BuildPlan(const Checkpoint& ckpt, const PlanOptions& options);
 
-// Deterministic JSON form (stable key order, no whitespace differences between runs).
-std::string PlanToJson(const Plan& plan);
+// Deterministic JSON form (stable key order, no whitespace differences between runs). JSON
+// carries UTF-8 text only: a path or name in the plan that is not UTF-8 (a checkpoint directory
+// named in another encoding) is an INVALID_ARGUMENT error naming the bad byte.
+absl::StatusOr<std::string> PlanToJson(const Plan& plan);
 absl::StatusOr<Plan> PlanFromJson(absl::string_view json);
 
 }  // namespace weightd

@@ -5,7 +5,7 @@
 // {"ok":false,"id":..,"error":{"code":"NOT_FOUND","message":".."}}.
 //
 //   WD_ASSIGN_OR_RETURN(Request r, ParseRequest(packet_bytes));   // strict: types, fields
-//   std::string wire = EncodeRequest(r);                         // what a client sends
+//   WD_ASSIGN_OR_RETURN(std::string wire, EncodeRequest(r));     // what a client sends
 //   std::string err = EncodeErrorReply(r.id_json, absl::NotFoundError("no model 'x'"));
 //
 // This header carries no JSON library: the daemon and the client share it. Pure functions,
@@ -84,8 +84,9 @@ struct Request {
 // INVALID_ARGUMENT listing the known ones.
 absl::StatusOr<Request> ParseRequest(absl::string_view json);
 
-// The JSON text of a request (what ParseRequest accepts).
-std::string EncodeRequest(const Request& r);
+// The JSON text of a request (what ParseRequest accepts). A string field that is not UTF-8 (a
+// path in another encoding) is INVALID_ARGUMENT naming the field: JSON carries UTF-8 only.
+absl::StatusOr<std::string> EncodeRequest(const Request& r);
 
 // Parses a LoadSpec from a JSON object text (the `load` request body, or a config preload
 // entry without its `name`). `context` prefixes error messages.

@@ -39,16 +39,25 @@ class NamePattern {
     const std::string* Get(absl::string_view name) const;
   };
 
+  // Placeholders one pattern may hold.
+  static constexpr int kMaxPlaceholders = 16;
+
   NamePattern() = default;
-  // Errors name `label`: an unterminated '{', an empty name, two adjacent placeholders.
+  // Errors name `label`: an unterminated '{', an empty name, two adjacent placeholders, more
+  // than kMaxPlaceholders placeholders.
   static absl::StatusOr<NamePattern> Parse(absl::string_view text, absl::string_view label);
 
-  // True when the whole of `name` matches; fills `caps` (cleared first) if non-null.
+  // True when the whole of `name` matches; fills `caps` (cleared first) if non-null. When
+  // several splits match, digit placeholders take the longest run and `{*}` the shortest text,
+  // left to right. Time is linear in name length times pattern length whatever the inputs: a
+  // backtracking search that runs long hands over to a table of which suffixes can match.
   bool Match(absl::string_view name, Captures* caps) const;
   // The pattern with each placeholder replaced by its capture; a placeholder with no capture is
   // written back as "{name}".
   std::string Expand(const Captures& caps) const;
   bool HasVar(absl::string_view name) const;
+  // The placeholders' names in pattern order, repeats included ("l", "e", "*").
+  std::vector<std::string> VarNames() const;
   const std::string& text() const { return text_; }
 
  private:
@@ -56,7 +65,8 @@ class NamePattern {
     bool is_var = false;
     std::string text;  // literal text, or the variable name
   };
-  bool MatchFrom(size_t seg, absl::string_view rest, Captures* caps) const;
+  int MatchFrom(size_t seg, absl::string_view rest, Captures* caps, size_t* budget) const;
+  bool MatchTabled(absl::string_view name, Captures* caps) const;
 
   std::string text_;
   std::vector<Segment> segments_;
@@ -116,7 +126,11 @@ absl::StatusOr<Recipe> BuiltinRecipe(absl::string_view name);
 absl::StatusOr<Recipe> RecipeForArchitectures(const std::vector<std::string>& architectures);
 
 // Parses a recipe document. `extends` is resolved against the built-ins ("auto": the one chosen
-// from `config`'s architectures, which must then be non-null).
+// from `config`'s architectures, which must then be non-null). Every field is checked, and the
+// merged recipe as a whole: one style per target pattern, a rule for each part of a fused target
+// (qkv: q, k, v; moe_w13: gate, up; merged_column: 0 to its last part), 'shard' on fused rules
+// only, target placeholders captured by the source, shape expressions well-formed, remove_params
+// naming base rules. A recipe that passes can be given to BuildPlan with any checkpoint.
 absl::StatusOr<Recipe> ParseRecipe(absl::string_view json, absl::string_view label,
                                    const ModelConfig* config);
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path, const ModelConfig* config);

@@ -55,6 +55,67 @@ void AppendUtf8(uint32_t cp, std::string* out) {
 
 }  // namespace
 
+size_t ValidUtf8Prefix(const char* p, size_t n, const char** why) {
+  constexpr uint64_t kHigh = 0x8080808080808080ull;
+  size_t i = 0;
+  while (i < n) {
+    while (i + 8 <= n && (Load8(p + i) & kHigh) == 0) i += 8;
+    if (i >= n) break;
+    const unsigned char c = static_cast<unsigned char>(p[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;  // below: an overlong form
+      if (c == 0xED) hi = 0x9F;  // above: a UTF-16 surrogate
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;  // below: an overlong form
+      if (c == 0xF4) hi = 0x8F;  // above: beyond U+10FFFF
+    } else if (c == 0xC0 || c == 0xC1) {
+      *why = "an overlong UTF-8 form";
+      return i;
+    } else if (c >= 0xF5) {
+      *why = "a byte that never occurs in UTF-8";
+      return i;
+    } else {
+      *why = "a UTF-8 continuation byte without a lead byte";
+      return i;
+    }
+    if (i + len > n) {
+      *why = "a truncated UTF-8 sequence";
+      return i;
+    }
+    const unsigned char c1 = static_cast<unsigned char>(p[i + 1]);
+    if (c1 < lo || c1 > hi) {
+      if ((c1 & 0xC0) != 0x80) {
+        *why = "a truncated UTF-8 sequence";
+      } else if (c == 0xED) {
+        *why = "a UTF-16 surrogate encoded in UTF-8";
+      } else if (c == 0xF4) {
+        *why = "a UTF-8 sequence above U+10FFFF";
+      } else {
+        *why = "an overlong UTF-8 form";
+      }
+      return i;
+    }
+    for (size_t k = 2; k < len; ++k) {
+      if ((static_cast<unsigned char>(p[i + k]) & 0xC0) != 0x80) {
+        *why = "a truncated UTF-8 sequence";
+        return i;
+      }
+    }
+    i += len;
+  }
+  return n;
+}
+
 void JsonCursor::SkipWhitespace() {
   while (pos_ < text_.size() && IsWs(text_[pos_])) ++pos_;
 }
@@ -103,6 +164,14 @@ absl::Status JsonCursor::ParseString(std::string* out) {
       if (c == '"' || c == '\\' || c < 0x20) break;
       ++run;
     }
+    // A multi-byte sequence holds no byte below 0x80, so it never straddles the end of a run:
+    // checking each run on its own checks the whole string.
+    const char* why = nullptr;
+    const size_t valid = ValidUtf8Prefix(text_.data() + pos_, run - pos_, &why);
+    if (valid != run - pos_) {
+      pos_ += valid;
+      return Error(absl::StrCat("string holds ", why));
+    }
     out->append(text_.data() + pos_, run - pos_);
     pos_ = run;
     if (pos_ >= text_.size()) return Error("unterminated string");
@@ -116,14 +185,30 @@ absl::Status JsonCursor::ParseString(std::string* out) {
     const char e = text_[pos_ + 1];
     pos_ += 2;
     switch (e) {
-      case '"': out->push_back('"'); break;
-      case '\\': out->push_back('\\'); break;
-      case '/': out->push_back('/'); break;
-      case 'b': out->push_back('\b'); break;
-      case 'f': out->push_back('\f'); break;
-      case 'n': out->push_back('\n'); break;
-      case 'r': out->push_back('\r'); break;
-      case 't': out->push_back('\t'); break;
+      case '"':
+        out->push_back('"');
+        break;
+      case '\\':
+        out->push_back('\\');
+        break;
+      case '/':
+        out->push_back('/');
+        break;
+      case 'b':
+        out->push_back('\b');
+        break;
+      case 'f':
+        out->push_back('\f');
+        break;
+      case 'n':
+        out->push_back('\n');
+        break;
+      case 'r':
+        out->push_back('\r');
+        break;
+      case 't':
+        out->push_back('\t');
+        break;
       case 'u': {
         auto read_hex4 = [&](uint32_t* v) -> bool {
           if (pos_ + 4 > text_.size()) return false;
@@ -168,8 +253,7 @@ absl::Status JsonCursor::ParseUint64(uint64_t* out, absl::string_view what) {
   if (first < '0' || first > '9' || AtEnd()) {
     return Error(absl::StrCat(what, " must be a non-negative integer"));
   }
-  if (first == '0' && pos_ + 1 < text_.size() && text_[pos_ + 1] >= '0' &&
-      text_[pos_ + 1] <= '9') {
+  if (first == '0' && pos_ + 1 < text_.size() && text_[pos_ + 1] >= '0' && text_[pos_ + 1] <= '9') {
     return Error(absl::StrCat(what, " has a leading zero"));
   }
   uint64_t v = 0;
