@@ -151,6 +151,24 @@ std::string ErrorMessage(const json& r) {
   return r["error"].value("message", "");
 }
 
+// Writes the length prefix and header of a safetensors file of `n` U8 tensors t0..t{n-1} of
+// `bytes` each, and returns the stream positioned at the data section.
+std::ofstream WriteU8Header(const std::string& path, int n, uint64_t bytes) {
+  std::string header = "{";
+  for (int i = 0; i < n; ++i) {
+    header += (i ? ",\"" : "\"") + std::string("t") + std::to_string(i) +
+              "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(bytes) + "],\"data_offsets\":[" +
+              std::to_string(i * bytes) + "," + std::to_string((i + 1) * bytes) + "]}";
+  }
+  header += "}";
+  while (header.size() % 8) header += ' ';
+  std::ofstream f(path, std::ios::binary);
+  const uint64_t len = header.size();
+  f.write(reinterpret_cast<const char*>(&len), 8);
+  f << header;
+  return f;
+}
+
 class DaemonTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -685,21 +703,9 @@ TEST_F(DaemonTest, StatusAnswersDuringALoadWithProgress) {
   const std::string dir = g_dir + "/models/big";
   std::filesystem::create_directory(dir);
   {
-    std::string header = "{";
     constexpr int kTensors = 64;
     constexpr size_t kBytes = 4 << 20;
-    for (int i = 0; i < kTensors; ++i) {
-      header += (i ? ",\"" : "\"") + std::string("t") + std::to_string(i) +
-                "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(kBytes) +
-                "],\"data_offsets\":[" + std::to_string(i * kBytes) + "," +
-                std::to_string((i + 1) * kBytes) + "]}";
-    }
-    header += "}";
-    while (header.size() % 8) header += ' ';
-    std::ofstream f(dir + "/model.safetensors", std::ios::binary);
-    const uint64_t n = header.size();
-    f.write(reinterpret_cast<const char*>(&n), 8);
-    f << header;
+    std::ofstream f = WriteU8Header(dir + "/model.safetensors", kTensors, kBytes);
     const std::string chunk(kBytes, '\x5a');
     for (int i = 0; i < kTensors; ++i) f << chunk;
   }
@@ -738,23 +744,10 @@ TEST_F(DaemonTest, ALoadLargerThanMemoryIsRefusedBeforeAllocating) {
   const std::string dir = g_dir + "/models/sparse";
   std::filesystem::create_directory(dir);
   constexpr uint64_t kTensor = 64ull << 30;
-  std::string header = "{";
-  for (int i = 0; i < 4; ++i) {
-    header += (i ? ",\"" : "\"") + std::string("t") + std::to_string(i) +
-              "\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(kTensor) +
-              "],\"data_offsets\":[" + std::to_string(i * kTensor) + "," +
-              std::to_string((i + 1) * kTensor) + "]}";
-  }
-  header += "}";
-  while (header.size() % 8) header += ' ';
   const std::string path = dir + "/model.safetensors";
-  {
-    std::ofstream f(path, std::ios::binary);
-    const uint64_t n = header.size();
-    f.write(reinterpret_cast<const char*>(&n), 8);
-    f << header;
-  }
-  if (::truncate(path.c_str(), static_cast<off_t>(8 + header.size() + 4 * kTensor)) != 0) {
+  WriteU8Header(path, 4, kTensor).close();
+  const uint64_t data_start = std::filesystem::file_size(path);
+  if (::truncate(path.c_str(), static_cast<off_t>(data_start + 4 * kTensor)) != 0) {
     GTEST_SKIP() << "this filesystem cannot hold a 256 GiB sparse file: " << std::strerror(errno);
   }
   auto c = Client::Connect(g_socket);

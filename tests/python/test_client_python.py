@@ -4,6 +4,7 @@ Environment (set by ctest): WEIGHTD_BIN, WEIGHTCTL, WEIGHTD_CLIENT_LIB, PYTHONPA
 The references are independent of weightd's code: the checkpoint's own bytes (hf recipe, read
 with a few lines of safetensors parsing below) and `weightctl shard` output (llama recipe, T=2).
 """
+import contextlib
 import gc
 import json
 import os
@@ -65,9 +66,12 @@ def start_daemon(d, config):
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def daemon():
-    d = tempfile.mkdtemp(prefix="weightd-py-")
+@contextlib.contextmanager
+def demo_daemon(prefix):
+    """A host-backend daemon in a fresh directory with the demo checkpoint loaded twice: "demo"
+    (hf recipe) and "llama2" (T=2). Yields (dir, socket, checkpoint, connected client); stops the
+    daemon with SIGTERM afterwards and checks it exits 0."""
+    d = tempfile.mkdtemp(prefix=prefix)
     sock = os.path.join(d, "weightd.sock")
     ckpt = os.path.join(d, "demo")
     # The checkpoint writer needs the `safetensors` package; another interpreter may provide it.
@@ -75,17 +79,23 @@ def daemon():
     subprocess.run([maker, os.path.join(HERE, "make_demo_checkpoint.py"), ckpt],
                    check=True, stdout=subprocess.DEVNULL)
     proc, log, c = start_daemon(d, {"socket": sock, "backend": "host", "io_threads": 2})
-    c.load("demo", ckpt, recipe="hf", wait=True, timeout=60)
-    c.load("llama2", ckpt, tp=2, wait=True, timeout=60)
-    c.close()
     try:
-        yield {"dir": d, "socket": sock, "ckpt": ckpt}
+        c.load("demo", ckpt, recipe="hf", wait=True, timeout=60)
+        c.load("llama2", ckpt, tp=2, wait=True, timeout=60)
+        yield d, sock, ckpt, c
     finally:
+        c.close()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=20)
         log.close()
         shutil.rmtree(d, ignore_errors=True)
         assert rc == 0, f"weightd exited with {rc}"
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    with demo_daemon("weightd-py-") as (d, sock, ckpt, _):
+        yield {"dir": d, "socket": sock, "ckpt": ckpt}
 
 
 def leases(sock, name):

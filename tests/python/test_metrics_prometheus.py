@@ -7,11 +7,7 @@ samples of two families interleaved, show up as repeated or untyped families.
 """
 import gc
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -21,7 +17,7 @@ import weightd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_client_python import start_daemon  # noqa: E402
+from test_client_python import demo_daemon  # noqa: E402
 
 # Family name as the parser reports it (counters lose their _total suffix) -> type.
 EXPECTED = {
@@ -49,25 +45,9 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = tempfile.mkdtemp(prefix="weightd-metrics-")
-    sock = os.path.join(d, "weightd.sock")
-    ckpt = os.path.join(d, "demo")
-    maker = os.environ.get("WEIGHTD_CHECKPOINT_PYTHON", sys.executable)
-    subprocess.run([maker, os.path.join(HERE, "make_demo_checkpoint.py"), ckpt],
-                   check=True, stdout=subprocess.DEVNULL)
-    proc, log, c = start_daemon(d, {"socket": sock, "backend": "host", "io_threads": 2})
     # Two models, one of two ranks: per-model and per-rank families have several samples each.
-    c.load("demo", ckpt, recipe="hf", wait=True, timeout=60)
-    c.load("llama2", ckpt, tp=2, wait=True, timeout=60)
-    try:
+    with demo_daemon("weightd-metrics-") as (_, sock, _, c):
         yield {"client": c, "socket": sock}
-    finally:
-        c.close()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=20)
-        log.close()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0, f"weightd exited with {rc}"
 
 
 def scrape(client):
