@@ -15,8 +15,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "weightd/backend.h"
 #include "weightd/config.h"
 #include "weightd/handoff.h"
@@ -31,6 +33,9 @@
 #endif
 
 namespace {
+
+// How long a stop waits for cancelled loads (well inside systemd's default TimeoutStopSec).
+constexpr absl::Duration kShutdownGrace = absl::Seconds(20);
 
 constexpr char kHelp[] =
     "usage: weightd [--config FILE] [--socket PATH] [--backend auto|cuda|host]\n"
@@ -447,8 +452,18 @@ int main(int argc, char** argv) {
   notifier.join();
 #endif
   server->reset();
-  // Running loads end here, so that their last lines come before "stopped".
-  registry.Shutdown();
+  // Running loads end here, so that their last lines come before "stopped". A load blocked in
+  // the kernel (a read from a hung network filesystem) cannot be cancelled: after the grace
+  // period the process exits without it instead of hanging the stop.
+  const std::vector<std::string> stuck = registry.Shutdown(kShutdownGrace);
+  if (!stuck.empty()) {
+    LogError(
+        "stopped: %zu loads did not stop within %s of being cancelled (%s), exiting "
+        "without them",
+        stuck.size(), absl::FormatDuration(kShutdownGrace), absl::StrJoin(stuck, ", "));
+    std::fflush(stderr);
+    ::_exit(run.ok() ? 0 : 1);
+  }
   LogInfo("%s", handed_over ? "stopped: handed over to the successor" : "stopped");
   return run.ok() ? 0 : 1;
 }

@@ -91,18 +91,35 @@ Registry::Registry(Backend* backend, DaemonConfig config)
 
 Registry::~Registry() { Shutdown(); }
 
-void Registry::Shutdown() {
-  std::vector<LoadThread> threads;
+std::vector<std::string> Registry::Shutdown(absl::Duration timeout) {
   int running = 0;
   {
     absl::MutexLock l(&mu_);
     shutting_down_ = true;
     running = running_loads_;
     for (auto& [name, m] : models_) m->progress.cancel = true;
-    threads.swap(threads_);
   }
   if (running > 0) LogInfo("shutdown: cancelling %d running loads", running);
-  for (LoadThread& t : threads) t.thread.join();
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    absl::MutexLock l(&mu_);
+    ReapThreads();
+    if (threads_.empty() || absl::Now() >= deadline) break;
+    mu_.AwaitWithDeadline(absl::Condition(+[](int* n) { return *n == 0; }, &running_loads_),
+                          std::min(deadline, absl::Now() + absl::Milliseconds(50)));
+  }
+  std::vector<std::string> stuck;
+  absl::MutexLock l(&mu_);
+  for (const auto& [name, m] : models_) {
+    for (const Model::Rank& r : m->ranks) {
+      if (r.state == RankState::kLoading || r.state == RankState::kUnloading) {
+        stuck.push_back(name);
+        break;
+      }
+    }
+  }
+  if (stuck.empty() && !threads_.empty()) stuck.push_back("(a load ending)");
+  return stuck;
 }
 
 absl::StatusOr<CudaStaging*> Registry::Staging(int device) {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
 #include "daemon_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -952,6 +953,38 @@ class RefusingBackend final : public Backend {
  private:
   HostBackend host_;
 };
+
+// A backend whose admission blocks until released: a load stuck where cancellation cannot
+// reach it (as a read from a hung network filesystem would be).
+class BlockingBackend final : public Backend {
+ public:
+  absl::string_view name() const override { return "host"; }
+  ArenaKind arena_kind() const override { return ArenaKind::kHostMemfd; }
+  absl::Status Admit(absl::string_view, absl::Span<const ArenaRequest>) override {
+    entered.Notify();
+    release.WaitForNotification();
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<Arena>> Allocate(const ArenaRequest& request) override {
+    return host_.Allocate(request);
+  }
+  absl::Notification entered, release;
+
+ private:
+  HostBackend host_;
+};
+
+TEST_F(RegistryTest, ShutdownIsBoundedWhenALoadCannotBeCancelled) {
+  BlockingBackend backend;
+  Registry reg(&backend, config_);
+  ASSERT_TRUE(reg.StartLoad("stuck", Spec(dir_.path()), Self()).ok());
+  backend.entered.WaitForNotification();
+  const std::vector<std::string> stuck = reg.Shutdown(absl::Milliseconds(200));
+  EXPECT_THAT(stuck, ::testing::ElementsAre("stuck"));
+  // Once the load can move again it sees the cancel and ends; the registry then joins it.
+  backend.release.Notify();
+  EXPECT_TRUE(reg.Shutdown().empty());
+}
 
 TEST_F(RegistryTest, AdmissionRefusalFailsTheLoadBeforeAnyAllocation) {
   RefusingBackend backend;

@@ -150,9 +150,13 @@ class Registry {
   // Blocks until no load is running (tests, shutdown).
   void WaitForLoads();
 
-  // Cancels the running loads and waits for their threads; each logs that it was cancelled
-  // because weightd is shutting down. Loads asked for afterwards are UNAVAILABLE.
-  void Shutdown();
+  // Cancels the running loads and waits up to `timeout` for their threads; each logs that it
+  // was cancelled because weightd is shutting down. Loads asked for afterwards are UNAVAILABLE.
+  // Returns the names of the loads still running at the deadline (a read blocked in the
+  // kernel, e.g. on a hung network filesystem, cannot be interrupted); their threads stay
+  // joinable, so the caller either exits the process without destroying the registry or
+  // accepts that the destructor waits for them.
+  std::vector<std::string> Shutdown(absl::Duration timeout = absl::InfiniteDuration());
 
   bool MayAdminister(const Peer& peer) const;
 
