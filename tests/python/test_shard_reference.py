@@ -6,8 +6,11 @@ Run: WEIGHTCTL=build/client/weightctl python3 -m pytest tests/python
 """
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -49,6 +52,7 @@ def shard_and_compare(tmp_path, tensors, cfg, ckpt, T, dtype=None, ep=False, ext
                 pytest.fail(f"rank {r} {name}: {len(bad)} bytes differ, first at byte {bad[0]}")
     for side in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / side).read_bytes() == (ckpt / side).read_bytes()
+    assert not [n for n in os.listdir(out) if n.startswith(".")], "temporaries left behind"
     return out
 
 
@@ -235,3 +239,119 @@ def test_bad_recipe_file_names_rule(tmp_path):
     p = run("plan", ckpt, "--tp", 1, "--recipe", bad)
     assert p.returncode == 1
     assert "bad.json" in p.stderr and "params[0]" in p.stderr and "diagonal" in p.stderr
+
+
+# ---- a failed run leaves the output directory as it found it -----------------------------------
+
+def run_fsize_limited(fsize, *args, ignore_sigxfsz=True):
+    """weightctl under RLIMIT_FSIZE = `fsize` bytes: growing a file past it fails with EFBIG, the
+    way a full disk fails with ENOSPC. With `ignore_sigxfsz` False, SIGXFSZ keeps its default
+    action (kill with a core), so weightctl must ignore it itself."""
+    def limit():
+        if ignore_sigxfsz:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return subprocess.run([WEIGHTCTL, *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit)
+
+
+def snapshot(d):
+    """Every entry under `d` (hidden ones included) with its bytes; None when `d` is absent."""
+    if not d.exists():
+        return None
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else "dir")
+            for p in sorted(d.rglob("*"))}
+
+
+def populated_out_dir(out):
+    """An output directory holding an unrelated file and a previous run's outputs."""
+    out.mkdir()
+    (out / "notes.txt").write_text("not weightctl's\n")
+    (out / "config.json").write_text('{"previous": "run"}')
+    (out / "model-rank-0-part-0.safetensors").write_bytes(b"a previous run's rank 0")
+    return out
+
+
+def big_tokenizer(ckpt):
+    """A tokenizer.json larger than any rank file of the test checkpoints (400 kB)."""
+    (ckpt / "tokenizer.json").write_text(json.dumps({"version": "1.0", "pad": "x" * 400_000}))
+
+
+@pytest.mark.parametrize("ignore_sigxfsz", [True, False],
+                         ids=["sigxfsz-ignored", "sigxfsz-default"])
+@pytest.mark.parametrize("populated", [False, True], ids=["new-dir", "populated-dir"])
+def test_disk_full_writing_a_rank_file(tmp_path, populated, ignore_sigxfsz):
+    # 64 kB is less than a rank file (about 190 kB): the first rank file cannot be written.
+    ckpt = tmp_path / "llama"
+    hf.make(ckpt, "llama", H=64, nH=8, nKV=2, V=1000)
+    out = populated_out_dir(tmp_path / "out") if populated else tmp_path / "out"
+    before = snapshot(out)
+    p = run_fsize_limited(64 << 10, "shard", ckpt, "--tp", 2, "--out", out,
+                          ignore_sigxfsz=ignore_sigxfsz)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "model-rank-0-part-0.safetensors" in p.stderr and "File too large" in p.stderr, p.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("populated", [False, True], ids=["new-dir", "populated-dir"])
+def test_disk_full_copying_tokenizer(tmp_path, populated):
+    # 300 kB holds every rank file (about 190 kB each) but not the 400 kB tokenizer.json.
+    ckpt = tmp_path / "llama"
+    hf.make(ckpt, "llama", H=64, nH=8, nKV=2, V=1000)
+    big_tokenizer(ckpt)
+    out = populated_out_dir(tmp_path / "out") if populated else tmp_path / "out"
+    before = snapshot(out)
+    p = run_fsize_limited(300 << 10, "shard", ckpt, "--tp", 2, "--out", out)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "tokenizer.json" in p.stderr and "File too large" in p.stderr, p.stderr
+    assert snapshot(out) == before
+    # Without the limit the same run succeeds, replacing a previous run's files.
+    p = run("shard", ckpt, "--tp", 2, "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert (out / "config.json").read_bytes() == (ckpt / "config.json").read_bytes()
+    want = ["config.json", "generation_config.json", "model-rank-0-part-0.safetensors",
+            "model-rank-1-part-0.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == sorted(want + (["notes.txt"] if populated else []))
+    if populated:
+        assert (out / "notes.txt").read_text() == "not weightctl's\n"
+
+
+def test_failed_rename_rolls_back(tmp_path):
+    # A directory where rank 1's file goes: the config files and rank 0 are already renamed into
+    # place when rank 1's rename fails, and must be taken back (the previous run's restored).
+    ckpt = tmp_path / "llama"
+    hf.make(ckpt, "llama", H=64, nH=8, nKV=2, V=1000)
+    out = populated_out_dir(tmp_path / "out")
+    (out / "model-rank-1-part-0.safetensors").mkdir()
+    (out / "model-rank-1-part-0.safetensors" / "keep").write_text("x")
+    before = snapshot(out)
+    p = run("shard", ckpt, "--tp", 2, "--out", out)
+    assert p.returncode == 1, p.stderr
+    assert "model-rank-1-part-0.safetensors" in p.stderr and "Is a directory" in p.stderr, p.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_removes_temporaries(tmp_path, sig):
+    # Large enough (about 100 MB, converted to fp32) that the signal lands while the output is
+    # being written: it is sent as soon as the first new file appears in the output directory.
+    ckpt = tmp_path / "llama"
+    hf.make(ckpt, "llama", H=1024, nH=8, nKV=2, I=4096, V=8192, layers=2, shards=1)
+    out = populated_out_dir(tmp_path / "out")
+    before = snapshot(out)
+    proc = subprocess.Popen([WEIGHTCTL, "shard", ckpt, "--tp", "2", "--dtype", "fp32",
+                             "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if set(os.listdir(out)) - set(before):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == -sig, (proc.returncode, err)
+    assert "interrupted" in err, err
+    assert snapshot(out) == before
