@@ -1,13 +1,16 @@
 // The cost of the CUDA executor's checksums: ExecutePlanCuda of a Llama-shaped checkpoint cast
 // to fp32 (so no target is a verbatim copy and every CRC32C comes from the read-back), timed with
 // and without checksums, at 1 and 4 workers. The difference is the read-back's cost. Median of 5
-// runs each, after one warm-up; the checkpoint is in the page cache.
+// runs each, after one warm-up; the checkpoint is in the page cache. For comparison, the serial
+// read-back the executor used before (one 64 MiB pinned buffer, a synchronous D2H then a CRC32C
+// of each piece in turn, one thread) is timed over the same targets.
 //
 //   cuda_checksum_bench [MiB]        (default 256; device 0 of the driver weightd would load)
 //
 // On the simulated driver (WEIGHTD_CUDA_DRIVER=.../libwdsim_cuda.so WDSIM_DEVICES=1x8GiB) copies
 // are memcpy, so the figures show the read-back's parallelism and overlap, not PCIe; they are no
 // GPU result.
+#include <cuda.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,7 +23,10 @@
 
 #include "support/synthetic_checkpoint.h"
 #include "weightd/checkpoint.h"
+#include "weightd/crc32c.h"
 #include "weightd/cuda_backend.h"
+#include "weightd/detail/cuda_driver.h"
+#include "weightd/detail/cuda_resources.h"
 #include "weightd/executor.h"
 #include "weightd/plan.h"
 
@@ -92,6 +98,35 @@ int Run(int argc, char** argv) {
     }
     std::printf("| %d | %.1f | %.1f | %.1f |\n", threads, ms[0], ms[1], ms[1] - ms[0]);
   }
+  // The serial read-back, on this thread in device 0's primary context.
+  const CudaDriver& cu = **CudaDriver::Get();
+  auto ctx = CudaPrimaryContext::Retain(cu, 0);
+  CudaContextGuard guard(cu);
+  if (!ctx.ok() || !guard.Use(ctx->get()).ok()) return 1;
+  constexpr size_t kBuf = 64 << 20;
+  void* buf = nullptr;
+  if (cu.MemHostAlloc(&buf, kBuf, 0) != CUDA_SUCCESS) return 1;
+  std::vector<double> serial;
+  const CUdeviceptr base = static_cast<CudaArena*>(arenas[0])->device_ptr();
+  for (int i = 0; i < 6; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    uint32_t sink = 0;
+    for (const PlanTarget& t : plan->ranks[0].targets) {
+      uint32_t crc = 0;
+      for (uint64_t off = 0; off < t.nbytes; off += kBuf) {
+        const uint64_t n = std::min<uint64_t>(kBuf, t.nbytes - off);
+        if (cu.MemcpyDtoH(buf, base + t.offset + off, n) != CUDA_SUCCESS) return 1;
+        crc = Crc32cCombine(crc, Crc32c(buf, n), n);
+      }
+      sink ^= crc;
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    if (i > 0) serial.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (sink == 0x12345678) std::printf(" ");  // keeps the loop
+  }
+  cu.MemFreeHost(buf);
+  std::sort(serial.begin(), serial.end());
+  std::printf("serial read-back (previous method): %.1f ms\n", serial[serial.size() / 2]);
   std::filesystem::remove_all(dir);
   return 0;
 }
