@@ -423,6 +423,42 @@ TEST_F(RestartTest, TakeoverAbortedOrUnauthorizedKeepsTheOldDaemon) {
   EXPECT_EQ(Stop(d), 0);
 }
 
+// A successor whose confirmation fails leaves the socket file alone: until the old daemon has
+// confirmed, the file is the old daemon's, which serves on (here a stand-in that hands over its
+// listener and then closes the connection at `takeover_done` unanswered, as a daemon whose
+// takeover_timeout passed does).
+TEST_F(RestartTest, SuccessorFailingToConfirmLeavesTheSocketFile) {
+  UniqueFd listener = ListenOn(socket_);
+  std::thread old([&] {
+    UniqueFd c(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    ASSERT_TRUE(c);
+    auto hello = RecvPacket(c.get(), 1 << 16);
+    ASSERT_TRUE(hello.ok() && !hello->eof);
+    ASSERT_TRUE(SendPacket(c.get(), R"({"ok":true,"id":0,"result":{"version":1}})").ok());
+    auto takeover = RecvPacket(c.get(), 1 << 16);
+    ASSERT_TRUE(takeover.ok() && !takeover->eof);
+    ASSERT_THAT(takeover->data, HasSubstr(R"("op":"takeover")"));
+    ASSERT_TRUE(
+        SendPacket(c.get(), R"({"ok":true,"id":1,"result":{"fds":1,"packets":1,"pid":1}})").ok());
+    const int fds[] = {listener.get()};
+    ASSERT_TRUE(
+        SendPacket(c.get(), R"({"ok":true,"id":1,"continuation":1,"names":["control"]})", fds)
+            .ok());
+    auto done = RecvPacket(c.get(), 1 << 16);
+    ASSERT_TRUE(done.ok() && !done->eof);
+    EXPECT_THAT(done->data, HasSubstr("takeover_done"));
+  });
+  std::vector<std::string> args = DaemonArgs();
+  args.push_back("--takeover");
+  std::string out;
+  EXPECT_EQ(RunCmd(args, &out), 1) << out;
+  old.join();
+  EXPECT_THAT(out, HasSubstr("takeover failed at the confirmation"));
+  struct stat st;
+  EXPECT_EQ(::lstat(socket_.c_str(), &st), 0) << "the successor removed the old daemon's socket";
+  EXPECT_TRUE(ConnectSeqpacket(socket_).ok()) << "the old daemon's socket no longer reachable";
+}
+
 // SIGHUP: new preloads start, removed ones are unloaded unless attached, an invalid config is
 // rejected and the running one stays.
 TEST_F(RestartTest, SighupReloadsPreloads) {
