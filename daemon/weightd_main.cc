@@ -363,9 +363,12 @@ int main(int argc, char** argv) {
     const absl::Status s = ConfirmTakeover(takeover_sock.get());
     takeover_sock.Reset();
     if (!s.ok()) {
-      // The socket file stays: it is the old daemon's until it confirms.
-      LogError("takeover failed at the confirmation (the old daemon keeps serving): %s",
-               s.message());
+      // The socket file stays: it is the old daemon's until it confirms. Whether that one still
+      // runs (it gave up waiting) or died meanwhile is not ours to tell from here.
+      LogError(
+          "takeover failed at the confirmation; the socket and the models stay with the old "
+          "daemon, if it still runs: %s",
+          s.message());
       return 1;
     }
     (*server)->ClaimSocketPath();
