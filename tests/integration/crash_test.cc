@@ -21,6 +21,9 @@
 // equals its checkpoint (wd_attach_check); the fd store holds exactly the listed models' fds;
 // the daemon holds exactly two memfds per model (arena and manifest), so nothing dropped at
 // adoption was kept.
+//
+// PlainRestartsReplaceTheStaleSocketFile does the same without systemd: a daemon bound to its own
+// socket file and SIGKILLed leaves the file behind, which the next daemon must replace.
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -332,13 +335,21 @@ class CrashTest : public ::testing::Test {
   pid_t daemon_ = -1, successor_ = -1;
 };
 
+// WEIGHTD_CRASH_SEED, else a fresh one (printed by each test).
+uint64_t CrashSeed() {
+  const char* env = std::getenv("WEIGHTD_CRASH_SEED");
+  return env != nullptr && *env != '\0' ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+}
+
+// WEIGHTD_CRASH_ROUNDS, else `fallback`.
+int CrashRounds(int fallback) {
+  const char* env = std::getenv("WEIGHTD_CRASH_ROUNDS");
+  return env != nullptr && *env != '\0' ? std::atoi(env) : fallback;
+}
+
 TEST_F(CrashTest, SigkillAtRandomPointsRestartsClean) {
-  const char* env_seed = std::getenv("WEIGHTD_CRASH_SEED");
-  const uint64_t seed = env_seed != nullptr && *env_seed != '\0'
-                            ? std::strtoull(env_seed, nullptr, 10)
-                            : std::random_device{}();
-  const char* env_rounds = std::getenv("WEIGHTD_CRASH_ROUNDS");
-  const int rounds = env_rounds != nullptr && *env_rounds != '\0' ? std::atoi(env_rounds) : 12;
+  const uint64_t seed = CrashSeed();
+  const int rounds = CrashRounds(12);
   std::printf("crash: %d rounds, seed %llu (rerun with WEIGHTD_CRASH_SEED=%llu)\n", rounds,
               static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
@@ -470,6 +481,74 @@ TEST_F(CrashTest, SigkillAtRandomPointsRestartsClean) {
   ::kill(daemon_, SIGTERM);
   EXPECT_EQ(WaitFor(daemon_, std::chrono::seconds(20)), 0);
   daemon_ = -1;
+}
+
+// Without systemd: a daemon that binds its own socket file and is SIGKILLed (at random while it
+// starts and preloads, or idle) leaves the file behind; the next one replaces it, preloads again
+// and serves the checkpoints' bytes. A second daemon while one lives is refused, and a SIGTERM
+// removes the file. WEIGHTD_CRASH_ROUNDS / 3 rounds (4 by default).
+TEST_F(CrashTest, PlainRestartsReplaceTheStaleSocketFile) {
+  const uint64_t seed = CrashSeed();
+  const int rounds = std::max(1, CrashRounds(12) / 3);
+  std::printf("crash (plain): %d rounds, seed %llu (rerun with WEIGHTD_CRASH_SEED=%llu)\n", rounds,
+              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  json config = json::parse(Slurp(dir_ + "/weightd.json"));
+  config["preload"] = json::array();
+  for (const char* m : {"demo", "big"}) {
+    config["preload"].push_back({{"name", m}, {"checkpoint", Ckpt(m)}, {"recipe", "hf"}});
+  }
+  std::ofstream(dir_ + "/weightd.json") << config.dump();
+  auto start = [&] {
+    const std::string log = NextLog();
+    daemon_ = testing::Spawn(DaemonArgs(), log, log);
+  };
+  auto ready = [&] {
+    auto models = ListModels(socket_);
+    return models.has_value() &&
+           *models == std::map<std::string, std::string>{{"demo", "ready"}, {"big", "ready"}};
+  };
+  auto kill = [&] {
+    ::kill(daemon_, SIGKILL);
+    EXPECT_EQ(WaitFor(daemon_, std::chrono::seconds(10)), 128 + SIGKILL);
+    daemon_ = -1;
+  };
+  // The time from start to both preloads ready bounds the random kills.
+  const auto t0 = Clock::now();
+  start();
+  ASSERT_TRUE(WaitUntil(ready, std::chrono::seconds(60))) << Slurp(logs_.back());
+  const double start_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::printf("crash (plain): start to preloads ready %.3f s\n", start_s);
+  kill();
+  int stale = 0;
+  for (int round = 0; round < rounds; ++round) {
+    struct stat st {};
+    stale += ::lstat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode);
+    start();
+    const double d = std::uniform_real_distribution<double>(0, 1.2 * start_s)(rng);
+    std::printf("round %d: SIGKILL %.0f ms after the start\n", round, d * 1e3);
+    std::this_thread::sleep_for(std::chrono::duration<double>(d));
+    kill();
+    start();
+    ASSERT_TRUE(WaitUntil(ready, std::chrono::seconds(60)))
+        << "the daemon after a SIGKILL did not come up: " << Slurp(logs_.back());
+    AttachCheck("demo");
+    AttachCheck("big");
+    kill();
+  }
+  std::printf("crash (plain): %d of %d restarts found a stale socket file and replaced it\n", stale,
+              rounds);
+  EXPECT_GT(stale, 0);
+  start();
+  ASSERT_TRUE(WaitUntil(ready, std::chrono::seconds(60))) << Slurp(logs_.back());
+  const std::string second = NextLog();
+  EXPECT_EQ(WaitFor(testing::Spawn(DaemonArgs(), second, second), std::chrono::seconds(20)), 1);
+  EXPECT_THAT(Slurp(second), ::testing::HasSubstr("another weightd is already listening"));
+  AttachCheck("demo");
+  ::kill(daemon_, SIGTERM);
+  EXPECT_EQ(WaitFor(daemon_, std::chrono::seconds(20)), 0);
+  daemon_ = -1;
+  EXPECT_NE(::access(socket_.c_str(), F_OK), 0) << "a stopped daemon left its socket file";
 }
 
 }  // namespace
