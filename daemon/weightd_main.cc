@@ -351,7 +351,6 @@ int main(int argc, char** argv) {
     }
     AdoptAll(sorted, registry, "takeover");
     so.adopted_listen_fd = sorted.listener.Release();
-    so.adopted_owns_path = true;
     LogInfo("takeover: received %zu fds, %zu models adopted in %.3f s", count,
             registry.ModelNames().size(), absl::ToDoubleSeconds(absl::Now() - t_start));
   }
@@ -369,10 +368,15 @@ int main(int argc, char** argv) {
     const absl::Status s = ConfirmTakeover(takeover_sock.get());
     takeover_sock.Reset();
     if (!s.ok()) {
-      LogError("takeover failed at the confirmation (the old daemon keeps serving): %s",
-               s.message());
+      // The socket file stays: it is the old daemon's until it confirms. Whether that one still
+      // runs (it gave up waiting) or died meanwhile is not ours to tell from here.
+      LogError(
+          "takeover failed at the confirmation; the socket and the models stay with the old "
+          "daemon, if it still runs: %s",
+          s.message());
       return 1;
     }
+    (*server)->ClaimSocketPath();
     LogNotice("takeover: confirmed; serving");
   }
   LogInfo("start: pid %d, backend %s, pinned budget %s, %d io threads, fd limit %llu", ::getpid(),

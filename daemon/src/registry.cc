@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -382,6 +383,7 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   std::vector<std::unique_ptr<Arena>> to_free;
   bool cancelled = false, shutdown = false;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
+  std::optional<absl::MutexLock> hooks_lock;
   {
     absl::MutexLock l(&mu_);
     bytes_read_total_ += m->progress.bytes_done.load();
@@ -415,7 +417,12 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
         r.tensors = tensor_counts[i];
         r.state = RankState::kReady;
       }
-      if (hooks_.on_ready) stored = ExportLocked(*m);
+      if (hooks_.on_ready) {
+        stored = ExportLocked(*m);
+        // Taken before mu_ is released: an unload of this model waits for the store to have
+        // its fds before it removes them (registry.h, hooks_mu_).
+        hooks_lock.emplace(&hooks_mu_);
+      }
     }
   }
   to_free.clear();
@@ -425,6 +432,7 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   } else if (!stored->empty()) {
     hooks_.on_ready(std::move(*stored));
   }
+  hooks_lock.reset();
   const double secs = absl::ToDoubleSeconds(elapsed);
   if (cancelled) {
     LogInfo("load %s: cancelled after %.2f s; unloaded", name, secs);
@@ -594,6 +602,7 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
         absl::StrCat("uid ", peer.uid, " (gid ", peer.gid, ") may not unload models"));
   }
   std::shared_ptr<Model> victim;
+  std::optional<absl::MutexLock> hooks_lock;
   {
     absl::MutexLock l(&mu_);
     if (frozen_) {
@@ -641,12 +650,15 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
     UncountLeases(m.leases);
     victim = std::move(it->second);
     models_.erase(it);
+    // A failed model was never stored. The lock is taken before mu_ is released, so the removal
+    // comes after whatever hook an earlier change started (registry.h, hooks_mu_).
+    if (hooks_.on_removed && victim->error.empty()) hooks_lock.emplace(&hooks_mu_);
   }
   // Arenas are freed outside the lock; clients still holding fds keep their memory alive.
   LogInfo("unload %s: done%s (%zu leases dropped)", name, force ? " (forced)" : "",
           victim->leases.size());
-  const bool was_stored = victim->error.empty();
-  if (hooks_.on_removed && was_stored) hooks_.on_removed(FdNames(*victim));
+  if (hooks_lock) hooks_.on_removed(FdNames(*victim));
+  hooks_lock.reset();
   victim.reset();
   return absl::OkStatus();
 }

@@ -158,6 +158,7 @@ struct Server::Impl {
   absl::Time takeover_deadline;
   bool handed_over = false;
   absl::Time drain_deadline;
+  bool claimed_path = false;  // ClaimSocketPath(): an adopted listener's socket file is ours
 
   void StartTakeover(Connection& c, const Request& r);
   void AbortTakeover(absl::string_view why);
@@ -274,15 +275,18 @@ Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Server::~Server() {
   for (auto& [id, c] : impl_->conns) impl_->registry->ReleaseConnection(id);
   impl_->conns.clear();
-  // A socket-activated listener belongs to systemd, which may pass it to our successor; after
-  // a takeover the socket file is the successor's.
-  const bool owns_path = impl_->options.adopted_listen_fd < 0 || impl_->options.adopted_owns_path;
+  // A socket-activated listener belongs to systemd, which may pass it to our successor; a
+  // received one is ours once the takeover is confirmed (ClaimSocketPath); after we handed over
+  // the socket file is the successor's.
+  const bool owns_path = impl_->options.adopted_listen_fd < 0 || impl_->claimed_path;
   if (owns_path && !impl_->handed_over && !impl_->options.socket_path.empty()) {
     ::unlink(impl_->options.socket_path.c_str());
   }
 }
 
 bool Server::handed_over() const { return impl_->handed_over; }
+
+void Server::ClaimSocketPath() { impl_->claimed_path = true; }
 
 void Server::Impl::SetAccepting(bool on) {
   accepting = on;

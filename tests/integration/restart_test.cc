@@ -1,11 +1,5 @@
-// Restarts without reloading (issue 6): the real weightd under a stand-in for systemd, and
-// `weightd --takeover`.
-//
-// FakeSystemd plays PID 1's part with real sockets: a datagram socket as NOTIFY_SOCKET records
-// every message and keeps the fds sent with FDSTORE=1 (FDSTOREREMOVE=1 drops them), and a
-// launcher starts the daemon the way systemd does: fds dup'ed to 3.., LISTEN_FDS, LISTEN_FDNAMES
-// and LISTEN_PID set to the child's own pid (fork, setenv, exec). The first fd is a pre-bound
-// listening SOCK_SEQPACKET socket named "control".
+// Restarts without reloading (issue 6): the real weightd under a stand-in for systemd
+// (support/fake_systemd.h), and `weightd --takeover`.
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
@@ -31,6 +25,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "support/fake_systemd.h"
 #include "support/process.h"
 #include "weightd/backend.h"
 #include "weightd/client.h"
@@ -43,6 +38,8 @@ namespace {
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 using testing::Clock;
+using testing::FakeSystemd;
+using testing::ListenOn;
 using testing::Slurp;
 using testing::WaitFor;
 using testing::WaitUntil;
@@ -76,140 +73,6 @@ int RunCmd(std::vector<std::string> argv, std::string* out = nullptr) {
   ::close(p[0]);
   if (out != nullptr) *out = text;
   return WaitFor(pid, std::chrono::seconds(60));
-}
-
-// PID 1's side of sd_notify and the fd store.
-class FakeSystemd {
- public:
-  explicit FakeSystemd(const std::string& dir) : path_(dir + "/notify") {
-    sock_ = UniqueFd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strcpy(addr.sun_path, path_.c_str());
-    EXPECT_EQ(::bind(sock_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    int on = 1;
-    ::setsockopt(sock_.get(), SOL_SOCKET, SO_PASSCRED, &on, sizeof(on));
-  }
-  const std::string& path() const { return path_; }
-
-  // Reads every pending message (waiting at most `ms` for the first).
-  void Pump(int ms = 50) {
-    for (;;) {
-      pollfd p{sock_.get(), POLLIN, 0};
-      if (::poll(&p, 1, ms) != 1) return;
-      ms = 0;
-      char buf[4096];
-      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 253) + CMSG_SPACE(sizeof(ucred))];
-      iovec iov{buf, sizeof(buf)};
-      msghdr msg{};
-      msg.msg_iov = &iov;
-      msg.msg_iovlen = 1;
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      const ssize_t n = ::recvmsg(sock_.get(), &msg, MSG_CMSG_CLOEXEC);
-      if (n < 0) return;
-      std::vector<UniqueFd> fds;
-      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-          const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-          for (size_t i = 0; i < k; ++i) {
-            int fd;
-            std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-            fds.emplace_back(fd);
-          }
-        }
-      }
-      const std::string text(buf, static_cast<size_t>(n));
-      log_ += text + "\n--\n";
-      std::map<std::string, std::string> kv;
-      size_t pos = 0;
-      while (pos < text.size()) {
-        size_t nl = text.find('\n', pos);
-        if (nl == std::string::npos) nl = text.size();
-        const std::string line = text.substr(pos, nl - pos);
-        const size_t eq = line.find('=');
-        if (eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
-        pos = nl + 1;
-      }
-      if (kv["FDSTORE"] == "1") {
-        EXPECT_EQ(kv["FDPOLL"], "0") << text;
-        for (UniqueFd& f : fds) store_.push_back({kv["FDNAME"], std::move(f)});
-      } else if (kv["FDSTOREREMOVE"] == "1") {
-        std::erase_if(store_, [&](const NamedFd& f) { return f.name == kv["FDNAME"]; });
-        removed_.push_back(kv["FDNAME"]);
-      } else {
-        EXPECT_TRUE(fds.empty()) << "fds without FDSTORE=1: " << text;
-      }
-    }
-  }
-  bool WaitFor(const std::string& want, std::chrono::milliseconds t = std::chrono::seconds(20)) {
-    return WaitUntil(
-        [&] {
-          Pump(20);
-          return log_.find(want) != std::string::npos;
-        },
-        t);
-  }
-  const std::string& log() const { return log_; }
-  void ClearLog() { log_.clear(); }
-  std::vector<std::string> StoredNames() const {
-    std::vector<std::string> out;
-    for (const NamedFd& f : store_) out.push_back(f.name);
-    return out;
-  }
-  std::vector<NamedFd>& store() { return store_; }
-  const std::vector<std::string>& removed() const { return removed_; }
-
-  // Starts weightd as systemd would, passing `listener` ("control") and the stored fds plus
-  // `extra`. stderr goes to `log_path`.
-  pid_t Launch(int listener, const std::vector<std::string>& args, const std::string& log_path,
-               const std::vector<NamedFd>& extra = {}) {
-    std::vector<std::pair<std::string, int>> fds = {{kListenerFdName, listener}};
-    for (const NamedFd& f : store_) fds.push_back({f.name, f.fd.get()});
-    for (const NamedFd& f : extra) fds.push_back({f.name, f.fd.get()});
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      // Move every fd out of the way first so dup2 to 3.. never overwrites one still needed.
-      std::vector<int> high;
-      for (auto& [name, fd] : fds) high.push_back(::fcntl(fd, F_DUPFD, 1000));
-      std::string names;
-      for (size_t i = 0; i < fds.size(); ++i) {
-        ::dup2(high[i], 3 + static_cast<int>(i));  // dup2 clears FD_CLOEXEC
-        names += (i ? ":" : "") + fds[i].first;
-      }
-      for (int h : high) ::close(h);
-      const int e = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      ::dup2(e, 2);
-      ::setenv("LISTEN_FDS", std::to_string(fds.size()).c_str(), 1);
-      ::setenv("LISTEN_FDNAMES", names.c_str(), 1);
-      ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
-      ::setenv("NOTIFY_SOCKET", path_.c_str(), 1);
-      std::vector<char*> argv;
-      for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    return pid;
-  }
-
- private:
-  std::string path_;
-  UniqueFd sock_;
-  std::string log_;
-  std::vector<NamedFd> store_;
-  std::vector<std::string> removed_;
-};
-
-UniqueFd ListenOn(const std::string& path) {
-  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strcpy(addr.sun_path, path.c_str());
-  EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ::chmod(path.c_str(), 0666);
-  EXPECT_EQ(::listen(fd.get(), 4096), 0);
-  return fd;
 }
 
 std::string Metric(const std::string& socket, const std::string& name) {
@@ -558,6 +421,42 @@ TEST_F(RestartTest, TakeoverAbortedOrUnauthorizedKeepsTheOldDaemon) {
   EXPECT_THAT(out, HasSubstr("no daemon to take over"));
   AttachCheck(ckpt_);
   EXPECT_EQ(Stop(d), 0);
+}
+
+// A successor whose confirmation fails leaves the socket file alone: until the old daemon has
+// confirmed, the file is the old daemon's, which serves on (here a stand-in that hands over its
+// listener and then closes the connection at `takeover_done` unanswered, as a daemon whose
+// takeover_timeout passed does).
+TEST_F(RestartTest, SuccessorFailingToConfirmLeavesTheSocketFile) {
+  UniqueFd listener = ListenOn(socket_);
+  std::thread old([&] {
+    UniqueFd c(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    ASSERT_TRUE(c);
+    auto hello = RecvPacket(c.get(), 1 << 16);
+    ASSERT_TRUE(hello.ok() && !hello->eof);
+    ASSERT_TRUE(SendPacket(c.get(), R"({"ok":true,"id":0,"result":{"version":1}})").ok());
+    auto takeover = RecvPacket(c.get(), 1 << 16);
+    ASSERT_TRUE(takeover.ok() && !takeover->eof);
+    ASSERT_THAT(takeover->data, HasSubstr(R"("op":"takeover")"));
+    ASSERT_TRUE(
+        SendPacket(c.get(), R"({"ok":true,"id":1,"result":{"fds":1,"packets":1,"pid":1}})").ok());
+    const int fds[] = {listener.get()};
+    ASSERT_TRUE(
+        SendPacket(c.get(), R"({"ok":true,"id":1,"continuation":1,"names":["control"]})", fds)
+            .ok());
+    auto done = RecvPacket(c.get(), 1 << 16);
+    ASSERT_TRUE(done.ok() && !done->eof);
+    EXPECT_THAT(done->data, HasSubstr("takeover_done"));
+  });
+  std::vector<std::string> args = DaemonArgs();
+  args.push_back("--takeover");
+  std::string out;
+  EXPECT_EQ(RunCmd(args, &out), 1) << out;
+  old.join();
+  EXPECT_THAT(out, HasSubstr("takeover failed at the confirmation"));
+  struct stat st;
+  EXPECT_EQ(::lstat(socket_.c_str(), &st), 0) << "the successor removed the old daemon's socket";
+  EXPECT_TRUE(ConnectSeqpacket(socket_).ok()) << "the old daemon's socket no longer reachable";
 }
 
 // SIGHUP: new preloads start, removed ones are unloaded unless attached, an invalid config is

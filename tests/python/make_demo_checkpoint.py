@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Writes a small Llama-shaped Hugging Face checkpoint (3 shards + index + config.json).
 
-Usage: make_demo_checkpoint.py OUT_DIR [--f32]
+Usage: make_demo_checkpoint.py OUT_DIR [--f32] [--seed N]
 
 The tensors are random bf16-as-uint16 bit patterns with exact HF names, so every tool of weightd
 can run on it without downloading anything. With --f32 they are float32 values (normally
-distributed, so a cast to bf16/fp16 rounds real numbers) and config.json says float32.
+distributed, so a cast to bf16/fp16 rounds real numbers) and config.json says float32. With
+--seed N (default 0) the values are drawn from another seed, same names and shapes, for tests
+that need several distinct models.
 """
 import json
 import os
@@ -45,8 +47,9 @@ def tensors(rng, f32=False):
 def main():
     out_dir = sys.argv[1]
     f32 = "--f32" in sys.argv[2:]
+    seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv[2:] else 0
     os.makedirs(out_dir, exist_ok=True)
-    data = tensors(np.random.default_rng(0), f32)
+    data = tensors(np.random.default_rng(seed), f32)
     names = sorted(data.keys())
     shards = [names[i::3] for i in range(3)]
     weight_map = {}

@@ -6,8 +6,10 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -66,6 +68,37 @@ inline bool WriteSyntheticCheckpoint(const std::string& dir,
   std::ofstream c(dir + "/config.json", std::ios::trunc);
   c << config_json;
   return static_cast<bool>(c);
+}
+
+// Overwrites the data section of every shard that WriteSyntheticCheckpoint wrote in `dir` with
+// pseudo-random bytes drawn from `seed` (xorshift64), so that a test comparing bytes compares
+// something other than zeros. The files stop being sparse: this costs their full size on disk.
+inline bool FillSyntheticCheckpoint(const std::string& dir, uint64_t seed) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  std::vector<char> buf(1 << 20);
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (e.path().extension() != ".safetensors") continue;
+    std::fstream f(e.path(), std::ios::binary | std::ios::in | std::ios::out);
+    char lb[8];
+    if (!f.read(lb, 8)) return false;
+    uint64_t header = 0;
+    for (int i = 0; i < 8; ++i)
+      header |= static_cast<uint64_t>(static_cast<uint8_t>(lb[i])) << (8 * i);
+    const uint64_t size = std::filesystem::file_size(e.path());
+    f.seekp(static_cast<std::streamoff>(8 + header));
+    for (uint64_t done = 8 + header; done < size;) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), size - done));
+      for (size_t i = 0; i < n; i += 8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::memcpy(buf.data() + i, &x, std::min<size_t>(8, n - i));
+      }
+      if (!f.write(buf.data(), static_cast<std::streamsize>(n))) return false;
+      done += n;
+    }
+  }
+  return true;
 }
 
 // A Llama-family layout: H hidden, nh/nkv heads, hd head_dim, inter intermediate, vocab, layers.

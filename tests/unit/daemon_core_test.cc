@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "daemon_test_util.h"
 #include "gmock/gmock.h"
@@ -1033,6 +1034,39 @@ TEST_F(RegistryTest, AdoptsStoredFdsAndRefusesTheOtherKind) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("adopting model 'm'"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("a host memfd"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("CUDA VMM device memory"));
+}
+
+// The fd store sees a model's changes in the order the registry made them: an unload that comes
+// while the load thread is still storing the fds of the model it just made ready removes them
+// after they were stored, not before (which would leave an unloaded model in the store, to be
+// re-adopted at the next start).
+TEST_F(RegistryTest, FdStoreHooksRunInTheOrderOfTheChanges) {
+  absl::Mutex mu;
+  std::vector<std::string> events;
+  absl::Notification storing, release;
+  Registry reg(&backend_, config_);
+  reg.SetHooks({.on_ready =
+                    [&](std::vector<NamedFd>) {
+                      storing.Notify();
+                      release.WaitForNotification();  // a slow sd_notify
+                      absl::MutexLock l(&mu);
+                      events.push_back("stored");
+                    },
+                .on_removed =
+                    [&](std::vector<std::string>) {
+                      absl::MutexLock l(&mu);
+                      events.push_back("removed");
+                    }});
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  storing.WaitForNotification();
+  ASSERT_EQ(StateOf(reg, "m"), "ready");  // a client may unload it now
+  std::thread unloader([&] { EXPECT_TRUE(reg.Unload("m", false, Self()).ok()); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  release.Notify();
+  unloader.join();
+  reg.WaitForLoads();
+  absl::MutexLock l(&mu);
+  EXPECT_THAT(events, ::testing::ElementsAre("stored", "removed"));
 }
 
 TEST(LogTest, RateLimitAdmitsABurstPerIntervalAndCountsTheRest) {

@@ -98,7 +98,9 @@ struct ModelStatus {
 
 // Callbacks through which the daemon keeps systemd's fd store in step with the registry. Both
 // run without the registry's lock held, on the thread that made the change (a load thread, or
-// the caller of Unload), and must not call back into the registry.
+// the caller of Unload), and must not call back into the registry. They run one at a time, in
+// the order of the changes they report: an unload that comes while the load thread is still
+// storing the model's fds waits for on_ready to return before its on_removed runs.
 struct RegistryHooks {
   // A load finished: the model's fds (new descriptors, owned by the callee) with their names.
   std::function<void(std::vector<NamedFd>)> on_ready;
@@ -230,6 +232,9 @@ class Registry {
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   RegistryHooks hooks_;
+  // Held by a change that calls a hook from before it releases mu_ until the hook returned, so
+  // the hooks see the changes in mu_'s order. Acquired while holding mu_, never the reverse.
+  absl::Mutex hooks_mu_ ABSL_ACQUIRED_AFTER(mu_);
 };
 
 }  // namespace weightd

@@ -23,7 +23,7 @@
 // closes (or takeover_timeout passes) first, the server accepts again and the registry thaws.
 //
 // Thread-safety: Run() on one thread; Stop() from any thread (also async-signal-safe);
-// handed_over() after Run() returned.
+// ClaimSocketPath() before Run(); handed_over() after Run() returned.
 #ifndef WEIGHTD_SERVER_H_
 #define WEIGHTD_SERVER_H_
 
@@ -41,11 +41,9 @@ struct ServerOptions {
   std::string socket_path;
   uint32_t socket_mode = 0660;
   // An already-listening SOCK_SEQPACKET socket to serve instead of binding socket_path (systemd
-  // socket activation); the Server takes ownership and leaves the socket file alone.
+  // socket activation, or one received by `--takeover`); the Server takes ownership and leaves
+  // the socket file alone unless ClaimSocketPath() is called.
   int adopted_listen_fd = -1;
-  // With adopted_listen_fd: whether socket_path is ours to remove at exit (a socket received by
-  // `--takeover`) or systemd's (socket activation).
-  bool adopted_owns_path = false;
   // How long a daemon that handed over to a successor keeps answering the connections it had
   // accepted before it exits.
   absl::Duration handover_drain = absl::Seconds(2);
@@ -76,6 +74,10 @@ class Server {
   // True once Run() returned because a successor (`weightd --takeover`) took over: the socket
   // file and the models are the successor's now.
   bool handed_over() const;
+  // Makes socket_path this server's to remove at exit although its listener was adopted: a
+  // successor calls it once the old daemon has confirmed the takeover. Before that the file is
+  // the old daemon's, which serves on if the takeover fails. Call before Run().
+  void ClaimSocketPath();
 
  private:
   struct Impl;
