@@ -39,6 +39,7 @@ namespace {
 
 using ::testing::HasSubstr;
 using json = nlohmann::json;
+using testing::AsNobody;
 using testing::Clock;
 using testing::Slurp;
 using testing::Spawn;
@@ -472,34 +473,6 @@ TEST_F(DaemonTest, OtherUidIsDeniedAttach) {
   EXPECT_THAT(msg, HasSubstr("may not load"));
 }
 
-// Runs `body` in a child that switched to uid/gid 65534 with `groups` as supplementary groups
-// and returns what it reported. Empty optional when this process cannot switch uid.
-std::optional<std::string> AsNobody(const std::vector<gid_t>& groups,
-                                    const std::function<std::string()>& body) {
-  if (::geteuid() != 0) return std::nullopt;
-  int pipefd[2];
-  if (::pipe(pipefd) != 0) return std::string("pipe failed");
-  const pid_t child = ::fork();
-  if (child == 0) {
-    ::close(pipefd[0]);
-    std::string msg;
-    if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 ||
-        ::setuid(65534) != 0) {
-      msg = "setuid failed";
-    } else {
-      msg = body();
-    }
-    (void)!::write(pipefd[1], msg.data(), msg.size());
-    ::_exit(0);
-  }
-  ::close(pipefd[1]);
-  std::string msg;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(pipefd[0], buf, sizeof(buf))) > 0;) msg.append(buf, n);
-  ::close(pipefd[0]);
-  WaitFor(child, std::chrono::seconds(20));
-  return msg;
-}
 
 TEST_F(DaemonTest, SupplementaryGroupGrantsAttach) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch uid and groups";

@@ -4,13 +4,16 @@
 #define WEIGHTD_TESTS_SUPPORT_PROCESS_H_
 
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -75,6 +78,36 @@ bool WaitUntil(Pred pred, std::chrono::milliseconds timeout = std::chrono::secon
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return pred();
+}
+
+// Runs `body` in a forked child that switched to uid/gid 65534 with `groups` as supplementary
+// groups, and returns what it reported ("setuid failed" when the switch failed). nullopt when
+// this process cannot switch uid (not root).
+inline std::optional<std::string> AsNobody(const std::vector<gid_t>& groups,
+                                           const std::function<std::string()>& body) {
+  if (::geteuid() != 0) return std::nullopt;
+  int pipefd[2];
+  if (::pipe(pipefd) != 0) return std::string("pipe failed");
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(pipefd[0]);
+    std::string msg;
+    if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 ||
+        ::setuid(65534) != 0) {
+      msg = "setuid failed";
+    } else {
+      msg = body();
+    }
+    (void)!::write(pipefd[1], msg.data(), msg.size());
+    ::_exit(0);
+  }
+  ::close(pipefd[1]);
+  std::string msg;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(pipefd[0], buf, sizeof(buf))) > 0;) msg.append(buf, n);
+  ::close(pipefd[0]);
+  WaitFor(child, std::chrono::seconds(20));
+  return msg;
 }
 
 }  // namespace weightd::testing
