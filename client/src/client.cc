@@ -246,6 +246,7 @@ absl::Status Attachment::Detach() {
   r.op = Op::kDetach;
   r.name = impl_->model;
   r.rank = impl_->rank;
+  if (impl_->lease != 0) r.lease = impl_->lease;
   auto reply = impl_->conn->Call(r);
   impl_->conn.reset();
   return reply.status();

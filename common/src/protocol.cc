@@ -260,6 +260,14 @@ absl::StatusOr<Request> ParseRequestObject(const json& j) {
       auto v = GetInt(j, ctx, "rank", 0, 1023);
       if (!v.ok()) return v.status();
       r.rank = static_cast<int>(*v);
+      if (r.op == Op::kDetach) {
+        allowed.push_back("lease");
+        if (j.contains("lease")) {
+          auto l = GetInt(j, ctx, "lease", 1, std::numeric_limits<int64_t>::max());
+          if (!l.ok()) return l.status();
+          r.lease = static_cast<uint64_t>(*l);
+        }
+      }
       break;
     }
     case Op::kUnload: {
@@ -361,6 +369,7 @@ absl::StatusOr<std::string> EncodeRequest(const Request& r) {
     case Op::kAttach:
     case Op::kDetach:
       j["rank"] = r.rank;
+      if (r.op == Op::kDetach && r.lease) j["lease"] = *r.lease;
       break;
     case Op::kUnload:
       j["force"] = r.force;

@@ -560,13 +560,14 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
   return g;
 }
 
-absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connection) {
+absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connection,
+                              std::optional<uint64_t> lease) {
   absl::MutexLock l(&mu_);
   auto it = models_.find(name);
   if (it != models_.end()) {
     auto& leases = it->second->leases;
     auto li = std::find_if(leases.begin(), leases.end(), [&](const LeaseInfo& x) {
-      return x.connection == connection && x.rank == rank;
+      return x.connection == connection && x.rank == rank && (!lease || x.id == *lease);
     });
     if (li != leases.end()) {
       UncountLeases({*li});
@@ -574,6 +575,11 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
       ++detaches_total_;
       return absl::OkStatus();
     }
+  }
+  if (lease) {
+    return absl::NotFoundError(absl::StrCat("this connection holds no lease ", *lease,
+                                            " on model '", name, "' rank ", rank,
+                                            " (a forced unload releases them)"));
   }
   return absl::NotFoundError(
       absl::StrCat("this connection holds no lease on model '", name, "' rank ", rank));

@@ -797,7 +797,7 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
       return;
     }
     case Op::kDetach: {
-      const absl::Status s = registry->Detach(name, r.rank, c.id);
+      const absl::Status s = registry->Detach(name, r.rank, c.id, r.lease);
       if (!s.ok()) return fail(s);
       LogDebug("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
       Queue(c, OkReply(r.id_json, json::object()));

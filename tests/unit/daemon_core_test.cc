@@ -754,6 +754,31 @@ TEST_F(RegistryTest, LoadReadyAttachDetachUnload) {
   EXPECT_EQ(reg.Status("m", Self()).status().code(), absl::StatusCode::kNotFound);
 }
 
+// A forced unload drops the old attachment's lease; after a reload under the same name, that
+// attachment's late detach names its own lease and must not release the new attachment's.
+TEST_F(RegistryTest, ADetachByLeaseNeverReleasesANewerAttachmentsLease) {
+  Registry reg(&backend_, config_);
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  auto old_grant = reg.Attach("m", 0, Self(), /*connection=*/7);
+  ASSERT_TRUE(old_grant.ok()) << old_grant.status();
+  ASSERT_TRUE(reg.Unload("m", /*force=*/true, Self()).ok());
+  ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());
+  reg.WaitForLoads();
+  auto new_grant = reg.Attach("m", 0, Self(), 7);
+  ASSERT_TRUE(new_grant.ok()) << new_grant.status();
+  ASSERT_NE(new_grant->lease, old_grant->lease);
+  const absl::Status s = reg.Detach("m", 0, 7, old_grant->lease);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr(absl::StrCat("lease ", old_grant->lease)));
+  auto st = reg.Status("m", Self());
+  ASSERT_TRUE(st.ok());
+  ASSERT_EQ(st->front().ranks[0].leases.size(), 1u) << "the newer attachment lost its lease";
+  EXPECT_EQ(st->front().ranks[0].leases[0].id, new_grant->lease);
+  EXPECT_TRUE(reg.Detach("m", 0, 7, new_grant->lease).ok());
+  EXPECT_EQ(reg.Status("m", Self())->front().ranks[0].leases.size(), 0u);
+}
+
 TEST_F(RegistryTest, ForceUnloadWhileAttached) {
   Registry reg(&backend_, config_);
   ASSERT_TRUE(reg.StartLoad("m", Spec(dir_.path()), Self()).ok());

@@ -241,6 +241,25 @@ TEST(RequestTest, ParsesEveryOp) {
   EXPECT_TRUE(ParseRequest(R"({"op":"status"})").ok());
   EXPECT_TRUE(ParseRequest(R"({"op":"status","name":"m"})").ok());
   EXPECT_TRUE(ParseRequest(R"({"op":"detach","name":"m","rank":0})").ok());
+  auto d = ParseRequest(R"({"op":"detach","name":"m","rank":0,"lease":42})");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->lease, std::optional<uint64_t>(42));
+  EXPECT_FALSE(ParseRequest(R"({"op":"detach","name":"m","rank":0})")->lease.has_value());
+  EXPECT_EQ(ParseRequest(R"({"op":"detach","name":"m","rank":0,"lease":0})").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseRequest(R"({"op":"detach","name":"m","rank":0,"lease":"7"})").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Only detach names a lease.
+  EXPECT_EQ(ParseRequest(R"({"op":"attach","name":"m","rank":0,"lease":7})").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  Request r;
+  r.op = Op::kDetach;
+  r.name = "m";
+  r.rank = 1;
+  r.lease = 9;
+  auto back = ParseRequest(*EncodeRequest(r));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->lease, std::optional<uint64_t>(9));
 }
 
 TEST(RequestTest, RoundTripsThroughEncode) {

@@ -72,6 +72,10 @@ struct Request {
   std::optional<std::string> name;
   // attach, detach
   int rank = -1;
+  // detach: the lease to release (from the attach reply). Without it, some lease of this
+  // connection on (name, rank) is released, which after a forced unload and reload of the
+  // model may be a newer attachment's.
+  std::optional<uint64_t> lease;
   // unload
   bool force = false;
   // load

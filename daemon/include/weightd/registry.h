@@ -28,6 +28,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -140,7 +141,11 @@ class Registry {
   absl::StatusOr<AttachGrant> Attach(const std::string& name, int rank, const Peer& peer,
                                      uint64_t connection);
   // Releases one lease of `connection` on (name, rank). NOT_FOUND if it holds none.
-  absl::Status Detach(const std::string& name, int rank, uint64_t connection);
+  // Releases lease `lease` of `connection` on (name, rank); without `lease`, the first such
+  // lease of the connection (old clients). NOT_FOUND when the connection holds none (a forced
+  // unload already dropped it).
+  absl::Status Detach(const std::string& name, int rank, uint64_t connection,
+                      std::optional<uint64_t> lease = std::nullopt);
   void ReleaseConnection(uint64_t connection);
 
   // FAILED_PRECONDITION listing (some of) the attached pids unless `force`.
