@@ -1,7 +1,5 @@
 #include "weightd/executor.h"
 
-#include <fcntl.h>
-
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -10,16 +8,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "weightd/crc32c.h"
-#include "weightd/detail/page_cache.h"
 #include "weightd/detail/staging_ring.h"
 #include "weightd/detail/uring_reader.h"
 #include "weightd/detail/work_units.h"
 #include "weightd/file_util.h"
 #include "weightd/kernels/copy.h"
-#include "weightd/log.h"
-#include "weightd/mapped_file.h"
 #include "weightd/status_macros.h"
-#include "weightd/unique_fd.h"
 
 namespace weightd {
 namespace {

@@ -1,7 +1,5 @@
 #include "weightd/detail/work_units.h"
 
-#include <fcntl.h>
-
 #include <algorithm>
 #include <numeric>
 

@@ -439,40 +439,20 @@ TEST_F(DaemonTest, UnloadRefusedWhileAttachedThenForced) {
 }
 
 TEST_F(DaemonTest, OtherUidIsDeniedAttach) {
-  int pipefd[2];
-  ASSERT_EQ(::pipe(pipefd), 0);
-  const pid_t child = ::fork();
-  if (child == 0) {
-    ::close(pipefd[0]);
-    std::string msg;
-    if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) {
-      msg = "setuid failed";
-    } else {
-      auto c = Client::Connect(g_socket);
-      if (!c.ok()) {
-        msg = "connect: " + c.status().ToString();
-      } else {
-        auto a = c->Attach("demo", 0);
-        msg = a.ok() ? std::string("attached!") : a.status().ToString();
-        msg += "\n" + c->Load("x", g_ckpt).ToString();
-      }
-    }
-    (void)!::write(pipefd[1], msg.data(), msg.size());
-    ::_exit(0);
-  }
-  ::close(pipefd[1]);
-  std::string msg;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(pipefd[0], buf, sizeof(buf))) > 0;) msg.append(buf, n);
-  ::close(pipefd[0]);
-  EXPECT_EQ(WaitFor(child, std::chrono::seconds(20)), 0);
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch uid: " << msg;
+  const std::optional<std::string> other = AsNobody({}, [] {
+    auto c = Client::Connect(g_socket);
+    if (!c.ok()) return "connect: " + c.status().ToString();
+    auto a = c->Attach("demo", 0);
+    std::string msg = a.ok() ? std::string("attached!") : a.status().ToString();
+    return msg + "\n" + c->Load("x", g_ckpt).ToString();
+  });
+  if (!other) GTEST_SKIP() << "needs root to switch uid";
+  const std::string& msg = *other;
   EXPECT_THAT(msg, HasSubstr("PERMISSION_DENIED"));
   EXPECT_THAT(msg, HasSubstr("uid 65534"));
   EXPECT_THAT(msg, HasSubstr("'demo'"));
   EXPECT_THAT(msg, HasSubstr("may not load"));
 }
-
 
 TEST_F(DaemonTest, SupplementaryGroupGrantsAttach) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch uid and groups";

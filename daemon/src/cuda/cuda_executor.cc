@@ -41,7 +41,6 @@
 // the primary contexts; so no DMA can still read a freed slot on an error path, and every DMA
 // has completed when ExecutePlanCuda returns, on success or error.
 #include <cuda.h>
-#include <fcntl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -63,11 +62,9 @@
 #include "weightd/detail/staging_ring.h"
 #include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
-#include "weightd/file_util.h"
 #include "weightd/kernels/convert_cuda.h"
 #include "weightd/log.h"
 #include "weightd/status_macros.h"
-#include "weightd/unique_fd.h"
 
 namespace weightd {
 namespace {
