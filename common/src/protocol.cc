@@ -19,6 +19,8 @@ constexpr std::pair<Op, absl::string_view> kOps[] = {
     {Op::kAttach, "attach"},     {Op::kDetach, "detach"},
     {Op::kUnload, "unload"},     {Op::kMetrics, "metrics"},
     {Op::kTakeover, "takeover"}, {Op::kTakeoverDone, "takeover_done"},
+    {Op::kUpdate, "update"},     {Op::kWaitGeneration, "wait_generation"},
+    {Op::kRollback, "rollback"}, {Op::kRefresh, "refresh"},
 };
 
 absl::Status FieldError(absl::string_view ctx, absl::string_view field, absl::string_view want) {
@@ -252,15 +254,53 @@ absl::StatusOr<Request> ParseRequestObject(const json& j) {
       r.load = std::move(*spec);
       return r;  // ParseLoadSpecObject checked every field
     }
+    case Op::kUpdate: {
+      allowed.insert(allowed.end(), {"name", "checkpoint", "wait"});
+      if (auto s = need_name(); !s.ok()) return s;
+      if (j.contains("checkpoint")) {
+        auto v = GetString(j, ctx, "checkpoint");
+        if (!v.ok()) return v.status();
+        if (v->empty()) return FieldError(ctx, "checkpoint", "a non-empty path when given");
+        r.checkpoint = *v;
+      }
+      if (j.contains("wait")) {
+        auto w = GetBool(j, ctx, "wait");
+        if (!w.ok()) return w.status();
+        r.wait = *w;
+      }
+      break;
+    }
+    case Op::kWaitGeneration: {
+      allowed.insert(allowed.end(), {"name", "after", "timeout_ms"});
+      if (auto s = need_name(); !s.ok()) return s;
+      if (!j.contains("after")) return FieldError(ctx, "after", "an integer >= 0");
+      auto a = GetInt(j, ctx, "after", 0, std::numeric_limits<int64_t>::max());
+      if (!a.ok()) return a.status();
+      r.after = static_cast<uint64_t>(*a);
+      if (j.contains("timeout_ms")) {
+        auto t = GetInt(j, ctx, "timeout_ms", 0, kMaxWaitGenerationMs);
+        if (!t.ok()) return t.status();
+        r.timeout_ms = *t;
+      }
+      break;
+    }
+    case Op::kRollback:
+      allowed.push_back("name");
+      if (auto s = need_name(); !s.ok()) return s;
+      break;
     case Op::kAttach:
-    case Op::kDetach: {
+    case Op::kDetach:
+    case Op::kRefresh: {
       allowed.insert(allowed.end(), {"name", "rank"});
       if (auto s = need_name(); !s.ok()) return s;
       if (!j.contains("rank")) return FieldError(ctx, "rank", "an integer >= 0");
       auto v = GetInt(j, ctx, "rank", 0, 1023);
       if (!v.ok()) return v.status();
       r.rank = static_cast<int>(*v);
-      if (r.op == Op::kDetach) {
+      if (r.op == Op::kRefresh && !j.contains("lease")) {
+        return FieldError(ctx, "lease", "an integer >= 1 (the lease to refresh)");
+      }
+      if (r.op == Op::kDetach || r.op == Op::kRefresh) {
         allowed.push_back("lease");
         if (j.contains("lease")) {
           auto l = GetInt(j, ctx, "lease", 1, std::numeric_limits<int64_t>::max());
@@ -339,6 +379,7 @@ absl::StatusOr<std::string> EncodeRequest(const Request& r) {
   const std::string ctx = absl::StrCat(OpName(r.op), ": ");
   std::vector<std::pair<const char*, const std::string*>> texts = {{"client", &r.client}};
   if (r.name) texts.emplace_back("name", &*r.name);
+  if (r.op == Op::kUpdate) texts.emplace_back("checkpoint", &r.checkpoint);
   if (r.op == Op::kLoad) {
     texts.insert(texts.end(), {{"checkpoint", &r.load.checkpoint},
                                {"dtype", &r.load.dtype},
@@ -368,8 +409,17 @@ absl::StatusOr<std::string> EncodeRequest(const Request& r) {
       break;
     case Op::kAttach:
     case Op::kDetach:
+    case Op::kRefresh:
       j["rank"] = r.rank;
-      if (r.op == Op::kDetach && r.lease) j["lease"] = *r.lease;
+      if (r.op != Op::kAttach && r.lease) j["lease"] = *r.lease;
+      break;
+    case Op::kUpdate:
+      if (!r.checkpoint.empty()) j["checkpoint"] = r.checkpoint;
+      if (r.wait) j["wait"] = true;
+      break;
+    case Op::kWaitGeneration:
+      j["after"] = r.after;
+      j["timeout_ms"] = r.timeout_ms;
       break;
     case Op::kUnload:
       j["force"] = r.force;
@@ -407,6 +457,8 @@ constexpr std::pair<absl::StatusCode, absl::string_view> kCodes[] = {
     {absl::StatusCode::kResourceExhausted, "RESOURCE_EXHAUSTED"},
     {absl::StatusCode::kInternal, "INTERNAL"},
     {absl::StatusCode::kUnavailable, "UNAVAILABLE"},
+    {absl::StatusCode::kCancelled, "CANCELLED"},
+    {absl::StatusCode::kDataLoss, "DATA_LOSS"},
 };
 }  // namespace
 

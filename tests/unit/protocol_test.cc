@@ -281,6 +281,63 @@ TEST(RequestTest, RoundTripsThroughEncode) {
   EXPECT_EQ(back->id_json, "12");
 }
 
+void ExpectReject(const std::string& json, const std::string& substr) {
+  auto r = ParseRequest(json);
+  ASSERT_FALSE(r.ok()) << json;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << json;
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(substr)) << json;
+}
+
+TEST(RequestTest, GenerationOpsRoundTripAndCheckTheirFields) {
+  Request u;
+  u.op = Op::kUpdate;
+  u.name = "m";
+  u.checkpoint = "/models/b";
+  u.wait = true;
+  auto ub = ParseRequest(*EncodeRequest(u));
+  ASSERT_TRUE(ub.ok()) << ub.status();
+  EXPECT_EQ(ub->op, Op::kUpdate);
+  EXPECT_EQ(ub->checkpoint, "/models/b");
+  EXPECT_TRUE(ub->wait);
+  // Without a checkpoint the update's tensors come as an fd (the server checks it is there).
+  auto fd_update = ParseRequest(R"({"op":"update","name":"m"})");
+  ASSERT_TRUE(fd_update.ok()) << fd_update.status();
+  EXPECT_TRUE(fd_update->checkpoint.empty());
+  ExpectReject(R"({"op":"update","name":"m","checkpoint":""})", "'checkpoint' must be a non-empty");
+  ExpectReject(R"({"op":"update","checkpoint":"/x"})", "'name'");
+
+  Request w;
+  w.op = Op::kWaitGeneration;
+  w.name = "m";
+  w.after = 41;
+  w.timeout_ms = 2500;
+  auto wb = ParseRequest(*EncodeRequest(w));
+  ASSERT_TRUE(wb.ok()) << wb.status();
+  EXPECT_EQ(wb->after, 41u);
+  EXPECT_EQ(wb->timeout_ms, 2500);
+  ExpectReject(R"({"op":"wait_generation","name":"m"})", "'after'");
+  ExpectReject(R"({"op":"wait_generation","name":"m","after":-1})", "'after'");
+  ExpectReject(R"({"op":"wait_generation","name":"m","after":1,"timeout_ms":600001})",
+               "'timeout_ms'");
+
+  Request f;
+  f.op = Op::kRefresh;
+  f.name = "m";
+  f.rank = 1;
+  f.lease = 7;
+  auto fb = ParseRequest(*EncodeRequest(f));
+  ASSERT_TRUE(fb.ok()) << fb.status();
+  EXPECT_EQ(fb->op, Op::kRefresh);
+  EXPECT_EQ(fb->rank, 1);
+  EXPECT_EQ(fb->lease, std::optional<uint64_t>(7));
+  ExpectReject(R"({"op":"refresh","name":"m","rank":0})", "'lease'");
+
+  auto rb = ParseRequest(R"({"op":"rollback","name":"m"})");
+  ASSERT_TRUE(rb.ok()) << rb.status();
+  EXPECT_EQ(rb->op, Op::kRollback);
+  ExpectReject(R"({"op":"rollback","name":"m","force":true})", "unknown field 'force'");
+}
+
 TEST(RequestTest, EncodeRefusesTextThatIsNotUtf8) {
   // A checkpoint directory named in Latin-1 is a valid Linux path but cannot travel in JSON.
   Request r;
@@ -303,12 +360,6 @@ TEST(RequestTest, EncodeRefusesTextThatIsNotUtf8) {
               HasSubstr("attach: field 'name' is not UTF-8 text"));
 }
 
-void ExpectReject(const std::string& json, const std::string& substr) {
-  auto r = ParseRequest(json);
-  ASSERT_FALSE(r.ok()) << json;
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << json;
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr(substr)) << json;
-}
 
 TEST(RequestTest, RejectsMalformed) {
   ExpectReject("", "not valid JSON");
@@ -341,7 +392,10 @@ TEST(RequestTest, RejectsMalformed) {
 TEST(RequestTest, ErrorReplyNamesCodeAndEchoesId) {
   const std::string r = EncodeErrorReply("42", absl::NotFoundError("no model 'x'"));
   EXPECT_EQ(r, R"({"error":{"code":"NOT_FOUND","message":"no model 'x'"},"id":42,"ok":false})");
-  EXPECT_THAT(EncodeErrorReply("null", absl::CancelledError("c")), HasSubstr("\"INTERNAL\""));
+  EXPECT_THAT(EncodeErrorReply("null", absl::CancelledError("c")), HasSubstr("\"CANCELLED\""));
+  EXPECT_THAT(EncodeErrorReply("null", absl::DataLossError("d")), HasSubstr("\"DATA_LOSS\""));
+  // Codes outside the protocol's list travel as INTERNAL.
+  EXPECT_THAT(EncodeErrorReply("null", absl::AbortedError("a")), HasSubstr("\"INTERNAL\""));
   EXPECT_EQ(StatusCodeFromWireName("PERMISSION_DENIED"), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(StatusCodeFromWireName("NOPE"), absl::StatusCode::kUnknown);
 }

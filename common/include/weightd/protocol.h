@@ -43,7 +43,15 @@ enum class Op : uint8_t {
   kMetrics,
   kTakeover,
   kTakeoverDone,
+  // Live updates (docs/PROTOCOL.md "Generations").
+  kUpdate,
+  kWaitGeneration,
+  kRollback,
+  kRefresh,
 };
+
+// Longest server-side wait of one wait_generation request.
+inline constexpr int64_t kMaxWaitGenerationMs = 10 * 60 * 1000;
 
 absl::string_view OpName(Op op);
 
@@ -70,17 +78,27 @@ struct Request {
   std::string client;  // free-form client name, for logs
   // list, status (optional), load, attach, detach, unload
   std::optional<std::string> name;
-  // attach, detach
+  // attach, detach, refresh
   int rank = -1;
   // detach: the lease to release (from the attach reply). Without it, some lease of this
   // connection on (name, rank) is released, which after a forced unload and reload of the
-  // model may be a newer attachment's.
+  // model may be a newer attachment's. refresh: required, the lease to move to the newest
+  // generation.
   std::optional<uint64_t> lease;
+  // update: the checkpoint holding the new tensors; empty = the request carries one fd, a
+  // sealed memfd laid out as a safetensors file.
+  std::string checkpoint;
+  // wait_generation: reply once the model's generation is above `after`, or after
+  // `timeout_ms` with the generation as it is.
+  uint64_t after = 0;
+  int64_t timeout_ms = 0;
   // unload
   bool force = false;
   // load
   LoadSpec load;
-  bool wait = false;  // load: reply only when the load ends
+  // load: reply only when the load ends. update: reply only when the new generation is
+  // published (or the update failed); closing the connection before then cancels the update.
+  bool wait = false;
 };
 
 // Parses one request packet. Errors are INVALID_ARGUMENT naming the field and what was
