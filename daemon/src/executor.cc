@@ -85,6 +85,62 @@ absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t, int, in
 }
 #endif
 
+absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const ArenaRange> ranges,
+                             int threads, LoadProgress* progress) {
+  for (const ArenaRange& r : ranges) {
+    if (r.offset > from.size() || r.bytes > from.size() - r.offset || r.offset > to.size() ||
+        r.bytes > to.size() - r.offset) {
+      return absl::InternalError(absl::StrCat("arena copy of bytes [", r.offset, ", ",
+                                              r.offset + r.bytes, ") leaves an arena of ",
+                                              std::min(from.size(), to.size()), " bytes"));
+    }
+  }
+  if (from.kind() == ArenaKind::kCudaVmm || to.kind() == ArenaKind::kCudaVmm) {
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+    WD_RETURN_IF_ERROR(CopyArenaRangesCuda(from, to, ranges));
+    if (progress != nullptr) {
+      uint64_t n = 0;
+      for (const ArenaRange& r : ranges) n += r.bytes;
+      progress->bytes_done += n;
+    }
+    return absl::OkStatus();
+#else
+    return absl::UnimplementedError(
+        "device arenas cannot be copied in this build (configured with WEIGHTD_ENABLE_CUDA=OFF)");
+#endif
+  }
+  const std::span<const std::byte> src = from.readable();
+  const std::span<std::byte> dst = to.writable();
+  if (src.size() < from.size() || dst.size() < to.size()) {
+    return absl::InternalError("arena copy: an arena has no host view (sealed or not yet)");
+  }
+  // Ranges cut in steps of at most 64 MiB, taken by `threads` workers.
+  constexpr uint64_t kStep = 64ull << 20;
+  std::vector<ArenaRange> steps;
+  for (const ArenaRange& r : ranges) {
+    for (uint64_t off = 0; off < r.bytes; off += kStep) {
+      steps.push_back({r.offset + off, std::min(kStep, r.bytes - off)});
+    }
+  }
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < steps.size();) {
+      if (progress != nullptr && progress->cancel.load()) return;
+      std::memcpy(dst.data() + steps[i].offset, src.data() + steps[i].offset, steps[i].bytes);
+      if (progress != nullptr) progress->bytes_done += steps[i].bytes;
+    }
+  };
+  std::vector<std::thread> pool;
+  const size_t workers = std::min<size_t>(std::max(1, threads), steps.size());
+  for (size_t i = 1; i < workers; ++i) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+  if (progress != nullptr && progress->cancel.load()) {
+    return absl::CancelledError("arena copy cancelled");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<IoMode> ParseIoMode(absl::string_view text) {
   if (text == "auto") return IoMode::kAuto;
   if (text == "pread") return IoMode::kPread;

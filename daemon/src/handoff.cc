@@ -182,6 +182,7 @@ std::string EncodeModelRecord(const ModelRecord& r) {
   j["bytes_total"] = r.bytes_total;
   j["load_seconds"] = r.load_seconds;
   j["loaded_unix"] = r.loaded_unix;
+  j["generation"] = r.generation;
   json ranks = json::array();
   for (const RankRecord& rr : r.ranks) {
     ranks.push_back({{"rank", rr.rank},
@@ -218,6 +219,10 @@ absl::StatusOr<ModelRecord> ParseModelRecord(absl::string_view text) {
   WD_ASSIGN_OR_RETURN(r.bytes_total, Get<uint64_t>(j, "bytes_total", "an integer"));
   WD_ASSIGN_OR_RETURN(r.load_seconds, Get<double>(j, "load_seconds", "a number"));
   WD_ASSIGN_OR_RETURN(r.loaded_unix, Get<double>(j, "loaded_unix", "a number"));
+  if (j.contains("generation")) {  // absent in records of daemons before generations: 1
+    WD_ASSIGN_OR_RETURN(r.generation, Get<uint64_t>(j, "generation", "an integer"));
+    if (r.generation == 0) return BadRecord("generation", "an integer >= 1");
+  }
   auto ranks = j.find("ranks");
   if (ranks == j.end() || !ranks->is_array() || ranks->empty() || ranks->size() > 1024) {
     return BadRecord("ranks", "an array of 1..1024 ranks");

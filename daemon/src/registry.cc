@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/eventfd.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -22,33 +23,9 @@
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
 #include "weightd/status_macros.h"
+#include "registry_internal.h"
 
 namespace weightd {
-
-struct Registry::Model {
-  struct Rank {
-    int rank = 0;
-    int device = -1;
-    RankState state = RankState::kLoading;
-    std::unique_ptr<Arena> arena;
-    UniqueFd manifest;
-    uint64_t manifest_bytes = 0;
-    uint64_t arena_bytes = 0;
-    uint32_t tensors = 0;
-  };
-  std::string name;
-  LoadSpec spec;
-  std::vector<uint32_t> allow_uids, allow_gids;
-  LoadProgress progress;
-  absl::Time started;
-  absl::Duration elapsed;  // valid once `finished`
-  bool finished = false;
-  bool unload_requested = false;
-  std::string error;
-  std::vector<Rank> ranks;
-  std::vector<LeaseInfo> leases;
-  std::string origin = "load";
-};
 
 absl::string_view RankStateName(RankState s) {
   switch (s) {
@@ -88,7 +65,54 @@ std::string IdsText(const std::vector<uint32_t>& v) {
 }  // namespace
 
 Registry::Registry(Backend* backend, DaemonConfig config)
-    : backend_(backend), config_(std::move(config)), self_uid_(::geteuid()) {}
+    : backend_(backend),
+      config_(std::move(config)),
+      self_uid_(::geteuid()),
+      event_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+
+void Registry::Signal() const {
+  const uint64_t one = 1;
+  if (event_fd_) (void)!::write(event_fd_.get(), &one, sizeof(one));
+}
+
+void Registry::SpawnLocked(absl::AnyInvocable<void() &&> body) {
+  ReapThreads();
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  threads_.push_back({std::thread([body = std::move(body), done]() mutable {
+                        std::move(body)();
+                        done->store(true);
+                      }),
+                      done});
+}
+
+std::vector<std::shared_ptr<Registry::Generation>> Registry::PublishLocked(
+    Model& m, std::shared_ptr<Generation> next) {
+  if (m.current != nullptr) {
+    m.previous = config_.keep_previous_generation ? m.current->number : 0;
+  }
+  m.current = std::move(next);
+  m.generations[m.current->number] = m.current;
+  Signal();
+  return PruneLocked(m);
+}
+
+std::vector<std::shared_ptr<Registry::Generation>> Registry::PruneLocked(Model& m) {
+  std::vector<std::shared_ptr<Generation>> dropped;
+  for (auto it = m.generations.begin(); it != m.generations.end();) {
+    const uint64_t n = it->first;
+    const bool needed =
+        (m.current != nullptr && n == m.current->number) || n == m.previous ||
+        std::any_of(m.leases.begin(), m.leases.end(),
+                    [n](const LeaseInfo& li) { return li.generation == n; });
+    if (needed) {
+      ++it;
+    } else {
+      dropped.push_back(std::move(it->second));
+      it = m.generations.erase(it);
+    }
+  }
+  return dropped;
+}
 
 Registry::~Registry() { Shutdown(); }
 
@@ -97,16 +121,23 @@ std::vector<std::string> Registry::Shutdown(absl::Duration timeout) {
   {
     absl::MutexLock l(&mu_);
     shutting_down_ = true;
-    running = running_loads_;
-    for (auto& [name, m] : models_) m->progress.cancel = true;
+    running = running_loads_ + running_updates_;
+    for (auto& [name, m] : models_) {
+      m->progress.cancel = true;
+      if (m->update != nullptr) m->update->progress.cancel = true;
+    }
   }
-  if (running > 0) LogInfo("shutdown: cancelling %d running loads", running);
+  if (running > 0) LogInfo("shutdown: cancelling %d running loads and updates", running);
   const absl::Time deadline = absl::Now() + timeout;
   for (;;) {
     absl::MutexLock l(&mu_);
     ReapThreads();
     if (threads_.empty() || absl::Now() >= deadline) break;
-    mu_.AwaitWithDeadline(absl::Condition(+[](int* n) { return *n == 0; }, &running_loads_),
+    mu_.AwaitWithDeadline(absl::Condition(
+                              +[](Registry* r) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                return r->running_loads_ + r->running_updates_ == 0;
+                              },
+                              this),
                           std::min(deadline, absl::Now() + absl::Milliseconds(50)));
   }
   std::vector<std::string> stuck;
@@ -117,6 +148,10 @@ std::vector<std::string> Registry::Shutdown(absl::Duration timeout) {
         stuck.push_back(name);
         break;
       }
+    }
+    if (m->update != nullptr && m->update->running &&
+        (stuck.empty() || stuck.back() != name)) {
+      stuck.push_back(name);
     }
   }
   if (stuck.empty() && !threads_.empty()) stuck.push_back("(a load ending)");
@@ -263,124 +298,146 @@ absl::Status Registry::StartLoad(const std::string& name, const LoadSpec& spec, 
   models_[name] = m;
   ++running_loads_;
   ++loads_total_;
-  ReapThreads();
-  auto done = std::make_shared<std::atomic<bool>>(false);
-  threads_.push_back({std::thread([this, m = std::move(m), done]() mutable {
-                        RunLoad(std::move(m));
-                        done->store(true);
-                      }),
-                      done});
+  SpawnLocked([this, m = std::move(m)]() mutable { RunLoad(std::move(m)); });
   return absl::OkStatus();
+}
+
+absl::StatusOr<Registry::PlannedModel> Registry::PlanModel(const Model& m) const {
+  // Every file the load reads must resolve inside model_roots, symlinks followed: the
+  // directory's check at StartLoad does not cover a shard that links out of it.
+  const std::vector<std::string> roots = ResolvedRoots();
+  if (!config_.model_roots.empty() && roots.empty()) {
+    return absl::PermissionDeniedError("no configured model_roots directory exists");
+  }
+  WD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(m.spec.checkpoint, roots));
+  PlanOptions opts;
+  opts.tp = m.spec.tp;
+  if (m.ranks.size() == 1) opts.rank = m.ranks[0].rank;
+  if (!m.spec.dtype.empty()) opts.dtype = ParseDTypeAlias(m.spec.dtype);
+  opts.expert_parallel = m.spec.expert_parallel;
+  opts.skip_substrings = m.spec.skip;
+  if (!m.spec.recipe_file.empty()) opts.recipe_file = m.spec.recipe_file;
+  if (!m.spec.recipe.empty()) opts.recipe_name = m.spec.recipe;
+  PlannedModel out;
+  WD_ASSIGN_OR_RETURN(out.plan, BuildPlan(ckpt, opts));
+  // Keep only the ranks this model holds, in the model's order.
+  std::vector<RankPlan> kept;
+  for (const Model::Rank& r : m.ranks) {
+    auto it = std::find_if(out.plan.ranks.begin(), out.plan.ranks.end(),
+                           [&](const RankPlan& rp) { return rp.rank == r.rank; });
+    if (it == out.plan.ranks.end()) {
+      return absl::InternalError(absl::StrCat("the plan has no rank ", r.rank));
+    }
+    kept.push_back(std::move(*it));
+  }
+  out.plan.ranks = std::move(kept);
+  // Checkpoint tensors the plan does not read (an update may carry them; they are ignored).
+  std::vector<std::string> read;
+  for (const PlanSource& src : out.plan.sources) read.push_back(src.name);
+  std::sort(read.begin(), read.end());
+  for (const CheckpointTensor& t : ckpt.tensors()) {
+    if (!std::binary_search(read.begin(), read.end(), t.name)) out.skipped.push_back(t.name);
+  }
+  std::sort(out.skipped.begin(), out.skipped.end());
+  return out;
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<Arena>>> Registry::AllocateArenas(
+    absl::string_view name, const std::vector<ArenaRequest>& requests) {
+  // All arenas are checked before the first is allocated, so a load that does not fit fails at
+  // once instead of after filling some devices.
+  absl::MutexLock admission(&admission_mu_);
+  WD_RETURN_IF_ERROR(backend_->Admit(name, requests));
+  std::vector<std::unique_ptr<Arena>> arenas;
+  for (const ArenaRequest& request : requests) {
+    WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate(request));
+    arenas.push_back(std::move(a));
+  }
+  return arenas;
+}
+
+absl::Status Registry::Execute(absl::string_view what, const Plan& plan,
+                               std::span<Arena* const> arenas, std::optional<IoMode> io_mode,
+                               LoadProgress* progress, TargetChecksums* crcs) {
+  ExecutorOptions eo;
+  eo.threads = config_.io_threads;
+  eo.buffer_budget = config_.pinned_budget;
+  eo.io_mode = io_mode.value_or(ParseIoMode(config_.io_mode).value_or(IoMode::kAuto));
+  // Device arenas have no host view (backend.h): they are written by the CUDA executor.
+  if (arenas.empty() || arenas[0]->kind() != ArenaKind::kCudaVmm) {
+    return ExecutePlanHost(plan, arenas, eo, progress, crcs);
+  }
+  absl::StatusOr<CudaStaging*> staging = Staging(arenas[0]->device());
+  if (!staging.ok()) return Annotate(staging.status(), absl::StrCat("CUDA ", what));
+  eo.staging = *staging;
+  const absl::Status s = ExecutePlanCuda(plan, arenas, eo, progress, crcs);
+  if (!s.ok()) return Annotate(s, absl::StrCat("CUDA ", what));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const Registry::RankMemory>> Registry::SealRank(
+    absl::string_view model, const Plan& plan, size_t i, std::unique_ptr<Arena> arena, int device,
+    const std::vector<int64_t>* known) const {
+  WD_RETURN_IF_ERROR(arena->Seal());
+  WD_ASSIGN_OR_RETURN(Manifest man,
+                      BuildRankManifest(plan, i, *arena, model, device, config_.io_threads, known));
+  const std::string bytes = EncodeManifest(man);
+  auto rm = std::make_shared<RankMemory>();
+  WD_ASSIGN_OR_RETURN(rm->manifest, MakeSealedMemfd(absl::StrCat(model, "/rank", plan.ranks[i].rank,
+                                                                 "/manifest"),
+                                                    bytes));
+  rm->manifest_bytes = bytes.size();
+  rm->tensors = static_cast<uint32_t>(man.tensors.size());
+  rm->arena = std::move(arena);
+  return rm;
 }
 
 void Registry::RunLoad(std::shared_ptr<Model> m) {
   const std::string& name = m->name;
   LogInfo("load %s: begin %s tp=%d ranks=%d backend=%s", name, m->spec.checkpoint, m->spec.tp,
           static_cast<int>(m->ranks.size()), std::string(backend_->name()));
-  std::vector<std::unique_ptr<Arena>> arenas;
-  std::vector<UniqueFd> manifests;
-  std::vector<uint64_t> manifest_sizes;
-  std::vector<uint32_t> tensor_counts;
-  absl::Notification done;
-  std::thread progress_logger([&] {
-    while (!done.WaitForNotificationWithTimeout(absl::Seconds(2))) {
-      const uint64_t d = m->progress.bytes_done.load(), t = m->progress.bytes_total.load();
-      if (t == 0) continue;
-      const double secs = absl::ToDoubleSeconds(absl::Now() - m->started);
-      LogInfo("load %s: progress %s of %s (%.0f%%, %.2f GB/s)", name, FormatBytes(d),
-              FormatBytes(t), 100.0 * d / t, secs > 0 ? d / secs / 1e9 : 0.0);
-    }
-  });
+  ProgressLogger logger(absl::StrCat("load ", name), &m->progress, m->started);
+  std::shared_ptr<Generation> built;
+  std::shared_ptr<const Plan> kept_plan;
+  std::vector<std::string> skipped;
   auto run = [&]() -> absl::Status {
-    // Every file the load reads must resolve inside model_roots, symlinks followed: the
-    // directory's check above does not cover a shard that links out of it.
-    const std::vector<std::string> roots = ResolvedRoots();
-    if (!config_.model_roots.empty() && roots.empty()) {
-      return absl::PermissionDeniedError("no configured model_roots directory exists");
-    }
-    WD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(m->spec.checkpoint, roots));
-    PlanOptions opts;
-    opts.tp = m->spec.tp;
-    if (m->ranks.size() == 1) opts.rank = m->ranks[0].rank;
-    if (!m->spec.dtype.empty()) opts.dtype = ParseDTypeAlias(m->spec.dtype);
-    opts.expert_parallel = m->spec.expert_parallel;
-    opts.skip_substrings = m->spec.skip;
-    if (!m->spec.recipe_file.empty()) opts.recipe_file = m->spec.recipe_file;
-    if (!m->spec.recipe.empty()) opts.recipe_name = m->spec.recipe;
-    WD_ASSIGN_OR_RETURN(Plan plan, BuildPlan(ckpt, opts));
-    // Keep only the ranks this model holds, in the model's order.
-    std::vector<RankPlan> kept;
-    for (const Model::Rank& r : m->ranks) {
-      auto it = std::find_if(plan.ranks.begin(), plan.ranks.end(),
-                             [&](const RankPlan& rp) { return rp.rank == r.rank; });
-      if (it == plan.ranks.end()) {
-        return absl::InternalError(absl::StrCat("the plan has no rank ", r.rank));
-      }
-      kept.push_back(std::move(*it));
-    }
-    plan.ranks = std::move(kept);
+    WD_ASSIGN_OR_RETURN(PlannedModel planned, PlanModel(*m));
+    const Plan& plan = planned.plan;
+    skipped = std::move(planned.skipped);
     std::vector<ArenaRequest> requests;
     for (size_t i = 0; i < plan.ranks.size(); ++i) {
       requests.push_back({plan.ranks[i].arena_bytes, m->ranks[i].device,
                           absl::StrCat(name, "/rank", plan.ranks[i].rank)});
     }
-    // All of the load's arenas are checked before the first is allocated, so a load that does
-    // not fit fails at once instead of after filling some devices.
+    WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
+                        AllocateArenas(name, requests));
     std::vector<Arena*> raw;
-    {
-      absl::MutexLock admission(&admission_mu_);
-      WD_RETURN_IF_ERROR(backend_->Admit(name, requests));
-      for (const ArenaRequest& request : requests) {
-        WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate(request));
-        raw.push_back(a.get());
-        arenas.push_back(std::move(a));
-      }
-    }
-    ExecutorOptions eo;
-    eo.threads = config_.io_threads;
-    eo.buffer_budget = config_.pinned_budget;
-    eo.io_mode = ParseIoMode(config_.io_mode).value_or(IoMode::kAuto);  // validated by config
+    for (const auto& a : arenas) raw.push_back(a.get());
     const absl::Time t_exec = absl::Now();
     TargetChecksums crcs;
-    // Device arenas have no host view (backend.h): they are written by the CUDA executor.
-    const bool device_arenas = !raw.empty() && raw[0]->kind() == ArenaKind::kCudaVmm;
-    if (device_arenas) {
-      absl::StatusOr<CudaStaging*> staging = Staging(raw[0]->device());
-      if (!staging.ok()) {
-        return Annotate(staging.status(), absl::StrCat("CUDA load of model '", name, "'"));
-      }
-      eo.staging = *staging;
-      const absl::Status s = ExecutePlanCuda(plan, raw, eo, &m->progress, &crcs);
-      if (!s.ok()) return Annotate(s, absl::StrCat("CUDA load of model '", name, "'"));
-    } else {
-      WD_RETURN_IF_ERROR(ExecutePlanHost(plan, raw, eo, &m->progress, &crcs));
-    }
+    WD_RETURN_IF_ERROR(Execute(absl::StrCat("load of model '", name, "'"), plan, raw,
+                               std::nullopt, &m->progress, &crcs));
     const absl::Time t_seal = absl::Now();
     LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s", name,
              absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec));
+    auto gen = std::make_shared<Generation>();
+    gen->number = 1;
     for (size_t i = 0; i < arenas.size(); ++i) {
-      WD_RETURN_IF_ERROR(arenas[i]->Seal());
-      WD_ASSIGN_OR_RETURN(Manifest man,
-                          BuildRankManifest(plan, i, *arenas[i], name, m->ranks[i].device,
-                                            config_.io_threads, &crcs.crc[i]));
-      const std::string bytes = EncodeManifest(man);
-      WD_ASSIGN_OR_RETURN(
-          UniqueFd fd,
-          MakeSealedMemfd(absl::StrCat(name, "/rank", plan.ranks[i].rank, "/manifest"), bytes));
-      manifests.push_back(std::move(fd));
-      manifest_sizes.push_back(bytes.size());
-      tensor_counts.push_back(static_cast<uint32_t>(man.tensors.size()));
+      WD_ASSIGN_OR_RETURN(auto rm, SealRank(name, plan, i, std::move(arenas[i]),
+                                            m->ranks[i].device, &crcs.crc[i]));
+      gen->ranks.push_back(std::move(rm));
     }
     LogDebug("load %s: seal+checksums+manifests %.3f s", name,
              absl::ToDoubleSeconds(absl::Now() - t_seal));
+    kept_plan = std::make_shared<const Plan>(std::move(planned.plan));
+    built = std::move(gen);
     return absl::OkStatus();
   };
   const absl::Status status = run();
-  done.Notify();
-  progress_logger.join();
+  logger.Stop();
   const absl::Duration elapsed = absl::Now() - m->started;
   const uint64_t bytes = m->progress.bytes_total.load();
-  std::vector<std::unique_ptr<Arena>> to_free;
+  std::vector<std::shared_ptr<Generation>> dropped;
   bool cancelled = false, shutdown = false;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   std::optional<absl::MutexLock> hooks_lock;
@@ -394,29 +451,22 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     m->elapsed = elapsed;
     --running_loads_;
     if (m->unload_requested) {
-      to_free = std::move(arenas);
       auto it = models_.find(name);
       if (it != models_.end() && it->second == m) models_.erase(it);
+      Signal();
     } else if (shutdown) {
       m->error = "cancelled: weightd is shutting down";
       for (Model::Rank& r : m->ranks) r.state = RankState::kFailed;
-      to_free = std::move(arenas);
     } else if (!status.ok()) {
       ++loads_failed_;
       m->error = std::string(status.message());
       for (Model::Rank& r : m->ranks) r.state = RankState::kFailed;
-      to_free = std::move(arenas);
     } else {
       bytes_loaded_total_ += bytes;
-      for (size_t i = 0; i < m->ranks.size(); ++i) {
-        Model::Rank& r = m->ranks[i];
-        r.arena_bytes = arenas[i]->size();
-        r.arena = std::move(arenas[i]);
-        r.manifest = std::move(manifests[i]);
-        r.manifest_bytes = manifest_sizes[i];
-        r.tensors = tensor_counts[i];
-        r.state = RankState::kReady;
-      }
+      for (Model::Rank& r : m->ranks) r.state = RankState::kReady;
+      m->plan = std::move(kept_plan);
+      m->skipped = std::move(skipped);
+      dropped = PublishLocked(*m, std::move(built));
       if (hooks_.on_ready) {
         stored = ExportLocked(*m);
         // Taken before mu_ is released: an unload of this model waits for the store to have
@@ -425,7 +475,9 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       }
     }
   }
-  to_free.clear();
+  // Memory of a load that did not finish is released outside the lock.
+  built.reset();
+  dropped.clear();
   if (!stored.ok()) {
     LogWarning("load %s: cannot export its fds for the fd store: %s", name,
                stored.status().message());
@@ -471,14 +523,30 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
     s.load_seconds = absl::ToDoubleSeconds(m->finished ? m->elapsed : absl::Now() - m->started);
     s.started_unix = absl::ToDoubleSeconds(m->started - absl::UnixEpoch());
     s.origin = m->origin;
+    s.generation = m->current != nullptr ? m->current->number : 0;
+    s.previous_generation = m->previous;
+    if (m->update != nullptr) {
+      const Model::Update& u = *m->update;
+      ModelStatus::Update su;
+      su.state = u.running ? "running" : (u.error.empty() ? "done" : "failed");
+      su.generation = u.generation;
+      su.bytes_total = u.progress.bytes_total.load();
+      su.bytes_done = u.progress.bytes_done.load();
+      su.seconds = absl::ToDoubleSeconds(u.running ? absl::Now() - u.started : u.elapsed);
+      su.error = u.error;
+      s.update = std::move(su);
+    }
     std::map<int, size_t> index;  // rank -> its place in s.ranks
-    for (const Model::Rank& r : m->ranks) {
+    for (size_t i = 0; i < m->ranks.size(); ++i) {
+      const Model::Rank& r = m->ranks[i];
       RankStatus rs;
       rs.rank = r.rank;
       rs.device = r.device;
       rs.state = r.state;
-      rs.arena_bytes = r.arena_bytes;
-      rs.tensors = r.tensors;
+      if (m->current != nullptr) {
+        rs.arena_bytes = m->current->ranks[i]->arena->size();
+        rs.tensors = m->current->ranks[i]->tensors;
+      }
       index[r.rank] = s.ranks.size();
       s.ranks.push_back(std::move(rs));
     }
@@ -511,17 +579,17 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
         "uid ", peer.uid, " (gid ", peer.gid, ", pid ", peer.pid, ") may not attach model '", name,
         "' (allowed uids: ", IdsText(m.allow_uids), "; gids: ", IdsText(m.allow_gids), ")"));
   }
-  Model::Rank* r = nullptr;
+  size_t slot = m.ranks.size();
   std::vector<int> held;
-  for (Model::Rank& x : m.ranks) {
-    held.push_back(x.rank);
-    if (x.rank == rank) r = &x;
+  for (size_t i = 0; i < m.ranks.size(); ++i) {
+    held.push_back(m.ranks[i].rank);
+    if (m.ranks[i].rank == rank) slot = i;
   }
-  if (r == nullptr) {
+  if (slot == m.ranks.size()) {
     return absl::NotFoundError(absl::StrCat("model '", name, "' holds ranks ",
                                             absl::StrJoin(held, ","), ", not rank ", rank));
   }
-  switch (r->state) {
+  switch (m.ranks[slot].state) {
     case RankState::kLoading: {
       const uint64_t t = m.progress.bytes_total.load(), d = m.progress.bytes_done.load();
       return absl::UnavailableError(absl::StrCat(
@@ -543,25 +611,36 @@ absl::StatusOr<AttachGrant> Registry::Attach(const std::string& name, int rank, 
         " leases, the most one connection may hold (config max_leases_per_connection); detach "
         "some first"));
   }
-  AttachGrant g;
-  g.manifest = UniqueFd(::fcntl(r->manifest.get(), F_DUPFD_CLOEXEC, 0));
-  if (!g.manifest) return ErrnoError(errno, "dup of a manifest memfd");
-  g.manifest_bytes = r->manifest_bytes;
-  WD_ASSIGN_OR_RETURN(UniqueFd a, r->arena->Export());
-  g.arenas.push_back(std::move(a));
-  g.arena_device_uuids.push_back(
-      r->arena->kind() == ArenaKind::kCudaVmm
-          ? UuidHex(static_cast<const CudaArena&>(*r->arena).device_uuid())
-          : std::string());
+  WD_ASSIGN_OR_RETURN(AttachGrant g, GrantLocked(m, slot));
   g.lease = next_lease_++;
-  m.leases.push_back({g.lease, connection, peer, rank});
+  m.leases.push_back({g.lease, connection, peer, rank, g.generation});
   ++connection_leases_[connection];
   ++attaches_total_;
   return g;
 }
 
+absl::StatusOr<AttachGrant> Registry::GrantLocked(const Model& m, size_t slot) const {
+  if (m.current == nullptr) {
+    return absl::InternalError(absl::StrCat("model '", m.name, "' is ready without a generation"));
+  }
+  const RankMemory& rm = *m.current->ranks[slot];
+  AttachGrant g;
+  g.generation = m.current->number;
+  g.manifest = UniqueFd(::fcntl(rm.manifest.get(), F_DUPFD_CLOEXEC, 0));
+  if (!g.manifest) return ErrnoError(errno, "dup of a manifest memfd");
+  g.manifest_bytes = rm.manifest_bytes;
+  WD_ASSIGN_OR_RETURN(UniqueFd a, rm.arena->Export());
+  g.arenas.push_back(std::move(a));
+  g.arena_device_uuids.push_back(
+      rm.arena->kind() == ArenaKind::kCudaVmm
+          ? UuidHex(static_cast<const CudaArena&>(*rm.arena).device_uuid())
+          : std::string());
+  return g;
+}
+
 absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connection,
                               std::optional<uint64_t> lease) {
+  std::vector<std::shared_ptr<Generation>> dropped;  // destroyed after mu_ is released
   absl::MutexLock l(&mu_);
   auto it = models_.find(name);
   if (it != models_.end()) {
@@ -573,6 +652,7 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
       UncountLeases({*li});
       leases.erase(li);
       ++detaches_total_;
+      dropped = PruneLocked(*it->second);
       return absl::OkStatus();
     }
   }
@@ -587,11 +667,22 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
 
 void Registry::ReleaseConnection(uint64_t connection) {
   size_t released = 0;
+  std::vector<std::shared_ptr<Generation>> dropped;  // destroyed after mu_ is released
   {
     absl::MutexLock l(&mu_);
     for (auto& [name, m] : models_) {
-      released +=
+      const size_t n =
           std::erase_if(m->leases, [&](const LeaseInfo& x) { return x.connection == connection; });
+      released += n;
+      if (n > 0) {
+        for (auto& g : PruneLocked(*m)) dropped.push_back(std::move(g));
+      }
+      // An update sent with `wait` belongs to its connection: the requester is gone.
+      if (m->update != nullptr && m->update->running && m->update->connection == connection) {
+        m->update->cancel_reason = "cancelled: the connection that asked for it closed";
+        m->update->progress.cancel = true;
+        LogInfo("update %s: cancelled: the connection that asked for it closed", name);
+      }
     }
     detaches_total_ += released;
     connection_leases_.erase(connection);
@@ -652,10 +743,21 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
       LogInfo("unload %s: cancelling the running load", name);
       return absl::OkStatus();
     }
+    if (m.update != nullptr && m.update->running) {
+      if (!force) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "model '", name, "' is being updated to generation ", m.update->generation,
+            "; use force to cancel the update and unload"));
+      }
+      m.update->cancel_reason = "cancelled by a forced unload";
+      m.update->progress.cancel = true;
+      LogInfo("unload %s: cancelling the running update", name);
+    }
     for (Model::Rank& r : m.ranks) r.state = RankState::kUnloading;
     UncountLeases(m.leases);
     victim = std::move(it->second);
     models_.erase(it);
+    Signal();  // wait_generation on it ends with NOT_FOUND
     // A failed model was never stored. The lock is taken before mu_ is released, so the removal
     // comes after whatever hook an earlier change started (registry.h, hooks_mu_).
     if (hooks_.on_removed && victim->error.empty()) hooks_lock.emplace(&hooks_mu_);
@@ -715,22 +817,42 @@ std::string Registry::Metrics() const {
                     "Checkpoint bytes the model's load has read so far.");
   MetricFamily total("weightd_load_bytes_total", "gauge",
                      "Checkpoint bytes the model's load reads in all.");
+  MetricFamily updates("weightd_updates_total", "counter", "Updates started.");
+  updates.Add("", updates_total_);
+  MetricFamily updates_failed("weightd_updates_failed_total", "counter",
+                              "Updates that failed or were cancelled (nothing published).");
+  updates_failed.Add("", updates_failed_);
+  MetricFamily rollbacks("weightd_rollbacks_total", "counter", "Rollbacks published.");
+  rollbacks.Add("", rollbacks_total_);
+  MetricFamily refreshes("weightd_refreshes_total", "counter",
+                         "Leases moved to a newer generation by refresh.");
+  refreshes.Add("", refreshes_total_);
+  MetricFamily generation("weightd_model_generation", "gauge",
+                          "The model's newest published generation (1 after its load).");
+  MetricFamily held("weightd_model_generations_held", "gauge",
+                    "Generations of the model in memory: the newest, a kept previous one, and "
+                    "older ones that leases still map.");
   for (const auto& [n, m] : models_) {
     const std::string model = Labels({{"model", n}});
     done.Add(model, m->progress.bytes_done.load());
     total.Add(model, m->progress.bytes_total.load());
+    generation.Add(model, m->current != nullptr ? m->current->number : 0);
+    held.Add(model, m->generations.size());
     std::map<int, uint64_t> per_rank;
     for (const LeaseInfo& li : m->leases) ++per_rank[li.rank];
-    for (const Model::Rank& r : m->ranks) {
+    for (size_t i = 0; i < m->ranks.size(); ++i) {
+      const Model::Rank& r = m->ranks[i];
       const std::string labels = Labels({{"model", n}, {"rank", absl::StrCat(r.rank)}});
       ready.Add(labels, r.state == RankState::kReady ? 1 : 0);
-      arena.Add(labels, r.arena_bytes);
+      arena.Add(labels, m->current != nullptr ? m->current->ranks[i]->arena->size() : 0);
       leases.Add(labels, per_rank[r.rank]);
     }
   }
   std::string out;
-  for (const MetricFamily* f : {&models, &loads, &failed, &running, &attaches, &detaches, &loaded,
-                                &read, &adopted, &ready, &arena, &leases, &done, &total}) {
+  for (const MetricFamily* f :
+       {&models, &loads, &failed, &running, &attaches, &detaches, &loaded, &read, &adopted,
+        &updates, &updates_failed, &rollbacks, &refreshes, &ready, &arena, &leases, &done, &total,
+        &generation, &held}) {
     f->AppendTo(&out);
   }
   return out;
@@ -760,21 +882,24 @@ absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) cons
   rec.bytes_total = m.progress.bytes_total.load();
   rec.load_seconds = absl::ToDoubleSeconds(m.elapsed);
   rec.loaded_unix = absl::ToDoubleSeconds(m.started - absl::UnixEpoch());
+  rec.generation = m.current != nullptr ? m.current->number : 0;
   std::vector<NamedFd> out;
-  for (const Model::Rank& r : m.ranks) {
-    if (r.state != RankState::kReady || !r.arena) {
+  for (size_t i = 0; i < m.ranks.size(); ++i) {
+    const Model::Rank& r = m.ranks[i];
+    if (r.state != RankState::kReady || m.current == nullptr) {
       return absl::FailedPreconditionError(
           absl::StrCat("model '", m.name, "' rank ", r.rank, " is not ready"));
     }
-    RankRecord rr{r.rank, r.device, r.arena_bytes, r.manifest_bytes, r.tensors, 1};
-    rr.arena_kind = r.arena->kind();
+    const RankMemory& rm = *m.current->ranks[i];
+    RankRecord rr{r.rank, r.device, rm.arena->size(), rm.manifest_bytes, rm.tensors, 1};
+    rr.arena_kind = rm.arena->kind();
     if (rr.arena_kind == ArenaKind::kCudaVmm) {
-      rr.device_uuid = static_cast<const CudaArena&>(*r.arena).device_uuid();
+      rr.device_uuid = static_cast<const CudaArena&>(*rm.arena).device_uuid();
     }
     rec.ranks.push_back(std::move(rr));
-    WD_ASSIGN_OR_RETURN(UniqueFd arena, r.arena->Export());
+    WD_ASSIGN_OR_RETURN(UniqueFd arena, rm.arena->Export());
     out.push_back({EncodeFdName(FdKind::kArena, m.name, r.rank, 0), std::move(arena)});
-    UniqueFd man(::fcntl(r.manifest.get(), F_DUPFD_CLOEXEC, 0));
+    UniqueFd man(::fcntl(rm.manifest.get(), F_DUPFD_CLOEXEC, 0));
     if (!man) return ErrnoError(errno, "dup of a manifest memfd");
     out.push_back({EncodeFdName(FdKind::kManifest, m.name, r.rank), std::move(man)});
   }
@@ -786,9 +911,10 @@ absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) cons
 
 absl::StatusOr<std::vector<NamedFd>> Registry::ExportAll() {
   absl::MutexLock l(&mu_);
-  if (running_loads_ > 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        running_loads_, " loads are running; retry the takeover when they have finished"));
+  if (running_loads_ + running_updates_ > 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(running_loads_, " loads and ", running_updates_,
+                     " updates are running; retry the takeover when they have finished"));
   }
   std::vector<NamedFd> out;
   for (const auto& [name, m] : models_) {
@@ -830,6 +956,8 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
   m->origin = std::string(origin);
   m->progress.bytes_total = rec.bytes_total;
   m->progress.bytes_done = rec.bytes_total;
+  auto gen = std::make_shared<Generation>();
+  gen->number = std::max<uint64_t>(1, rec.generation);
   for (AdoptableRank& ar : in.ranks) {
     const RankRecord& rr = ar.record;
     const std::string what = absl::StrCat("rank ", rr.rank);
@@ -869,13 +997,16 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
     // A device arena is found by its UUID, so its ordinal here may differ from the record's.
     r.device = (*arena)->kind() == ArenaKind::kCudaVmm ? (*arena)->device() : rr.device;
     r.state = RankState::kReady;
-    r.arena = std::move(*arena);
-    r.manifest = std::move(ar.manifest);
-    r.manifest_bytes = rr.manifest_bytes;
-    r.arena_bytes = rr.arena_bytes;
-    r.tensors = rr.tensors;
+    auto rm = std::make_shared<RankMemory>();
+    rm->arena = std::move(*arena);
+    rm->manifest = std::move(ar.manifest);
+    rm->manifest_bytes = rr.manifest_bytes;
+    rm->tensors = rr.tensors;
+    gen->ranks.push_back(std::move(rm));
     m->ranks.push_back(std::move(r));
   }
+  m->current = gen;
+  m->generations[gen->number] = std::move(gen);
   absl::MutexLock l(&mu_);
   if (models_.count(name) != 0) {
     return bad(absl::AlreadyExistsError("a model of that name is already listed"));

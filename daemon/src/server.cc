@@ -55,12 +55,25 @@ constexpr int kPacketsPerWakeup = 16;
 // failures go on, so a full fd table cannot make the loop spin.
 constexpr absl::Duration kAcceptPauseFirst = absl::Milliseconds(20);
 constexpr absl::Duration kAcceptPauseMax = absl::Seconds(1);
+// epoll data of the registry's event fd (the wake-up eventfd is ~0, connections count from 1).
+constexpr uint64_t kRegistryEvent = ~0ull - 1;
 // Most pending connections shed in one wakeup; the rest wait for the next.
 constexpr int kMaxShedPerWakeup = 256;
 
 struct Outgoing {
   std::string data;
   std::vector<UniqueFd> fds;
+};
+
+// A request answered later: wait_generation, or update with `wait`. While one is pending the
+// connection's further requests stay unread (replies go in request order).
+struct Pending {
+  Op op = Op::kWaitGeneration;
+  std::string id_json;
+  std::string name;
+  uint64_t after = 0;                             // wait_generation
+  absl::Time deadline = absl::InfiniteFuture();  // wait_generation
+  uint64_t update = 0;                            // update: its id
 };
 
 struct Connection {
@@ -71,7 +84,8 @@ struct Connection {
   std::string client;
   absl::Time accepted;
   std::deque<Outgoing> out;
-  bool want_write = false;
+  uint32_t events = EPOLLIN | EPOLLRDHUP;  // as registered with epoll
+  std::optional<Pending> pending;
 };
 
 std::string OkReply(absl::string_view id_json, json result) {
@@ -108,6 +122,18 @@ json StatusJson(const ModelStatus& m) {
   j["seconds"] = m.load_seconds;
   j["started_unix"] = m.started_unix;
   j["origin"] = m.origin;
+  j["generation"] = m.generation;
+  j["previous_generation"] = m.previous_generation;
+  if (m.update) {
+    json u;
+    u["state"] = m.update->state;
+    u["generation"] = m.update->generation;
+    u["bytes_total"] = m.update->bytes_total;
+    u["bytes_done"] = m.update->bytes_done;
+    u["seconds"] = m.update->seconds;
+    if (!m.update->error.empty()) u["error"] = m.update->error;
+    j["update"] = std::move(u);
+  }
   json ranks = json::array();
   for (const RankStatus& r : m.ranks) {
     json jr;
@@ -119,7 +145,10 @@ json StatusJson(const ModelStatus& m) {
     jr["lease_count"] = r.lease_count;
     json leases = json::array();
     for (const LeaseInfo& li : r.leases) {
-      leases.push_back({{"lease", li.id}, {"pid", li.peer.pid}, {"uid", li.peer.uid}});
+      leases.push_back({{"lease", li.id},
+                        {"pid", li.peer.pid},
+                        {"uid", li.peer.uid},
+                        {"generation", li.generation}});
     }
     jr["leases"] = std::move(leases);
     ranks.push_back(std::move(jr));
@@ -177,7 +206,14 @@ struct Server::Impl {
   void OnReadable(Connection& c);
   void Flush(Connection& c);
   void Queue(Connection& c, std::string data, std::vector<UniqueFd> fds = {});
-  void Handle(Connection& c, const Request& r);
+  // `fd`: the one descriptor an `update` request may carry (else empty).
+  void Handle(Connection& c, const Request& r, UniqueFd fd = UniqueFd());
+  // Queues an attach (or refresh) reply with the grant's fds and continuation packets.
+  void QueueGrant(Connection& c, const Request& r, AttachGrant& g);
+  // Answers c's pending request if it can be answered now; true when it was.
+  bool Resolve(Connection& c);
+  // Resolve() for every connection with a pending request (the registry's event, timeouts).
+  void ResolvePending();
   std::string Metrics();
   void UpdateInterest(Connection& c);
   absl::Status Bind();
@@ -265,6 +301,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->listen_fd.get(), &ev),
                        "epoll_ctl");
   ev.data.u64 = ~0ull;  // wake-up
+  epoll_event reg{};
+  reg.events = EPOLLIN;
+  reg.data.u64 = kRegistryEvent;
+  WD_SYSCALL_OR_RETURN(
+      ::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, registry->event_fd(), &reg),
+      "epoll_ctl(registry events)");
   WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->wake_fd.get(), &ev),
                        "epoll_ctl");
   return std::unique_ptr<Server>(new Server(std::move(impl)));
@@ -439,6 +481,12 @@ absl::Status Server::Run() {
   std::vector<epoll_event> events(256);
   while (!s.stop.load()) {
     int timeout_ms = s.handed_over ? 10 : 200;
+    for (const auto& [id, c] : s.conns) {
+      if (c.pending && c.pending->deadline != absl::InfiniteFuture()) {
+        const int64_t until = absl::ToInt64Milliseconds(c.pending->deadline - absl::Now()) + 1;
+        timeout_ms = static_cast<int>(std::clamp<int64_t>(until, 0, timeout_ms));
+      }
+    }
     if (s.accept_paused) {
       const int64_t until = absl::ToInt64Milliseconds(s.accept_resume - absl::Now()) + 1;
       timeout_ms = static_cast<int>(std::clamp<int64_t>(until, 0, timeout_ms));
@@ -458,15 +506,32 @@ absl::Status Server::Run() {
         continue;
       }
       if (id == ~0ull) continue;
+      if (id == kRegistryEvent) {
+        uint64_t n;
+        while (::read(s.registry->event_fd(), &n, sizeof(n)) > 0) {
+        }
+        s.ResolvePending();
+        continue;
+      }
       auto it = s.conns.find(id);
       if (it == s.conns.end()) continue;
       if (events[i].events & EPOLLOUT) s.Flush(it->second);
       it = s.conns.find(id);
       if (it == s.conns.end()) continue;
+      if (it->second.pending) {
+        // Not read while a reply is pending; its peer closing ends it (and cancels an update
+        // it waits for).
+        if (events[i].events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) {
+          s.Close(id, "peer closed the connection while waiting for a reply");
+        }
+        continue;
+      }
       if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) {
         s.OnReadable(it->second);
       }
     }
+    // wait_generation timeouts.
+    s.ResolvePending();
     // Clients that never said hello must not hold a connection slot forever.
     const absl::Time now = absl::Now();
     if (s.accept_paused && now >= s.accept_resume) {
@@ -583,13 +648,110 @@ void Server::Impl::Close(uint64_t id, absl::string_view why) {
 }
 
 void Server::Impl::UpdateInterest(Connection& c) {
-  const bool want = !c.out.empty();
-  if (want == c.want_write) return;
-  c.want_write = want;
+  // A connection with a pending reply is not read (EPOLLRDHUP still reports its closing).
+  const uint32_t events = EPOLLRDHUP | (c.pending ? 0u : static_cast<uint32_t>(EPOLLIN)) |
+                          (c.out.empty() ? 0u : static_cast<uint32_t>(EPOLLOUT));
+  if (events == c.events) return;
+  c.events = events;
   epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLRDHUP | (want ? static_cast<uint32_t>(EPOLLOUT) : 0u);
+  ev.events = events;
   ev.data.u64 = c.id;
   ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, c.fd.get(), &ev);
+}
+
+bool Server::Impl::Resolve(Connection& c) {
+  const Pending& p = *c.pending;
+  if (p.op == Op::kWaitGeneration) {
+    absl::StatusOr<uint64_t> gen = registry->CurrentGeneration(p.name, c.peer);
+    if (!gen.ok()) {
+      ++errors_total;
+      Queue(c, EncodeErrorReply(p.id_json, gen.status()));
+    } else if (*gen > p.after || absl::Now() >= p.deadline) {
+      Queue(c, OkReply(p.id_json, {{"name", p.name},
+                                   {"generation", *gen},
+                                   {"timed_out", *gen <= p.after}}));
+    } else {
+      return false;
+    }
+  } else {
+    std::optional<absl::StatusOr<UpdateResult>> outcome = registry->UpdateOutcome(p.update);
+    if (!outcome) return false;
+    if (!outcome->ok()) {
+      ++errors_total;
+      Queue(c, EncodeErrorReply(p.id_json, outcome->status()));
+    } else {
+      const UpdateResult& u = **outcome;
+      Queue(c, OkReply(p.id_json, {{"name", p.name},
+                                   {"generation", u.generation},
+                                   {"state", "ready"},
+                                   {"seconds", u.seconds},
+                                   {"bytes_read", u.bytes_read},
+                                   {"ranks_rewritten", u.ranks_rewritten},
+                                   {"targets_rewritten", u.targets_rewritten},
+                                   {"targets_copied", u.targets_copied}}));
+    }
+  }
+  c.pending.reset();
+  return true;
+}
+
+void Server::Impl::ResolvePending() {
+  std::vector<uint64_t> done;
+  for (auto& [id, c] : conns) {
+    if (c.pending && Resolve(c)) done.push_back(id);
+  }
+  // Flushing may close a connection, so it comes after the walk; reading resumes with it.
+  for (uint64_t id : done) {
+    auto it = conns.find(id);
+    if (it != conns.end()) Flush(it->second);
+  }
+}
+
+void Server::Impl::QueueGrant(Connection& c, const Request& r, AttachGrant& g) {
+  // First packet: reply + manifest fd + as many arena fds as fit; then continuation packets of
+  // up to kMaxFdsPerMessage fds each.
+  std::vector<UniqueFd> first;
+  first.push_back(std::move(g.manifest));
+  size_t next = 0;
+  while (next < g.arenas.size() && first.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
+    first.push_back(std::move(g.arenas[next++]));
+  }
+  const size_t remaining = g.arenas.size() - next;
+  const size_t extra = (remaining + kMaxFdsPerMessage - 1) / kMaxFdsPerMessage;
+  json res;
+  res["name"] = r.name.value_or("");
+  res["rank"] = r.rank;
+  res["lease"] = g.lease;
+  res["generation"] = g.generation;
+  if (r.op == Op::kRefresh) res["unchanged"] = false;
+  res["manifest_bytes"] = g.manifest_bytes;
+  res["arenas"] = g.arenas.size();
+  // Device arenas only: an old client ignores the key, and host-only replies keep their
+  // earlier shape.
+  json arena_info = json::array();
+  bool any_device = false;
+  for (const std::string& uuid : g.arena_device_uuids) {
+    if (uuid.empty()) {
+      arena_info.push_back({{"kind", "host"}});
+    } else {
+      arena_info.push_back({{"kind", "cuda"}, {"device_uuid", uuid}});
+      any_device = true;
+    }
+  }
+  if (any_device) res["arena_info"] = std::move(arena_info);
+  res["fd_messages"] = extra;
+  Queue(c, OkReply(r.id_json, std::move(res)), std::move(first));
+  for (size_t part = 0; part < extra; ++part) {
+    std::vector<UniqueFd> fds;
+    while (next < g.arenas.size() && fds.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
+      fds.push_back(std::move(g.arenas[next++]));
+    }
+    json cont;
+    cont["ok"] = true;
+    cont["id"] = json::parse(r.id_json, nullptr, false);
+    cont["continuation"] = part + 1;
+    Queue(c, cont.dump(), std::move(fds));
+  }
 }
 
 void Server::Impl::Queue(Connection& c, std::string data, std::vector<UniqueFd> fds) {
@@ -630,14 +792,6 @@ void Server::Impl::OnReadable(Connection& c) {
       return;
     }
     ++requests_total;
-    if (!packet->fds.empty()) {
-      // Descriptors sent to the daemon are closed unread (Packet owns them).
-      ++errors_total;
-      Queue(c, EncodeErrorReply("null", absl::InvalidArgumentError(absl::StrCat(
-                                            "requests must not carry file descriptors (",
-                                            packet->fds.size(), " received and closed)"))));
-      continue;
-    }
     if (packet->truncated) {
       ++errors_total;
       Queue(c,
@@ -647,13 +801,26 @@ void Server::Impl::OnReadable(Connection& c) {
       continue;
     }
     absl::StatusOr<Request> req = ParseRequest(packet->data);
+    // Only `update` may carry a descriptor (its tensors' memfd); any other is closed unread
+    // (Packet owns them).
+    const bool fd_allowed = req.ok() && req->op == Op::kUpdate && packet->fds.size() == 1;
+    if (!packet->fds.empty() && !fd_allowed) {
+      ++errors_total;
+      Queue(c, EncodeErrorReply(req.ok() ? req->id_json : "null",
+                                absl::InvalidArgumentError(absl::StrCat(
+                                    "requests must not carry file descriptors, except 'update' "
+                                    "with one memfd (",
+                                    packet->fds.size(), " received and closed)"))));
+      continue;
+    }
     if (!req.ok()) {
       ++errors_total;
       Queue(c, EncodeErrorReply("null", req.status()));
       continue;
     }
-    Handle(c, *req);
+    Handle(c, *req, fd_allowed ? std::move(packet->fds[0]) : UniqueFd());
     if (conns.find(id) == conns.end()) return;
+    if (c.pending) break;  // the next request waits for this one's reply
   }
   Flush(c);
 }
@@ -680,7 +847,7 @@ std::string Server::Impl::Metrics() {
   return out;
 }
 
-void Server::Impl::Handle(Connection& c, const Request& r) {
+void Server::Impl::Handle(Connection& c, const Request& r, UniqueFd fd) {
   auto fail = [&](const absl::Status& s) {
     ++errors_total;
     Queue(c, EncodeErrorReply(r.id_json, s));
@@ -748,48 +915,7 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
                        r.rank, c.peer.pid, c.peer.uid, g.status().message());
         return fail(g.status());
       }
-      // First packet: reply + manifest fd + as many arena fds as fit; then continuation
-      // packets of up to kMaxFdsPerMessage fds each.
-      std::vector<UniqueFd> first;
-      first.push_back(std::move(g->manifest));
-      size_t next = 0;
-      while (next < g->arenas.size() && first.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
-        first.push_back(std::move(g->arenas[next++]));
-      }
-      const size_t remaining = g->arenas.size() - next;
-      const size_t extra = (remaining + kMaxFdsPerMessage - 1) / kMaxFdsPerMessage;
-      json res;
-      res["name"] = name;
-      res["rank"] = r.rank;
-      res["lease"] = g->lease;
-      res["manifest_bytes"] = g->manifest_bytes;
-      res["arenas"] = g->arenas.size();
-      // Device arenas only: an old client ignores the key, and host-only replies keep their
-      // earlier shape.
-      json arena_info = json::array();
-      bool any_device = false;
-      for (const std::string& uuid : g->arena_device_uuids) {
-        if (uuid.empty()) {
-          arena_info.push_back({{"kind", "host"}});
-        } else {
-          arena_info.push_back({{"kind", "cuda"}, {"device_uuid", uuid}});
-          any_device = true;
-        }
-      }
-      if (any_device) res["arena_info"] = std::move(arena_info);
-      res["fd_messages"] = extra;
-      Queue(c, OkReply(r.id_json, std::move(res)), std::move(first));
-      for (size_t part = 0; part < extra; ++part) {
-        std::vector<UniqueFd> fds;
-        while (next < g->arenas.size() && fds.size() < static_cast<size_t>(kMaxFdsPerMessage)) {
-          fds.push_back(std::move(g->arenas[next++]));
-        }
-        json cont;
-        cont["ok"] = true;
-        cont["id"] = json::parse(r.id_json, nullptr, false);
-        cont["continuation"] = part + 1;
-        Queue(c, cont.dump(), std::move(fds));
-      }
+      QueueGrant(c, r, *g);
       // Attaches and detaches are routine and can be frequent: counted in the metrics, logged
       // only at debug level.
       LogDebug("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
@@ -812,6 +938,63 @@ void Server::Impl::Handle(Connection& c, const Request& r) {
     case Op::kMetrics:
       Queue(c, OkReply(r.id_json, {{"text", Metrics()}}));
       return;
+    case Op::kUpdate: {
+      if (r.checkpoint.empty() && !fd) {
+        return fail(absl::InvalidArgumentError(
+            "update: give 'checkpoint', or send the new tensors as one sealed memfd with the "
+            "request"));
+      }
+      UpdateSource source;
+      source.checkpoint = r.checkpoint;
+      source.memfd = std::move(fd);
+      auto t = registry->StartUpdate(name, std::move(source), c.peer, r.wait ? c.id : 0);
+      if (!t.ok()) {
+        WD_LOG_LIMITED(LogLevel::kWarning, "update %s: refused for pid %d uid %u: %s", name,
+                       c.peer.pid, c.peer.uid, t.status().message());
+        return fail(t.status());
+      }
+      if (!r.wait) {
+        Queue(c, OkReply(r.id_json,
+                         {{"name", name}, {"generation", t->generation}, {"state", "updating"}}));
+        return;
+      }
+      c.pending = Pending{Op::kUpdate, r.id_json, name, 0, absl::InfiniteFuture(), t->id};
+      if (Resolve(c)) return;
+      UpdateInterest(c);
+      return;
+    }
+    case Op::kWaitGeneration: {
+      c.pending = Pending{Op::kWaitGeneration, r.id_json, name, r.after,
+                          absl::Now() + absl::Milliseconds(r.timeout_ms), 0};
+      if (Resolve(c)) return;
+      UpdateInterest(c);
+      return;
+    }
+    case Op::kRollback: {
+      auto rb = registry->Rollback(name, c.peer);
+      if (!rb.ok()) return fail(rb.status());
+      Queue(c, OkReply(r.id_json, {{"name", name},
+                                   {"generation", rb->generation},
+                                   {"restored", rb->restored}}));
+      return;
+    }
+    case Op::kRefresh: {
+      auto g = registry->Refresh(name, r.rank, c.id, r.lease.value_or(0));
+      if (!g.ok()) return fail(g.status());
+      if (g->unchanged) {
+        Queue(c, OkReply(r.id_json, {{"name", name},
+                                     {"rank", r.rank},
+                                     {"lease", g->lease},
+                                     {"generation", g->generation},
+                                     {"unchanged", true}}));
+        return;
+      }
+      QueueGrant(c, r, *g);
+      LogDebug("refresh %s rank %d: pid %d lease %llu now on generation %llu", name, r.rank,
+               c.peer.pid, static_cast<unsigned long long>(g->lease),
+               static_cast<unsigned long long>(g->generation));
+      return;
+    }
     case Op::kTakeover:
       StartTakeover(c, r);
       return;

@@ -41,6 +41,9 @@ struct DaemonConfig {
   int max_connections = 1024;
   int max_connections_per_uid = 256;     // of max_connections, the most one uid may hold
   int max_leases_per_connection = 4096;  // attaches held at once on one connection
+  // Keep the generation an update replaced, for `rollback` (one more copy of the ranks the
+  // update rewrote stays in memory).
+  bool keep_previous_generation = false;
   uint64_t max_request_bytes = kDefaultMaxRequestBytes;
   int hello_timeout_ms = 10000;   // clients that send no hello within this are disconnected
   int io_threads = 4;             // reader/copier threads per load

@@ -112,6 +112,25 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
                              const ExecutorOptions& options, LoadProgress* progress,
                              TargetChecksums* checksums = nullptr);
 
+// A byte range of an arena.
+struct ArenaRange {
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+};
+
+// Copies each of `ranges` from `from` (sealed) to the same offsets of `to` (not yet sealed), two
+// arenas of one kind and size: a parallel memcpy over `threads` for host arenas, a device-to-
+// device copy (cuMemcpyDtoDAsync on one stream, complete when it returns) for CUDA arenas
+// (cuda_executor.cc; UNIMPLEMENTED in a build without CUDA). An update uses it to carry the
+// targets it does not rewrite into the next generation. INTERNAL for a range outside either
+// arena. Adds the bytes to progress->bytes_done when `progress` is set.
+absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const ArenaRange> ranges,
+                             int threads, LoadProgress* progress = nullptr);
+#ifdef WEIGHTD_HAVE_CUDA_BACKEND
+absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to,
+                                 std::span<const ArenaRange> ranges);
+#endif
+
 // INTERNAL naming the piece when `p` leaves its source, its target or the arena (shared by the
 // executors; a plan that disagrees with itself must fail the load, not corrupt memory).
 absl::Status CheckPlanPiece(const Plan& plan, const RankPlan& rp, const PlanPiece& p,

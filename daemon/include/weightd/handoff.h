@@ -85,11 +85,13 @@ struct ModelRecord {
   uint64_t bytes_total = 0;  // checkpoint bytes the original load read
   double load_seconds = 0;
   double loaded_unix = 0;
+  // The generation the fds hold (the model's newest; docs/PROTOCOL.md "Generations").
+  uint64_t generation = 1;
   std::vector<RankRecord> ranks;
 };
 
-// JSON, version 1. Fields added later ("device_uuid", "arena_kind" per rank) are optional when
-// parsing, so records of older daemons still adopt, and older daemons ignore them.
+// JSON, version 1. Fields added later ("device_uuid", "arena_kind" per rank, "generation") are
+// optional when parsing, so records of older daemons still adopt, and older daemons ignore them.
 std::string EncodeModelRecord(const ModelRecord& record);
 // INVALID_ARGUMENT naming the field for anything malformed (it comes from outside the process).
 absl::StatusOr<ModelRecord> ParseModelRecord(absl::string_view json);

@@ -24,16 +24,19 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <deque>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -64,6 +67,7 @@ struct LeaseInfo {
   uint64_t connection = 0;
   Peer peer;
   int rank = 0;
+  uint64_t generation = 0;  // the generation the lease maps
 };
 
 // The most leases one Status() call lists (the oldest first, in model and rank order), so that a
@@ -95,6 +99,38 @@ struct ModelStatus {
   // "load" (read from the checkpoint), "fdstore" (re-adopted from systemd's fd store at start)
   // or "takeover" (received from the previous daemon).
   std::string origin = "load";
+  uint64_t generation = 0;           // the newest, published generation; 0 until loaded
+  uint64_t previous_generation = 0;  // the kept previous one (rollback), 0 = none
+  // The running or last update, when there was one.
+  struct Update {
+    std::string state;  // "running", "failed", "done"
+    uint64_t generation = 0;  // the generation it builds or built
+    uint64_t bytes_total = 0, bytes_done = 0;  // bytes read and copied
+    double seconds = 0;
+    std::string error;
+  };
+  std::optional<Update> update;
+};
+
+// Where an update's new tensors come from (docs/PROTOCOL.md "Generations").
+struct UpdateSource {
+  std::string checkpoint;  // a checkpoint directory or file, checked against model_roots
+  UniqueFd memfd;          // or: a sealed memfd holding a safetensors file
+};
+
+// What a finished update did.
+struct UpdateResult {
+  uint64_t generation = 0;
+  double seconds = 0;
+  uint64_t bytes_read = 0;  // of the update's tensors
+  size_t ranks_rewritten = 0;
+  size_t targets_rewritten = 0;  // targets (of all ranks) fed by new tensors
+  size_t targets_copied = 0;     // targets carried over from the previous generation
+};
+
+struct RollbackResult {
+  uint64_t generation = 0;  // the new number
+  uint64_t restored = 0;    // the generation whose weights it publishes again
 };
 
 // Callbacks through which the daemon keeps systemd's fd store in step with the registry. Both
@@ -112,6 +148,9 @@ struct RegistryHooks {
 // What an attaching client receives; the fds are new descriptors owned by the grant.
 struct AttachGrant {
   uint64_t lease = 0;
+  uint64_t generation = 0;
+  // refresh only: the lease maps the newest generation already (no fds).
+  bool unchanged = false;
   UniqueFd manifest;
   uint64_t manifest_bytes = 0;
   std::vector<UniqueFd> arenas;
@@ -148,8 +187,38 @@ class Registry {
                       std::optional<uint64_t> lease = std::nullopt);
   void ReleaseConnection(uint64_t connection);
 
-  // FAILED_PRECONDITION listing (some of) the attached pids unless `force`.
+  // FAILED_PRECONDITION listing (some of) the attached pids unless `force`. A forced unload
+  // cancels a running update.
   absl::Status Unload(const std::string& name, bool force, const Peer& peer);
+
+  // ---- generations (docs/PROTOCOL.md "Generations") ----
+  // Validates the request and the new tensors against the model's plan (names, dtypes, shapes;
+  // errors in registry.h's UpdatePlan terms), then builds the next generation on a background
+  // thread. Returns the update's id (for UpdateOutcome). `bound_connection` (0 = none): closing
+  // that connection (ReleaseConnection) cancels the update.
+  struct UpdateTicket {
+    uint64_t id = 0;
+    uint64_t generation = 0;  // the one it builds
+  };
+  absl::StatusOr<UpdateTicket> StartUpdate(const std::string& name, UpdateSource source,
+                                           const Peer& peer, uint64_t bound_connection = 0);
+  // The outcome of update `id`: nullopt while it runs; its error, or what it published.
+  // NOT_FOUND once forgotten (the registry keeps the last 64 outcomes).
+  std::optional<absl::StatusOr<UpdateResult>> UpdateOutcome(uint64_t id) const;
+  // The model's newest generation (0 while it loads), for wait_generation. NOT_FOUND,
+  // PERMISSION_DENIED as Attach.
+  absl::StatusOr<uint64_t> CurrentGeneration(const std::string& name, const Peer& peer) const;
+  // Publishes the kept previous generation again, as the next number.
+  absl::StatusOr<RollbackResult> Rollback(const std::string& name, const Peer& peer);
+  // Moves lease `lease` of `connection` on (name, rank) to the newest generation: a grant of
+  // its fds, or `unchanged` when the lease maps it already. NOT_FOUND when the connection does
+  // not hold that lease.
+  absl::StatusOr<AttachGrant> Refresh(const std::string& name, int rank, uint64_t connection,
+                                      uint64_t lease);
+  // An eventfd (non-blocking, owned by the registry) that becomes readable whenever a
+  // generation is published, an update ends or a model is removed; the server waits on it to
+  // answer wait_generation and `update` with `wait`. Read it to clear it.
+  int event_fd() const { return event_fd_.get(); }
 
   // Prometheus text exposition.
   std::string Metrics() const;
@@ -188,7 +257,43 @@ class Registry {
 
  private:
   struct Model;
+  struct RankMemory;
+  struct Generation;
+  struct PlannedModel;
   void RunLoad(std::shared_ptr<Model> model);
+  void RunUpdate(std::shared_ptr<Model> model, uint64_t id, UpdateSource source);
+  // Builds the next generation of `m` from `source` (update.cc); runs without mu_.
+  absl::StatusOr<std::shared_ptr<Generation>> BuildUpdate(Model& m, const UpdateSource& source,
+                                                          LoadProgress* progress,
+                                                          UpdateResult* result);
+  // The model's plan (its ranks only) and the checkpoint tensors it skips, from its LoadSpec.
+  absl::StatusOr<PlannedModel> PlanModel(const Model& m) const;
+  // Admission of all `requests` together, then their allocation (held under admission_mu_).
+  absl::StatusOr<std::vector<std::unique_ptr<Arena>>> AllocateArenas(
+      absl::string_view name, const std::vector<ArenaRequest>& requests);
+  // Runs `plan` into `arenas` with the executor their kind needs (the CUDA one from the shared
+  // staging ring); `what` ("load of model 'x'") prefixes CUDA errors.
+  absl::Status Execute(absl::string_view what, const Plan& plan, std::span<Arena* const> arenas,
+                       std::optional<IoMode> io_mode, LoadProgress* progress,
+                       TargetChecksums* crcs);
+  // Seals rank `i`'s arena and makes its manifest (CRCs from `known` where >= 0).
+  absl::StatusOr<std::shared_ptr<const RankMemory>> SealRank(
+      absl::string_view model, const Plan& plan, size_t i, std::unique_ptr<Arena> arena,
+      int device, const std::vector<int64_t>* known) const;
+  // Makes `next` the newest generation, keeping the current one as previous when configured
+  // to, and signals event_fd(). Returns the generations no longer needed, to be destroyed
+  // once mu_ is released.
+  std::vector<std::shared_ptr<Generation>> PublishLocked(Model& m, std::shared_ptr<Generation> next)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops the generations of `m` that are neither newest nor kept previous and that no lease
+  // maps; returns them to be destroyed once mu_ is released.
+  static std::vector<std::shared_ptr<Generation>> PruneLocked(Model& m);
+  // A grant of the newest generation's fds for rank slot `r` (attach, refresh).
+  absl::StatusOr<AttachGrant> GrantLocked(const Model& m, size_t r) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Signal() const;
+  // Starts a background thread (a load's or an update's).
+  void SpawnLocked(absl::AnyInvocable<void() &&> body) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The model's fds (new descriptors) with their names; the model must be ready.
   absl::StatusOr<std::vector<NamedFd>> ExportLocked(const Model& m) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -235,6 +340,15 @@ class Registry {
   uint64_t bytes_read_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t adopted_total_ ABSL_GUARDED_BY(mu_) = 0;
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
+  int running_updates_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_update_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t updates_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t updates_failed_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t rollbacks_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t refreshes_total_ ABSL_GUARDED_BY(mu_) = 0;
+  // The last outcomes of updates, by id (UpdateOutcome).
+  std::deque<std::pair<uint64_t, absl::StatusOr<UpdateResult>>> outcomes_ ABSL_GUARDED_BY(mu_);
+  UniqueFd event_fd_;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   RegistryHooks hooks_;
   // Held by a change that calls a hook from before it releases mu_ until the hook returned, so

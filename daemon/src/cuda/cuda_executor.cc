@@ -590,3 +590,33 @@ absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t budget, 
 }
 
 }  // namespace weightd
+
+namespace weightd {
+
+absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to,
+                                 std::span<const ArenaRange> ranges) {
+  if (from.kind() != ArenaKind::kCudaVmm || to.kind() != ArenaKind::kCudaVmm) {
+    return absl::InternalError("arena copy between a host arena and a device arena");
+  }
+  const auto& src = static_cast<const CudaArena&>(from);
+  auto& dst = static_cast<CudaArena&>(to);
+  if (src.context() != dst.context()) {
+    return absl::InternalError(absl::StrCat("arena copy between devices ", src.device(), " and ",
+                                            dst.device()));
+  }
+  WD_ASSIGN_OR_RETURN(const CudaDriver* driver, CudaDriver::Get());
+  const CudaDriver& cu = *driver;
+  CudaContextGuard guard(cu);
+  WD_RETURN_IF_ERROR(guard.Use(static_cast<CUcontext>(dst.context())));
+  WD_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(cu));
+  for (const ArenaRange& r : ranges) {
+    if (r.bytes == 0) continue;
+    WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyDtoDAsync(dst.device_ptr() + r.offset,
+                                                 src.device_ptr() + r.offset, r.bytes,
+                                                 stream.get()));
+  }
+  WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream.get()));
+  return absl::OkStatus();
+}
+
+}  // namespace weightd

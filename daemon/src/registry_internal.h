@@ -1,0 +1,110 @@
+// The registry's model records, shared by registry.cc and update.cc. Internal to the daemon.
+#ifndef WEIGHTD_DAEMON_SRC_REGISTRY_INTERNAL_H_
+#define WEIGHTD_DAEMON_SRC_REGISTRY_INTERNAL_H_
+
+#include <map>
+#include <thread>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "weightd/log.h"
+#include "weightd/plan.h"
+#include "weightd/registry.h"
+
+namespace weightd {
+
+// Logs a load's or an update's progress every 2 s from a thread of its own until Stop().
+class ProgressLogger {
+ public:
+  ProgressLogger(std::string what, const LoadProgress* progress, absl::Time started)
+      : thread_([this, what = std::move(what), progress, started] {
+          while (!done_.WaitForNotificationWithTimeout(absl::Seconds(2))) {
+            const uint64_t d = progress->bytes_done.load(), t = progress->bytes_total.load();
+            if (t == 0) continue;
+            const double secs = absl::ToDoubleSeconds(absl::Now() - started);
+            LogInfo("%s: progress %s of %s (%.0f%%, %.2f GB/s)", what, FormatBytes(d),
+                    FormatBytes(t), 100.0 * d / t, secs > 0 ? d / secs / 1e9 : 0.0);
+          }
+        }) {}
+  ProgressLogger(const ProgressLogger&) = delete;
+  ProgressLogger& operator=(const ProgressLogger&) = delete;
+  ~ProgressLogger() { Stop(); }
+  void Stop() {
+    if (!thread_.joinable()) return;
+    done_.Notify();
+    thread_.join();
+  }
+
+ private:
+  absl::Notification done_;
+  std::thread thread_;
+};
+
+
+// One rank's memory in one generation; generations share it where an update left it alone.
+struct Registry::RankMemory {
+  std::unique_ptr<Arena> arena;
+  UniqueFd manifest;
+  uint64_t manifest_bytes = 0;
+  uint32_t tensors = 0;
+};
+
+struct Registry::Generation {
+  uint64_t number = 0;
+  std::vector<std::shared_ptr<const RankMemory>> ranks;  // in Model::ranks order
+};
+
+struct Registry::Model {
+  struct Rank {
+    int rank = 0;
+    int device = -1;
+    RankState state = RankState::kLoading;
+  };
+  struct Update {
+    uint64_t id = 0;
+    uint64_t generation = 0;
+    uint64_t connection = 0;  // closing it cancels the update (0 = none)
+    LoadProgress progress;
+    absl::Time started;
+    absl::Duration elapsed;
+    bool running = true;
+    std::string error;
+    std::string cancel_reason;  // set with progress.cancel
+  };
+  std::string name;
+  LoadSpec spec;
+  std::vector<uint32_t> allow_uids, allow_gids;
+  LoadProgress progress;
+  absl::Time started;
+  absl::Duration elapsed;  // valid once `finished`
+  bool finished = false;
+  bool unload_requested = false;
+  std::string error;
+  std::vector<Rank> ranks;
+  std::vector<LeaseInfo> leases;
+  std::string origin = "load";
+  // The newest generation (null until the load finished), the number of the kept previous one
+  // (0 = none), and every generation still alive: those two and any a lease maps.
+  std::shared_ptr<Generation> current;
+  uint64_t previous = 0;
+  std::map<uint64_t, std::shared_ptr<Generation>> generations;
+  // The plan the load ran (its ranks only) and the checkpoint tensors it skips; null for a model
+  // adopted from an earlier daemon until its first update rebuilds them.
+  std::shared_ptr<const Plan> plan;
+  std::vector<std::string> skipped;
+  std::unique_ptr<Update> update;  // the running or last update
+};
+
+// A model's plan, as PlanModel builds it.
+struct Registry::PlannedModel {
+  Plan plan;
+  std::vector<std::string> skipped;  // sorted
+};
+
+}  // namespace weightd
+
+#endif  // WEIGHTD_DAEMON_SRC_REGISTRY_INTERNAL_H_

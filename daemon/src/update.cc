@@ -1,0 +1,447 @@
+// Generations: updates, rollbacks and refreshes of loaded models (registry.h,
+// docs/PROTOCOL.md "Generations").
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "registry_internal.h"
+#include "weightd/checkpoint.h"
+#include "weightd/handoff.h"
+#include "weightd/log.h"
+#include "weightd/manifest.h"
+#include "weightd/registry.h"
+#include "weightd/status_macros.h"
+#include "weightd/update_plan.h"
+
+namespace weightd {
+namespace {
+
+// The seals an update's memfd needs, so that its bytes cannot change while the update reads
+// them.
+constexpr int kUpdateSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+// Outcomes of finished updates kept for UpdateOutcome.
+constexpr size_t kKeptOutcomes = 64;
+
+// The byte ranges of `targets` (in offset order), adjacent ones merged across the alignment
+// padding between them (zero in both arenas).
+std::vector<ArenaRange> TargetRanges(const RankPlan& rp, const std::vector<uint32_t>& targets) {
+  std::vector<ArenaRange> out;
+  for (uint32_t t : targets) {
+    const PlanTarget& pt = rp.targets[t];
+    if (!out.empty() && pt.offset <= out.back().offset + out.back().bytes + kTargetAlignment) {
+      out.back().bytes = pt.offset + pt.nbytes - out.back().offset;
+    } else {
+      out.push_back({pt.offset, pt.nbytes});
+    }
+  }
+  return out;
+}
+
+// The model's state as an update or rollback sees it: OK when it serves a generation.
+absl::Status CheckServing(const std::string& name, const std::vector<RankState>& states,
+                          const std::string& error, bool finished, absl::string_view what) {
+  if (!error.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model '", name, "' failed to load (", error, "); cannot ", what, " it"));
+  }
+  if (!finished) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model '", name, "' is still loading; ", what, " it once its load has finished"));
+  }
+  for (RankState s : states) {
+    if (s == RankState::kUnloading) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("model '", name, "' is being unloaded; cannot ", what, " it"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename Ranks>
+std::vector<RankState> States(const Ranks& ranks) {
+  std::vector<RankState> out;
+  for (const auto& r : ranks) out.push_back(r.state);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<Registry::UpdateTicket> Registry::StartUpdate(const std::string& name, UpdateSource source,
+                                               const Peer& peer, uint64_t bound_connection) {
+  if (!MayAdminister(peer)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "uid ", peer.uid, " (gid ", peer.gid, ") may not update models: add it to allow_uids or ",
+        "allow_gids in the daemon config"));
+  }
+  if (source.checkpoint.empty() == !source.memfd) {
+    return absl::InvalidArgumentError(
+        "an update takes its tensors from 'checkpoint' or from one memfd sent with the request, "
+        "not both and not neither");
+  }
+  if (!source.checkpoint.empty()) {
+    WD_RETURN_IF_ERROR(CheckPath(source.checkpoint, "update checkpoint"));
+  } else {
+    const int seals = ::fcntl(source.memfd.get(), F_GET_SEALS);
+    if (seals < 0 || (seals & kUpdateSeals) != kUpdateSeals) {
+      return absl::InvalidArgumentError(
+          "the fd sent with the update is not a memfd sealed with F_SEAL_WRITE, F_SEAL_SHRINK "
+          "and F_SEAL_GROW (its bytes could change while weightd reads them)");
+    }
+  }
+  absl::MutexLock l(&mu_);
+  if (shutting_down_) return absl::UnavailableError("weightd is shutting down");
+  if (frozen_) {
+    return absl::UnavailableError("weightd is handing over to its successor; retry in a moment");
+  }
+  auto it = models_.find(name);
+  if (it == models_.end()) return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+  std::shared_ptr<Model> m = it->second;
+  WD_RETURN_IF_ERROR(CheckServing(name, States(m->ranks), m->error, m->finished, "update"));
+  if (m->update != nullptr && m->update->running) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model '", name, "' is already being updated to generation ",
+                     m->update->generation, "; one update at a time"));
+  }
+  auto u = std::make_unique<Model::Update>();
+  u->id = next_update_++;
+  u->generation = m->current->number + 1;
+  u->connection = bound_connection;
+  u->started = absl::Now();
+  const uint64_t id = u->id;
+  const UpdateTicket ticket{id, u->generation};
+  m->update = std::move(u);
+  ++running_updates_;
+  ++updates_total_;
+  SpawnLocked([this, m, id, source = std::move(source)]() mutable {
+    RunUpdate(std::move(m), id, std::move(source));
+  });
+  return ticket;
+}
+
+absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
+    Model& m, const UpdateSource& source, LoadProgress* progress, UpdateResult* result) {
+  std::shared_ptr<const Plan> plan;
+  std::vector<std::string> skipped;
+  std::shared_ptr<Generation> base;
+  {
+    absl::MutexLock l(&mu_);
+    plan = m.plan;
+    skipped = m.skipped;
+    base = m.current;
+  }
+  if (plan == nullptr) {
+    // Adopted from an earlier daemon: the plan is data derived from the checkpoint's headers
+    // and the load options, so it is rebuilt from them (no tensor data is read).
+    absl::StatusOr<PlannedModel> planned = PlanModel(m);
+    if (!planned.ok()) {
+      return Annotate(planned.status(),
+                      absl::StrCat("model '", m.name,
+                                   "' was handed over by an earlier daemon; updating it rebuilds "
+                                   "its plan from the headers of checkpoint '",
+                                   m.spec.checkpoint, "', which failed"));
+    }
+    plan = std::make_shared<const Plan>(std::move(planned->plan));
+    skipped = std::move(planned->skipped);
+    absl::MutexLock l(&mu_);
+    m.plan = plan;
+    m.skipped = skipped;
+  }
+  const bool from_memfd = source.checkpoint.empty();
+  std::vector<std::string> roots;
+  if (!from_memfd) {
+    roots = ResolvedRoots();
+    if (!config_.model_roots.empty() && roots.empty()) {
+      return absl::PermissionDeniedError("no configured model_roots directory exists");
+    }
+  }
+  // A memfd is read through its /proc path: the daemon holds the fd until the update ends.
+  const std::string path =
+      from_memfd ? absl::StrCat("/proc/self/fd/", source.memfd.get()) : source.checkpoint;
+  absl::StatusOr<Checkpoint> ckpt = Checkpoint::Open(path, roots);
+  if (!ckpt.ok()) {
+    return Annotate(ckpt.status(),
+                    absl::StrCat("update of model '", m.name, "': reading the new tensors from ",
+                                 from_memfd ? "the memfd sent with the request" : path));
+  }
+  WD_ASSIGN_OR_RETURN(UpdatePlan up, BuildUpdatePlan(*plan, skipped, *ckpt, m.name));
+  const uint64_t number = base->number + 1;
+
+  std::vector<ArenaRequest> requests;
+  uint64_t copy_bytes = 0;
+  std::vector<std::vector<ArenaRange>> copies;
+  for (size_t i = 0; i < up.plan.ranks.size(); ++i) {
+    const size_t slot = up.rank_index[i];
+    const RankPlan& rp = up.plan.ranks[i];
+    if (base->ranks[slot]->arena->size() != rp.arena_bytes) {
+      return absl::InternalError(absl::StrCat(
+          "model '", m.name, "' rank ", rp.rank, ": the plan's arena has ", rp.arena_bytes,
+          " bytes, generation ", base->number, "'s ", base->ranks[slot]->arena->size()));
+    }
+    requests.push_back({rp.arena_bytes, m.ranks[slot].device,
+                        absl::StrCat(m.name, "/rank", rp.rank, "/gen", number)});
+    copies.push_back(TargetRanges(rp, up.copy[i]));
+    for (const ArenaRange& r : copies.back()) copy_bytes += r.bytes;
+  }
+  progress->bytes_total = up.plan.read_bytes + copy_bytes;
+  WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
+                      AllocateArenas(m.name, requests));
+  // Targets the update does not cover completely first take generation N's bytes; the pieces
+  // then overwrite the parts that are new.
+  for (size_t i = 0; i < arenas.size(); ++i) {
+    const Arena& from = *base->ranks[up.rank_index[i]]->arena;
+    WD_RETURN_IF_ERROR(CopyArenaRanges(from, *arenas[i], copies[i], config_.io_threads, progress));
+  }
+  if (progress->cancel.load()) return absl::CancelledError("update cancelled");
+  std::vector<Arena*> raw;
+  for (const auto& a : arenas) raw.push_back(a.get());
+  TargetChecksums crcs;
+  WD_RETURN_IF_ERROR(Execute(absl::StrCat("update of model '", m.name, "'"), up.plan, raw,
+                             from_memfd ? std::optional<IoMode>(IoMode::kPread) : std::nullopt,
+                             progress, &crcs));
+
+  auto next = std::make_shared<Generation>();
+  next->number = number;
+  next->ranks = base->ranks;
+  for (size_t i = 0; i < arenas.size(); ++i) {
+    const size_t slot = up.rank_index[i];
+    const RankMemory& old = *base->ranks[slot];
+    // Targets the update did not feed keep their checksums from generation N's manifest.
+    std::vector<int64_t> known =
+        i < crcs.crc.size() ? crcs.crc[i] : std::vector<int64_t>(up.plan.ranks[i].targets.size(), -1);
+    known.resize(up.plan.ranks[i].targets.size(), -1);
+    WD_ASSIGN_OR_RETURN(std::string bytes,
+                        ReadSealedMemfd(old.manifest.get(), old.manifest_bytes,
+                                        absl::StrCat("the manifest of ", m.name, " rank ",
+                                                     up.plan.ranks[i].rank)));
+    WD_ASSIGN_OR_RETURN(Manifest man, DecodeManifest(bytes));
+    std::vector<bool> fed(known.size(), false);
+    for (uint32_t t : up.rewritten[i]) fed[t] = true;
+    for (size_t t = 0; t < known.size() && t < man.tensors.size(); ++t) {
+      if (!fed[t] && man.tensors[t].name == up.plan.ranks[i].targets[t].name) {
+        known[t] = man.tensors[t].crc32c;
+      }
+    }
+    WD_ASSIGN_OR_RETURN(next->ranks[slot], SealRank(m.name, up.plan, i, std::move(arenas[i]),
+                                                    m.ranks[slot].device, &known));
+    result->targets_rewritten += up.rewritten[i].size();
+    result->targets_copied += known.size() - up.rewritten[i].size();
+  }
+  for (size_t slot = 0; slot < m.ranks.size(); ++slot) {
+    if (std::find(up.rank_index.begin(), up.rank_index.end(), slot) == up.rank_index.end()) {
+      result->targets_copied += plan->ranks[slot].targets.size();  // shared, not even copied
+    }
+  }
+  result->ranks_rewritten = arenas.size();
+  result->bytes_read = up.plan.read_bytes;
+  result->generation = number;
+  LogDebug("update %s: %zu tensors (%zu ignored), %zu of %zu ranks rewritten, %s copied", m.name,
+           up.tensors_used, up.tensors_ignored, arenas.size(), m.ranks.size(),
+           FormatBytes(copy_bytes));
+  return next;
+}
+
+void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource source) {
+  const std::string& name = m->name;
+  Model::Update& u = *m->update;  // not replaced while it runs (StartUpdate refuses)
+  LogInfo("update %s: begin generation %llu from %s", name,
+          static_cast<unsigned long long>(u.generation),
+          source.checkpoint.empty() ? std::string("tensors sent by a client") : source.checkpoint);
+  ProgressLogger logger(absl::StrCat("update ", name), &u.progress, u.started);
+  UpdateResult result;
+  absl::StatusOr<std::shared_ptr<Generation>> built =
+      BuildUpdate(*m, source, &u.progress, &result);
+  logger.Stop();
+  source.memfd.Reset();
+  const absl::Duration elapsed = absl::Now() - u.started;
+  absl::Status status = built.status();
+  std::vector<std::shared_ptr<Generation>> dropped;
+  absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
+  std::optional<absl::MutexLock> hooks_lock;
+  bool store = false;
+  {
+    absl::MutexLock l(&mu_);
+    --running_updates_;
+    bytes_read_total_ += result.bytes_read;
+    auto it = models_.find(name);
+    const bool listed = it != models_.end() && it->second == m;
+    if (u.progress.cancel.load() || !listed) {
+      // Nothing is published once the update was cancelled, even if its last byte was written.
+      status = absl::CancelledError(
+          !u.cancel_reason.empty() ? u.cancel_reason
+          : shutting_down_         ? "cancelled: weightd is shutting down"
+          : !listed                ? "cancelled: the model was unloaded"
+                                   : "cancelled");
+    }
+    u.running = false;
+    u.elapsed = elapsed;
+    result.seconds = absl::ToDoubleSeconds(elapsed);
+    if (!status.ok()) {
+      u.error = std::string(status.message());
+      ++updates_failed_;
+    } else {
+      dropped = PublishLocked(*m, *std::move(built));
+      if (hooks_.on_ready) {
+        stored = ExportLocked(*m);
+        store = true;
+        hooks_lock.emplace(&hooks_mu_);
+      }
+    }
+    outcomes_.emplace_back(id, status.ok() ? absl::StatusOr<UpdateResult>(result)
+                                           : absl::StatusOr<UpdateResult>(status));
+    while (outcomes_.size() > kKeptOutcomes) outcomes_.pop_front();
+    Signal();
+  }
+  // An unpublished generation's memory is released outside the lock.
+  built = absl::CancelledError("");
+  dropped.clear();
+  if (store) {
+    // The store holds one generation per model: the old fds go, the new ones come.
+    hooks_.on_removed(FdNames(*m));
+    if (!stored.ok()) {
+      LogWarning("update %s: cannot export its fds for the fd store: %s", name,
+                 stored.status().message());
+    } else {
+      hooks_.on_ready(std::move(*stored));
+    }
+  }
+  hooks_lock.reset();
+  const double secs = absl::ToDoubleSeconds(elapsed);
+  if (status.ok()) {
+    LogInfo("update %s: generation %llu published in %.3f s (%s read, %zu ranks rewritten)", name,
+            static_cast<unsigned long long>(result.generation), secs,
+            FormatBytes(result.bytes_read), result.ranks_rewritten);
+  } else {
+    LogError("update %s: failed after %.2f s, generation %llu serves on: %s", name, secs,
+             static_cast<unsigned long long>(u.generation - 1), status.message());
+  }
+}
+
+std::optional<absl::StatusOr<UpdateResult>> Registry::UpdateOutcome(uint64_t id) const {
+  absl::MutexLock l(&mu_);
+  for (const auto& [name, m] : models_) {
+    if (m->update != nullptr && m->update->id == id && m->update->running) return std::nullopt;
+  }
+  for (const auto& [done_id, outcome] : outcomes_) {
+    if (done_id == id) return outcome;
+  }
+  // Still running on a model already unloaded (its thread ends soon), or long forgotten.
+  if (id >= next_update_) return absl::NotFoundError(absl::StrCat("no update ", id));
+  for (const LoadThread& t : threads_) {
+    if (!t.done->load()) return std::nullopt;
+  }
+  return absl::NotFoundError(absl::StrCat("the outcome of update ", id, " is no longer kept"));
+}
+
+absl::StatusOr<uint64_t> Registry::CurrentGeneration(const std::string& name,
+                                                     const Peer& peer) const {
+  absl::MutexLock l(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+  const Model& m = *it->second;
+  if (!MayAttach(m, peer) && !MayAdminister(peer)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("uid ", peer.uid, " may not see model '", name, "'"));
+  }
+  return m.current != nullptr ? m.current->number : 0;
+}
+
+absl::StatusOr<RollbackResult> Registry::Rollback(const std::string& name, const Peer& peer) {
+  if (!MayAdminister(peer)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("uid ", peer.uid, " (gid ", peer.gid, ") may not roll models back"));
+  }
+  RollbackResult out;
+  std::vector<std::shared_ptr<Generation>> dropped;
+  std::shared_ptr<Model> m;
+  absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
+  std::optional<absl::MutexLock> hooks_lock;
+  {
+    absl::MutexLock l(&mu_);
+    if (frozen_) {
+      return absl::UnavailableError("weightd is handing over to its successor; retry in a moment");
+    }
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+    }
+    m = it->second;
+    WD_RETURN_IF_ERROR(CheckServing(name, States(m->ranks), m->error, m->finished, "roll back"));
+    if (m->update != nullptr && m->update->running) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("model '", name, "' is being updated to generation ",
+                       m->update->generation, "; roll back once the update has ended"));
+    }
+    auto prev = m->generations.find(m->previous);
+    if (m->previous == 0 || prev == m->generations.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model '", name, "' keeps no previous generation (generation ", m->current->number,
+          " is its only one",
+          config_.keep_previous_generation
+              ? "; it has not been updated since it was loaded or handed over)"
+              : "; set keep_previous_generation in the daemon config to keep one)"));
+    }
+    auto next = std::make_shared<Generation>();
+    next->number = m->current->number + 1;
+    next->ranks = prev->second->ranks;
+    out.restored = m->previous;
+    out.generation = next->number;
+    dropped = PublishLocked(*m, std::move(next));
+    ++rollbacks_total_;
+    if (hooks_.on_ready) {
+      stored = ExportLocked(*m);
+      hooks_lock.emplace(&hooks_mu_);
+    }
+  }
+  dropped.clear();
+  if (hooks_lock) {
+    hooks_.on_removed(FdNames(*m));
+    if (stored.ok()) hooks_.on_ready(std::move(*stored));
+  }
+  hooks_lock.reset();
+  LogInfo("rollback %s: generation %llu publishes the weights of generation %llu", name,
+          static_cast<unsigned long long>(out.generation),
+          static_cast<unsigned long long>(out.restored));
+  return out;
+}
+
+absl::StatusOr<AttachGrant> Registry::Refresh(const std::string& name, int rank,
+                                              uint64_t connection, uint64_t lease) {
+  std::vector<std::shared_ptr<Generation>> dropped;  // destroyed after mu_ is released
+  absl::MutexLock l(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
+  Model& m = *it->second;
+  auto li = std::find_if(m.leases.begin(), m.leases.end(), [&](const LeaseInfo& x) {
+    return x.connection == connection && x.rank == rank && x.id == lease;
+  });
+  if (li == m.leases.end()) {
+    return absl::NotFoundError(absl::StrCat("this connection holds no lease ", lease,
+                                            " on model '", name, "' rank ", rank,
+                                            " (a forced unload releases them)"));
+  }
+  size_t slot = 0;
+  while (slot < m.ranks.size() && m.ranks[slot].rank != rank) ++slot;
+  if (m.current == nullptr || slot == m.ranks.size()) {
+    return absl::InternalError(absl::StrCat("model '", name, "' has a lease without a generation"));
+  }
+  if (li->generation == m.current->number) {
+    AttachGrant g;
+    g.lease = lease;
+    g.generation = li->generation;
+    g.unchanged = true;
+    return g;
+  }
+  WD_ASSIGN_OR_RETURN(AttachGrant g, GrantLocked(m, slot));
+  g.lease = lease;
+  li->generation = g.generation;
+  ++refreshes_total_;
+  dropped = PruneLocked(m);
+  return g;
+}
+
+}  // namespace weightd
