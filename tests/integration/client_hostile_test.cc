@@ -7,16 +7,24 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
 #include <cstring>
 #include <functional>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/time/time.h"
+#include "detail/reply.h"
+#include "detail/safetensors_memfd.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "weightd/client.h"
+#include "weightd/crc32c.h"
 #include "weightd/manifest.h"
+#include "weightd/safetensors.h"
 #include "weightd/seqpacket.h"
 
 namespace weightd {
@@ -46,10 +54,12 @@ std::string GoodManifest(uint64_t arena_size = 4096) {
 }
 
 // Answers hello and detach like weightd; answers attach with `attach(fd)`. `custom(fd, request,
-// id)`, when given, sees every request first and returns true when it answered it.
+// id, fds)`, when given, sees every request (and the fds it carried) first and returns true when
+// it answered it.
 class FakeDaemon {
  public:
-  using Custom = std::function<bool(int, const std::string&, const std::string&)>;
+  using Custom =
+      std::function<bool(int, const std::string&, const std::string&, std::vector<UniqueFd>&)>;
   explicit FakeDaemon(std::function<void(int)> attach, Custom custom = nullptr)
       : attach_(std::move(attach)), custom_(std::move(custom)) {
     char tmpl[] = "/tmp/weightd-fake-XXXXXX";
@@ -81,7 +91,7 @@ class FakeDaemon {
       const std::string& d = p->data;
       const std::string id = d.substr(
           d.find("\"id\":") + 5, d.find_first_of(",}", d.find("\"id\":")) - d.find("\"id\":") - 5);
-      if (custom_ && custom_(c.get(), d, id)) continue;
+      if (custom_ && custom_(c.get(), d, id, p->fds)) continue;
       if (d.find("\"hello\"") != std::string::npos) {
         (void)SendPacket(c.get(), "{\"ok\":true,\"id\":" + id + ",\"result\":{\"version\":1}}");
       } else if (d.find("\"attach\"") != std::string::npos) {
@@ -328,7 +338,8 @@ TEST(ClientHostileTest, DeviceArenaWithBadUuidOrArenaInfo) {
 absl::Status ConnectAnd(const std::string& op_in_request, const std::string& reply_result,
                         const std::function<absl::Status(Client&)>& call) {
   FakeDaemon d([](int) {},
-               [&](int sock, const std::string& request, const std::string& id) {
+               [&](int sock, const std::string& request, const std::string& id,
+                   std::vector<UniqueFd>&) {
                  if (request.find(op_in_request) == std::string::npos) return false;
                  (void)SendPacket(sock, absl::StrReplaceAll(reply_result, {{"$ID", id}}));
                  return true;
@@ -430,6 +441,769 @@ TEST(ClientHostileTest, NumbersOutsideTheFieldsRangeAreErrors) {
                        status));
     EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << models << ": " << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("wrong type or range")) << models;
+  }
+}
+
+// ---- Generations: refresh, update, wait_generation, rollback (docs/PROTOCOL.md) ----
+
+int OpenFds() {
+  int n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  while (::readdir(d) != nullptr) ++n;
+  ::closedir(d);
+  return n;
+}
+
+// A host rank of two tensors in one 8192-byte arena: w (F32 [4], offset 0) and v (U8 [8],
+// offset 4096). `seed` makes each generation's bytes different.
+constexpr uint64_t kArenaBytes = 8192;
+
+std::string ArenaBytes(int seed) {
+  std::string a(kArenaBytes, '\0');
+  const float w[4] = {float(seed), float(seed) + 1, float(seed) + 2, float(seed) + 3};
+  std::memcpy(a.data(), w, sizeof(w));
+  std::memset(a.data() + 4096, seed, 8);
+  return a;
+}
+
+Manifest TwoTensorManifest(const std::string& arena) {
+  Manifest m;
+  m.model = "m";
+  m.rank = 0;
+  m.arenas.push_back({kArenaBytes, ArenaKind::kHostMemfd});
+  m.tensors.push_back({"w", DType::kF32, {4}, {1}, 0, 0, 16, Crc32c(arena.data(), 16)});
+  m.tensors.push_back({"v", DType::kU8, {8}, {1}, 0, 4096, 8, Crc32c(arena.data() + 4096, 8)});
+  return m;
+}
+
+std::string AttachReplyText(const std::string& id, uint64_t manifest_bytes, uint64_t generation,
+                            const std::string& extra = "", uint64_t lease = 1) {
+  return absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":{"name":"m","rank":0,"lease":)",
+                      lease, R"(,"generation":)", generation, R"(,"manifest_bytes":)",
+                      manifest_bytes, R"(,"arenas":1,"fd_messages":0)", extra, "}}");
+}
+
+// A fake daemon whose attach serves generation 1 and whose refresh does what the test sets in
+// `refresh` (sock, id). The daemon side keeps every fd it sent in `kept`, so that the test's fd
+// counts see only what the client holds.
+struct RefreshFake {
+  std::function<void(int, const std::string&)> refresh;
+  std::vector<std::string> requests;
+  std::vector<UniqueFd> kept;
+  FakeDaemon daemon;
+
+  RefreshFake()
+      : daemon(
+            [this](int sock) {
+              const std::string arena = ArenaBytes(1);
+              const std::string man = EncodeManifest(TwoTensorManifest(arena));
+              Send(sock, AttachReplyText("2", man.size(), 1), man, {arena});
+            },
+            [this](int sock, const std::string& request, const std::string& id,
+                   std::vector<UniqueFd>&) {
+              if (request.find("\"refresh\"") == std::string::npos) return false;
+              requests.push_back(request);
+              refresh(sock, id);
+              return true;
+            }) {}
+
+  // Sends `reply` with a sealed manifest memfd holding `man` and one sealed memfd per arena.
+  void Send(int sock, const std::string& reply, const std::string& man,
+            const std::vector<std::string>& arenas, int arena_seals = kSeals) {
+    std::vector<int> fds;
+    kept.push_back(Memfd(man, man.size(), kSeals));
+    fds.push_back(kept.back().get());
+    for (const std::string& a : arenas) {
+      kept.push_back(Memfd(a, a.size(), arena_seals));
+      fds.push_back(kept.back().get());
+    }
+    (void)SendPacket(sock, reply, fds);
+  }
+  // Generation `gen` with the bytes of ArenaBytes(seed), laid out by `m` (TwoTensorManifest of
+  // those bytes unless the test changes it).
+  void SendGeneration(int sock, const std::string& id, uint64_t gen, const Manifest& m,
+                      const std::string& arena) {
+    const std::string man = EncodeManifest(m);
+    Send(sock, AttachReplyText(id, man.size(), gen, R"(,"unchanged":false)"), man, {arena});
+  }
+};
+
+float FloatAt(const TensorView* t, int i) { return static_cast<const float*>(t->data)[i]; }
+
+TEST(ClientRefreshTest, MapsTheNewGenerationAtTheSameAddresses) {
+  RefreshFake f;
+  f.refresh = [&](int sock, const std::string& id) {
+    const std::string arena = ArenaBytes(7);
+    f.SendGeneration(sock, id, 2, TwoTensorManifest(arena), arena);
+  };
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->generation(), 1u);
+  const TensorView* w = a->Find("w");
+  const TensorView* v = a->Find("v");
+  ASSERT_NE(w, nullptr);
+  const void* w_data = w->data;
+  const TensorView* views = a->tensors().data();
+  const uint32_t old_crc = w->crc32c;
+  EXPECT_EQ(FloatAt(w, 0), 1.0f);
+  const int fds_before = OpenFds();
+
+  absl::StatusOr<bool> changed = a->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_TRUE(*changed);
+  EXPECT_EQ(a->generation(), 2u);
+  // The same objects, the same addresses, the new bytes.
+  EXPECT_EQ(a->Find("w"), w);
+  EXPECT_EQ(a->tensors().data(), views);
+  EXPECT_EQ(w->data, w_data);
+  EXPECT_EQ(FloatAt(w, 0), 7.0f);
+  EXPECT_EQ(FloatAt(w, 3), 10.0f);
+  EXPECT_EQ(static_cast<const unsigned char*>(v->data)[7], 7);
+  const std::string seven = ArenaBytes(7);
+  EXPECT_EQ(w->crc32c, Crc32c(seven.data(), 16));
+  EXPECT_NE(w->crc32c, old_crc);
+  EXPECT_EQ(v->crc32c, Crc32c(seven.data() + 4096, 8));
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+  // The old manifest and arena fds were closed, the new ones adopted (the fake keeps its own
+  // two copies of the new ones).
+  EXPECT_EQ(OpenFds(), fds_before + 2);
+  ASSERT_EQ(f.requests.size(), 1u);
+  EXPECT_THAT(f.requests[0], HasSubstr(R"("lease":1)"));
+  EXPECT_THAT(f.requests[0], HasSubstr(R"("rank":0)"));
+  EXPECT_THAT(f.requests[0], HasSubstr(R"("name":"m")"));
+
+  // Moving the attachment keeps the views too.
+  Attachment moved = *std::move(a);
+  EXPECT_EQ(moved.Find("w"), w);
+  EXPECT_EQ(FloatAt(moved.Find("w"), 1), 8.0f);
+}
+
+TEST(ClientRefreshTest, UnchangedChangesNothing) {
+  RefreshFake f;
+  uint64_t answer_generation = 1;
+  f.refresh = [&](int sock, const std::string& id) {
+    (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
+                                        R"(,"result":{"name":"m","rank":0,"lease":1,)",
+                                        R"("generation":)", answer_generation,
+                                        R"(,"unchanged":true}})"));
+  };
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const TensorView* w = a->Find("w");
+  const uint32_t crc = w->crc32c;
+  absl::StatusOr<bool> changed = a->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_FALSE(*changed);
+  EXPECT_EQ(a->generation(), 1u);
+  EXPECT_EQ(w->crc32c, crc);
+  EXPECT_EQ(FloatAt(w, 0), 1.0f);
+
+  // The daemon has the lease on a generation this attachment does not map: say so.
+  answer_generation = 3;
+  changed = a->Refresh();
+  EXPECT_EQ(changed.status().code(), absl::StatusCode::kFailedPrecondition) << changed.status();
+  EXPECT_THAT(std::string(changed.status().message()),
+              HasSubstr("weightd counts the lease on generation 3 but this attachment maps "
+                        "generation 1"));
+  EXPECT_THAT(std::string(changed.status().message()), HasSubstr("model 'm' rank 0"));
+  EXPECT_EQ(FloatAt(w, 0), 1.0f);
+}
+
+// Each case answers the refresh with generation 2 laid out differently: refused, naming the
+// difference, and the old generation stays mapped and readable.
+TEST(ClientRefreshTest, ADifferentLayoutIsRefusedAndTheOldBytesStay) {
+  struct Case {
+    const char* expect;
+    std::function<void(Manifest&, std::string&)> change;
+  };
+  const std::vector<Case> cases = {
+      {"tensor 'v' offset 2048 instead of 4096",
+       [](Manifest& m, std::string&) { m.tensors[1].offset = 2048; }},
+      {"arena 0 size 12288 bytes instead of 8192",
+       [](Manifest& m, std::string& arena) {
+         m.arenas[0].size = 12288;
+         arena.resize(12288);
+       }},
+      {"tensor 1 is 'u' instead of 'v'", [](Manifest& m, std::string&) { m.tensors[1].name = "u"; }},
+      {"tensor 'w' dtype I32 instead of F32",
+       [](Manifest& m, std::string&) { m.tensors[0].dtype = DType::kI32; }},
+      {"tensor 'w' shape [2,2] instead of [4]",
+       [](Manifest& m, std::string&) {
+         m.tensors[0].shape = {2, 2};
+         m.tensors[0].strides = {2, 1};
+       }},
+      {"3 tensors instead of 2",
+       [](Manifest& m, std::string&) {
+         m.tensors.push_back({"x", DType::kU8, {1}, {1}, 0, 100, 1, 0});
+       }},
+  };
+  for (const Case& tc : cases) {
+    RefreshFake f;
+    f.refresh = [&](int sock, const std::string& id) {
+      std::string arena = ArenaBytes(9);
+      Manifest m = TwoTensorManifest(arena);
+      tc.change(m, arena);
+      f.SendGeneration(sock, id, 2, m, arena);
+    };
+    auto c = Client::Connect(f.daemon.path());
+    ASSERT_TRUE(c.ok()) << c.status();
+    auto a = c->Attach("m", 0);
+    ASSERT_TRUE(a.ok()) << a.status();
+    const TensorView* w = a->Find("w");
+    const uint32_t crc = w->crc32c;
+    const int fds_before = OpenFds();
+    absl::StatusOr<bool> changed = a->Refresh();
+    EXPECT_EQ(changed.status().code(), absl::StatusCode::kFailedPrecondition)
+        << tc.expect << ": " << changed.status();
+    EXPECT_THAT(std::string(changed.status().message()), HasSubstr(tc.expect));
+    EXPECT_THAT(std::string(changed.status().message()), HasSubstr("model 'm' rank 0"));
+    EXPECT_EQ(a->generation(), 1u);
+    EXPECT_EQ(FloatAt(w, 2), 3.0f) << tc.expect;
+    EXPECT_EQ(static_cast<const unsigned char*>(a->Find("v")->data)[0], 1) << tc.expect;
+    EXPECT_EQ(w->crc32c, crc);
+    EXPECT_TRUE(a->Verify().ok()) << tc.expect;
+    EXPECT_EQ(OpenFds(), fds_before + 2) << tc.expect << ": the refused fds were not closed";
+  }
+}
+
+// Broken refresh replies: errors naming the problem, the old mapping untouched.
+TEST(ClientRefreshTest, BadFdsOrRepliesKeepTheOldMapping) {
+  struct Case {
+    const char* expect;
+    absl::StatusCode code;
+    std::function<void(RefreshFake&, int, const std::string&)> answer;
+  };
+  const std::string arena = ArenaBytes(5);
+  const std::string man = EncodeManifest(TwoTensorManifest(arena));
+  const std::string reply2 = R"(,"unchanged":false)";
+  const std::vector<Case> cases = {
+      {"sent 0 arena fds", absl::StatusCode::kInternal,
+       [&](RefreshFake& f, int sock, const std::string& id) {
+         f.Send(sock, AttachReplyText(id, man.size(), 2, reply2), man, {});
+       }},
+      {"no manifest fd", absl::StatusCode::kInternal,
+       [&](RefreshFake&, int sock, const std::string& id) {
+         (void)SendPacket(sock, AttachReplyText(id, man.size(), 2, reply2));
+       }},
+      {"arena 0 memfd is not sealed", absl::StatusCode::kInternal,
+       [&](RefreshFake& f, int sock, const std::string& id) {
+         f.Send(sock, AttachReplyText(id, man.size(), 2, reply2), man, {arena}, F_SEAL_WRITE);
+       }},
+      {"arena 0 memfd has 4096 bytes; the manifest says 8192", absl::StatusCode::kInternal,
+       [&](RefreshFake& f, int sock, const std::string& id) {
+         f.Send(sock, AttachReplyText(id, man.size(), 2, reply2), man, {arena.substr(0, 4096)});
+       }},
+      {"weightd answered for lease 2", absl::StatusCode::kInternal,
+       [&](RefreshFake& f, int sock, const std::string& id) {
+         f.Send(sock, AttachReplyText(id, man.size(), 2, reply2, 2), man, {arena});
+       }},
+      {"announced", absl::StatusCode::kInternal,
+       [&](RefreshFake& f, int sock, const std::string& id) {
+         f.Send(sock, AttachReplyText(id, man.size() + 8, 2, reply2), man, {arena});
+       }},
+      {"not found here", absl::StatusCode::kNotFound,
+       [&](RefreshFake&, int sock, const std::string& id) {
+         (void)SendPacket(sock, absl::StrCat(R"({"ok":false,"id":)", id,
+                                             R"(,"error":{"code":"NOT_FOUND",)",
+                                             R"("message":"not found here"}})"));
+       }},
+      {"refresh 'unchanged' is not true or false", absl::StatusCode::kInternal,
+       [&](RefreshFake&, int sock, const std::string& id) {
+         (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
+                                             R"(,"result":{"unchanged":"yes"}})"));
+       }},
+      {"'unchanged' without an unsigned 'lease' and 'generation'", absl::StatusCode::kInternal,
+       [&](RefreshFake&, int sock, const std::string& id) {
+         (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
+                                             R"(,"result":{"unchanged":true,"lease":1}})"));
+       }},
+  };
+  for (const Case& tc : cases) {
+    RefreshFake f;
+    f.refresh = [&](int sock, const std::string& id) { tc.answer(f, sock, id); };
+    auto c = Client::Connect(f.daemon.path());
+    ASSERT_TRUE(c.ok()) << c.status();
+    auto a = c->Attach("m", 0);
+    ASSERT_TRUE(a.ok()) << a.status();
+    const TensorView* w = a->Find("w");
+    absl::StatusOr<bool> changed;
+    EXPECT_NO_THROW(changed = a->Refresh()) << tc.expect;
+    EXPECT_EQ(changed.status().code(), tc.code) << tc.expect << ": " << changed.status();
+    EXPECT_THAT(std::string(changed.status().message()), HasSubstr(tc.expect));
+    EXPECT_EQ(a->generation(), 1u);
+    EXPECT_EQ(FloatAt(w, 1), 2.0f) << tc.expect;
+    EXPECT_TRUE(a->Verify().ok()) << tc.expect;
+  }
+}
+
+// A refresh reply's fds split over continuation packets are collected like an attach's.
+TEST(ClientRefreshTest, ContinuationPacketsAreCollected) {
+  constexpr int kArenas = 300;
+  auto manifest = [](int seed) {
+    Manifest m;
+    m.model = "m";
+    for (int i = 0; i < kArenas; ++i) {
+      m.arenas.push_back({4096, ArenaKind::kHostMemfd});
+      const unsigned char b = static_cast<unsigned char>(i + seed);
+      m.tensors.push_back({"t" + std::to_string(i), DType::kU8, {1}, {1},
+                           static_cast<uint32_t>(i), 0, 1, Crc32c(&b, 1)});
+    }
+    return EncodeManifest(m);
+  };
+  auto send = [&](int sock, const std::string& id, int seed, const std::string& extra) {
+    const std::string man = manifest(seed);
+    std::vector<UniqueFd> owned;
+    owned.push_back(Memfd(man, man.size(), kSeals));
+    for (int i = 0; i < kArenas; ++i) {
+      owned.push_back(Memfd(std::string(1, static_cast<char>(i + seed)), 4096, kSeals));
+    }
+    std::vector<int> first, rest;
+    for (size_t i = 0; i < owned.size(); ++i) (i < 253 ? first : rest).push_back(owned[i].get());
+    (void)SendPacket(sock,
+                     absl::StrCat(R"({"ok":true,"id":)", id,
+                                  R"(,"result":{"lease":1,"generation":)", seed + 1,
+                                  R"(,"manifest_bytes":)", man.size(),
+                                  R"(,"arenas":300,"fd_messages":1)", extra, "}}"),
+                     first);
+    (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id, R"(,"continuation":1})"),
+                     rest);
+  };
+  FakeDaemon d([&](int sock) { send(sock, "2", 0, ""); },
+               [&](int sock, const std::string& request, const std::string& id,
+                   std::vector<UniqueFd>&) {
+                 if (request.find("\"refresh\"") == std::string::npos) return false;
+                 send(sock, id, 1, R"(,"unchanged":false)");
+                 return true;
+               });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok());
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  absl::StatusOr<bool> changed = a->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_TRUE(*changed);
+  EXPECT_EQ(a->generation(), 2u);
+  for (int i : {0, 251, 252, 299}) {
+    EXPECT_EQ(*static_cast<const unsigned char*>(a->Find("t" + std::to_string(i))->data),
+              (i + 1) % 256)
+        << i;
+  }
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+}
+
+TEST(ClientRefreshTest, AfterDetachIsFailedPrecondition) {
+  RefreshFake f;
+  f.refresh = [](int, const std::string&) { ADD_FAILURE() << "no refresh may be sent"; };
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok());
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(a->Detach().ok());
+  EXPECT_EQ(a->Refresh().status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// The update fake: checks the one fd an update carries like the daemon must (sealed, a
+// safetensors file) and keeps what it parsed.
+struct UpdateFake {
+  std::vector<std::string> requests;
+  std::vector<int> fd_counts;
+  int seals = 0;
+  std::string file;  // the memfd's bytes
+  std::string reply_result = R"({"name":"m","generation":2,"state":"ready","seconds":0.25,)"
+                             R"("bytes_read":64,"ranks_rewritten":1,"targets_rewritten":3,)"
+                             R"("targets_copied":4})";
+  FakeDaemon daemon;
+
+  UpdateFake()
+      : daemon([](int) {},
+               [this](int sock, const std::string& request, const std::string& id,
+                      std::vector<UniqueFd>& fds) {
+                 if (request.find("\"update\"") == std::string::npos) return false;
+                 requests.push_back(request);
+                 fd_counts.push_back(static_cast<int>(fds.size()));
+                 if (fds.size() == 1) {
+                   seals = ::fcntl(fds[0].get(), F_GET_SEALS);
+                   struct stat st;
+                   if (::fstat(fds[0].get(), &st) == 0) {
+                     file.assign(static_cast<size_t>(st.st_size), '\0');
+                     if (::pread(fds[0].get(), file.data(), file.size(), 0) != st.st_size) {
+                       file = "short read";
+                     }
+                   }
+                 }
+                 (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
+                                                     R"(,"result":)", reply_result, "}"));
+                 return true;
+               }) {}
+};
+
+// The tensors of the UpdateTensors tests: several dtypes, a 2-D one, a scalar, an empty one.
+struct SampleTensors {
+  float f32[6] = {1.5f, -2, 3, 4, 5, 6};
+  uint16_t bf16[4] = {0x3f80, 0x4000, 0xc040, 0x0000};  // 1, 2, -3, 0
+  int64_t i64[3] = {-1, 1LL << 40, 7};
+  float scalar = 42;
+  std::vector<UpdateTensor> tensors{
+      {"model.layers.0.mlp.up_proj.weight", DType::kF32, {2, 3}, f32, sizeof(f32)},
+      {"model.norm.weight", DType::kBF16, {4}, bf16, sizeof(bf16)},
+      {"ids", DType::kI64, {3}, i64, sizeof(i64)},
+      {"scale", DType::kF32, {}, &scalar, sizeof(scalar)},
+      {"empty", DType::kU8, {0, 5}, nullptr, 0},
+  };
+};
+
+// What weightd's own safetensors parser reads back from a written file, checked against `in`.
+void ExpectSafetensorsHolds(const std::string& file, const std::vector<UpdateTensor>& in) {
+  absl::StatusOr<SafetensorsFile> parsed = ParseSafetensorsBuffer(file, "update memfd");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->data_offset % 8, 0u);
+  EXPECT_EQ(parsed->file_size, file.size());
+  ASSERT_EQ(parsed->header.tensors.size(), in.size());
+  for (const UpdateTensor& t : in) {
+    const TensorInfo* got = nullptr;
+    for (const TensorInfo& i : parsed->header.tensors) {
+      if (i.name == t.name) got = &i;
+    }
+    ASSERT_NE(got, nullptr) << t.name;
+    EXPECT_EQ(got->dtype, t.dtype) << t.name;
+    EXPECT_EQ(got->shape, t.shape) << t.name;
+    ASSERT_EQ(got->nbytes(), t.nbytes) << t.name;
+    EXPECT_EQ(file.substr(parsed->data_offset + got->begin, t.nbytes),
+              std::string(static_cast<const char*>(t.data), t.nbytes))
+        << t.name;
+  }
+}
+
+TEST(ClientUpdateTest, SafetensorsMemfdParsesWithWeightdsParser) {
+  SampleTensors s;
+  absl::StatusOr<UniqueFd> fd = detail::WriteSafetensorsMemfd(s.tensors);
+  ASSERT_TRUE(fd.ok()) << fd.status();
+  EXPECT_EQ(::fcntl(fd->get(), F_GET_SEALS),
+            F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+  EXPECT_EQ(::fcntl(fd->get(), F_GETFD) & FD_CLOEXEC, FD_CLOEXEC);
+  struct stat st;
+  ASSERT_EQ(::fstat(fd->get(), &st), 0);
+  std::string file(static_cast<size_t>(st.st_size), '\0');
+  ASSERT_EQ(::pread(fd->get(), file.data(), file.size(), 0), st.st_size);
+  ExpectSafetensorsHolds(file, s.tensors);
+  // The header is the JSON object padded with spaces; the tensors follow it back to back in
+  // the given order.
+  absl::StatusOr<SafetensorsFile> parsed = ParseSafetensorsBuffer(file, "update memfd");
+  ASSERT_TRUE(parsed.ok());
+  const std::string header = file.substr(8, parsed->data_offset - 8);
+  EXPECT_EQ(header.substr(header.rfind('}') + 1).find_first_not_of(' '), std::string::npos);
+  EXPECT_LT(header.size() - header.rfind('}'), 9u);
+  uint64_t at = 0;
+  for (const UpdateTensor& t : s.tensors) {
+    for (const TensorInfo& i : parsed->header.tensors) {
+      if (i.name == t.name) {
+        EXPECT_EQ(i.begin, at) << t.name;
+      }
+    }
+    at += t.nbytes;
+  }
+  // The file as a file: weightd's path-based reader (what the daemon's checkpoint code uses).
+  absl::StatusOr<SafetensorsFile> by_path =
+      ReadSafetensorsFile(absl::StrCat("/proc/self/fd/", fd->get()));
+  ASSERT_TRUE(by_path.ok()) << by_path.status();
+  EXPECT_EQ(by_path->header.tensors.size(), s.tensors.size());
+  // The memory cannot be changed any more.
+  EXPECT_EQ(::pwrite(fd->get(), "x", 1, 0), -1);
+  EXPECT_EQ(::ftruncate(fd->get(), 1), -1);
+  // No tensors: a valid empty file.
+  fd = detail::WriteSafetensorsMemfd({});
+  ASSERT_TRUE(fd.ok()) << fd.status();
+  ASSERT_TRUE(ReadSafetensorsFile(absl::StrCat("/proc/self/fd/", fd->get())).ok());
+}
+
+TEST(ClientUpdateTest, UpdateTensorsSendsExactlyOneSealedSafetensorsMemfd) {
+  UpdateFake f;
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  SampleTensors s;
+  const int fds_before = OpenFds();
+  absl::StatusOr<UpdateResult> r = c->UpdateTensors("m", s.tensors);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(OpenFds(), fds_before) << "the memfd (or its duplicate) leaked";
+  EXPECT_EQ(r->generation, 2u);
+  EXPECT_EQ(r->state, "ready");
+  EXPECT_DOUBLE_EQ(r->seconds, 0.25);
+  EXPECT_EQ(r->bytes_read, 64u);
+  EXPECT_EQ(r->ranks_rewritten, 1u);
+  EXPECT_EQ(r->targets_rewritten, 3u);
+  EXPECT_EQ(r->targets_copied, 4u);
+  ASSERT_EQ(f.requests.size(), 1u);
+  EXPECT_THAT(f.requests[0], HasSubstr(R"("wait":true)"));
+  EXPECT_THAT(f.requests[0], HasSubstr(R"("name":"m")"));
+  EXPECT_THAT(f.requests[0], ::testing::Not(HasSubstr("checkpoint")));
+  EXPECT_EQ(f.fd_counts, std::vector<int>{1});
+  EXPECT_EQ(f.seals, kSeals);
+  ExpectSafetensorsHolds(f.file, s.tensors);
+  EXPECT_EQ(UpdateResultToJson("m", *r),
+            R"({"bytes_read":64,"generation":2,"name":"m","ranks_rewritten":1,)"
+            R"("seconds":0.25,"state":"ready","targets_copied":4,"targets_rewritten":3})");
+}
+
+TEST(ClientUpdateTest, UpdateTensorsRefusesBadInputWithoutSending) {
+  float x[4] = {};
+  struct Case {
+    std::vector<UpdateTensor> tensors;
+    const char* expect;
+  };
+  const std::vector<Case> cases = {
+      {{{"a", DType::kF32, {4}, x, 15}},
+       "update tensor 0 'a': nbytes is 15 but its shape and dtype F32 make 16 bytes"},
+      {{{"a", DType::kF32, {2}, x, 8}, {"a", DType::kF32, {2}, x, 8}},
+       "update tensor 1 'a': the name appears twice"},
+      {{{"", DType::kF32, {2}, x, 8}}, "update tensor 0 has an empty name"},
+      {{{"a", DType::kF32, {-2}, x, 8}}, "update tensor 0 'a': dimension -2 is negative"},
+      {{{"a", DType::kF32, {2}, nullptr, 8}}, "update tensor 0 'a': data is null"},
+      {{{"__metadata__", DType::kU8, {1}, x, 1}}, "reserved by the safetensors format"},
+      {{{"a\xff", DType::kU8, {1}, x, 1}}, "update tensor 0: the name is not UTF-8 text"},
+      {{{"a", DType::kU8, {int64_t{1} << 40, int64_t{1} << 40}, x, 0}}, "the byte count overflows"},
+  };
+  UpdateFake f;
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  for (const Case& tc : cases) {
+    absl::StatusOr<UpdateResult> r = c->UpdateTensors("m", tc.tensors);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << tc.expect;
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr(tc.expect));
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("update of model 'm'"));
+  }
+  EXPECT_TRUE(f.requests.empty());
+}
+
+TEST(ClientUpdateTest, UpdateFromCheckpointAndFromFd) {
+  UpdateFake f;
+  f.reply_result = R"({"name":"m","generation":5,"state":"updating"})";
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  absl::StatusOr<UpdateResult> r = c->Update("m", "/models/new", /*wait=*/false);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->generation, 5u);
+  EXPECT_EQ(r->state, "updating");
+  EXPECT_EQ(r->bytes_read, 0u);
+  EXPECT_EQ(r->seconds, 0);
+  ASSERT_EQ(f.requests.size(), 1u);
+  EXPECT_THAT(f.requests[0], HasSubstr(R"("checkpoint":"/models/new")"));
+  EXPECT_THAT(f.requests[0], ::testing::Not(HasSubstr("wait")));
+  EXPECT_EQ(f.fd_counts, std::vector<int>{0});
+
+  EXPECT_EQ(c->Update("m", "").status().code(), absl::StatusCode::kInvalidArgument);
+
+  // An fd the daemon could see change is refused before sending.
+  UniqueFd unsealed = Memfd("x", 1, F_SEAL_WRITE);
+  r = c->UpdateFromFd("m", unsealed.get());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()),
+              HasSubstr("lacks the seals F_SEAL_SHRINK|F_SEAL_GROW"));
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  r = c->UpdateFromFd("m", pipe_fds[0]);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("MFD_ALLOW_SEALING"));
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+  EXPECT_EQ(c->UpdateFromFd("m", -1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.requests.size(), 1u);
+
+  // A sealed one goes out as the request's one fd; the caller's fd stays open and its own.
+  UniqueFd sealed = Memfd("safetensors bytes", 17, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW);
+  const int fds_before = OpenFds();
+  r = c->UpdateFromFd("m", sealed.get(), /*wait=*/true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(OpenFds(), fds_before);
+  EXPECT_NE(::fcntl(sealed.get(), F_GETFD), -1);
+  ASSERT_EQ(f.requests.size(), 2u);
+  EXPECT_THAT(f.requests[1], HasSubstr(R"("wait":true)"));
+  EXPECT_EQ(f.fd_counts[1], 1);
+  EXPECT_EQ(f.file, "safetensors bytes");
+}
+
+// Requests as the fake saw them, answering each with `result`.
+absl::Status CallWith(const std::string& op, const std::string& result,
+                      const std::function<absl::Status(Client&)>& call,
+                      std::vector<std::string>* requests = nullptr) {
+  FakeDaemon d([](int) {},
+               [&](int sock, const std::string& request, const std::string& id,
+                   std::vector<UniqueFd>&) {
+                 if (request.find("\"" + op + "\"") == std::string::npos) return false;
+                 if (requests != nullptr) requests->push_back(request);
+                 (void)SendPacket(sock,
+                                  absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":)", result,
+                                               "}"));
+                 return true;
+               });
+  absl::StatusOr<Client> c = Client::Connect(d.path());
+  if (!c.ok()) return c.status();
+  return call(*c);
+}
+
+TEST(ClientUpdateTest, WaitGenerationClampsTheTimeoutAndDecodes) {
+  std::vector<std::string> requests;
+  GenerationWait got;
+  auto wait = [&](absl::Duration timeout) {
+    return [&, timeout](Client& c) -> absl::Status {
+      absl::StatusOr<GenerationWait> w = c.WaitGeneration("m", 3, timeout);
+      if (w.ok()) got = *w;
+      return w.status();
+    };
+  };
+  const std::string result = R"({"name":"m","generation":4,"timed_out":false})";
+  ASSERT_TRUE(CallWith("wait_generation", result, wait(absl::Hours(1)), &requests).ok());
+  EXPECT_EQ(got.generation, 4u);
+  EXPECT_FALSE(got.timed_out);
+  ASSERT_TRUE(CallWith("wait_generation", R"({"name":"m","generation":3,"timed_out":true})",
+                       wait(absl::Microseconds(10)), &requests)
+                  .ok());
+  EXPECT_EQ(got.generation, 3u);
+  EXPECT_TRUE(got.timed_out);
+  ASSERT_TRUE(CallWith("wait_generation", result, wait(-absl::Seconds(1)), &requests).ok());
+  ASSERT_TRUE(
+      CallWith("wait_generation", result, wait(absl::InfiniteDuration()), &requests).ok());
+  ASSERT_EQ(requests.size(), 4u);
+  EXPECT_THAT(requests[0], HasSubstr(R"("after":3)"));
+  EXPECT_THAT(requests[0], HasSubstr(R"("timeout_ms":600000)"));
+  EXPECT_THAT(requests[1], HasSubstr(R"("timeout_ms":1)"));
+  EXPECT_THAT(requests[2], HasSubstr(R"("timeout_ms":0)"));
+  EXPECT_THAT(requests[3], HasSubstr(R"("timeout_ms":600000)"));
+}
+
+TEST(ClientUpdateTest, RollbackDecodes) {
+  RollbackResult got;
+  ASSERT_TRUE(CallWith("rollback", R"({"name":"m","generation":6,"restored":4})",
+                       [&](Client& c) -> absl::Status {
+                         absl::StatusOr<RollbackResult> r = c.Rollback("m");
+                         if (r.ok()) got = *r;
+                         return r.status();
+                       })
+                  .ok());
+  EXPECT_EQ(got.generation, 6u);
+  EXPECT_EQ(got.restored, 4u);
+}
+
+TEST(ClientUpdateTest, MistypedGenerationRepliesAreErrorsNotExceptions) {
+  struct Case {
+    const char* op;
+    const char* result;
+    std::function<absl::Status(Client&)> call;
+  };
+  auto update = [](Client& c) { return c.Update("m", "/x").status(); };
+  auto wait = [](Client& c) { return c.WaitGeneration("m", 0, absl::Seconds(1)).status(); };
+  auto rollback = [](Client& c) { return c.Rollback("m").status(); };
+  auto attach = [](Client& c) { return c.Attach("m", 0).status(); };
+  const std::vector<Case> cases = {
+      {"update", R"({"generation":"2","state":"ready"})", update},
+      {"update", R"({"state":"ready"})", update},
+      {"update", R"({"generation":2})", update},
+      {"update", R"({"generation":-2,"state":"ready"})", update},
+      {"update", R"({"generation":2,"state":"ready","bytes_read":-1})", update},
+      {"update", R"({"generation":2,"state":"ready","targets_copied":1e300})", update},
+      {"update", R"({"generation":2,"state":"ready","seconds":"1"})", update},
+      {"wait_generation", R"({"generation":1})", wait},
+      {"wait_generation", R"({"generation":1,"timed_out":"no"})", wait},
+      {"wait_generation", R"({"generation":1.5,"timed_out":false})", wait},
+      {"wait_generation", R"({"generation":418446744073709551615096,"timed_out":false})", wait},
+      {"rollback", R"({"generation":2})", rollback},
+      {"rollback", R"({"generation":2,"restored":1.5})", rollback},
+      {"rollback", R"({"generation":null,"restored":1})", rollback},
+      {"attach", R"({"lease":1,"manifest_bytes":80,"generation":"2"})", attach},
+      {"attach", R"({"lease":1,"manifest_bytes":80,"generation":-1})", attach},
+  };
+  for (const Case& tc : cases) {
+    absl::Status s;
+    EXPECT_NO_THROW(s = CallWith(tc.op, tc.result, tc.call)) << tc.result;
+    EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << tc.op << " " << tc.result << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("malformed reply from weightd"))
+        << tc.result;
+  }
+}
+
+TEST(ClientUpdateTest, StatusDecodesGenerationsAndUpdateProgress) {
+  std::vector<ModelInfo> got;
+  auto status = [&](Client& c) -> absl::Status {
+    absl::StatusOr<std::vector<ModelInfo>> m = c.Status();
+    if (m.ok()) got = *m;
+    return m.status();
+  };
+  ASSERT_TRUE(CallWith("status",
+                       R"({"models":[{"name":"m","state":"ready","generation":3,)"
+                       R"("previous_generation":2,"update":{"state":"running","generation":4,)"
+                       R"("bytes_total":100,"bytes_done":40,"seconds":1.5},)"
+                       R"("ranks":[{"rank":0,"leases":[{"lease":9,"pid":1,"uid":2,)"
+                       R"("generation":3}]}]},{"name":"old","state":"ready","update":null}]})",
+                       status)
+                  .ok());
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].generation, 3u);
+  EXPECT_EQ(got[0].previous_generation, 2u);
+  ASSERT_TRUE(got[0].update.has_value());
+  EXPECT_EQ(got[0].update->state, "running");
+  EXPECT_EQ(got[0].update->generation, 4u);
+  EXPECT_EQ(got[0].update->bytes_total, 100u);
+  EXPECT_EQ(got[0].update->bytes_done, 40u);
+  EXPECT_DOUBLE_EQ(got[0].update->seconds, 1.5);
+  ASSERT_EQ(got[0].ranks.size(), 1u);
+  ASSERT_EQ(got[0].ranks[0].leases.size(), 1u);
+  EXPECT_EQ(got[0].ranks[0].leases[0].generation, 3u);
+  // An older daemon: no generations, no update.
+  EXPECT_EQ(got[1].generation, 0u);
+  EXPECT_EQ(got[1].previous_generation, 0u);
+  EXPECT_FALSE(got[1].update.has_value());
+  const std::string text = ModelsToJson(got);
+  EXPECT_THAT(text, HasSubstr(R"("generation":3)"));
+  EXPECT_THAT(text, HasSubstr(R"("previous_generation":2)"));
+  EXPECT_THAT(text, HasSubstr(R"("update":{"bytes_done":40,"bytes_total":100,"generation":4,)"
+                              R"("seconds":1.5,"state":"running"})"));
+  EXPECT_THAT(text, HasSubstr(R"("generation":3,"lease":9)"));
+
+  for (const char* models : {
+           R"([{"name":"m","generation":-1}])",
+           R"([{"name":"m","previous_generation":"2"}])",
+           R"([{"name":"m","update":5}])",
+           R"([{"name":"m","update":{"state":3}}])",
+           R"([{"name":"m","update":{"bytes_done":-4}}])",
+           R"([{"name":"m","update":{"error":[]}}])",
+           R"([{"name":"m","ranks":[{"leases":[{"generation":"x"}]}]}])",
+       }) {
+    absl::Status s;
+    EXPECT_NO_THROW(
+        s = CallWith("status", absl::StrCat(R"({"models":)", models, "}"), status));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << models << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("wrong type or range")) << models;
+  }
+}
+
+// CheckSameLayout directly: a manifest has its own layout; a CRC may differ; anything else not.
+TEST(ClientRefreshTest, CheckSameLayoutComparesEverythingButTheCrcs) {
+  const Manifest a = TwoTensorManifest(ArenaBytes(1));
+  Manifest b = TwoTensorManifest(ArenaBytes(2));
+  EXPECT_NE(a.tensors[0].crc32c, b.tensors[0].crc32c);
+  EXPECT_TRUE(detail::CheckSameLayout(a, a, "m", 0).ok());
+  EXPECT_TRUE(detail::CheckSameLayout(a, b, "m", 0).ok());
+  const std::vector<std::pair<std::function<void(Manifest&)>, const char*>> changes = {
+      {[](Manifest& m) { m.model = "n"; }, "the manifest is for model 'n' rank 0"},
+      {[](Manifest& m) { m.rank = 1; }, "the manifest is for model 'm' rank 1"},
+      {[](Manifest& m) { m.arenas.push_back({1, ArenaKind::kHostMemfd}); },
+       "2 arenas instead of 1"},
+      {[](Manifest& m) { m.arenas[0].kind = ArenaKind::kCudaVmm; }, "arena 0 kind 1 instead of 0"},
+      {[](Manifest& m) { m.tensors[1].strides = {2}; }, "tensor 'v' strides [2] instead of [1]"},
+      {[](Manifest& m) { m.tensors[1].arena = 1; }, "tensor 'v' arena 1 instead of 0"},
+      {[](Manifest& m) { m.tensors[1].nbytes = 9; }, "tensor 'v' nbytes 9 instead of 8"},
+      {[](Manifest& m) { m.tensors.pop_back(); }, "1 tensors instead of 2"},
+  };
+  for (const auto& [change, expect] : changes) {
+    Manifest c = b;
+    change(c);
+    const absl::Status s = detail::CheckSameLayout(a, c, "m", 0);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << expect;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(expect));
+    EXPECT_THAT(std::string(s.message()), HasSubstr("refresh of model 'm' rank 0"));
   }
 }
 
