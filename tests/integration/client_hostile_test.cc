@@ -9,8 +9,10 @@
 
 #include <dirent.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -26,6 +28,11 @@
 #include "weightd/manifest.h"
 #include "weightd/safetensors.h"
 #include "weightd/seqpacket.h"
+
+#if WEIGHTD_HAVE_CUDA_DRIVER
+#include "weightd/detail/cuda_driver.h"
+#include "weightd/detail/cuda_resources.h"
+#endif
 
 namespace weightd {
 namespace {
@@ -1206,6 +1213,294 @@ TEST(ClientRefreshTest, CheckSameLayoutComparesEverythingButTheCrcs) {
     EXPECT_THAT(std::string(s.message()), HasSubstr("refresh of model 'm' rank 0"));
   }
 }
+
+#if WEIGHTD_HAVE_CUDA_DRIVER
+
+// ---- Refresh of device arenas: the new allocation mapped at the same device address ----
+// Runs on the driver WEIGHTD_CUDA_DRIVER names (ctest's sim:client_device_refresh sets the
+// simulated one of tests/sim_cuda) or on a real GPU; skips without either. The test plays the
+// daemon itself: VMM allocations exported as POSIX fds, like the cuda backend's arenas.
+
+// One exported device allocation holding given bytes, as the daemon's cuda backend makes them.
+// The export fd keeps the memory alive after this owner releases its handle and mapping.
+class ExportedDeviceArena {
+ public:
+  ExportedDeviceArena(const CudaDriver& cu, CUdevice dev, size_t size, const std::string& bytes)
+      : cu_(cu), size_(size) {
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    EXPECT_EQ(cu.MemCreate(&handle_, size, &prop, 0), CUDA_SUCCESS);
+    EXPECT_EQ(cu.MemAddressReserve(&va_, size, 0, 0, 0), CUDA_SUCCESS);
+    EXPECT_EQ(cu.MemMap(va_, size, 0, handle_, 0), CUDA_SUCCESS);
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = dev;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    EXPECT_EQ(cu.MemSetAccess(va_, size, &access, 1), CUDA_SUCCESS);
+    EXPECT_EQ(cu.MemcpyHtoD(va_, bytes.data(), bytes.size()), CUDA_SUCCESS);
+    int fd = -1;
+    EXPECT_EQ(cu.MemExportToShareableHandle(&fd, handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                                            0),
+              CUDA_SUCCESS);
+    fd_ = UniqueFd(fd);
+  }
+  ExportedDeviceArena(const ExportedDeviceArena&) = delete;
+  ExportedDeviceArena& operator=(const ExportedDeviceArena&) = delete;
+  ~ExportedDeviceArena() {
+    (void)cu_.MemUnmap(va_, size_);
+    (void)cu_.MemAddressFree(va_, size_);
+    (void)cu_.MemRelease(handle_);
+  }
+  int fd() const { return fd_.get(); }
+
+ private:
+  const CudaDriver& cu_;
+  size_t size_;
+  CUmemGenericAllocationHandle handle_ = 0;
+  CUdeviceptr va_ = 0;
+  UniqueFd fd_;
+};
+
+class ClientDeviceRefreshTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<const CudaDriver*> cu = CudaDriver::Get();
+    if (!cu.ok()) GTEST_SKIP() << "no CUDA driver: " << cu.status();
+    cu_ = *cu;
+    absl::StatusOr<CudaPrimaryContext> ctx = CudaPrimaryContext::Retain(*cu_, 0);
+    ASSERT_TRUE(ctx.ok()) << ctx.status();
+    ctx_ = *std::move(ctx);
+    guard_.emplace(*cu_);
+    ASSERT_TRUE(guard_->Use(ctx_.get()).ok());
+    ASSERT_EQ(cu_->DeviceGet(&dev_, 0), CUDA_SUCCESS);
+    CUuuid u{};
+    ASSERT_EQ(cu_->DeviceGetUuid(&u, dev_), CUDA_SUCCESS);
+    static constexpr char kHex[] = "0123456789abcdef";
+    for (const char c : u.bytes) {
+      uuid_.push_back(kHex[static_cast<unsigned char>(c) >> 4]);
+      uuid_.push_back(kHex[static_cast<unsigned char>(c) & 15]);
+    }
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev_;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    ASSERT_EQ(cu_->MemGetAllocationGranularity(&gran_, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+              CUDA_SUCCESS);
+  }
+  void TearDown() override {
+    arenas_.clear();
+    guard_.reset();
+  }
+
+  // `n` device arenas of 4096 bytes (the allocation rounded up to the granularity), arena i
+  // holding tensor "t<i>", F32 [4] = {seed + i, ...}.
+  static std::string TensorBytes(int seed, int i) {
+    const float v[4] = {float(seed + i), float(seed + i) + 0.5f, float(seed + i) + 1, -1};
+    return std::string(reinterpret_cast<const char*>(v), sizeof(v));
+  }
+  static std::string DeviceManifestOf(int n, int seed) {
+    Manifest m;
+    m.model = "m";
+    m.device = 0;
+    for (int i = 0; i < n; ++i) {
+      const std::string b = TensorBytes(seed, i);
+      m.arenas.push_back({4096, ArenaKind::kCudaVmm});
+      m.tensors.push_back({"t" + std::to_string(i), DType::kF32, {4}, {1},
+                           static_cast<uint32_t>(i), 0, 16, Crc32c(b.data(), 16)});
+    }
+    return EncodeManifest(m);
+  }
+  // The reply and fds of generation `gen` (seed `gen * 10`); arena `bad` (if >= 0) is a plain
+  // memfd the driver cannot import instead of an exported allocation.
+  void SendDeviceGeneration(int sock, const std::string& id, int n, uint64_t gen, int bad = -1) {
+    // The fake daemon's thread allocates: the driver calls need the context current there too.
+    CudaContextGuard guard(*cu_);
+    EXPECT_TRUE(guard.Use(ctx_.get()).ok());
+    const int seed = static_cast<int>(gen) * 10;
+    const std::string man = DeviceManifestOf(n, seed);
+    std::string info;
+    for (int i = 0; i < n; ++i) {
+      absl::StrAppend(&info, i ? "," : "", R"({"kind":"cuda","device_uuid":")", uuid_, R"("})");
+    }
+    kept_.push_back(Memfd(man, man.size(), kSeals));
+    std::vector<int> fds = {kept_.back().get()};
+    for (int i = 0; i < n; ++i) {
+      if (i == bad) {
+        kept_.push_back(Memfd("", gran_, kSeals));
+        fds.push_back(kept_.back().get());
+        continue;
+      }
+      arenas_.push_back(
+          std::make_unique<ExportedDeviceArena>(*cu_, dev_, gran_, TensorBytes(seed, i)));
+      fds.push_back(arenas_.back()->fd());
+    }
+    (void)SendPacket(sock,
+                     AttachReplyText(id, man.size(), gen,
+                                     absl::StrCat(R"(,"unchanged":false,"arena_info":[)", info,
+                                                  "]")),
+                     fds);
+  }
+  std::string ReadTensor(const Attachment& a, int i) {
+    std::string out(16, '\0');
+    const TensorView* t = a.Find("t" + std::to_string(i));
+    if (t == nullptr) return "no tensor";
+    const absl::Status s = a.Read(*t, 0, out.data(), 16);
+    return s.ok() ? out : std::string(s.message());
+  }
+
+  const CudaDriver* cu_ = nullptr;
+  CudaPrimaryContext ctx_;
+  std::optional<CudaContextGuard> guard_;
+  CUdevice dev_ = 0;
+  std::string uuid_;
+  size_t gran_ = 0;
+  std::vector<std::unique_ptr<ExportedDeviceArena>> arenas_;
+  std::vector<UniqueFd> kept_;
+};
+
+TEST_F(ClientDeviceRefreshTest, RemapsAtTheSameDeviceAddress) {
+  int refresh_gen = 2, bad = -1;
+  FakeDaemon d([&](int sock) { SendDeviceGeneration(sock, "2", 1, 1); },
+               [&](int sock, const std::string& request, const std::string& id,
+                   std::vector<UniqueFd>&) {
+                 if (request.find("\"refresh\"") == std::string::npos) return false;
+                 SendDeviceGeneration(sock, id, 1, refresh_gen, bad);
+                 return true;
+               });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const TensorView* t = a->Find("t0");
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->device, 0);
+  const void* va = t->data;
+  EXPECT_EQ(ReadTensor(*a, 0), TensorBytes(10, 0));
+
+  absl::StatusOr<bool> changed = a->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_TRUE(*changed);
+  EXPECT_EQ(a->generation(), 2u);
+  EXPECT_EQ(a->Find("t0"), t);
+  EXPECT_EQ(t->data, va);
+  EXPECT_EQ(ReadTensor(*a, 0), TensorBytes(20, 0));
+  EXPECT_EQ(t->crc32c, Crc32c(TensorBytes(20, 0).data(), 16));
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+  // Through the driver at the same address, not only through the attachment's own mapping.
+  float first = 0;
+  ASSERT_EQ(cu_->MemcpyDtoH(&first, reinterpret_cast<CUdeviceptr>(va), sizeof(first)),
+            CUDA_SUCCESS);
+  EXPECT_EQ(first, 20.0f);
+
+  // A new arena the driver cannot import: the error names the arena, generation 2 stays mapped.
+  refresh_gen = 3;
+  bad = 0;
+  changed = a->Refresh();
+  EXPECT_FALSE(changed.ok());
+  EXPECT_THAT(std::string(changed.status().message()),
+              HasSubstr("refresh of model 'm' rank 0 (lease 1): arena 0 (GPU memory): "
+                        "cuMemImportFromShareableHandle failed"));
+  EXPECT_EQ(a->generation(), 2u);
+  EXPECT_EQ(t->data, va);
+  EXPECT_EQ(ReadTensor(*a, 0), TensorBytes(20, 0));
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+}
+
+// Arena 1 of 3 fails after arena 0 was already replaced: arena 0 gets its old memory back, so
+// the attachment maps generation 1 whole, never a mix.
+TEST_F(ClientDeviceRefreshTest, AFailedArenaPutsTheReplacedOnesBack) {
+  FakeDaemon d([&](int sock) { SendDeviceGeneration(sock, "2", 3, 1); },
+               [&](int sock, const std::string& request, const std::string& id,
+                   std::vector<UniqueFd>&) {
+                 if (request.find("\"refresh\"") == std::string::npos) return false;
+                 SendDeviceGeneration(sock, id, 3, 2, /*bad=*/1);
+                 return true;
+               });
+  auto c = Client::Connect(d.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  std::vector<const void*> vas;
+  for (const TensorView& t : a->tensors()) vas.push_back(t.data);
+  absl::StatusOr<bool> changed = a->Refresh();
+  EXPECT_FALSE(changed.ok());
+  EXPECT_THAT(std::string(changed.status().message()), HasSubstr("arena 1 (GPU memory)"));
+  EXPECT_THAT(std::string(changed.status().message()), ::testing::Not(HasSubstr("restoring")));
+  EXPECT_EQ(a->generation(), 1u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(a->tensors()[i].data, vas[i]) << i;
+    EXPECT_EQ(ReadTensor(*a, i), TensorBytes(10, i)) << i;
+  }
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+}
+
+// cuMemMap failing after cuMemUnmap, through the simulated driver's WDSIM_FAIL: the 4th cuMemMap
+// of the process is the client's map of the new memory (1: the fake's generation 1, 2: the
+// client's attach, 3: the fake's generation 2). The ctest entries sim:client_device_refresh_*
+// set it; elsewhere these tests skip.
+class ClientDeviceRemapFailureTest : public ClientDeviceRefreshTest {
+ protected:
+  // `out` must die before the fixture: its connection keeps the fake daemon's thread serving.
+  absl::Status AttachAndRefresh(std::optional<Attachment>* out) {
+    daemon_ = std::make_unique<FakeDaemon>(
+        [&](int sock) { SendDeviceGeneration(sock, "2", 1, 1); },
+        [&](int sock, const std::string& request, const std::string& id, std::vector<UniqueFd>&) {
+          if (request.find("\"refresh\"") == std::string::npos) return false;
+          SendDeviceGeneration(sock, id, 1, 2);
+          return true;
+        });
+    auto c = Client::Connect(daemon_->path());
+    if (!c.ok()) return c.status();
+    auto a = c->Attach("m", 0);
+    if (!a.ok()) return a.status();
+    out->emplace(*std::move(a));
+    return (*out)->Refresh().status();
+  }
+  static bool FailSet(const char* value) {
+    const char* env = std::getenv("WDSIM_FAIL");
+    return env != nullptr && std::string(env) == value;
+  }
+  std::unique_ptr<FakeDaemon> daemon_;
+};
+
+TEST_F(ClientDeviceRemapFailureTest, MapFailsAndTheOldMemoryIsMappedBack) {
+  if (!FailSet("cuMemMap:4:CUDA_ERROR_OUT_OF_MEMORY")) {
+    GTEST_SKIP() << "needs the simulated driver with WDSIM_FAIL=cuMemMap:4:CUDA_ERROR_OUT_OF_MEMORY";
+  }
+  std::optional<Attachment> a;
+  const absl::Status s = AttachAndRefresh(&a);
+  ASSERT_TRUE(a.has_value()) << s;
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("arena 0 (GPU memory): cuMemMap failed"));
+  EXPECT_THAT(std::string(s.message()), ::testing::Not(HasSubstr("back failed")));
+  EXPECT_EQ(a->generation(), 1u);
+  EXPECT_EQ(ReadTensor(*a, 0), TensorBytes(10, 0));
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+}
+
+TEST_F(ClientDeviceRemapFailureTest, MapAndRestoreFailAndTheRangeIsReportedUnmapped) {
+  if (!FailSet("cuMemMap:4:CUDA_ERROR_OUT_OF_MEMORY,cuMemMap:5:CUDA_ERROR_OUT_OF_MEMORY")) {
+    GTEST_SKIP() << "needs the simulated driver with WDSIM_FAIL=cuMemMap:4:...,cuMemMap:5:...";
+  }
+  std::optional<Attachment> a;
+  const absl::Status s = AttachAndRefresh(&a);
+  ASSERT_TRUE(a.has_value()) << s;
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("mapping the old memory back failed too, the range is unmapped"));
+  EXPECT_EQ(a->generation(), 1u);
+  // Defined, not silent: reads fail saying why, another refresh is refused, detach works.
+  EXPECT_THAT(ReadTensor(*a, 0), HasSubstr("unmapped"));
+  EXPECT_FALSE(a->Verify().ok());
+  EXPECT_THAT(std::string(a->Refresh().status().message()), HasSubstr("unmapped"));
+  EXPECT_TRUE(a->Detach().ok());
+}
+
+#endif  // WEIGHTD_HAVE_CUDA_DRIVER
 
 }  // namespace
 }  // namespace weightd

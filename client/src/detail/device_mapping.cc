@@ -133,9 +133,11 @@ absl::Status DeviceMapping::Remap(int fd, absl::string_view uuid_hex) {
   CudaContextGuard guard(cu);
   WD_RETURN_IF_ERROR(guard.Use(static_cast<CUcontext>(ctx_)));
   CUmemGenericAllocationHandle next = 0;
-  WD_CU_RETURN_IF_ERROR(cu, cu.MemImportFromShareableHandle(
-                                &next, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
-                                CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
+  WD_RETURN_IF_ERROR(Check(cu,
+                           cu.MemImportFromShareableHandle(
+                               &next, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
+                               CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                           "cuMemImportFromShareableHandle", __LINE__));
   CUmemAccessDesc access{};
   access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   access.location.id = device_;
