@@ -1,6 +1,6 @@
 // Writes a fixed set of tensors with the client's safetensors memfd writer
 // (client/src/detail/safetensors_memfd.h, what Client::UpdateTensors sends) and copies the
-// sealed memfd's bytes to the file named by argv[1], for tests/python/test_update_memfd.py to
+// sealed memfd's bytes to the file named by argv[1], for tests/python/test_client_generations.py to
 // read with the `safetensors` package (an implementation independent of weightd).
 //
 // The tensors (the Python test expects exactly these):

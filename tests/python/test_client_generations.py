@@ -8,10 +8,11 @@
    libweightd_client.so to a fake daemon written here (SOCK_SEQPACKET, SCM_RIGHTS, the manifest
    format of docs/PROTOCOL.md), which checks the update memfd and serves a refresh: the arrays
    and tensors made by attach() show the new generation's bytes in place.
+3. weightctl update / rollback / wait-generation / status against the same fake daemon.
 
 End-to-end tests against the real daemon's update support are left to the daemon's own tests.
 
-Environment (set by ctest): WEIGHTD_CLIENT_LIB, PYTHONPATH=client/python,
+Environment (set by ctest): WEIGHTD_CLIENT_LIB, PYTHONPATH=client/python, WEIGHTCTL,
 WD_SAFETENSORS_MEMFD_DUMP (the C++ writer's dump tool), WEIGHTD_CHECKPOINT_PYTHON (an
 interpreter with `safetensors`, when this one lacks it), WEIGHTD_REQUIRE_TORCH=1 (the torch
 run: torch tests must not skip).
@@ -262,9 +263,11 @@ def sealed_memfd(data, size=None):
 
 
 class FakeDaemon:
-    """One connection's worth of weightd: hello, attach/refresh of model "m" rank 0 (an F32 [4]
-    tensor "w" holding `values[generation]`), detach, update (keeps the fd it got),
-    wait_generation, rollback. Every request lands in `requests`."""
+    """weightd for one connection at a time: hello, attach/refresh of model "m" rank 0 (an F32
+    [4] tensor "w" holding `values[generation]`), detach, status, update (keeps the fd it got;
+    `update_statuses` are what the following status requests show of it), wait_generation
+    (answers `wait_replies` in turn, the last one from then on), rollback. Every request lands
+    in `requests`."""
 
     ARENA = 4096
 
@@ -278,14 +281,19 @@ class FakeDaemon:
         self.values = {1: [1, 2, 3, 4], 2: [5, 6, 7, 8]}
         self.requests = []
         self.update_fds = []
-        self.wait_reply = {"generation": 2, "timed_out": False}
+        self.wait_replies = [{"generation": 2, "timed_out": False}]
+        self.update_statuses = []
+        self.previous_generation = 0
         self.errors = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def close(self):
+        # shutdown() wakes the accept() the serving thread blocks in; close() alone would not.
+        self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "the fake daemon's thread did not end"
         for fd in self.update_fds:
             os.close(fd)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -299,10 +307,14 @@ class FakeDaemon:
         return result, [sealed_memfd(man), sealed_memfd(arena, self.ARENA)]
 
     def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self._serve_one(conn)
+
+    def _serve_one(self, conn):
         with conn:
             while True:
                 msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 8)
@@ -339,6 +351,8 @@ class FakeDaemon:
                 self.generation = 2
                 return self._attach_reply(req, {"unchanged": False})
             return {"name": "m", "rank": 0, "lease": 1, "generation": 2, "unchanged": True}, []
+        if op == "status":
+            return {"models": [self._status()]}, []
         if op == "update":
             self.update_fds.extend(fds)
             return {"name": req["name"], "generation": 3,
@@ -346,10 +360,28 @@ class FakeDaemon:
                     **({"seconds": 0.5, "bytes_read": 16, "ranks_rewritten": 1,
                         "targets_rewritten": 1, "targets_copied": 0} if req.get("wait") else {})}, []
         if op == "wait_generation":
-            return {"name": req["name"], **self.wait_reply}, []
+            reply = self.wait_replies.pop(0) if len(self.wait_replies) > 1 else self.wait_replies[0]
+            return {"name": req["name"], **reply}, []
         if op == "rollback":
             return {"name": req["name"], "generation": 4, "restored": 2}, []
         return {}, []
+
+    def _status(self):
+        m = {"name": "m", "state": "ready", "checkpoint": "/ckpt", "backend": "host", "tp": 1,
+             "bytes_total": 4096, "bytes_done": 4096, "seconds": 0.5,
+             "generation": self.generation, "previous_generation": self.previous_generation,
+             "ranks": [{"rank": 0, "device": -1, "state": "ready", "arena_bytes": 4096,
+                        "tensors": 1, "lease_count": 1,
+                        "leases": [{"lease": 1, "pid": 99, "uid": 0,
+                                    "generation": self.generation}]}]}
+        if self.update_statuses:
+            update = self.update_statuses.pop(0) if len(self.update_statuses) > 1 \
+                else self.update_statuses[0]
+            m["update"] = update
+            if update["state"] == "done":
+                self.generation = update["generation"]
+                m["generation"] = self.generation
+        return m
 
 
 @pytest.fixture
@@ -433,8 +465,87 @@ def test_wait_generation_and_rollback(fake):
     assert c.wait_generation("m", 1, timeout=5) == (2, False)
     req = [r for r in fake.requests if r["op"] == "wait_generation"][-1]
     assert req["after"] == 1 and 4000 <= req["timeout_ms"] <= 5000
-    fake.wait_reply = {"generation": 1, "timed_out": True}
+    fake.wait_replies = [{"generation": 1, "timed_out": True}]
     assert c.wait_generation("m", 1, timeout=0) == (1, True)
     assert [r for r in fake.requests if r["op"] == "wait_generation"][-1]["timeout_ms"] == 0
     assert c.rollback("m") == 4
     c.close()
+
+
+# ---- 3. weightctl against the fake daemon ----------------------------------------------------
+
+def weightctl(fake, *args):
+    tool = os.environ.get("WEIGHTCTL")
+    if not tool:
+        pytest.skip("WEIGHTCTL is not set")
+    return subprocess.run([tool, *args, "--socket", fake.path], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_weightctl_update_wait_follows_status_to_the_new_generation(fake, tmp_path):
+    fake.update_statuses = [
+        {"state": "running", "generation": 3, "bytes_total": 100, "bytes_done": 40,
+         "seconds": 0.2},
+        {"state": "done", "generation": 3, "bytes_total": 100, "bytes_done": 100,
+         "seconds": 0.5},
+    ]
+    r = weightctl(fake, "update", "m", "rel/ckpt", "--wait")
+    assert r.returncode == 0, r.stderr
+    # Not a terminal: no progress bar, one final line.
+    assert r.stdout == "m: generation 3 published in 0.500 s (100 B read, 0.00 GB/s)\n"
+    update = [q for q in fake.requests if q["op"] == "update"]
+    assert len(update) == 1 and "wait" not in update[0]
+    assert os.path.isabs(update[0]["checkpoint"]) and update[0]["checkpoint"].endswith("rel/ckpt")
+    assert [q["op"] for q in fake.requests].count("status") == 2
+
+
+def test_weightctl_update_wait_fails_with_the_updates_error(fake):
+    fake.update_statuses = [
+        {"state": "failed", "generation": 3, "bytes_total": 100, "bytes_done": 10,
+         "seconds": 0.1, "error": "model.x.weight: file changed while read"},
+    ]
+    r = weightctl(fake, "update", "m", "/ckpt")
+    assert r.returncode == 0 and "updating m to generation 3" in r.stdout, r.stderr
+    r = weightctl(fake, "update", "m", "/ckpt", "--wait")
+    assert r.returncode == 1
+    assert "update of m to generation 3 failed: model.x.weight: file changed while read" in r.stderr
+
+
+def test_weightctl_status_shows_generations_and_the_update(fake):
+    fake.previous_generation = 1
+    fake.generation = 2
+    fake.update_statuses = [{"state": "running", "generation": 3, "bytes_total": 200,
+                             "bytes_done": 50, "seconds": 1.0}]
+    r = weightctl(fake, "status", "m")
+    assert r.returncode == 0, r.stderr
+    assert "generation 2 (previous 1)" in r.stdout
+    assert "update to generation 3: [" in r.stdout and " 25.0% " in r.stdout
+    r = weightctl(fake, "status", "m", "--json")
+    m = json.loads(r.stdout)["models"][0]
+    assert (m["generation"], m["previous_generation"]) == (2, 1)
+    assert m["update"]["state"] == "running" and m["update"]["bytes_done"] == 50
+    assert m["ranks"][0]["leases"][0]["generation"] == 2
+
+
+def test_weightctl_rollback_and_wait_generation(fake):
+    r = weightctl(fake, "rollback", "m")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "m: generation 4 serves the weights of generation 2\n"
+
+    fake.wait_replies = [{"generation": 2, "timed_out": False}]
+    r = weightctl(fake, "wait-generation", "m", "--after", "1")
+    assert (r.returncode, r.stdout) == (0, "2\n"), r.stderr
+    waits = [q for q in fake.requests if q["op"] == "wait_generation"]
+    assert waits[-1]["after"] == 1 and waits[-1]["timeout_ms"] == 600000
+
+    # Without --timeout a timed-out wait is asked again until the generation moves.
+    fake.wait_replies = [{"generation": 1, "timed_out": True}, {"generation": 1, "timed_out": True},
+                         {"generation": 5, "timed_out": False}]
+    r = weightctl(fake, "wait-generation", "m", "--after", "1")
+    assert (r.returncode, r.stdout) == (0, "5\n"), r.stderr
+
+    fake.wait_replies = [{"generation": 1, "timed_out": True}]
+    r = weightctl(fake, "wait-generation", "m", "--after", "1", "--timeout", "0.2")
+    assert (r.returncode, r.stdout) == (1, "1\n")
+    assert "still at generation 1 after 0.2 s" in r.stderr
+    assert 0 < [q for q in fake.requests if q["op"] == "wait_generation"][-1]["timeout_ms"] <= 200
