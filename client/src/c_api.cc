@@ -268,8 +268,7 @@ int UpdateOut(const std::string& name, const absl::StatusOr<weightd::UpdateResul
 
 }  // namespace
 
-int wd_update(wd_client* c, const char* name, const char* checkpoint, int wait,
-              char** out_json) {
+int wd_update(wd_client* c, const char* name, const char* checkpoint, int wait, char** out_json) {
   return Guard([&]() -> int {
     WD_REQUIRE(c != nullptr, "wd_update: client is NULL");
     WD_REQUIRE(name != nullptr && checkpoint != nullptr, "wd_update: name or checkpoint is NULL");

@@ -75,8 +75,9 @@ struct Client::Impl {
       for (int64_t i = 0; i < extra; ++i) {
         absl::StatusOr<json> cont = Receive(id, &reply.fds);
         if (!cont.ok()) {
-          return absl::Status(cont.status().code(), absl::StrCat(OpName(req.op), " continuation: ",
-                                                                 cont.status().message()));
+          return absl::Status(
+              cont.status().code(),
+              absl::StrCat(OpName(req.op), " continuation: ", cont.status().message()));
         }
       }
     }
@@ -409,8 +410,8 @@ absl::StatusOr<bool> Attachment::Refresh() {
     return absl::FailedPreconditionError("refresh of a detached attachment");
   }
   Impl& im = *impl_;
-  const std::string where = absl::StrCat("refresh of model '", im.model, "' rank ", im.rank,
-                                         " (lease ", im.lease, ")");
+  const std::string where =
+      absl::StrCat("refresh of model '", im.model, "' rank ", im.rank, " (lease ", im.lease, ")");
   Request r;
   r.op = Op::kRefresh;
   r.name = im.model;
@@ -426,10 +427,10 @@ absl::StatusOr<bool> Attachment::Refresh() {
       return absl::InternalError(absl::StrCat(where, ": weightd answered for lease ", res->lease));
     }
     if (res->generation != im.generation) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          where, ": weightd counts the lease on generation ", res->generation,
-          " but this attachment maps generation ", im.generation,
-          " (an earlier refresh failed); detach and attach again"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, ": weightd counts the lease on generation ", res->generation,
+                       " but this attachment maps generation ", im.generation,
+                       " (an earlier refresh failed); detach and attach again"));
     }
     return false;
   }
@@ -579,8 +580,8 @@ absl::StatusOr<UpdateResult> Client::UpdateFromFd(const std::string& name, int m
                                           {F_SEAL_GROW, "F_SEAL_GROW"}}) {
       if ((seals & seal) == 0) absl::StrAppend(&missing, missing.empty() ? "" : "|", seal_name);
     }
-    return absl::InvalidArgumentError(absl::StrCat(
-        where, ": the memfd lacks the seals ", missing, " (the daemon reads it while it runs)"));
+    return absl::InvalidArgumentError(absl::StrCat(where, ": the memfd lacks the seals ", missing,
+                                                   " (the daemon reads it while it runs)"));
   }
   // Our own reference for the send, so a caller closing its fd from another thread meanwhile
   // cannot make us send an unrelated file that reused the number.

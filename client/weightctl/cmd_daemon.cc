@@ -392,8 +392,8 @@ int UpdateMain(int argc, char** argv) {
     const bool ours = u && u->generation == target;
     if (ours && u->state == "failed") {
       if (drawn) std::printf("\033[1A\033[2K");
-      std::fprintf(stderr, "weightctl: update of %s to generation %llu failed: %s\n",
-                   name.c_str(), static_cast<unsigned long long>(target), u->error.c_str());
+      std::fprintf(stderr, "weightctl: update of %s to generation %llu failed: %s\n", name.c_str(),
+                   static_cast<unsigned long long>(target), u->error.c_str());
       return 1;
     }
     if (m.generation >= target || (ours && u->state == "done")) {
@@ -454,8 +454,9 @@ int WaitGenerationMain(int argc, char** argv) {
       "  gen=$(weightctl wait-generation llama --after \"$gen\" --timeout 600) && reload\n");
   if (int rc = ParseOrExit(p, argc, argv); rc >= 0) return rc;
   if (after_text.empty()) {
-    std::fprintf(stderr, "weightctl: --after N is required (see weightctl wait-generation "
-                         "--help)\n");
+    std::fprintf(stderr,
+                 "weightctl: --after N is required (see weightctl wait-generation "
+                 "--help)\n");
     return 2;
   }
   uint64_t after = 0;
@@ -488,9 +489,8 @@ int WaitGenerationMain(int argc, char** argv) {
     }
     if (deadline && absl::Now() >= *deadline) {
       std::printf("%llu\n", static_cast<unsigned long long>(w->generation));
-      std::fprintf(stderr, "weightctl: %s is still at generation %llu after %s s\n",
-                   name.c_str(), static_cast<unsigned long long>(w->generation),
-                   timeout_text.c_str());
+      std::fprintf(stderr, "weightctl: %s is still at generation %llu after %s s\n", name.c_str(),
+                   static_cast<unsigned long long>(w->generation), timeout_text.c_str());
       return 1;
     }
   }

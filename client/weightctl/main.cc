@@ -1,8 +1,8 @@
 // weightctl: the command-line client of weightd.
 #include <cstdio>
 #include <cstring>
-#include "absl/strings/string_view.h"
 
+#include "absl/strings/string_view.h"
 #include "weightctl/commands.h"
 
 namespace {

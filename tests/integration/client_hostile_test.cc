@@ -1,13 +1,12 @@
 // The C++ client against a fake daemon that lies: unsealed or resizable memfds, manifests that
 // do not parse, fd counts and sizes that disagree with the manifest. Every case must end in an
 // error naming the problem, never in a crash, a SIGBUS or a pointer outside a mapping.
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
-
-#include <dirent.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -344,13 +343,13 @@ TEST(ClientHostileTest, DeviceArenaWithBadUuidOrArenaInfo) {
 // throws on a type mismatch; such a reply used to throw out of Client::Connect, List or Attach.
 absl::Status ConnectAnd(const std::string& op_in_request, const std::string& reply_result,
                         const std::function<absl::Status(Client&)>& call) {
-  FakeDaemon d([](int) {},
-               [&](int sock, const std::string& request, const std::string& id,
-                   std::vector<UniqueFd>&) {
-                 if (request.find(op_in_request) == std::string::npos) return false;
-                 (void)SendPacket(sock, absl::StrReplaceAll(reply_result, {{"$ID", id}}));
-                 return true;
-               });
+  FakeDaemon d(
+      [](int) {},
+      [&](int sock, const std::string& request, const std::string& id, std::vector<UniqueFd>&) {
+        if (request.find(op_in_request) == std::string::npos) return false;
+        (void)SendPacket(sock, absl::StrReplaceAll(reply_result, {{"$ID", id}}));
+        return true;
+      });
   absl::StatusOr<Client> c = Client::Connect(d.path());
   if (!c.ok()) return c.status();
   return call(*c);
@@ -591,10 +590,10 @@ TEST(ClientRefreshTest, UnchangedChangesNothing) {
   RefreshFake f;
   uint64_t answer_generation = 1;
   f.refresh = [&](int sock, const std::string& id) {
-    (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
-                                        R"(,"result":{"name":"m","rank":0,"lease":1,)",
-                                        R"("generation":)", answer_generation,
-                                        R"(,"unchanged":true}})"));
+    (void)SendPacket(
+        sock,
+        absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":{"name":"m","rank":0,"lease":1,)",
+                     R"("generation":)", answer_generation, R"(,"unchanged":true}})"));
   };
   auto c = Client::Connect(f.daemon.path());
   ASSERT_TRUE(c.ok()) << c.status();
@@ -635,7 +634,8 @@ TEST(ClientRefreshTest, ADifferentLayoutIsRefusedAndTheOldBytesStay) {
          m.arenas[0].size = 12288;
          arena.resize(12288);
        }},
-      {"tensor 1 is 'u' instead of 'v'", [](Manifest& m, std::string&) { m.tensors[1].name = "u"; }},
+      {"tensor 1 is 'u' instead of 'v'",
+       [](Manifest& m, std::string&) { m.tensors[1].name = "u"; }},
       {"tensor 'w' dtype I32 instead of F32",
        [](Manifest& m, std::string&) { m.tensors[0].dtype = DType::kI32; }},
       {"tensor 'w' shape [2,2] instead of [4]",
@@ -714,14 +714,14 @@ TEST(ClientRefreshTest, BadFdsOrRepliesKeepTheOldMapping) {
        }},
       {"not found here", absl::StatusCode::kNotFound,
        [&](RefreshFake&, int sock, const std::string& id) {
-         (void)SendPacket(sock, absl::StrCat(R"({"ok":false,"id":)", id,
-                                             R"(,"error":{"code":"NOT_FOUND",)",
-                                             R"("message":"not found here"}})"));
+         (void)SendPacket(
+             sock, absl::StrCat(R"({"ok":false,"id":)", id, R"(,"error":{"code":"NOT_FOUND",)",
+                                R"("message":"not found here"}})"));
        }},
       {"refresh 'unchanged' is not true or false", absl::StatusCode::kInternal,
        [&](RefreshFake&, int sock, const std::string& id) {
-         (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
-                                             R"(,"result":{"unchanged":"yes"}})"));
+         (void)SendPacket(
+             sock, absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":{"unchanged":"yes"}})"));
        }},
       {"'unchanged' without an unsigned 'lease' and 'generation'", absl::StatusCode::kInternal,
        [&](RefreshFake&, int sock, const std::string& id) {
@@ -756,8 +756,14 @@ TEST(ClientRefreshTest, ContinuationPacketsAreCollected) {
     for (int i = 0; i < kArenas; ++i) {
       m.arenas.push_back({4096, ArenaKind::kHostMemfd});
       const unsigned char b = static_cast<unsigned char>(i + seed);
-      m.tensors.push_back({"t" + std::to_string(i), DType::kU8, {1}, {1},
-                           static_cast<uint32_t>(i), 0, 1, Crc32c(&b, 1)});
+      m.tensors.push_back({"t" + std::to_string(i),
+                           DType::kU8,
+                           {1},
+                           {1},
+                           static_cast<uint32_t>(i),
+                           0,
+                           1,
+                           Crc32c(&b, 1)});
     }
     return EncodeManifest(m);
   };
@@ -770,22 +776,21 @@ TEST(ClientRefreshTest, ContinuationPacketsAreCollected) {
     }
     std::vector<int> first, rest;
     for (size_t i = 0; i < owned.size(); ++i) (i < 253 ? first : rest).push_back(owned[i].get());
-    (void)SendPacket(sock,
-                     absl::StrCat(R"({"ok":true,"id":)", id,
-                                  R"(,"result":{"lease":1,"generation":)", seed + 1,
-                                  R"(,"manifest_bytes":)", man.size(),
-                                  R"(,"arenas":300,"fd_messages":1)", extra, "}}"),
-                     first);
-    (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id, R"(,"continuation":1})"),
-                     rest);
+    (void)SendPacket(
+        sock,
+        absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":{"lease":1,"generation":)", seed + 1,
+                     R"(,"manifest_bytes":)", man.size(), R"(,"arenas":300,"fd_messages":1)", extra,
+                     "}}"),
+        first);
+    (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id, R"(,"continuation":1})"), rest);
   };
-  FakeDaemon d([&](int sock) { send(sock, "2", 0, ""); },
-               [&](int sock, const std::string& request, const std::string& id,
-                   std::vector<UniqueFd>&) {
-                 if (request.find("\"refresh\"") == std::string::npos) return false;
-                 send(sock, id, 1, R"(,"unchanged":false)");
-                 return true;
-               });
+  FakeDaemon d(
+      [&](int sock) { send(sock, "2", 0, ""); },
+      [&](int sock, const std::string& request, const std::string& id, std::vector<UniqueFd>&) {
+        if (request.find("\"refresh\"") == std::string::npos) return false;
+        send(sock, id, 1, R"(,"unchanged":false)");
+        return true;
+      });
   auto c = Client::Connect(d.path());
   ASSERT_TRUE(c.ok());
   auto a = c->Attach("m", 0);
@@ -842,8 +847,8 @@ struct UpdateFake {
                      }
                    }
                  }
-                 (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id,
-                                                     R"(,"result":)", reply_result, "}"));
+                 (void)SendPacket(sock, absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":)",
+                                                     reply_result, "}"));
                  return true;
                }) {}
 };
@@ -1036,16 +1041,15 @@ TEST(ClientUpdateTest, UpdateFromCheckpointAndFromFd) {
 absl::Status CallWith(const std::string& op, const std::string& result,
                       const std::function<absl::Status(Client&)>& call,
                       std::vector<std::string>* requests = nullptr) {
-  FakeDaemon d([](int) {},
-               [&](int sock, const std::string& request, const std::string& id,
-                   std::vector<UniqueFd>&) {
-                 if (request.find("\"" + op + "\"") == std::string::npos) return false;
-                 if (requests != nullptr) requests->push_back(request);
-                 (void)SendPacket(sock,
-                                  absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":)", result,
-                                               "}"));
-                 return true;
-               });
+  FakeDaemon d(
+      [](int) {},
+      [&](int sock, const std::string& request, const std::string& id, std::vector<UniqueFd>&) {
+        if (request.find("\"" + op + "\"") == std::string::npos) return false;
+        if (requests != nullptr) requests->push_back(request);
+        (void)SendPacket(sock,
+                         absl::StrCat(R"({"ok":true,"id":)", id, R"(,"result":)", result, "}"));
+        return true;
+      });
   absl::StatusOr<Client> c = Client::Connect(d.path());
   if (!c.ok()) return c.status();
   return call(*c);
@@ -1071,8 +1075,7 @@ TEST(ClientUpdateTest, WaitGenerationClampsTheTimeoutAndDecodes) {
   EXPECT_EQ(got.generation, 3u);
   EXPECT_TRUE(got.timed_out);
   ASSERT_TRUE(CallWith("wait_generation", result, wait(-absl::Seconds(1)), &requests).ok());
-  ASSERT_TRUE(
-      CallWith("wait_generation", result, wait(absl::InfiniteDuration()), &requests).ok());
+  ASSERT_TRUE(CallWith("wait_generation", result, wait(absl::InfiniteDuration()), &requests).ok());
   ASSERT_EQ(requests.size(), 4u);
   EXPECT_THAT(requests[0], HasSubstr(R"("after":3)"));
   EXPECT_THAT(requests[0], HasSubstr(R"("timeout_ms":600000)"));
@@ -1126,8 +1129,7 @@ TEST(ClientUpdateTest, MistypedGenerationRepliesAreErrorsNotExceptions) {
     absl::Status s;
     EXPECT_NO_THROW(s = CallWith(tc.op, tc.result, tc.call)) << tc.result;
     EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << tc.op << " " << tc.result << ": " << s;
-    EXPECT_THAT(std::string(s.message()), HasSubstr("malformed reply from weightd"))
-        << tc.result;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("malformed reply from weightd")) << tc.result;
   }
 }
 
@@ -1179,8 +1181,7 @@ TEST(ClientUpdateTest, StatusDecodesGenerationsAndUpdateProgress) {
            R"([{"name":"m","ranks":[{"leases":[{"generation":"x"}]}]}])",
        }) {
     absl::Status s;
-    EXPECT_NO_THROW(
-        s = CallWith("status", absl::StrCat(R"({"models":)", models, "}"), status));
+    EXPECT_NO_THROW(s = CallWith("status", absl::StrCat(R"({"models":)", models, "}"), status));
     EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << models << ": " << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("wrong type or range")) << models;
   }
@@ -1196,7 +1197,9 @@ TEST(ClientRefreshTest, CheckSameLayoutComparesEverythingButTheCrcs) {
   const std::vector<std::pair<std::function<void(Manifest&)>, const char*>> changes = {
       {[](Manifest& m) { m.model = "n"; }, "the manifest is for model 'n' rank 0"},
       {[](Manifest& m) { m.rank = 1; }, "the manifest is for model 'm' rank 1"},
-      {[](Manifest& m) { m.arenas.push_back({1, ArenaKind::kHostMemfd}); },
+      {[](Manifest& m) {
+         m.arenas.push_back({1, ArenaKind::kHostMemfd});
+       },
        "2 arenas instead of 1"},
       {[](Manifest& m) { m.arenas[0].kind = ArenaKind::kCudaVmm; }, "arena 0 kind 1 instead of 0"},
       {[](Manifest& m) { m.tensors[1].strides = {2}; }, "tensor 'v' strides [2] instead of [1]"},
@@ -1242,9 +1245,9 @@ class ExportedDeviceArena {
     EXPECT_EQ(cu.MemSetAccess(va_, size, &access, 1), CUDA_SUCCESS);
     EXPECT_EQ(cu.MemcpyHtoD(va_, bytes.data(), bytes.size()), CUDA_SUCCESS);
     int fd = -1;
-    EXPECT_EQ(cu.MemExportToShareableHandle(&fd, handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-                                            0),
-              CUDA_SUCCESS);
+    EXPECT_EQ(
+        cu.MemExportToShareableHandle(&fd, handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+        CUDA_SUCCESS);
     fd_ = UniqueFd(fd);
   }
   ExportedDeviceArena(const ExportedDeviceArena&) = delete;
@@ -1309,8 +1312,14 @@ class ClientDeviceRefreshTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) {
       const std::string b = TensorBytes(seed, i);
       m.arenas.push_back({4096, ArenaKind::kCudaVmm});
-      m.tensors.push_back({"t" + std::to_string(i), DType::kF32, {4}, {1},
-                           static_cast<uint32_t>(i), 0, 16, Crc32c(b.data(), 16)});
+      m.tensors.push_back({"t" + std::to_string(i),
+                           DType::kF32,
+                           {4},
+                           {1},
+                           static_cast<uint32_t>(i),
+                           0,
+                           16,
+                           Crc32c(b.data(), 16)});
     }
     return EncodeManifest(m);
   }
@@ -1338,11 +1347,11 @@ class ClientDeviceRefreshTest : public ::testing::Test {
           std::make_unique<ExportedDeviceArena>(*cu_, dev_, gran_, TensorBytes(seed, i)));
       fds.push_back(arenas_.back()->fd());
     }
-    (void)SendPacket(sock,
-                     AttachReplyText(id, man.size(), gen,
-                                     absl::StrCat(R"(,"unchanged":false,"arena_info":[)", info,
-                                                  "]")),
-                     fds);
+    (void)SendPacket(
+        sock,
+        AttachReplyText(id, man.size(), gen,
+                        absl::StrCat(R"(,"unchanged":false,"arena_info":[)", info, "]")),
+        fds);
   }
   std::string ReadTensor(const Attachment& a, int i) {
     std::string out(16, '\0');
@@ -1364,13 +1373,13 @@ class ClientDeviceRefreshTest : public ::testing::Test {
 
 TEST_F(ClientDeviceRefreshTest, RemapsAtTheSameDeviceAddress) {
   int refresh_gen = 2, bad = -1;
-  FakeDaemon d([&](int sock) { SendDeviceGeneration(sock, "2", 1, 1); },
-               [&](int sock, const std::string& request, const std::string& id,
-                   std::vector<UniqueFd>&) {
-                 if (request.find("\"refresh\"") == std::string::npos) return false;
-                 SendDeviceGeneration(sock, id, 1, refresh_gen, bad);
-                 return true;
-               });
+  FakeDaemon d(
+      [&](int sock) { SendDeviceGeneration(sock, "2", 1, 1); },
+      [&](int sock, const std::string& request, const std::string& id, std::vector<UniqueFd>&) {
+        if (request.find("\"refresh\"") == std::string::npos) return false;
+        SendDeviceGeneration(sock, id, 1, refresh_gen, bad);
+        return true;
+      });
   auto c = Client::Connect(d.path());
   ASSERT_TRUE(c.ok()) << c.status();
   auto a = c->Attach("m", 0);
@@ -1413,13 +1422,13 @@ TEST_F(ClientDeviceRefreshTest, RemapsAtTheSameDeviceAddress) {
 // Arena 1 of 3 fails after arena 0 was already replaced: arena 0 gets its old memory back, so
 // the attachment maps generation 1 whole, never a mix.
 TEST_F(ClientDeviceRefreshTest, AFailedArenaPutsTheReplacedOnesBack) {
-  FakeDaemon d([&](int sock) { SendDeviceGeneration(sock, "2", 3, 1); },
-               [&](int sock, const std::string& request, const std::string& id,
-                   std::vector<UniqueFd>&) {
-                 if (request.find("\"refresh\"") == std::string::npos) return false;
-                 SendDeviceGeneration(sock, id, 3, 2, /*bad=*/1);
-                 return true;
-               });
+  FakeDaemon d(
+      [&](int sock) { SendDeviceGeneration(sock, "2", 3, 1); },
+      [&](int sock, const std::string& request, const std::string& id, std::vector<UniqueFd>&) {
+        if (request.find("\"refresh\"") == std::string::npos) return false;
+        SendDeviceGeneration(sock, id, 3, 2, /*bad=*/1);
+        return true;
+      });
   auto c = Client::Connect(d.path());
   ASSERT_TRUE(c.ok()) << c.status();
   auto a = c->Attach("m", 0);
@@ -1469,7 +1478,8 @@ class ClientDeviceRemapFailureTest : public ClientDeviceRefreshTest {
 
 TEST_F(ClientDeviceRemapFailureTest, MapFailsAndTheOldMemoryIsMappedBack) {
   if (!FailSet("cuMemMap:4:CUDA_ERROR_OUT_OF_MEMORY")) {
-    GTEST_SKIP() << "needs the simulated driver with WDSIM_FAIL=cuMemMap:4:CUDA_ERROR_OUT_OF_MEMORY";
+    GTEST_SKIP()
+        << "needs the simulated driver with WDSIM_FAIL=cuMemMap:4:CUDA_ERROR_OUT_OF_MEMORY";
   }
   std::optional<Attachment> a;
   const absl::Status s = AttachAndRefresh(&a);

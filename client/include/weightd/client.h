@@ -89,8 +89,8 @@ struct RankStatusInfo {
 
 // A model's running or last update, as `status` shows it (docs/PROTOCOL.md "Generations").
 struct UpdateStatus {
-  std::string state;        // "running", "failed" or "done"
-  uint64_t generation = 0;  // the generation the update publishes (or would have)
+  std::string state;         // "running", "failed" or "done"
+  uint64_t generation = 0;   // the generation the update publishes (or would have)
   uint64_t bytes_total = 0;  // bytes of new tensors the update reads
   uint64_t bytes_done = 0;
   double seconds = 0;  // so far, or in total once finished

@@ -12,14 +12,16 @@ $WEIGHTD_CLIENT_LIB, next to this package, or on the system library path. Errors
 WeightdError subclasses carrying the status code and the daemon's message.
 """
 from ._client import Attachment, Client, attach
-from ._errors import (AlreadyExistsError, DataLossError, FailedPreconditionError, InternalError,
-                      InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
-                      ResourceExhaustedError, UnavailableError, UnimplementedError, WeightdError)
+from ._errors import (AlreadyExistsError, CancelledError, DataLossError, DeadlineExceededError,
+                      FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
+                      OutOfRangeError, PermissionDeniedError, ResourceExhaustedError,
+                      UnavailableError, UnimplementedError, WeightdError)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attachment", "Client", "attach", "WeightdError", "AlreadyExistsError", "DataLossError",
+    "Attachment", "Client", "attach", "WeightdError", "AlreadyExistsError", "CancelledError",
+    "DataLossError", "DeadlineExceededError",
     "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError",
     "OutOfRangeError", "PermissionDeniedError", "ResourceExhaustedError", "UnavailableError",
     "UnimplementedError",

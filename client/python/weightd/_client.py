@@ -173,8 +173,8 @@ class Client:
             if st["state"] == "failed":
                 raise WeightdError(13, f"load of '{name}' failed: {st.get('error', '')}")
             if deadline is not None and time.monotonic() > deadline:
-                raise WeightdError(4, f"load of '{name}' not ready after {timeout} s "
-                                      f"({st['bytes_done']} of {st['bytes_total']} bytes)")
+                raise error_from_code(4, f"load of '{name}' not ready after {timeout} s "
+                                         f"({st['bytes_done']} of {st['bytes_total']} bytes)")
             time.sleep(0.02)
 
     def unload(self, name, force=False):

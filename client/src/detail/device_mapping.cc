@@ -122,8 +122,8 @@ absl::StatusOr<std::unique_ptr<DeviceMapping>> DeviceMapping::Map(int fd, uint64
 
 absl::Status DeviceMapping::Remap(int fd, absl::string_view uuid_hex) {
   if (uuid_hex != uuid_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the new memory is on the GPU with UUID ", uuid_hex, ", the mapped one on ", uuid_));
+    return absl::FailedPreconditionError(absl::StrCat("the new memory is on the GPU with UUID ",
+                                                      uuid_hex, ", the mapped one on ", uuid_));
   }
   if (!mapped_) {
     return absl::FailedPreconditionError(
@@ -133,11 +133,11 @@ absl::Status DeviceMapping::Remap(int fd, absl::string_view uuid_hex) {
   CudaContextGuard guard(cu);
   WD_RETURN_IF_ERROR(guard.Use(static_cast<CUcontext>(ctx_)));
   CUmemGenericAllocationHandle next = 0;
-  WD_RETURN_IF_ERROR(Check(cu,
-                           cu.MemImportFromShareableHandle(
-                               &next, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
-                               CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-                           "cuMemImportFromShareableHandle", __LINE__));
+  WD_RETURN_IF_ERROR(Check(
+      cu,
+      cu.MemImportFromShareableHandle(&next, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
+                                      CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+      "cuMemImportFromShareableHandle", __LINE__));
   CUmemAccessDesc access{};
   access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   access.location.id = device_;
@@ -156,18 +156,17 @@ absl::Status DeviceMapping::Remap(int fd, absl::string_view uuid_hex) {
       Warn(cu, cu.MemUnmap(va_, size_), "cuMemUnmap");
     }
     // The range is unmapped now: put the old memory back where the caller's pointers expect it.
-    absl::Status restore =
-        Check(cu, cu.MemMap(va_, size_, 0, handle_, 0), "cuMemMap", __LINE__);
+    absl::Status restore = Check(cu, cu.MemMap(va_, size_, 0, handle_, 0), "cuMemMap", __LINE__);
     if (restore.ok()) {
       restore = Check(cu, cu.MemSetAccess(va_, size_, &access, 1), "cuMemSetAccess", __LINE__);
       if (!restore.ok()) Warn(cu, cu.MemUnmap(va_, size_), "cuMemUnmap");
     }
     if (!restore.ok()) {
       mapped_ = false;
-      failure = absl::Status(
-          failure.code(), absl::StrCat(failure.message(), "; mapping the old memory back failed "
+      failure = absl::Status(failure.code(), absl::StrCat(failure.message(),
+                                                          "; mapping the old memory back failed "
                                                           "too, the range is unmapped: ",
-                                       restore.message()));
+                                                          restore.message()));
     }
   }
   Warn(cu, cu.MemRelease(next), "cuMemRelease");

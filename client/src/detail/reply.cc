@@ -218,8 +218,8 @@ absl::StatusOr<UpdateResult> DecodeUpdateResult(const json& result) {
   UpdateResult r;
   const auto generation = result.find("generation");
   const auto state = result.find("state");
-  if (generation == result.end() || !JsonTo(*generation, &r.generation) ||
-      state == result.end() || !JsonTo(*state, &r.state)) {
+  if (generation == result.end() || !JsonTo(*generation, &r.generation) || state == result.end() ||
+      !JsonTo(*state, &r.state)) {
     return Malformed("update reply without an unsigned 'generation' and a string 'state'");
   }
   for (const auto& [key, out] : {std::pair<const char*, uint64_t*>{"bytes_read", &r.bytes_read},
@@ -230,7 +230,8 @@ absl::StatusOr<UpdateResult> DecodeUpdateResult(const json& result) {
       return Malformed(absl::StrCat("update '", key, "' is not an unsigned integer"));
     }
   }
-  if (!JsonField(result, "seconds", &r.seconds)) return Malformed("update 'seconds' is not a number");
+  if (!JsonField(result, "seconds", &r.seconds))
+    return Malformed("update 'seconds' is not a number");
   return r;
 }
 
@@ -305,7 +306,9 @@ absl::Status CheckSameLayout(const Manifest& current, const Manifest& next, absl
                      ": the new generation's layout differs from the mapped one (", what,
                      "); detach and attach again"));
   };
-  auto dims = [](const std::vector<int64_t>& v) { return absl::StrCat("[", absl::StrJoin(v, ","), "]"); };
+  auto dims = [](const std::vector<int64_t>& v) {
+    return absl::StrCat("[", absl::StrJoin(v, ","), "]");
+  };
   if (next.model != current.model || next.rank != current.rank) {
     return differs(absl::StrCat("the manifest is for model '", next.model, "' rank ", next.rank));
   }
@@ -335,15 +338,14 @@ absl::Status CheckSameLayout(const Manifest& current, const Manifest& next, absl
     }
     const std::string t = absl::StrCat("tensor '", a.name, "' ");
     if (a.dtype != b.dtype) {
-      return differs(absl::StrCat(t, "dtype ", DTypeName(b.dtype), " instead of ",
-                                  DTypeName(a.dtype)));
+      return differs(
+          absl::StrCat(t, "dtype ", DTypeName(b.dtype), " instead of ", DTypeName(a.dtype)));
     }
     if (a.shape != b.shape) {
       return differs(absl::StrCat(t, "shape ", dims(b.shape), " instead of ", dims(a.shape)));
     }
     if (a.strides != b.strides) {
-      return differs(
-          absl::StrCat(t, "strides ", dims(b.strides), " instead of ", dims(a.strides)));
+      return differs(absl::StrCat(t, "strides ", dims(b.strides), " instead of ", dims(a.strides)));
     }
     if (a.arena != b.arena) {
       return differs(absl::StrCat(t, "arena ", b.arena, " instead of ", a.arena));

@@ -32,7 +32,8 @@ absl::Status PwriteAll(int fd, const void* src, uint64_t n, uint64_t offset,
       if (errno == EINTR) continue;
       return ErrnoError(errno, absl::StrCat("writing ", what, " into the update memfd"));
     }
-    if (w == 0) return absl::InternalError(absl::StrCat("writing ", what, ": pwrite wrote 0 bytes"));
+    if (w == 0)
+      return absl::InternalError(absl::StrCat("writing ", what, ": pwrite wrote 0 bytes"));
     p += w;
     n -= static_cast<uint64_t>(w);
     offset += static_cast<uint64_t>(w);
@@ -66,8 +67,7 @@ absl::Status CheckUpdateTensors(std::span<const UpdateTensor> tensors) {
     uint64_t bytes = static_cast<uint64_t>(DTypeSize(t.dtype));
     for (const int64_t d : t.shape) {
       if (d < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(which, ": dimension ", d, " is negative"));
+        return absl::InvalidArgumentError(absl::StrCat(which, ": dimension ", d, " is negative"));
       }
       if (d != 0 && bytes > UINT64_MAX / static_cast<uint64_t>(d)) {
         return absl::InvalidArgumentError(absl::StrCat(which, ": the byte count overflows"));
