@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <span>
@@ -567,7 +566,10 @@ absl::StatusOr<UpdateResult> Client::Update(const std::string& name, const std::
 
 absl::StatusOr<UpdateResult> Client::UpdateFromFd(const std::string& name, int memfd, bool wait) {
   const std::string where = absl::StrCat("update of model '", name, "'");
-  const int seals = memfd < 0 ? -1 : ::fcntl(memfd, F_GET_SEALS);
+  if (memfd < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": fd ", memfd, " is not a descriptor"));
+  }
+  const int seals = ::fcntl(memfd, F_GET_SEALS);
   if (seals < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         where, ": fd ", memfd, " is not a memfd created with MFD_ALLOW_SEALING (F_GET_SEALS: ",
