@@ -257,6 +257,59 @@ int wd_metrics(wd_client* c, char** out_text) {
   });
 }
 
+namespace {
+
+int UpdateOut(const std::string& name, const absl::StatusOr<weightd::UpdateResult>& r,
+              char** out_json) {
+  if (!r.ok()) return Fail(r.status());
+  if (out_json != nullptr) *out_json = CopyString(weightd::UpdateResultToJson(name, *r));
+  return WD_OK;
+}
+
+}  // namespace
+
+int wd_update(wd_client* c, const char* name, const char* checkpoint, int wait, char** out_json) {
+  return Guard([&]() -> int {
+    WD_REQUIRE(c != nullptr, "wd_update: client is NULL");
+    WD_REQUIRE(name != nullptr && checkpoint != nullptr, "wd_update: name or checkpoint is NULL");
+    return UpdateOut(name, c->client.Update(name, checkpoint, wait != 0), out_json);
+  });
+}
+
+int wd_update_fd(wd_client* c, const char* name, int memfd, int wait, char** out_json) {
+  return Guard([&]() -> int {
+    WD_REQUIRE(c != nullptr && name != nullptr, "wd_update_fd: client or name is NULL");
+    return UpdateOut(name, c->client.UpdateFromFd(name, memfd, wait != 0), out_json);
+  });
+}
+
+int wd_wait_generation(wd_client* c, const char* name, uint64_t after, int64_t timeout_ms,
+                       uint64_t* generation, int* timed_out) {
+  return Guard([&]() -> int {
+    WD_REQUIRE(c != nullptr && name != nullptr && generation != nullptr,
+               "wd_wait_generation: client, name or generation is NULL");
+    if (timeout_ms < 0) {
+      return Fail(WD_INVALID_ARGUMENT,
+                  absl::StrCat("wd_wait_generation: timeout_ms ", timeout_ms, " is negative"));
+    }
+    auto w = c->client.WaitGeneration(name, after, absl::Milliseconds(timeout_ms));
+    if (!w.ok()) return Fail(w.status());
+    *generation = w->generation;
+    if (timed_out != nullptr) *timed_out = w->timed_out ? 1 : 0;
+    return WD_OK;
+  });
+}
+
+int wd_rollback(wd_client* c, const char* name, uint64_t* generation) {
+  return Guard([&]() -> int {
+    WD_REQUIRE(c != nullptr && name != nullptr, "wd_rollback: client or name is NULL");
+    auto r = c->client.Rollback(name);
+    if (!r.ok()) return Fail(r.status());
+    if (generation != nullptr) *generation = r->generation;
+    return WD_OK;
+  });
+}
+
 int wd_attach(wd_client* c, const char* name, int rank, wd_attachment** out) {
   return Guard([&]() -> int {
     WD_REQUIRE(c != nullptr && name != nullptr && out != nullptr,
@@ -294,6 +347,21 @@ uint64_t wd_attachment_lease(const wd_attachment* a) { return a == nullptr ? 0 :
 uint64_t wd_attachment_total_bytes(const wd_attachment* a) {
   return a == nullptr ? 0 : a->att.total_bytes();
 }
+uint64_t wd_attachment_generation(const wd_attachment* a) {
+  return a == nullptr ? 0 : a->att.generation();
+}
+
+int wd_attachment_refresh(wd_attachment* a, int* changed) {
+  return Guard([&]() -> int {
+    WD_REQUIRE(a != nullptr, "wd_attachment_refresh: attachment is NULL");
+    // Exported DLPack tensors hold references; they keep working, the addresses do not move.
+    auto r = a->att.Refresh();
+    if (!r.ok()) return Fail(r.status());
+    if (changed != nullptr) *changed = *r ? 1 : 0;
+    return WD_OK;
+  });
+}
+
 size_t wd_attachment_num_tensors(const wd_attachment* a) {
   return a == nullptr ? 0 : a->att.tensors().size();
 }

@@ -1,4 +1,5 @@
-// weightctl commands that talk to the daemon: load, status, list, attach, unload, metrics.
+// weightctl commands that talk to the daemon: load, status, list, attach, unload, metrics, and
+// the generation commands update, rollback, wait-generation (docs/PROTOCOL.md "Generations").
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,12 +9,15 @@
 #include <iostream>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "weightctl/args.h"
 #include "weightctl/commands.h"
 #include "weightd/client.h"
+#include "weightd/protocol.h"
 
 namespace weightd::cli {
 namespace {
@@ -45,28 +49,56 @@ void AddSocket(ArgParser& p, std::string* socket) {
            "/run/weightd/weightd.sock)");
 }
 
+// " generation 3 (previous 2)"; empty from a daemon without generations.
+std::string GenerationText(const ModelInfo& m) {
+  if (m.generation == 0) return "";
+  std::string out = absl::StrCat(" generation ", m.generation);
+  if (m.previous_generation != 0) absl::StrAppend(&out, " (previous ", m.previous_generation, ")");
+  return out;
+}
+
+// "[#####.....]  40.0% 1.2 GB / 3.0 GB 2.10 GB/s ETA 0.9 s" of `done` bytes out of `total`.
+std::string Bar(uint64_t done, uint64_t total, double seconds) {
+  constexpr int kWidth = 30;
+  const double frac = total ? static_cast<double>(done) / total : 0.0;
+  const double gbps = seconds > 0 ? done / seconds / 1e9 : 0.0;
+  const int filled = std::clamp(static_cast<int>(frac * kWidth), 0, kWidth);
+  const double eta = gbps > 0 && total > done ? (total - done) / (gbps * 1e9) : 0.0;
+  return absl::StrFormat("[%s%s] %5.1f%% %s / %s %.2f GB/s ETA %.1f s", std::string(filled, '#'),
+                         std::string(kWidth - filled, '.'), 100 * frac, HumanBytes(done),
+                         HumanBytes(total), gbps, eta);
+}
+
+// The model's update, for status: running with a bar, or how the last one ended.
+std::string UpdateLine(const UpdateStatus& u) {
+  if (u.state == "running") {
+    return absl::StrFormat("update to generation %d: %s", u.generation,
+                           Bar(u.bytes_done, u.bytes_total, u.seconds));
+  }
+  std::string line = absl::StrFormat("update to generation %d: %s after %.3f s, %s read",
+                                     u.generation, u.state, u.seconds, HumanBytes(u.bytes_done));
+  if (!u.error.empty()) absl::StrAppend(&line, ": ", u.error);
+  return line;
+}
+
 std::string ProgressLine(const ModelInfo& m) {
-  const double frac = m.bytes_total ? static_cast<double>(m.bytes_done) / m.bytes_total : 0.0;
   const double gbps = m.seconds > 0 ? m.bytes_done / m.seconds / 1e9 : 0.0;
   if (m.state != "loading") {
-    std::string line = absl::StrFormat("%-20s %-9s tp=%d ranks=%zu %s", m.name, m.state, m.tp,
-                                       m.ranks.size(), HumanBytes(m.bytes_total));
+    std::string line =
+        absl::StrFormat("%-20s %-9s tp=%d ranks=%zu %s%s", m.name, m.state, m.tp, m.ranks.size(),
+                        HumanBytes(m.bytes_total), GenerationText(m));
     if (m.state == "ready") {
       absl::StrAppendFormat(&line, " loaded in %.3f s (%.2f GB/s)", m.seconds, gbps);
     }
     if (!m.error.empty()) absl::StrAppend(&line, "\n    error: ", m.error);
     return line;
   }
-  constexpr int kWidth = 30;
-  const int filled = static_cast<int>(frac * kWidth);
-  const double eta = gbps > 0 ? (m.bytes_total - m.bytes_done) / (gbps * 1e9) : 0.0;
-  return absl::StrFormat("%-20s loading   [%s%s] %5.1f%% %s / %s %.2f GB/s ETA %.1f s", m.name,
-                         std::string(filled, '#'), std::string(kWidth - filled, '.'), 100 * frac,
-                         HumanBytes(m.bytes_done), HumanBytes(m.bytes_total), gbps, eta);
+  return absl::StrFormat("%-20s loading   %s", m.name, Bar(m.bytes_done, m.bytes_total, m.seconds));
 }
 
 void PrintModel(const ModelInfo& m) {
   std::printf("%s\n", ProgressLine(m).c_str());
+  if (m.update) std::printf("    %s\n", UpdateLine(*m.update).c_str());
   for (const RankStatusInfo& r : m.ranks) {
     // The daemon lists only some leases: their pids, each once, and "..." for the rest.
     std::vector<std::string> pids;
@@ -314,6 +346,154 @@ int UnloadMain(int argc, char** argv) {
   }
   std::printf("unloaded %s\n", name.c_str());
   return 0;
+}
+
+int UpdateMain(int argc, char** argv) {
+  std::string name, ckpt, socket;
+  bool wait = false;
+  ArgParser p("weightctl update",
+              "Publishes new weights for a loaded model as its next generation: the tensors of "
+              "CKPT (any subset of the model's checkpoint tensors, same names, dtypes and "
+              "shapes) go through the model's load plan into new arenas, and attached workers "
+              "move to them with a refresh. The current generation serves until then.");
+  p.Positional("NAME", &name, "model name");
+  p.Positional("CKPT", &ckpt, "checkpoint directory or .safetensors file (as the daemon sees it)");
+  p.Flag("--wait", &wait,
+         "follow the update until the new generation is published (progress bar on a "
+         "terminal, then one line); exit 1 with the error if it fails");
+  AddSocket(p, &socket);
+  p.Epilog(
+      "Without --wait it prints the generation the update will publish and returns; follow it\n"
+      "with 'weightctl status NAME' or 'weightctl wait-generation NAME --after N-1'.\n"
+      "Interrupting --wait stops the watching only: the update goes on.\n\n"
+      "example:\n  weightctl update llama /models/llama-step-2000 --wait\n");
+  if (int rc = ParseOrExit(p, argc, argv); rc >= 0) return rc;
+  // The daemon resolves paths from its own working directory: send an absolute one.
+  std::error_code ec;
+  if (const auto abs = std::filesystem::absolute(ckpt, ec); !ec) ckpt = abs.string();
+  auto c = Client::Connect(socket);
+  if (!c.ok()) return Fail(c.status());
+  auto started = c->Update(name, ckpt, /*wait=*/false);
+  if (!started.ok()) return Fail(started.status());
+  const uint64_t target = started->generation;
+  if (!wait) {
+    std::printf("updating %s to generation %llu (see: weightctl status %s)\n", name.c_str(),
+                static_cast<unsigned long long>(target), name.c_str());
+    return 0;
+  }
+  const bool draw = ::isatty(STDOUT_FILENO);
+  bool drawn = false;
+  for (;;) {
+    auto st = c->Status(name);
+    if (!st.ok()) return Fail(st.status());
+    if (st->empty()) return Fail(absl::NotFoundError(absl::StrCat("model '", name, "' is gone")));
+    const ModelInfo& m = st->front();
+    const std::optional<UpdateStatus>& u = m.update;
+    const bool ours = u && u->generation == target;
+    if (ours && u->state == "failed") {
+      if (drawn) std::printf("\033[1A\033[2K");
+      std::fprintf(stderr, "weightctl: update of %s to generation %llu failed: %s\n", name.c_str(),
+                   static_cast<unsigned long long>(target), u->error.c_str());
+      return 1;
+    }
+    if (m.generation >= target || (ours && u->state == "done")) {
+      if (drawn) std::printf("\033[1A\033[2K");
+      std::string line = absl::StrFormat("%s: generation %d published", name, target);
+      if (ours) {
+        absl::StrAppendFormat(&line, " in %.3f s (%s read, %.2f GB/s)", u->seconds,
+                              HumanBytes(u->bytes_done),
+                              u->seconds > 0 ? u->bytes_done / u->seconds / 1e9 : 0.0);
+      }
+      std::printf("%s\n", line.c_str());
+      return 0;
+    }
+    if (draw && ours) {
+      if (drawn) std::printf("\033[1A\033[2K");
+      std::printf("%-20s updating  %s\n", name.c_str(),
+                  Bar(u->bytes_done, u->bytes_total, u->seconds).c_str());
+      std::fflush(stdout);
+      drawn = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(draw ? 250 : 100));
+  }
+}
+
+int RollbackMain(int argc, char** argv) {
+  std::string name, socket;
+  ArgParser p("weightctl rollback",
+              "Re-publishes the model's previous generation's weights as a new generation "
+              "(numbers only grow, so waiting workers wake; a second rollback undoes the first). "
+              "Needs the daemon to keep the previous generation (config "
+              "keep_previous_generation).");
+  p.Positional("NAME", &name, "model name");
+  AddSocket(p, &socket);
+  if (int rc = ParseOrExit(p, argc, argv); rc >= 0) return rc;
+  auto c = Client::Connect(socket);
+  if (!c.ok()) return Fail(c.status());
+  auto r = c->Rollback(name);
+  if (!r.ok()) return Fail(r.status());
+  std::printf("%s: generation %llu serves the weights of generation %llu\n", name.c_str(),
+              static_cast<unsigned long long>(r->generation),
+              static_cast<unsigned long long>(r->restored));
+  return 0;
+}
+
+int WaitGenerationMain(int argc, char** argv) {
+  std::string name, socket, after_text, timeout_text;
+  ArgParser p("weightctl wait-generation",
+              "Waits until the model's generation is above N and prints it (one number).");
+  p.Positional("NAME", &name, "model name");
+  p.Option("--after", "N", &after_text, "the generation to wait past (required)");
+  p.Option("--timeout", "SECONDS", &timeout_text,
+           "give up after this long (fractions allowed; default: wait as long as it takes)");
+  AddSocket(p, &socket);
+  p.Epilog(
+      "exit status: 0 when the generation went above N, 1 on timeout (the current generation\n"
+      "is still printed) or on an error (model unloaded: NOT_FOUND), 2 on a usage error.\n\n"
+      "example, in a worker's script:\n"
+      "  gen=$(weightctl wait-generation llama --after \"$gen\" --timeout 600) && reload\n");
+  if (int rc = ParseOrExit(p, argc, argv); rc >= 0) return rc;
+  if (after_text.empty()) {
+    std::fprintf(stderr,
+                 "weightctl: --after N is required (see weightctl wait-generation "
+                 "--help)\n");
+    return 2;
+  }
+  uint64_t after = 0;
+  if (!absl::SimpleAtoi(after_text, &after)) {
+    std::fprintf(stderr, "weightctl: --after needs a generation number >= 0, got '%s'\n",
+                 after_text.c_str());
+    return 2;
+  }
+  std::optional<absl::Time> deadline;
+  if (!timeout_text.empty()) {
+    double seconds = 0;
+    if (!absl::SimpleAtod(timeout_text, &seconds) || !(seconds >= 0) || seconds > 1e9) {
+      std::fprintf(stderr, "weightctl: --timeout needs a number of seconds >= 0, got '%s'\n",
+                   timeout_text.c_str());
+      return 2;
+    }
+    deadline = absl::Now() + absl::Seconds(seconds);
+  }
+  auto c = Client::Connect(socket);
+  if (!c.ok()) return Fail(c.status());
+  // The daemon answers one wait after at most kMaxWaitGenerationMs: longer waits are several.
+  for (;;) {
+    const absl::Duration left = deadline ? std::max(*deadline - absl::Now(), absl::ZeroDuration())
+                                         : absl::Milliseconds(kMaxWaitGenerationMs);
+    auto w = c->WaitGeneration(name, after, left);
+    if (!w.ok()) return Fail(w.status());
+    if (!w->timed_out) {
+      std::printf("%llu\n", static_cast<unsigned long long>(w->generation));
+      return 0;
+    }
+    if (deadline && absl::Now() >= *deadline) {
+      std::printf("%llu\n", static_cast<unsigned long long>(w->generation));
+      std::fprintf(stderr, "weightctl: %s is still at generation %llu after %s s\n", name.c_str(),
+                   static_cast<unsigned long long>(w->generation), timeout_text.c_str());
+      return 1;
+    }
+  }
 }
 
 int MetricsMain(int argc, char** argv) {

@@ -16,6 +16,10 @@ int ListMain(int argc, char** argv);
 int AttachMain(int argc, char** argv);
 int UnloadMain(int argc, char** argv);
 int MetricsMain(int argc, char** argv);
+// Generations (cmd_daemon.cc).
+int UpdateMain(int argc, char** argv);
+int RollbackMain(int argc, char** argv);
+int WaitGenerationMain(int argc, char** argv);
 
 }  // namespace weightd::cli
 

@@ -5,7 +5,12 @@
 // escaping nlohmann::json exception aborts the run) are not. Properties checked:
 //   - a decoded result is a JSON object, and models decode into something ModelsToJson writes;
 //   - an attach reply and manifest that pass CheckAttachManifest give one UUID per arena, a
-//     32-hex-digit one for each device arena and "" for each host arena.
+//     32-hex-digit one for each device arena and "" for each host arena;
+//   - the generation decoders (update, wait_generation, rollback, refresh) never throw, and a
+//     refresh reply that is not `unchanged` goes through the attach checks like an attach reply;
+//   - CheckSameLayout (a refresh's manifest against the mapped one) accepts a manifest against
+//     itself and against a copy whose CRC32Cs differ, and refuses a copy with any tensor's
+//     offset or any arena's size changed.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -41,11 +46,38 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       weightd::detail::DecodeModelsResult(*result);
   if (models.ok()) (void)weightd::ModelsToJson(*models, 1);
 
+  (void)weightd::detail::DecodeUpdateResult(*result);
+  (void)weightd::detail::DecodeGenerationWaitResult(*result);
+  (void)weightd::detail::DecodeRollbackResult(*result);
+  absl::StatusOr<weightd::detail::RefreshResult> refresh =
+      weightd::detail::DecodeRefreshResult(*result);
+
   absl::StatusOr<weightd::detail::AttachResult> attach =
       weightd::detail::DecodeAttachResult(*result);
+  // A refresh reply that is not `unchanged` is an attach reply: both decoders agree on it.
+  if (refresh.ok() && !refresh->unchanged) {
+    Check(attach.ok() && attach->lease == refresh->attach.lease &&
+          attach->generation == refresh->attach.generation &&
+          attach->manifest_bytes == refresh->attach.manifest_bytes);
+  }
   if (!attach.ok()) return 0;
   absl::StatusOr<weightd::Manifest> m = weightd::DecodeManifest(manifest_bytes);
   if (!m.ok()) return 0;
+
+  const int rank = static_cast<int>(m->rank);
+  Check(weightd::detail::CheckSameLayout(*m, *m, m->model, rank).ok());
+  weightd::Manifest next = *m;
+  for (weightd::ManifestTensor& t : next.tensors) t.crc32c = ~t.crc32c;
+  Check(weightd::detail::CheckSameLayout(*m, next, m->model, rank).ok());
+  if (!next.tensors.empty()) {
+    next.tensors.back().offset += 1;
+    Check(!weightd::detail::CheckSameLayout(*m, next, m->model, rank).ok());
+    next.tensors.back().offset -= 1;
+  }
+  if (!next.arenas.empty()) {
+    next.arenas.front().size ^= 1;
+    Check(!weightd::detail::CheckSameLayout(*m, next, m->model, rank).ok());
+  }
   // The fd count as the daemon would send it, and one too few.
   for (size_t fds : {m->arenas.size(), m->arenas.size() == 0 ? 1 : m->arenas.size() - 1}) {
     absl::StatusOr<std::vector<std::string>> uuids =

@@ -333,6 +333,29 @@ def reply_seeds():
     yield "continuation", b'{"ok":true,"id":7,"continuation":1}'
     yield "bad_types", b'{"ok":1,"id":7,"result":{"version":"1","fd_messages":"2"}}'
     yield "bad_result", b'{"ok":true,"id":7,"result":[1,2]}'
+    # Generations (docs/PROTOCOL.md "Generations").
+    yield "attach_host_generation", ok({"lease": 1, "generation": 3, "manifest_bytes": len(host),
+                                        "arenas": 1, "fd_messages": 0}) + b"\n%%\n" + host
+    yield "refresh_unchanged", ok({"name": "m", "rank": 0, "lease": 1, "generation": 2,
+                                   "unchanged": True})
+    yield "refresh_host", ok({"name": "m", "rank": 0, "lease": 1, "generation": 2,
+                              "unchanged": False, "manifest_bytes": len(host), "arenas": 1,
+                              "fd_messages": 0}) + b"\n%%\n" + host
+    yield "update_started", ok({"name": "m", "generation": 2, "state": "updating"})
+    yield "update_done", ok({"name": "m", "generation": 2, "state": "ready", "seconds": 0.5,
+                             "bytes_read": 4096, "ranks_rewritten": 2, "targets_rewritten": 7,
+                             "targets_copied": 3})
+    yield "wait_generation", ok({"name": "m", "generation": 3, "timed_out": False})
+    yield "rollback", ok({"name": "m", "generation": 4, "restored": 2})
+    yield "status_generations", ok({"models": [{
+        "name": "m", "state": "ready", "checkpoint": "/c", "backend": "host", "tp": 1,
+        "bytes_total": 100, "bytes_done": 100, "seconds": 0.5, "generation": 3,
+        "previous_generation": 2,
+        "update": {"state": "failed", "generation": 4, "bytes_total": 50, "bytes_done": 10,
+                   "seconds": 0.1, "error": "file changed"},
+        "ranks": [{"rank": 0, "device": -1, "state": "ready", "arena_bytes": 4096, "tensors": 3,
+                   "lease_count": 1,
+                   "leases": [{"lease": 1, "pid": 10, "uid": 1000, "generation": 3}]}]}]})
     # Found by fuzz_client_reply: a number beyond uint64 parses as a double (UB when converted).
     yield "crash_float_arena_bytes", (b'{"ok":true,"id":7,"result":{"models":[{"name":"m",'
                                       b'"ranks":[{"rank":0,"arena_bytes":418446744073709551615096}]}]}}')

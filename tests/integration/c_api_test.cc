@@ -3,7 +3,11 @@
 // errors); the suite's daemon serves the demo checkpoint under the name "demo" (hf recipe).
 #include "weightd/c_api.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -71,6 +75,173 @@ TEST(CApiNoDaemon, LastErrorIsPerThread) {
   std::thread([&] { other = wd_last_error(); }).join();
   EXPECT_EQ(other, "");
   EXPECT_THAT(wd_last_error(), HasSubstr("/nonexistent/a.sock"));
+}
+
+TEST(CApiNoDaemon, GenerationFunctionsRefuseNullArguments) {
+  EXPECT_EQ(WD_ABI_VERSION, 2);
+  char* s = nullptr;
+  uint64_t gen = 0;
+  int changed = 0;
+  EXPECT_EQ(wd_update(nullptr, "m", "/c", 1, &s), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_update: client is NULL"));
+  EXPECT_EQ(wd_update_fd(nullptr, "m", 0, 1, &s), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_update_fd"));
+  EXPECT_EQ(wd_wait_generation(nullptr, "m", 0, 0, &gen, nullptr), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_wait_generation"));
+  EXPECT_EQ(wd_rollback(nullptr, "m", &gen), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_rollback"));
+  EXPECT_EQ(wd_attachment_refresh(nullptr, &changed), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("wd_attachment_refresh"));
+  EXPECT_EQ(wd_attachment_generation(nullptr), 0u);
+  EXPECT_EQ(s, nullptr);
+}
+
+// A fake daemon for the generation functions: one connection, canned results per op, and the
+// fds each request carried (counted, the first one kept open for inspection).
+class FakeGenerationsDaemon {
+ public:
+  FakeGenerationsDaemon() {
+    char tmpl[] = "/tmp/weightd-capi-fake-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    path_ = dir_ + "/s";
+    listen_ = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::strcpy(a.sun_path, path_.c_str());
+    EXPECT_EQ(::bind(listen_, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(::listen(listen_, 1), 0);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeGenerationsDaemon() {
+    ::shutdown(listen_, SHUT_RDWR);
+    thread_.join();
+    ::close(listen_);
+    if (update_fd >= 0) ::close(update_fd);
+    ::unlink(path_.c_str());
+    ::rmdir(dir_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+  std::vector<std::string> requests;
+  std::vector<int> fd_counts;
+  int update_fd = -1;
+
+ private:
+  void Serve() {
+    const int c = ::accept4(listen_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (c < 0) return;
+    for (;;) {
+      char buf[65536];
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+      iovec iov{buf, sizeof(buf)};
+      msghdr msg{};
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof(control);
+      const ssize_t n = ::recvmsg(c, &msg, MSG_CMSG_CLOEXEC);
+      if (n <= 0) break;
+      std::vector<int> fds;
+      for (cmsghdr* h = CMSG_FIRSTHDR(&msg); h != nullptr; h = CMSG_NXTHDR(&msg, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+        const size_t k = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; ++i) {
+          int fd;
+          std::memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+          fds.push_back(fd);
+        }
+      }
+      const std::string req(buf, static_cast<size_t>(n));
+      requests.push_back(req);
+      fd_counts.push_back(static_cast<int>(fds.size()));
+      for (size_t i = 0; i < fds.size(); ++i) {
+        if (i == 0 && update_fd < 0) {
+          update_fd = fds[i];
+        } else {
+          ::close(fds[i]);
+        }
+      }
+      const size_t at = req.find("\"id\":") + 5;
+      const std::string id = req.substr(at, req.find_first_of(",}", at) - at);
+      std::string result = "{}";
+      if (req.find("\"hello\"") != std::string::npos) {
+        result = R"({"version":1})";
+      } else if (req.find("\"update\"") != std::string::npos) {
+        result = R"({"name":"m","generation":7,"state":"ready","seconds":1.5,"bytes_read":10,)"
+                 R"("ranks_rewritten":1,"targets_rewritten":2,"targets_copied":3})";
+      } else if (req.find("\"wait_generation\"") != std::string::npos) {
+        result = R"({"name":"m","generation":7,"timed_out":true})";
+      } else if (req.find("\"rollback\"") != std::string::npos) {
+        result = R"({"name":"m","generation":8,"restored":6})";
+      }
+      const std::string reply = R"({"ok":true,"id":)" + id + R"(,"result":)" + result + "}";
+      if (::send(c, reply.data(), reply.size(), MSG_NOSIGNAL) < 0) break;
+    }
+    ::close(c);
+  }
+
+  std::string dir_, path_;
+  int listen_ = -1;
+  std::thread thread_;
+};
+
+TEST(CApiGenerations, UpdateWaitAndRollbackAgainstAFakeDaemon) {
+  FakeGenerationsDaemon d;
+  wd_client* raw = nullptr;
+  ASSERT_EQ(wd_connect(d.path().c_str(), &raw), WD_OK) << wd_last_error();
+  ClientPtr c(raw);
+
+  char* s = nullptr;
+  ASSERT_EQ(wd_update(c.get(), "m", "/models/new", 1, &s), WD_OK) << wd_last_error();
+  EXPECT_EQ(TakeString(s),
+            R"({"bytes_read":10,"generation":7,"name":"m","ranks_rewritten":1,"seconds":1.5,)"
+            R"("state":"ready","targets_copied":3,"targets_rewritten":2})");
+  EXPECT_EQ(wd_update(c.get(), "m", "/models/new", 0, nullptr), WD_OK) << wd_last_error();
+
+  // The memfd goes out as the request's one fd and stays the caller's.
+  const int memfd = ::memfd_create("update", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  ASSERT_GE(memfd, 0);
+  ASSERT_EQ(::write(memfd, "abc", 3), 3);
+  ASSERT_EQ(::fcntl(memfd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW), 0);
+  s = nullptr;
+  ASSERT_EQ(wd_update_fd(c.get(), "m", memfd, 1, &s), WD_OK) << wd_last_error();
+  EXPECT_THAT(TakeString(s), HasSubstr(R"("generation":7)"));
+  EXPECT_NE(::fcntl(memfd, F_GETFD), -1) << "wd_update_fd closed the caller's fd";
+  ::close(memfd);
+  // Unsealed: refused before sending.
+  const int unsealed = ::memfd_create("update", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  EXPECT_EQ(wd_update_fd(c.get(), "m", unsealed, 1, nullptr), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("lacks the seals F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW"));
+  ::close(unsealed);
+
+  uint64_t gen = 0;
+  int timed_out = 0;
+  ASSERT_EQ(wd_wait_generation(c.get(), "m", 6, 250, &gen, &timed_out), WD_OK) << wd_last_error();
+  EXPECT_EQ(gen, 7u);
+  EXPECT_EQ(timed_out, 1);
+  EXPECT_EQ(wd_wait_generation(c.get(), "m", 6, 9999999, &gen, nullptr), WD_OK);
+  gen = 0;
+  EXPECT_EQ(wd_wait_generation(c.get(), "m", 6, -1, &gen, &timed_out), WD_INVALID_ARGUMENT);
+  EXPECT_THAT(wd_last_error(), HasSubstr("timeout_ms -1 is negative"));
+  EXPECT_EQ(gen, 0u);
+  ASSERT_EQ(wd_rollback(c.get(), "m", &gen), WD_OK) << wd_last_error();
+  EXPECT_EQ(gen, 8u);
+  EXPECT_EQ(wd_rollback(c.get(), "m", nullptr), WD_OK);
+  c.reset();  // closes the connection: the fake's thread ends
+
+  ASSERT_EQ(d.requests.size(), 8u);
+  EXPECT_THAT(d.requests[1], HasSubstr(R"("checkpoint":"/models/new")"));
+  EXPECT_THAT(d.requests[1], HasSubstr(R"("wait":true)"));
+  EXPECT_THAT(d.requests[2], ::testing::Not(HasSubstr("wait")));
+  EXPECT_EQ(d.fd_counts, (std::vector<int>{0, 0, 0, 1, 0, 0, 0, 0}));
+  EXPECT_THAT(d.requests[4], HasSubstr(R"("after":6)"));
+  EXPECT_THAT(d.requests[4], HasSubstr(R"("timeout_ms":250)"));
+  EXPECT_THAT(d.requests[5], HasSubstr(R"("timeout_ms":600000)"));
+  // The daemon's reference is the same file.
+  char got[4] = {};
+  ASSERT_GE(d.update_fd, 0);
+  EXPECT_EQ(::pread(d.update_fd, got, 3, 0), 3);
+  EXPECT_STREQ(got, "abc");
 }
 
 std::string g_dir, g_socket, g_ckpt;
@@ -293,6 +464,15 @@ TEST_F(CApiTest, UnloadRefusedWhileAttachedThenSucceeds) {
   wd_attachment_release(a);
   EXPECT_EQ(wd_unload(c.get(), "demo2", 0), WD_OK) << wd_last_error();
   EXPECT_EQ(wd_unload(c.get(), "demo2", 0), WD_NOT_FOUND);
+}
+
+// The generation of a fresh load's lease is 1 (also from a daemon that sends none).
+TEST_F(CApiTest, AttachmentGenerationIsOneAfterTheLoad) {
+  ClientPtr c = Connect();
+  wd_attachment* raw = nullptr;
+  ASSERT_EQ(wd_attach(c.get(), "demo", 0, &raw), WD_OK) << wd_last_error();
+  AttachmentPtr a(raw);
+  EXPECT_EQ(wd_attachment_generation(a.get()), 1u);
 }
 
 }  // namespace

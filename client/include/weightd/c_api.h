@@ -46,8 +46,10 @@
 extern "C" {
 #endif
 
-/* Increased when a function or a wd_tensor_info field is added. */
-#define WD_ABI_VERSION 1
+/* Increased when a function or a wd_tensor_info field is added.
+ * 2: generations (wd_attachment_generation, wd_attachment_refresh, wd_update, wd_update_fd,
+ *    wd_wait_generation, wd_rollback). */
+#define WD_ABI_VERSION 2
 
 /* Status codes (identical to absl::StatusCode). */
 enum {
@@ -112,10 +114,13 @@ WD_API void wd_client_free(wd_client* c);
 WD_API int wd_client_version(const wd_client* c);
 
 /* All visible models as JSON: {"models":[{"name","state","checkpoint","backend","tp",
- * "bytes_total","bytes_done","seconds","error"?,"ranks":[{"rank","device","state",
- * "arena_bytes","tensors","lease_count","leases":[{"lease","pid","uid"}]}]}]} (the shape of
- * `weightctl status --json`; "leases" lists at most 64 leases in all, "lease_count" counts the
- * rank's leases). Free *out_json with wd_string_free. */
+ * "bytes_total","bytes_done","seconds","generation","previous_generation","error"?,
+ * "update"?:{"state","generation","bytes_total","bytes_done","seconds","error"?},
+ * "ranks":[{"rank","device","state","arena_bytes","tensors","lease_count",
+ * "leases":[{"lease","pid","uid","generation"}]}]}]} (the shape of `weightctl status --json`;
+ * "leases" lists at most 64 leases in all, "lease_count" counts the rank's leases; the
+ * generations are 0 from a daemon without them; "update" is the running or last update).
+ * Free *out_json with wd_string_free. */
 WD_API int wd_list_json(wd_client* c, char** out_json);
 
 /* Like wd_list_json; `name` NULL = all models, else that one (WD_NOT_FOUND if absent). */
@@ -135,6 +140,40 @@ WD_API int wd_unload(wd_client* c, const char* name, int force);
 
 /* The daemon's metrics in Prometheus text format. Free *out_text with wd_string_free. */
 WD_API int wd_metrics(wd_client* c, char** out_text);
+
+/* ---- generations (docs/PROTOCOL.md "Generations") ---------------------------------------- */
+
+/* Publishes the tensors of `checkpoint` (a directory or .safetensors file the daemon can read,
+ * under its model_roots; any subset of the model's checkpoint tensors, same names, dtypes and
+ * shapes) as model `name`'s next generation. `wait` == 0: returns once the daemon accepted the
+ * update; != 0: once the new generation is published, or with the update's error. On success
+ * *out_json (free with wd_string_free; out_json may be NULL) is {"name","generation","state",
+ * "seconds","bytes_read","ranks_rewritten","targets_rewritten","targets_copied"}: without wait
+ * "state" is "updating", "generation" the one the update will publish and the counts 0.
+ * WD_INVALID_ARGUMENT naming an unknown tensor (with the nearest names) or one whose dtype or
+ * shape differs; WD_FAILED_PRECONDITION naming the model's state (loading, updating, ...). */
+WD_API int wd_update(wd_client* c, const char* name, const char* checkpoint, int wait,
+                     char** out_json);
+
+/* Like wd_update, the new tensors being the safetensors file in `memfd`: a memfd created with
+ * MFD_ALLOW_SEALING and sealed with at least F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW
+ * (WD_INVALID_ARGUMENT naming the missing seals otherwise, before anything is sent). The fd is
+ * not consumed: the caller closes it whenever it likes after the call. */
+WD_API int wd_update_fd(wd_client* c, const char* name, int memfd, int wait, char** out_json);
+
+/* Waits until model `name`'s generation is above `after`, at most `timeout_ms` milliseconds
+ * (0 = answer at once; values above 600000, the protocol's limit, are clamped; negative is
+ * WD_INVALID_ARGUMENT). *generation gets the generation when the daemon answered and
+ * *timed_out (may be NULL) 1 when the timeout passed with it still <= `after`, else 0.
+ * WD_NOT_FOUND when the model is unloaded. The client's connection (shared with its
+ * attachments) answers nothing else meanwhile: wait on a wd_client of its own. */
+WD_API int wd_wait_generation(wd_client* c, const char* name, uint64_t after, int64_t timeout_ms,
+                              uint64_t* generation, int* timed_out);
+
+/* Re-publishes the kept previous generation's weights as a new generation, whose number goes to
+ * *generation (may be NULL). WD_FAILED_PRECONDITION when the daemon keeps no previous generation
+ * (config keep_previous_generation) or an update is running. */
+WD_API int wd_rollback(wd_client* c, const char* name, uint64_t* generation);
 
 /* ---- attachments ------------------------------------------------------------------------- */
 
@@ -157,6 +196,21 @@ WD_API const char* wd_attachment_model(const wd_attachment* a);
 WD_API int wd_attachment_rank(const wd_attachment* a);
 WD_API uint64_t wd_attachment_lease(const wd_attachment* a);
 WD_API uint64_t wd_attachment_total_bytes(const wd_attachment* a);
+
+/* The model generation the attachment maps: 1 from a daemon without generations, 0 for NULL. */
+WD_API uint64_t wd_attachment_generation(const wd_attachment* a);
+
+/* Moves the attachment to the model's newest generation. *changed (may be NULL) is 0 when it
+ * mapped the newest already (nothing changes), 1 when the new generation's bytes are now mapped
+ * AT THE SAME ADDRESSES: every wd_tensor_info pointer, data pointer and exported DLPack tensor
+ * stays valid and reads the new bytes (so this is allowed while exports exist); only the
+ * tensors' crc32c and wd_attachment_generation change. Host memory is replaced atomically per
+ * arena; device memory is unmapped and mapped again, so no kernel or copy may read the weights
+ * meanwhile (call it between steps). WD_FAILED_PRECONDITION naming the first difference when
+ * the new generation's layout differs, or after wd_attachment_detach; on any error the
+ * attachment keeps mapping the generation it had. Not thread-safe with other calls on `a`
+ * (wd_attachment_tensor, _verify, _read, _detach, _export_dlpack) or with reading crc32c. */
+WD_API int wd_attachment_refresh(wd_attachment* a, int* changed);
 
 /* Number of tensors (0 after wd_attachment_detach). */
 WD_API size_t wd_attachment_num_tensors(const wd_attachment* a);

@@ -25,6 +25,18 @@
 // calls from several threads are serialized (safe, not parallel). An Attachment may outlive
 // its Client; it keeps the connection open (that is what holds the lease).
 //
+// Generations (docs/PROTOCOL.md "Generations"): Update/UpdateTensors publish new weights as the
+// model's next generation; a worker waits for it (WaitGeneration) and moves its attachment onto
+// it with Attachment::Refresh, which maps the new bytes at the same addresses, so pointers,
+// DLPack capsules and framework tensors made from the attachment see the new weights:
+//
+//   // trainer: publish new values of some tensors (host memory, checkpoint names and dtypes)
+//   WD_ASSIGN_OR_RETURN(weightd::UpdateResult u, trainer.UpdateTensors("llama", tensors));
+//   // worker, between two steps (WaitGeneration on a Client of its own: it blocks the connection)
+//   WD_ASSIGN_OR_RETURN(weightd::GenerationWait w,
+//                       waiter.WaitGeneration("llama", a.generation(), absl::Minutes(5)));
+//   if (!w.timed_out) WD_RETURN_IF_ERROR(a.Refresh().status());   // true: new bytes mapped
+//
 // This header includes no JSON, CUDA or liburing headers.
 #ifndef WEIGHTD_CLIENT_H_
 #define WEIGHTD_CLIENT_H_
@@ -32,12 +44,14 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "weightd/dtype.h"
 
 namespace weightd {
@@ -59,6 +73,7 @@ struct LeaseStatus {
   uint64_t lease = 0;
   int64_t pid = 0;
   uint32_t uid = 0;
+  uint64_t generation = 0;  // the generation the lease maps; 0 from a daemon without generations
 };
 
 struct RankStatusInfo {
@@ -72,6 +87,16 @@ struct RankStatusInfo {
   std::vector<LeaseStatus> leases;
 };
 
+// A model's running or last update, as `status` shows it (docs/PROTOCOL.md "Generations").
+struct UpdateStatus {
+  std::string state;         // "running", "failed" or "done"
+  uint64_t generation = 0;   // the generation the update publishes (or would have)
+  uint64_t bytes_total = 0;  // bytes of new tensors the update reads
+  uint64_t bytes_done = 0;
+  double seconds = 0;  // so far, or in total once finished
+  std::string error;   // set when failed
+};
+
 struct ModelInfo {
   std::string name;
   std::string state;  // summary over ranks: failed > unloading > loading > ready
@@ -82,7 +107,44 @@ struct ModelInfo {
   uint64_t bytes_total = 0;  // checkpoint bytes the load reads
   uint64_t bytes_done = 0;
   double seconds = 0;  // load time so far, or total once finished
+  // The generation serving now (1 once loaded) and the kept previous one (0 when none). Both 0
+  // from a daemon without generations.
+  uint64_t generation = 0;
+  uint64_t previous_generation = 0;
+  std::optional<UpdateStatus> update;  // the running or last update, when the daemon shows one
   std::vector<RankStatusInfo> ranks;
+};
+
+// What an update request answered. Without `wait` only `generation` (the one the update will
+// publish) and `state` ("updating") are set; with `wait` the rest describe the finished update.
+struct UpdateResult {
+  uint64_t generation = 0;
+  std::string state;  // "updating" (accepted) or "ready" (published)
+  double seconds = 0;
+  uint64_t bytes_read = 0;         // bytes of new tensors read
+  uint64_t ranks_rewritten = 0;    // ranks that got a new arena
+  uint64_t targets_rewritten = 0;  // engine parameters written from the new tensors
+  uint64_t targets_copied = 0;     // engine parameters copied from the previous generation
+};
+
+// One tensor for Client::UpdateTensors, in host memory, under the checkpoint's (Hugging Face)
+// name, with the checkpoint's dtype and shape. `data` is read during the call only.
+struct UpdateTensor {
+  std::string name;
+  DType dtype = DType::kU8;
+  std::vector<int64_t> shape;  // elements; empty for a scalar
+  const void* data = nullptr;  // dense, row-major: nbytes bytes
+  uint64_t nbytes = 0;         // product(shape) * DTypeSize(dtype)
+};
+
+struct GenerationWait {
+  uint64_t generation = 0;  // the model's generation when the daemon answered
+  bool timed_out = false;   // true: the timeout passed with the generation still <= `after`
+};
+
+struct RollbackResult {
+  uint64_t generation = 0;  // the new generation, which serves the previous weights
+  uint64_t restored = 0;    // as the daemon reports it: the generation whose weights came back
 };
 
 // One tensor of an attached rank. `data` points into read-only memory owned by the Attachment:
@@ -113,6 +175,8 @@ class Attachment {
   // nullptr when absent. O(1).
   const TensorView* Find(absl::string_view name) const;
   uint64_t total_bytes() const;  // sum of the tensors' nbytes
+  // The model generation the attachment maps (1 from a daemon without generations).
+  uint64_t generation() const;
 
   // Recomputes every tensor's CRC32C and compares with the manifest; device tensors are copied
   // to host memory first (cuMemcpyDtoH, 64 MiB at a time). DATA_LOSS naming the first
@@ -125,6 +189,29 @@ class Attachment {
   // OUT_OF_RANGE when the range leaves the tensor; INVALID_ARGUMENT for a TensorView that is
   // not this attachment's; the driver error for a failed read-back.
   absl::Status Read(const TensorView& tensor, uint64_t offset, void* dst, uint64_t n) const;
+
+  // Moves the attachment to the model's newest generation (the `refresh` request). Returns
+  // false when it maps the newest already (nothing changes), true when it now maps the new one.
+  //
+  // The new arenas replace the old ones at the same addresses: tensors(), every TensorView and
+  // its `data` pointer stay the same objects, and whatever points into the memory (raw
+  // pointers, DLPack capsules, torch tensors) reads the new bytes from now on; TensorView::crc32c
+  // and generation() are updated. Host arenas are replaced with one mmap(MAP_FIXED) each, so a
+  // reader sees either the old or the new bytes of an arena, never a gap (but a reader spanning
+  // two arenas may see one old and one new). Device arenas are unmapped and the new memory
+  // mapped at the same address (cuMemUnmap, cuMemMap): the range is briefly unmapped, so a
+  // refresh must not race with kernels or copies reading the weights -- call it between steps,
+  // after synchronizing the streams that read them.
+  //
+  // The new generation must have the same layout (an update never changes it): same arenas
+  // (kind, size) and the same tensors in the same order (name, dtype, shape, strides, arena,
+  // offset, nbytes). Otherwise FAILED_PRECONDITION naming the first difference. On any error
+  // (that one, a hostile reply, a failed mmap or driver call) the attachment keeps mapping the
+  // generation it had, fully readable; arenas already replaced are put back. When the daemon
+  // already counts the lease on the newer generation but this attachment could not follow
+  // (an earlier failed refresh), FAILED_PRECONDITION says so: detach and attach again.
+  // FAILED_PRECONDITION after Detach. Not thread-safe with other calls on this Attachment.
+  absl::StatusOr<bool> Refresh();
 
   // Unmaps and releases the lease now; the error of the detach request, if any.
   absl::Status Detach();
@@ -165,6 +252,46 @@ class Client {
   // Prometheus text.
   absl::StatusOr<std::string> Metrics();
 
+  // ---- Generations (docs/PROTOCOL.md "Generations") ----
+  // Update, UpdateFromFd, UpdateTensors and Rollback need the authorization of Load; the
+  // daemon's errors: INVALID_ARGUMENT naming a tensor the checkpoint lacks (with the nearest
+  // names) or one whose dtype or shape differs, FAILED_PRECONDITION naming the model's state
+  // (loading, failed, already updating), RESOURCE_EXHAUSTED with the bytes needed.
+
+  // Publishes the tensors of `checkpoint` (a directory or .safetensors file as the daemon sees
+  // it, under its model_roots; any subset of the model's checkpoint tensors, under the same
+  // names) as the model's next generation. Without `wait` it returns once the daemon accepted
+  // the update (watch Status(name)->update, or WaitGeneration); with `wait` once the new
+  // generation is published or the update failed (the daemon's error). With `wait`, closing
+  // the connection before the reply (the process dies) cancels the update.
+  absl::StatusOr<UpdateResult> Update(const std::string& name, const std::string& checkpoint,
+                                      bool wait = false);
+  // Like Update, the new tensors being the safetensors file held by `memfd`: a memfd sealed with
+  // at least F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW (INVALID_ARGUMENT naming the missing seals
+  // otherwise, before anything is sent). The fd is not consumed: the caller closes it when it
+  // likes (the daemon holds its own reference once the request is sent).
+  absl::StatusOr<UpdateResult> UpdateFromFd(const std::string& name, int memfd, bool wait = true);
+  // Like UpdateFromFd with wait = true, the tensors given in host memory: they are copied once
+  // into a sealed memfd laid out as a safetensors file (no other copy, no file on disk), which
+  // the daemon reads. INVALID_ARGUMENT naming the tensor when a name is empty or repeated, a
+  // dimension negative, `data` null, or nbytes != product(shape) * DTypeSize(dtype); nothing is
+  // sent then. Memory: the memfd holds all the bytes until the call returns.
+  absl::StatusOr<UpdateResult> UpdateTensors(const std::string& name,
+                                             std::span<const UpdateTensor> tensors);
+
+  // Waits until the model's generation is above `after`, at most `timeout` (clamped to 0 ..
+  // 10 minutes, the protocol's kMaxWaitGenerationMs): returns at once when it already is, else
+  // when it advances or with timed_out = true and the generation as it is. NOT_FOUND when the
+  // model is (or gets) unloaded. The connection is busy meanwhile: calls from other threads on
+  // this Client (and its Attachments) wait behind it, so wait on a Client of its own.
+  absl::StatusOr<GenerationWait> WaitGeneration(const std::string& name, uint64_t after,
+                                                absl::Duration timeout);
+
+  // Re-publishes the kept previous generation's weights as a new generation (numbers only grow);
+  // a second rollback undoes the first. FAILED_PRECONDITION when the daemon keeps no previous
+  // generation (config keep_previous_generation) or an update is running.
+  absl::StatusOr<RollbackResult> Rollback(const std::string& name);
+
  private:
   friend class Attachment;
   struct Impl;
@@ -173,11 +300,17 @@ class Client {
 };
 
 // `{"models": [...]}` as `weightctl status --json` prints it and the C ABI returns it: per model
-// name, state, checkpoint, backend, tp, bytes_total, bytes_done, seconds, error (when failed)
-// and ranks (rank, device, state, arena_bytes, tensors, lease_count, leases [{lease, pid, uid}],
-// the latter at most 64 in all).
+// name, state, checkpoint, backend, tp, bytes_total, bytes_done, seconds, generation,
+// previous_generation, error (when failed), update (when the daemon shows one: state,
+// generation, bytes_total, bytes_done, seconds, error when failed) and ranks (rank, device,
+// state, arena_bytes, tensors, lease_count, leases [{lease, pid, uid, generation}], the latter
+// at most 64 in all).
 // `indent` < 0 gives one line.
 std::string ModelsToJson(const std::vector<ModelInfo>& models, int indent = -1);
+
+// `{"name", "generation", "state", "seconds", "bytes_read", "ranks_rewritten",
+// "targets_rewritten", "targets_copied"}`: an update's answer as the C ABI and weightctl print it.
+std::string UpdateResultToJson(const std::string& name, const UpdateResult& r, int indent = -1);
 
 }  // namespace weightd
 

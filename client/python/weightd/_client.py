@@ -1,10 +1,12 @@
 """weightd.Client and weightd.attach: the Python face of the C ABI."""
 import ctypes
 import json
+import os
 import time
 
 from . import _lib
-from ._errors import WeightdError
+from ._errors import WeightdError, error_from_code
+from ._memfd import safetensors_memfd
 
 # safetensors dtype -> numpy typestr. numpy has no bfloat16 / float8: those are exposed as raw
 # uint16 / uint8 bit patterns of the same size (reinterpret them yourself, e.g. with ml_dtypes).
@@ -30,6 +32,40 @@ class _Lease:
         if self.ptr:
             self._lib.wd_attachment_release(self.ptr)
             self.ptr = None
+
+
+class Attachment(dict):
+    """What Client.attach() returns: a dict tensor name -> tensor (zero-copy), plus the
+    attachment's model generation and refresh().
+
+    Every tensor holds a reference on the attachment (the lease); this dict holds one too.
+    """
+
+    def __init__(self, tensors, lease):
+        super().__init__(tensors)
+        self._lease = lease
+
+    @property
+    def generation(self):
+        """The model generation the tensors show (1 from a daemon without generations)."""
+        _lib.require_abi(2, "Attachment.generation")
+        return int(self._lease._lib.wd_attachment_generation(self._lease.ptr))
+
+    def refresh(self):
+        """Moves the attachment to the model's newest generation: False when it shows the newest
+        already, True when the tensors now show the new generation's bytes.
+
+        The new bytes are mapped at the same addresses, so every tensor of this dict (and every
+        view of one, numpy or torch, host or CUDA) reads the new weights from now on; nothing has
+        to be re-attached. Host memory is replaced atomically per arena; device memory is
+        unmapped and mapped again, so no kernel may read the weights meanwhile: call it between
+        steps, after synchronizing. FailedPreconditionError naming the first difference when
+        the new generation's layout differs; on any error the old generation stays mapped.
+        """
+        _lib.require_abi(2, "Attachment.refresh")
+        changed = ctypes.c_int(0)
+        _lib.check(self._lease._lib.wd_attachment_refresh(self._lease.ptr, ctypes.byref(changed)))
+        return bool(changed.value)
 
 
 class _ArrayView:
@@ -137,8 +173,8 @@ class Client:
             if st["state"] == "failed":
                 raise WeightdError(13, f"load of '{name}' failed: {st.get('error', '')}")
             if deadline is not None and time.monotonic() > deadline:
-                raise WeightdError(4, f"load of '{name}' not ready after {timeout} s "
-                                      f"({st['bytes_done']} of {st['bytes_total']} bytes)")
+                raise error_from_code(4, f"load of '{name}' not ready after {timeout} s "
+                                         f"({st['bytes_done']} of {st['bytes_total']} bytes)")
             time.sleep(0.02)
 
     def unload(self, name, force=False):
@@ -152,7 +188,8 @@ class Client:
         return _lib.take_string(out)
 
     def attach(self, name, rank=0, backend=None):
-        """Attaches to rank `rank` of model `name`: a dict tensor name -> tensor, zero-copy.
+        """Attaches to rank `rank` of model `name`: a dict tensor name -> tensor, zero-copy
+        (an Attachment: a dict with .generation and .refresh()).
 
         backend: "torch" (torch.Tensor via DLPack; the default when torch is importable) or
         "numpy" (numpy.ndarray). The memory is read-only: numpy arrays are flagged read-only
@@ -178,8 +215,78 @@ class Client:
         infos = (_lib.TensorInfo * n)()
         _lib.check(lib.wd_attachment_tensors(lease.ptr, infos, n))
         if backend == "torch":
-            return _to_torch(lib, lease, infos)
-        return _to_numpy(lease, infos)
+            return Attachment(_to_torch(lib, lease, infos), lease)
+        return Attachment(_to_numpy(lease, infos), lease)
+
+    # ---- generations (docs/PROTOCOL.md "Generations") ----
+
+    def update(self, name, tensors_or_checkpoint, wait=True):
+        """Publishes new weights for model `name` as its next generation; returns the daemon's
+        reply as a dict: name, generation, state ("ready" once published, "updating" with
+        wait=False), seconds, bytes_read, ranks_rewritten, targets_rewritten, targets_copied (0
+        with wait=False).
+
+        tensors_or_checkpoint: a str or os.PathLike is a checkpoint (directory or .safetensors
+        file the daemon can read, under its model_roots). A dict maps checkpoint (Hugging Face)
+        tensor names to torch tensors (any device; bfloat16 and float8 included) or numpy
+        arrays, with the checkpoint's dtypes and shapes; any subset of the checkpoint's tensors.
+        They are copied once into a sealed memfd laid out as a safetensors file, which the daemon
+        reads (no file on disk; the memfd's memory is held until this returns).
+
+        wait: return once the generation is published (or raise the update's error), else once
+        the daemon accepted it (watch status(name)["update"] or wait_generation()).
+        InvalidArgumentError names an unknown tensor (and the nearest names) or one whose dtype
+        or shape differs; FailedPreconditionError the model's state (loading, updating, ...).
+        """
+        _lib.require_abi(2, "Client.update")
+        out = ctypes.c_void_p()
+        if isinstance(tensors_or_checkpoint, (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(tensors_or_checkpoint))
+            _lib.check(self._lib.wd_update(self._handle(), name.encode(), path.encode(),
+                                           1 if wait else 0, ctypes.byref(out)))
+        elif isinstance(tensors_or_checkpoint, dict):
+            fd = safetensors_memfd(tensors_or_checkpoint)
+            try:
+                _lib.check(self._lib.wd_update_fd(self._handle(), name.encode(), fd,
+                                                  1 if wait else 0, ctypes.byref(out)))
+            finally:
+                os.close(fd)
+        else:
+            raise error_from_code(3, "update: expected a checkpoint path or a dict name -> "
+                                     f"tensor, got {type(tensors_or_checkpoint).__name__}")
+        return json.loads(_lib.take_string(out))
+
+    def wait_generation(self, name, after, timeout=None):
+        """Waits until model `name`'s generation is above `after`; returns (generation,
+        timed_out). timeout: seconds, None = as long as it takes. The daemon answers one wait
+        after at most 10 minutes, so longer waits are several requests. This connection answers
+        nothing else meanwhile: wait on a Client of its own. NotFoundError when the model is
+        unloaded."""
+        _lib.require_abi(2, "Client.wait_generation")
+        max_ms = 600_000
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gen = ctypes.c_uint64()
+        timed_out = ctypes.c_int()
+        while True:
+            if deadline is None:
+                ms = max_ms
+            else:
+                ms = min(max_ms, max(0, int((deadline - time.monotonic()) * 1000 + 0.999)))
+            _lib.check(self._lib.wd_wait_generation(self._handle(), name.encode(), int(after), ms,
+                                                    ctypes.byref(gen), ctypes.byref(timed_out)))
+            if not timed_out.value:
+                return int(gen.value), False
+            if deadline is not None and time.monotonic() >= deadline:
+                return int(gen.value), True
+
+    def rollback(self, name):
+        """Re-publishes the kept previous generation's weights as a new generation and returns
+        its number. FailedPreconditionError when no previous generation is kept (daemon config
+        keep_previous_generation) or an update is running."""
+        _lib.require_abi(2, "Client.rollback")
+        gen = ctypes.c_uint64()
+        _lib.check(self._lib.wd_rollback(self._handle(), name.encode(), ctypes.byref(gen)))
+        return int(gen.value)
 
 
 def _to_numpy(lease, infos):

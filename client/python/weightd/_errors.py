@@ -24,8 +24,17 @@ class WeightdError(Exception):
         super().__init__(f"{self.code_name}: {message}")
 
 
+class CancelledError(WeightdError):
+    """An update cancelled (unload --force, shutdown) before it was published."""
+    code = 1
+
+
 class InvalidArgumentError(WeightdError):
     code = 3
+
+
+class DeadlineExceededError(WeightdError):
+    code = 4
 
 
 class NotFoundError(WeightdError):
@@ -69,7 +78,8 @@ class DataLossError(WeightdError):
     code = 15
 
 
-_BY_CODE = {c.code: c for c in (InvalidArgumentError, NotFoundError, AlreadyExistsError,
+_BY_CODE = {c.code: c for c in (CancelledError, InvalidArgumentError, DeadlineExceededError,
+                                  NotFoundError, AlreadyExistsError,
                                   PermissionDeniedError, ResourceExhaustedError,
                                   FailedPreconditionError, OutOfRangeError, UnimplementedError,
                                   InternalError, UnavailableError, DataLossError)}

@@ -97,10 +97,27 @@ def _declare(lib):
         "wd_attachment_detach": (c_int, [c_void_p]),
         "wd_attachment_export_dlpack": (c_int, [c_void_p, c_size, pp(c_void_p)]),
     }
+    # ABI 2: generations. A library of ABI 1 lacks them; calling one then raises
+    # UnimplementedError (require_abi) instead of failing the import.
+    u64 = ctypes.c_uint64
+    sigs_v2 = {
+        "wd_attachment_generation": (u64, [c_void_p]),
+        "wd_attachment_refresh": (c_int, [c_void_p, pp(c_int)]),
+        "wd_update": (c_int, [c_void_p, c_char_p, c_char_p, c_int, pp(c_void_p)]),
+        "wd_update_fd": (c_int, [c_void_p, c_char_p, c_int, c_int, pp(c_void_p)]),
+        "wd_wait_generation": (c_int, [c_void_p, c_char_p, u64, ctypes.c_int64, pp(u64),
+                                       pp(c_int)]),
+        "wd_rollback": (c_int, [c_void_p, c_char_p, pp(u64)]),
+    }
     for name, (res, args) in sigs.items():
         f = getattr(lib, name)
         f.restype = res
         f.argtypes = args
+    for name, (res, args) in sigs_v2.items():
+        f = getattr(lib, name, None)
+        if f is not None:
+            f.restype = res
+            f.argtypes = args
 
 
 def lib():
@@ -130,6 +147,14 @@ def lib():
                 "tree) or install it with `cmake --install build` and run ldconfig")
         raise WeightdError(5, "libweightd_client.so not found or not loadable (" + hint +
                            "); tried: " + "; ".join(errors))
+
+
+def require_abi(version, what):
+    """Raises UnimplementedError when the loaded library is older than ABI `version`."""
+    have = lib().wd_abi_version()
+    if have < version:
+        raise error_from_code(12, f"{what} needs libweightd_client ABI {version}; the loaded "
+                                  f"library has ABI {have} (install the matching library)")
 
 
 def check(code):

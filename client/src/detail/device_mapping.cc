@@ -32,6 +32,11 @@ std::string UuidHex(const CUuuid& uuid) {
   return out;
 }
 
+absl::Status Check(const CudaDriver& cu, CUresult r, const char* call, int line) {
+  if (r == CUDA_SUCCESS) return absl::OkStatus();
+  return cu.Error(r, call, __FILE__, line);
+}
+
 void Warn(const CudaDriver& cu, CUresult r, const char* call) {
   if (r == CUDA_SUCCESS) return;
   std::fprintf(stderr, "weightd client: %s\n",
@@ -75,6 +80,7 @@ absl::StatusOr<std::unique_ptr<DeviceMapping>> DeviceMapping::Map(int fd, uint64
   m->cu_ = &cu;
   m->device_ = dev;
   m->ordinal_ = ordinal;
+  m->uuid_ = std::string(uuid_hex);
   CUcontext ctx = nullptr;
   WD_CU_RETURN_IF_ERROR(cu, cu.DevicePrimaryCtxRetain(&ctx, dev));
   m->ctx_ = ctx;
@@ -114,6 +120,59 @@ absl::StatusOr<std::unique_ptr<DeviceMapping>> DeviceMapping::Map(int fd, uint64
   return m;
 }
 
+absl::Status DeviceMapping::Remap(int fd, absl::string_view uuid_hex) {
+  if (uuid_hex != uuid_) {
+    return absl::FailedPreconditionError(absl::StrCat("the new memory is on the GPU with UUID ",
+                                                      uuid_hex, ", the mapped one on ", uuid_));
+  }
+  if (!mapped_) {
+    return absl::FailedPreconditionError(
+        "the range is unmapped since an earlier refresh failed to restore it");
+  }
+  const CudaDriver& cu = *cu_;
+  CudaContextGuard guard(cu);
+  WD_RETURN_IF_ERROR(guard.Use(static_cast<CUcontext>(ctx_)));
+  CUmemGenericAllocationHandle next = 0;
+  WD_RETURN_IF_ERROR(Check(
+      cu,
+      cu.MemImportFromShareableHandle(&next, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
+                                      CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+      "cuMemImportFromShareableHandle", __LINE__));
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device_;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+  // The handle that ends up unused is released: the new one on failure, the old one on success.
+  absl::Status failure = Check(cu, cu.MemUnmap(va_, size_), "cuMemUnmap", __LINE__);
+  if (failure.ok()) {
+    failure = Check(cu, cu.MemMap(va_, size_, 0, next, 0), "cuMemMap", __LINE__);
+    if (failure.ok()) {
+      failure = Check(cu, cu.MemSetAccess(va_, size_, &access, 1), "cuMemSetAccess", __LINE__);
+      if (failure.ok()) {
+        Warn(cu, cu.MemRelease(handle_), "cuMemRelease");
+        handle_ = next;
+        return absl::OkStatus();
+      }
+      Warn(cu, cu.MemUnmap(va_, size_), "cuMemUnmap");
+    }
+    // The range is unmapped now: put the old memory back where the caller's pointers expect it.
+    absl::Status restore = Check(cu, cu.MemMap(va_, size_, 0, handle_, 0), "cuMemMap", __LINE__);
+    if (restore.ok()) {
+      restore = Check(cu, cu.MemSetAccess(va_, size_, &access, 1), "cuMemSetAccess", __LINE__);
+      if (!restore.ok()) Warn(cu, cu.MemUnmap(va_, size_), "cuMemUnmap");
+    }
+    if (!restore.ok()) {
+      mapped_ = false;
+      failure = absl::Status(failure.code(), absl::StrCat(failure.message(),
+                                                          "; mapping the old memory back failed "
+                                                          "too, the range is unmapped: ",
+                                                          restore.message()));
+    }
+  }
+  Warn(cu, cu.MemRelease(next), "cuMemRelease");
+  return failure;
+}
+
 DeviceMapping::~DeviceMapping() {
   if (cu_ == nullptr) return;
   const CudaDriver& cu = *cu_;
@@ -132,6 +191,10 @@ DeviceMapping::~DeviceMapping() {
 }
 
 absl::Status DeviceMapping::CopyToHost(uint64_t offset, void* dst, size_t n) const {
+  if (!mapped_) {
+    return absl::FailedPreconditionError(
+        "the device arena is unmapped (a refresh failed to map the old memory back)");
+  }
   if (offset > size_ || n > size_ - offset) {
     return absl::InvalidArgumentError(absl::StrCat("bytes [", offset, ", ", offset + n,
                                                    ") leave the ", size_, "-byte device arena"));
@@ -149,6 +212,10 @@ absl::StatusOr<std::unique_ptr<DeviceMapping>> DeviceMapping::Map(int fd, uint64
                                                                   absl::string_view uuid_hex) {
   return absl::UnavailableError(
       "no CUDA driver (this weightd client was built without CUDA: WEIGHTD_ENABLE_CUDA=OFF)");
+}
+
+absl::Status DeviceMapping::Remap(int fd, absl::string_view uuid_hex) {
+  return absl::UnavailableError("no CUDA driver (this weightd client was built without CUDA)");
 }
 
 DeviceMapping::~DeviceMapping() = default;

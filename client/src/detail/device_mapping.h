@@ -14,6 +14,11 @@
 // through Map() releases what it got. Driver calls run with the device's primary context current
 // and restore the caller's current context afterwards.
 //
+// Remap() replaces the memory behind the same address range by another allocation of the same
+// size (Attachment::Refresh): cuMemImportFromShareableHandle of the new fd, cuMemUnmap, cuMemMap
+// of the new handle at the same address, cuMemSetAccess read-only, and only then cuMemRelease of
+// the old handle, so that a failure can map the old memory back.
+//
 // Private to the client; includes no CUDA header, so it compiles in builds without CUDA, where
 // Map() always fails with UNAVAILABLE. Not thread-safe; the Attachment owning it serializes.
 #ifndef WEIGHTD_CLIENT_DETAIL_DEVICE_MAPPING_H_
@@ -22,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -48,6 +54,16 @@ class DeviceMapping {
   uint64_t base() const { return va_; }
   // The local CUDA ordinal (as this process numbers devices) holding the arena.
   int ordinal() const { return ordinal_; }
+  // Maps the allocation `fd` exports (same size, on the same GPU: `uuid_hex` must be the one
+  // Map() was given, else FAILED_PRECONDITION) at base() instead of the current one; base() and
+  // ordinal() do not change. `fd` is not consumed. On failure the old memory stays mapped
+  // read-only at base() and the error names the failing call; when even mapping the old memory
+  // back failed, the error says so and the range is unmapped (mapped() is false: device
+  // pointers into it fault, CopyToHost fails) until the DeviceMapping is destroyed.
+  absl::Status Remap(int fd, absl::string_view uuid_hex);
+  // False only after a Remap that could not restore the old memory.
+  bool mapped() const { return mapped_; }
+
   // Copies bytes [offset, offset + n) of the arena to host memory `dst` (cuMemcpyDtoH,
   // synchronous). INVALID_ARGUMENT when the range leaves the mapping.
   absl::Status CopyToHost(uint64_t offset, void* dst, size_t n) const;
@@ -58,6 +74,7 @@ class DeviceMapping {
   const CudaDriver* cu_ = nullptr;
   int device_ = 0;  // CUdevice
   int ordinal_ = -1;
+  std::string uuid_;     // of the device, as Map() was given it
   void* ctx_ = nullptr;  // retained primary CUcontext of device_
   uint64_t handle_ = 0;  // CUmemGenericAllocationHandle from the import
   uint64_t va_ = 0;      // reserved range (CUdeviceptr)

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "detail/json_value.h"
 #include "weightd/protocol.h"
 
@@ -40,6 +41,22 @@ absl::StatusOr<ModelInfo> DecodeModel(const json& j) {
   if (!JsonField(j, "bytes_total", &m.bytes_total)) return bad("bytes_total");
   if (!JsonField(j, "bytes_done", &m.bytes_done)) return bad("bytes_done");
   if (!JsonField(j, "seconds", &m.seconds)) return bad("seconds");
+  if (!JsonField(j, "generation", &m.generation)) return bad("generation");
+  if (!JsonField(j, "previous_generation", &m.previous_generation)) {
+    return bad("previous_generation");
+  }
+  // `update` appears once the model was ever updated; null is taken as absent.
+  if (const auto u = j.find("update"); u != j.end() && !u->is_null()) {
+    if (!u->is_object()) return bad("update");
+    UpdateStatus us;
+    if (!JsonField(*u, "state", &us.state)) return bad("update.state");
+    if (!JsonField(*u, "generation", &us.generation)) return bad("update.generation");
+    if (!JsonField(*u, "bytes_total", &us.bytes_total)) return bad("update.bytes_total");
+    if (!JsonField(*u, "bytes_done", &us.bytes_done)) return bad("update.bytes_done");
+    if (!JsonField(*u, "seconds", &us.seconds)) return bad("update.seconds");
+    if (!JsonField(*u, "error", &us.error)) return bad("update.error");
+    m.update = std::move(us);
+  }
   const auto ranks = j.find("ranks");
   if (ranks == j.end() || !ranks->is_array()) return m;
   for (const json& r : *ranks) {
@@ -59,7 +76,7 @@ absl::StatusOr<ModelInfo> DecodeModel(const json& j) {
           if (!l.is_object()) continue;
           LeaseStatus ls;
           if (!JsonField(l, "lease", &ls.lease) || !JsonField(l, "pid", &ls.pid) ||
-              !JsonField(l, "uid", &ls.uid)) {
+              !JsonField(l, "uid", &ls.uid) || !JsonField(l, "generation", &ls.generation)) {
             return bad("leases");
           }
           ri.leases.push_back(ls);
@@ -156,6 +173,9 @@ absl::StatusOr<AttachResult> DecodeAttachResult(const json& result) {
   }
   r.lease = result["lease"].get<uint64_t>();
   r.manifest_bytes = result["manifest_bytes"].get<uint64_t>();
+  if (!JsonField(result, "generation", &r.generation)) {
+    return Malformed("attach 'generation' is not an unsigned integer");
+  }
   if (result.contains("arena_info")) {
     const json& info = result["arena_info"];
     if (!info.is_array()) return Malformed("attach 'arena_info' is not an array");
@@ -170,6 +190,70 @@ absl::StatusOr<AttachResult> DecodeAttachResult(const json& result) {
       }
       r.device_uuids.push_back(std::move(uuid));
     }
+  }
+  return r;
+}
+
+absl::StatusOr<RefreshResult> DecodeRefreshResult(const json& result) {
+  RefreshResult r;
+  if (!JsonField(result, "unchanged", &r.unchanged)) {
+    return Malformed("refresh 'unchanged' is not true or false");
+  }
+  if (!r.unchanged) {
+    absl::StatusOr<AttachResult> a = DecodeAttachResult(result);
+    if (!a.ok()) return a.status();
+    r.attach = *std::move(a);
+    return r;
+  }
+  const auto lease = result.find("lease");
+  const auto generation = result.find("generation");
+  if (lease == result.end() || !JsonTo(*lease, &r.lease) || generation == result.end() ||
+      !JsonTo(*generation, &r.generation)) {
+    return Malformed("refresh reply 'unchanged' without an unsigned 'lease' and 'generation'");
+  }
+  return r;
+}
+
+absl::StatusOr<UpdateResult> DecodeUpdateResult(const json& result) {
+  UpdateResult r;
+  const auto generation = result.find("generation");
+  const auto state = result.find("state");
+  if (generation == result.end() || !JsonTo(*generation, &r.generation) || state == result.end() ||
+      !JsonTo(*state, &r.state)) {
+    return Malformed("update reply without an unsigned 'generation' and a string 'state'");
+  }
+  for (const auto& [key, out] : {std::pair<const char*, uint64_t*>{"bytes_read", &r.bytes_read},
+                                 {"ranks_rewritten", &r.ranks_rewritten},
+                                 {"targets_rewritten", &r.targets_rewritten},
+                                 {"targets_copied", &r.targets_copied}}) {
+    if (!JsonField(result, key, out)) {
+      return Malformed(absl::StrCat("update '", key, "' is not an unsigned integer"));
+    }
+  }
+  if (!JsonField(result, "seconds", &r.seconds))
+    return Malformed("update 'seconds' is not a number");
+  return r;
+}
+
+absl::StatusOr<GenerationWait> DecodeGenerationWaitResult(const json& result) {
+  GenerationWait w;
+  const auto generation = result.find("generation");
+  const auto timed_out = result.find("timed_out");
+  if (generation == result.end() || !JsonTo(*generation, &w.generation) ||
+      timed_out == result.end() || !JsonTo(*timed_out, &w.timed_out)) {
+    return Malformed(
+        "wait_generation reply without an unsigned 'generation' and a boolean 'timed_out'");
+  }
+  return w;
+}
+
+absl::StatusOr<RollbackResult> DecodeRollbackResult(const json& result) {
+  RollbackResult r;
+  const auto generation = result.find("generation");
+  const auto restored = result.find("restored");
+  if (generation == result.end() || !JsonTo(*generation, &r.generation) ||
+      restored == result.end() || !JsonTo(*restored, &r.restored)) {
+    return Malformed("rollback reply without an unsigned 'generation' and 'restored'");
   }
   return r;
 }
@@ -212,6 +296,68 @@ absl::StatusOr<std::vector<std::string>> CheckAttachManifest(const Manifest& m,
     uuids[i] = uuid;
   }
   return uuids;
+}
+
+absl::Status CheckSameLayout(const Manifest& current, const Manifest& next, absl::string_view model,
+                             int rank) {
+  auto differs = [&](const std::string& what) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("refresh of model '", model, "' rank ", rank,
+                     ": the new generation's layout differs from the mapped one (", what,
+                     "); detach and attach again"));
+  };
+  auto dims = [](const std::vector<int64_t>& v) {
+    return absl::StrCat("[", absl::StrJoin(v, ","), "]");
+  };
+  if (next.model != current.model || next.rank != current.rank) {
+    return differs(absl::StrCat("the manifest is for model '", next.model, "' rank ", next.rank));
+  }
+  if (next.arenas.size() != current.arenas.size()) {
+    return differs(absl::StrCat(next.arenas.size(), " arenas instead of ", current.arenas.size()));
+  }
+  for (size_t i = 0; i < current.arenas.size(); ++i) {
+    const ManifestArena& a = current.arenas[i];
+    const ManifestArena& b = next.arenas[i];
+    if (a.kind != b.kind) {
+      return differs(absl::StrCat("arena ", i, " kind ", static_cast<uint32_t>(b.kind),
+                                  " instead of ", static_cast<uint32_t>(a.kind)));
+    }
+    if (a.size != b.size) {
+      return differs(absl::StrCat("arena ", i, " size ", b.size, " bytes instead of ", a.size));
+    }
+  }
+  if (next.tensors.size() != current.tensors.size()) {
+    return differs(
+        absl::StrCat(next.tensors.size(), " tensors instead of ", current.tensors.size()));
+  }
+  for (size_t i = 0; i < current.tensors.size(); ++i) {
+    const ManifestTensor& a = current.tensors[i];
+    const ManifestTensor& b = next.tensors[i];
+    if (a.name != b.name) {
+      return differs(absl::StrCat("tensor ", i, " is '", b.name, "' instead of '", a.name, "'"));
+    }
+    const std::string t = absl::StrCat("tensor '", a.name, "' ");
+    if (a.dtype != b.dtype) {
+      return differs(
+          absl::StrCat(t, "dtype ", DTypeName(b.dtype), " instead of ", DTypeName(a.dtype)));
+    }
+    if (a.shape != b.shape) {
+      return differs(absl::StrCat(t, "shape ", dims(b.shape), " instead of ", dims(a.shape)));
+    }
+    if (a.strides != b.strides) {
+      return differs(absl::StrCat(t, "strides ", dims(b.strides), " instead of ", dims(a.strides)));
+    }
+    if (a.arena != b.arena) {
+      return differs(absl::StrCat(t, "arena ", b.arena, " instead of ", a.arena));
+    }
+    if (a.offset != b.offset) {
+      return differs(absl::StrCat(t, "offset ", b.offset, " instead of ", a.offset));
+    }
+    if (a.nbytes != b.nbytes) {
+      return differs(absl::StrCat(t, "nbytes ", b.nbytes, " instead of ", a.nbytes));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace weightd::detail

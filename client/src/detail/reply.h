@@ -41,11 +41,30 @@ absl::StatusOr<int64_t> DecodeFdMessages(const nlohmann::json& result);
 struct AttachResult {
   uint64_t lease = 0;
   uint64_t manifest_bytes = 0;  // size of the sealed manifest memfd
+  uint64_t generation = 1;      // the generation mapped (absent from older daemons: 1)
   bool has_arena_info = false;
   // arena_info[i].device_uuid, "" where absent; one entry per arena when has_arena_info.
   std::vector<std::string> device_uuids;
 };
 absl::StatusOr<AttachResult> DecodeAttachResult(const nlohmann::json& result);
+
+// refresh: `unchanged: true` with the lease's generation, or an attach reply (`unchanged` false
+// or absent) whose fds follow.
+struct RefreshResult {
+  bool unchanged = false;
+  uint64_t lease = 0;       // when unchanged
+  uint64_t generation = 0;  // when unchanged
+  AttachResult attach;      // when not unchanged
+};
+absl::StatusOr<RefreshResult> DecodeRefreshResult(const nlohmann::json& result);
+
+// update: `generation` and `state` required; seconds, bytes_read, ranks_rewritten,
+// targets_rewritten and targets_copied optional (present once an update sent with wait ends).
+absl::StatusOr<UpdateResult> DecodeUpdateResult(const nlohmann::json& result);
+// wait_generation: `generation` and `timed_out`, both required.
+absl::StatusOr<GenerationWait> DecodeGenerationWaitResult(const nlohmann::json& result);
+// rollback: `generation` and `restored`, both unsigned integers, required.
+absl::StatusOr<RollbackResult> DecodeRollbackResult(const nlohmann::json& result);
 
 // Checks a decoded manifest against the attach request and reply: it is for `model` rank `rank`,
 // the reply carried one fd per arena besides the manifest's (`arena_fds`), arena_info (when
@@ -56,6 +75,14 @@ absl::StatusOr<std::vector<std::string>> CheckAttachManifest(const Manifest& m,
                                                              const AttachResult& reply,
                                                              size_t arena_fds,
                                                              absl::string_view model, int rank);
+
+// A refresh's manifest against the one the attachment maps (docs/PROTOCOL.md: an update never
+// changes a generation's layout): same model and rank, same arenas (count, kind, size) and the
+// same tensors in the same order (name, dtype, shape, strides, arena, offset, nbytes); only the
+// CRC32Cs may differ. FAILED_PRECONDITION naming `model`, `rank` and the first difference (the
+// arena or tensor, the field and both values).
+absl::Status CheckSameLayout(const Manifest& current, const Manifest& next, absl::string_view model,
+                             int rank);
 
 }  // namespace weightd::detail
 
