@@ -674,13 +674,13 @@ bool Server::Impl::Resolve(Connection& c) {
       return false;
     }
   } else {
-    std::optional<absl::StatusOr<UpdateResult>> outcome = registry->UpdateOutcome(p.update);
+    std::optional<absl::StatusOr<UpdateReport>> outcome = registry->UpdateOutcome(p.update);
     if (!outcome) return false;
     if (!outcome->ok()) {
       ++errors_total;
       Queue(c, EncodeErrorReply(p.id_json, outcome->status()));
     } else {
-      const UpdateResult& u = **outcome;
+      const UpdateReport& u = **outcome;
       Queue(c, OkReply(p.id_json, {{"name", p.name},
                                    {"generation", u.generation},
                                    {"state", "ready"},

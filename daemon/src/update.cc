@@ -124,7 +124,7 @@ absl::StatusOr<Registry::UpdateTicket> Registry::StartUpdate(const std::string& 
 }
 
 absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
-    Model& m, const UpdateSource& source, LoadProgress* progress, UpdateResult* result) {
+    Model& m, const UpdateSource& source, LoadProgress* progress, UpdateReport* result) {
   std::shared_ptr<const Plan> plan;
   std::vector<std::string> skipped;
   std::shared_ptr<Generation> base;
@@ -252,7 +252,7 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
           static_cast<unsigned long long>(u.generation),
           source.checkpoint.empty() ? std::string("tensors sent by a client") : source.checkpoint);
   ProgressLogger logger(absl::StrCat("update ", name), &u.progress, u.started);
-  UpdateResult result;
+  UpdateReport result;
   absl::StatusOr<std::shared_ptr<Generation>> built =
       BuildUpdate(*m, source, &u.progress, &result);
   logger.Stop();
@@ -291,8 +291,8 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
         hooks_lock.emplace(&hooks_mu_);
       }
     }
-    outcomes_.emplace_back(id, status.ok() ? absl::StatusOr<UpdateResult>(result)
-                                           : absl::StatusOr<UpdateResult>(status));
+    outcomes_.emplace_back(id, status.ok() ? absl::StatusOr<UpdateReport>(result)
+                                           : absl::StatusOr<UpdateReport>(status));
     while (outcomes_.size() > kKeptOutcomes) outcomes_.pop_front();
     Signal();
   }
@@ -321,7 +321,7 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
   }
 }
 
-std::optional<absl::StatusOr<UpdateResult>> Registry::UpdateOutcome(uint64_t id) const {
+std::optional<absl::StatusOr<UpdateReport>> Registry::UpdateOutcome(uint64_t id) const {
   absl::MutexLock l(&mu_);
   for (const auto& [name, m] : models_) {
     if (m->update != nullptr && m->update->id == id && m->update->running) return std::nullopt;
@@ -350,12 +350,12 @@ absl::StatusOr<uint64_t> Registry::CurrentGeneration(const std::string& name,
   return m.current != nullptr ? m.current->number : 0;
 }
 
-absl::StatusOr<RollbackResult> Registry::Rollback(const std::string& name, const Peer& peer) {
+absl::StatusOr<RollbackReport> Registry::Rollback(const std::string& name, const Peer& peer) {
   if (!MayAdminister(peer)) {
     return absl::PermissionDeniedError(
         absl::StrCat("uid ", peer.uid, " (gid ", peer.gid, ") may not roll models back"));
   }
-  RollbackResult out;
+  RollbackReport out;
   std::vector<std::shared_ptr<Generation>> dropped;
   std::shared_ptr<Model> m;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();

@@ -119,7 +119,7 @@ struct UpdateSource {
 };
 
 // What a finished update did.
-struct UpdateResult {
+struct UpdateReport {
   uint64_t generation = 0;
   double seconds = 0;
   uint64_t bytes_read = 0;  // of the update's tensors
@@ -128,7 +128,7 @@ struct UpdateResult {
   size_t targets_copied = 0;     // targets carried over from the previous generation
 };
 
-struct RollbackResult {
+struct RollbackReport {
   uint64_t generation = 0;  // the new number
   uint64_t restored = 0;    // the generation whose weights it publishes again
 };
@@ -204,12 +204,12 @@ class Registry {
                                            const Peer& peer, uint64_t bound_connection = 0);
   // The outcome of update `id`: nullopt while it runs; its error, or what it published.
   // NOT_FOUND once forgotten (the registry keeps the last 64 outcomes).
-  std::optional<absl::StatusOr<UpdateResult>> UpdateOutcome(uint64_t id) const;
+  std::optional<absl::StatusOr<UpdateReport>> UpdateOutcome(uint64_t id) const;
   // The model's newest generation (0 while it loads), for wait_generation. NOT_FOUND,
   // PERMISSION_DENIED as Attach.
   absl::StatusOr<uint64_t> CurrentGeneration(const std::string& name, const Peer& peer) const;
   // Publishes the kept previous generation again, as the next number.
-  absl::StatusOr<RollbackResult> Rollback(const std::string& name, const Peer& peer);
+  absl::StatusOr<RollbackReport> Rollback(const std::string& name, const Peer& peer);
   // Moves lease `lease` of `connection` on (name, rank) to the newest generation: a grant of
   // its fds, or `unchanged` when the lease maps it already. NOT_FOUND when the connection does
   // not hold that lease.
@@ -265,7 +265,7 @@ class Registry {
   // Builds the next generation of `m` from `source` (update.cc); runs without mu_.
   absl::StatusOr<std::shared_ptr<Generation>> BuildUpdate(Model& m, const UpdateSource& source,
                                                           LoadProgress* progress,
-                                                          UpdateResult* result);
+                                                          UpdateReport* result);
   // The model's plan (its ranks only) and the checkpoint tensors it skips, from its LoadSpec.
   absl::StatusOr<PlannedModel> PlanModel(const Model& m) const;
   // Admission of all `requests` together, then their allocation (held under admission_mu_).
@@ -347,7 +347,7 @@ class Registry {
   uint64_t rollbacks_total_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t refreshes_total_ ABSL_GUARDED_BY(mu_) = 0;
   // The last outcomes of updates, by id (UpdateOutcome).
-  std::deque<std::pair<uint64_t, absl::StatusOr<UpdateResult>>> outcomes_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::pair<uint64_t, absl::StatusOr<UpdateReport>>> outcomes_ ABSL_GUARDED_BY(mu_);
   UniqueFd event_fd_;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   RegistryHooks hooks_;
