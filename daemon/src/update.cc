@@ -247,9 +247,11 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
 
 void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource source) {
   const std::string& name = m->name;
-  Model::Update& u = *m->update;  // not replaced while it runs (StartUpdate refuses)
-  LogInfo("update %s: begin generation %llu from %s", name,
-          static_cast<unsigned long long>(u.generation),
+  // Not replaced while it runs (StartUpdate refuses), but may be as soon as it is marked ended:
+  // only touched under mu_ from then on.
+  Model::Update& u = *m->update;
+  const uint64_t target = u.generation;
+  LogInfo("update %s: begin generation %llu from %s", name, static_cast<unsigned long long>(target),
           source.checkpoint.empty() ? std::string("tensors sent by a client") : source.checkpoint);
   ProgressLogger logger(absl::StrCat("update ", name), &u.progress, u.started);
   UpdateReport result;
@@ -297,7 +299,7 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
     Signal();
   }
   // An unpublished generation's memory is released outside the lock.
-  built = absl::CancelledError("");
+  built = std::shared_ptr<Generation>();
   dropped.clear();
   if (store) {
     // The store holds one generation per model: the old fds go, the new ones come.
@@ -317,7 +319,7 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
             FormatBytes(result.bytes_read), result.ranks_rewritten);
   } else {
     LogError("update %s: failed after %.2f s, generation %llu serves on: %s", name, secs,
-             static_cast<unsigned long long>(u.generation - 1), status.message());
+             static_cast<unsigned long long>(target - 1), status.message());
   }
 }
 
