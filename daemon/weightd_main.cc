@@ -27,6 +27,7 @@
 #include "weightd/seqpacket.h"
 #include "weightd/server.h"
 #include "weightd/status_macros.h"
+#include "weightd/version.h"
 
 #if WEIGHTD_HAVE_SYSTEMD
 #include <systemd/sd-daemon.h>
@@ -57,6 +58,7 @@ constexpr char kHelp[] =
     "  --takeover            take over the daemon running on the socket (same uid only): receive\n"
     "                        its models and listening socket, serve them, and let it exit\n"
     "  -h, --help            this text\n"
+    "      --version         print the version and git revision\n"
     "\n"
     "Stops on SIGINT/SIGTERM; SIGHUP re-reads the config (log level, new preloads start,\n"
     "removed ones are unloaded unless attached). Logs one line per event to stderr (journald\n"
@@ -69,7 +71,10 @@ constexpr char kHelp[] =
     "example:\n"
     "  weightd --socket /tmp/weightd.sock --backend host &\n"
     "  weightctl load llama /models/Llama-3-8B --tp 2 --socket /tmp/weightd.sock\n"
-    "  weightd --socket /tmp/weightd.sock --backend host --takeover &   # hot upgrade\n";
+    "  weightd --socket /tmp/weightd.sock --backend host --takeover &   # hot upgrade\n"
+    "\n"
+    "exit status: 0 after a clean shutdown or a hand-over to a successor, 1 on an error (a bad\n"
+    "config, a socket in use, a failed takeover), 2 on a usage error.\n";
 
 int Usage(const std::string& message) {
   std::fprintf(stderr, "weightd: %s\nRun 'weightd --help' for usage.\n", message.c_str());
@@ -183,6 +188,11 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "-h" || a == "--help") {
       std::fputs(kHelp, stdout);
+      return 0;
+    }
+    if (a == "--version") {
+      std::printf("weightd %s (git %s)\n", std::string(weightd::Version()).c_str(),
+                  std::string(weightd::GitRevision()).c_str());
       return 0;
     }
     if (a == "--takeover") {

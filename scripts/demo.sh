@@ -57,8 +57,9 @@ for _ in $(seq 200); do
 done
 
 echo "== weightctl load tiny-llama --tp 2 --wait =="
-./build/client/weightctl load tiny-llama "$WORK/tiny-llama" --tp 2 --wait --socket "$SOCK"
-./build/client/weightctl status tiny-llama --socket "$SOCK"
+./build/client/weightctl --socket "$SOCK" load tiny-llama "$WORK/tiny-llama" --tp 2 --wait
+echo "== weightctl status tiny-llama =="
+./build/client/weightctl --socket "$SOCK" status tiny-llama
 
 echo "== attach from Python =="
 WEIGHTD_CLIENT_LIB="$ROOT/build/client/libweightd_client.so" PYTHONPATH="$ROOT/client/python" \

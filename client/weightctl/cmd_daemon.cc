@@ -115,9 +115,10 @@ void PrintModel(const ModelInfo& m) {
 }
 
 // Redraws the progress of `name` (or all models) until nothing is loading. Returns the final
-// snapshot. On a terminal it redraws in place; otherwise it prints nothing.
+// snapshot. With `draw` (a terminal) it redraws in place, and leaves the final lines on screen
+// when `keep_final`, else erases them (the caller prints its own); otherwise it prints nothing.
 absl::StatusOr<std::vector<ModelInfo>> WatchLoads(Client& c, const std::optional<std::string>& name,
-                                                  bool draw) {
+                                                  bool draw, bool keep_final = true) {
   int lines = 0;
   for (;;) {
     auto st = c.Status(name);
@@ -133,7 +134,13 @@ absl::StatusOr<std::vector<ModelInfo>> WatchLoads(Client& c, const std::optional
       }
       std::fflush(stdout);
     }
-    if (!loading) return st;
+    if (!loading) {
+      if (draw && !keep_final) {
+        for (int i = 0; i < lines; ++i) std::printf("\033[1A\033[2K");
+        std::fflush(stdout);
+      }
+      return st;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(draw ? 250 : 100));
   }
 }
@@ -230,9 +237,9 @@ int StatusMain(int argc, char** argv) {
   if (!name.empty()) which = name;
   absl::StatusOr<std::vector<ModelInfo>> st;
   if (!as_json && ::isatty(STDOUT_FILENO)) {
-    st = WatchLoads(*c, which, true);
+    // Follows running loads, then prints each model once, in full.
+    st = WatchLoads(*c, which, true, /*keep_final=*/false);
     if (!st.ok()) return Fail(st.status());
-    std::printf("\n");
   } else {
     st = c->Status(which);
   }

@@ -25,6 +25,7 @@
 #include "weightd/protocol.h"
 #include "weightd/seqpacket.h"
 #include "weightd/status_macros.h"
+#include "weightd/version.h"
 
 namespace weightd {
 namespace {
@@ -869,7 +870,7 @@ void Server::Impl::Handle(Connection& c, const Request& r, UniqueFd fd) {
       c.client = r.client;
       json res;
       res["version"] = std::min(r.version, kProtocolVersion);
-      res["server"] = "weightd 0.1.0";
+      res["server"] = absl::StrCat("weightd ", Version());
       res["uid"] = c.peer.uid;
       res["pid"] = c.peer.pid;
       res["max_request_bytes"] = options.max_request_bytes;
