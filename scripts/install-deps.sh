@@ -8,6 +8,8 @@ APT_PACKAGES=(
   clang libclang-rt-14-dev
   liburing-dev libabsl-dev nlohmann-json3-dev libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev systemd
+  # packaging: man pages from --help, and dpkg-shlibdeps for the .deb's dependencies
+  help2man dpkg-dev
   python3 python3-pip
   # torch for the DLPack and LibTorch adapter tests: Debian's CPU build (~490 MiB installed),
   # far smaller than PyPI's wheels with their CUDA libraries.
