@@ -9,7 +9,7 @@ APT_PACKAGES=(
   liburing-dev libabsl-dev nlohmann-json3-dev libgtest-dev libgmock-dev libbenchmark-dev
   libsystemd-dev systemd
   # packaging: man pages from --help, and dpkg-shlibdeps for the .deb's dependencies
-  help2man dpkg-dev
+  help2man dpkg-dev unzip python3-venv
   python3 python3-pip
   # torch for the DLPack and LibTorch adapter tests: Debian's CPU build (~490 MiB installed),
   # far smaller than PyPI's wheels with their CUDA libraries.
