@@ -125,6 +125,8 @@ absl::StatusOr<std::vector<ModelInfo>> WatchLoads(Client& c, const std::optional
     if (!st.ok()) return st.status();
     bool loading = false;
     for (const ModelInfo& m : *st) loading |= m.state == "loading" || m.state == "unloading";
+    // Nothing to follow and nothing drawn yet: the caller prints the final state itself.
+    if (!loading && lines == 0 && !keep_final) return st;
     if (draw) {
       for (int i = 0; i < lines; ++i) std::printf("\033[1A\033[2K");
       lines = 0;

@@ -104,7 +104,12 @@ sock=$work/s
 daemon=$!
 for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.05; done
 [[ -S $sock ]] || fail "the unpacked weightd did not listen: $(cat "$work/weightd.log")"
-"$ctl" --socket "$sock" load tiny "$work/ckpt" --tp 2 --wait >/dev/null || fail "load"
+out=$("$ctl" --socket "$sock" load tiny "$work/ckpt" --tp 2 --wait) || fail "load"
+# One final line, once (global --socket before the command, as in `git -C`).
+[[ $(grep -c '^tiny ' <<<"$out") -eq 1 && $out == *ready* ]] || fail "load --wait printed: $out"
+# On a terminal, status follows loads and then prints each model once.
+tty_out=$(script -qec "'$ctl' status tiny --socket '$sock'" /dev/null | sed 's/\x1b\[[0-9;]*[A-Za-z]//g')
+[[ $(grep -c 'tiny .*ready' <<<"$tty_out") -eq 1 ]] || fail "status on a terminal printed: $tty_out"
 "$ctl" --socket "$sock" attach tiny --rank 1 --verify >/dev/null || fail "attach --verify"
 WEIGHTD_CLIENT_LIB=$root/usr/lib/libweightd_client.so PYTHONPATH=$root/usr/share/weightd/python \
   WEIGHTD_SOCKET=$sock "$python" -c '
