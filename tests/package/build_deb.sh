@@ -4,6 +4,7 @@ set -euo pipefail
 build=$1
 out=$2
 mkdir -p "$out"
-cmake --build "$build" --target weightd weightctl weightd_client_shared weightd_man_pages >&2
+cmake --build "$build" --target weightd weightctl weightd_client_shared weightd_client_cpp \
+  weightd_man_pages >&2
 (cd "$out" && cpack -G DEB --config "$build/CPackConfig.cmake" -B "$out" >&2)
 ls "$out"/weightd_*.deb

@@ -50,6 +50,8 @@ done
 listing=$(dpkg-deb -c "$deb" | awk '{print $6}' | sed 's|^\./|/|')
 for f in /usr/bin/weightd /usr/bin/weightctl /usr/lib/libweightd_client.so.0 \
          /usr/lib/libweightd_client.so /usr/include/weightd/c_api.h \
+         /usr/include/weightd/client.h /usr/include/weightd/dtype.h \
+         /usr/lib/libweightd_client_cpp.a /usr/lib/pkgconfig/weightd-client-cpp.pc \
          /usr/lib/pkgconfig/weightd-client.pc /usr/lib/systemd/system/weightd.service \
          /usr/lib/systemd/system/weightd.socket /usr/lib/sysusers.d/weightd.conf \
          /usr/lib/tmpfiles.d/weightd.conf /etc/weightd/weightd.json \
@@ -111,6 +113,16 @@ out=$("$ctl" --socket "$sock" load tiny "$work/ckpt" --tp 2 --wait) || fail "loa
 tty_out=$(script -qec "'$ctl' status tiny --socket '$sock'" /dev/null | sed 's/\x1b\[[0-9;]*[A-Za-z]//g')
 [[ $(grep -c 'tiny .*ready' <<<"$tty_out") -eq 1 ]] || fail "status on a terminal printed: $tty_out"
 "$ctl" --socket "$sock" attach tiny --rank 1 --verify >/dev/null || fail "attach --verify"
+# C and C++ programs built against the packaged headers and libraries through pkg-config.
+pc() { PKG_CONFIG_PATH=$root/usr/lib/pkgconfig pkg-config --define-variable=prefix="$root/usr" "$@"; }
+consumers=$(dirname "$0")/consumers
+cc -o "$work/attach_c" "$consumers/attach.c" $(pc --cflags --libs weightd-client) ||
+  fail "a C program does not build against the package"
+LD_LIBRARY_PATH=$root/usr/lib "$work/attach_c" "$sock" tiny | grep -q '^c: 15 tensors, generation 1$' ||
+  fail "the C program could not attach"
+c++ -o "$work/attach_cc" "$consumers/attach.cc" $(pc --cflags --libs weightd-client-cpp) ||
+  fail "a C++ program does not build against the package"
+"$work/attach_cc" "$sock" tiny | grep -q '^c++: 15 tensors' || fail "the C++ program could not attach"
 WEIGHTD_CLIENT_LIB=$root/usr/lib/libweightd_client.so PYTHONPATH=$root/usr/share/weightd/python \
   WEIGHTD_SOCKET=$sock "$python" -c '
 import weightd
