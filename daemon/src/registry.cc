@@ -68,7 +68,8 @@ Registry::Registry(Backend* backend, DaemonConfig config)
     : backend_(backend),
       config_(std::move(config)),
       self_uid_(::geteuid()),
-      event_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+      event_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
+      reaper_(std::make_unique<Reaper>()) {}
 
 void Registry::Signal() const {
   const uint64_t one = 1;
@@ -85,18 +86,17 @@ void Registry::SpawnLocked(absl::AnyInvocable<void() &&> body) {
                       done});
 }
 
-std::vector<std::shared_ptr<Registry::Generation>> Registry::PublishLocked(
-    Model& m, std::shared_ptr<Generation> next) {
+void Registry::PublishLocked(Model& m, std::shared_ptr<Generation> next) {
   if (m.current != nullptr) {
     m.previous = config_.keep_previous_generation ? m.current->number : 0;
   }
   m.current = std::move(next);
   m.generations[m.current->number] = m.current;
   Signal();
-  return PruneLocked(m);
+  PruneLocked(m);
 }
 
-std::vector<std::shared_ptr<Registry::Generation>> Registry::PruneLocked(Model& m) {
+void Registry::PruneLocked(Model& m) {
   std::vector<std::shared_ptr<Generation>> dropped;
   for (auto it = m.generations.begin(); it != m.generations.end();) {
     const uint64_t n = it->first;
@@ -111,7 +111,7 @@ std::vector<std::shared_ptr<Registry::Generation>> Registry::PruneLocked(Model& 
       it = m.generations.erase(it);
     }
   }
-  return dropped;
+  reaper_->Add(std::move(dropped));
 }
 
 Registry::~Registry() { Shutdown(); }
@@ -437,7 +437,6 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   logger.Stop();
   const absl::Duration elapsed = absl::Now() - m->started;
   const uint64_t bytes = m->progress.bytes_total.load();
-  std::vector<std::shared_ptr<Generation>> dropped;
   bool cancelled = false, shutdown = false;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   std::optional<absl::MutexLock> hooks_lock;
@@ -466,7 +465,7 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       for (Model::Rank& r : m->ranks) r.state = RankState::kReady;
       m->plan = std::move(kept_plan);
       m->skipped = std::move(skipped);
-      dropped = PublishLocked(*m, std::move(built));
+      PublishLocked(*m, std::move(built));
       if (hooks_.on_ready) {
         stored = ExportLocked(*m);
         // Taken before mu_ is released: an unload of this model waits for the store to have
@@ -477,7 +476,6 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
   }
   // Memory of a load that did not finish is released outside the lock.
   built.reset();
-  dropped.clear();
   if (!stored.ok()) {
     LogWarning("load %s: cannot export its fds for the fd store: %s", name,
                stored.status().message());
@@ -640,7 +638,6 @@ absl::StatusOr<AttachGrant> Registry::GrantLocked(const Model& m, size_t slot) c
 
 absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connection,
                               std::optional<uint64_t> lease) {
-  std::vector<std::shared_ptr<Generation>> dropped;  // destroyed after mu_ is released
   absl::MutexLock l(&mu_);
   auto it = models_.find(name);
   if (it != models_.end()) {
@@ -652,7 +649,7 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
       UncountLeases({*li});
       leases.erase(li);
       ++detaches_total_;
-      dropped = PruneLocked(*it->second);
+      PruneLocked(*it->second);
       return absl::OkStatus();
     }
   }
@@ -667,16 +664,13 @@ absl::Status Registry::Detach(const std::string& name, int rank, uint64_t connec
 
 void Registry::ReleaseConnection(uint64_t connection) {
   size_t released = 0;
-  std::vector<std::shared_ptr<Generation>> dropped;  // destroyed after mu_ is released
   {
     absl::MutexLock l(&mu_);
     for (auto& [name, m] : models_) {
       const size_t n =
           std::erase_if(m->leases, [&](const LeaseInfo& x) { return x.connection == connection; });
       released += n;
-      if (n > 0) {
-        for (auto& g : PruneLocked(*m)) dropped.push_back(std::move(g));
-      }
+      if (n > 0) PruneLocked(*m);
       // An update sent with `wait` belongs to its connection: the requester is gone.
       if (m->update != nullptr && m->update->running && m->update->connection == connection) {
         m->update->cancel_reason = "cancelled: the connection that asked for it closed";
@@ -776,11 +770,12 @@ void Registry::WaitForLoads() {
     std::vector<LoadThread> threads;
     {
       absl::MutexLock l(&mu_);
-      if (threads_.empty()) return;
+      if (threads_.empty()) break;
       threads.swap(threads_);
     }
     for (LoadThread& t : threads) t.thread.join();
   }
+  reaper_->Drain();
 }
 
 std::string Registry::Metrics() const {

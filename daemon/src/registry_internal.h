@@ -2,12 +2,14 @@
 #ifndef WEIGHTD_DAEMON_SRC_REGISTRY_INTERNAL_H_
 #define WEIGHTD_DAEMON_SRC_REGISTRY_INTERNAL_H_
 
+#include <deque>
 #include <map>
 #include <thread>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -44,6 +46,61 @@ class ProgressLogger {
   std::thread thread_;
 };
 
+
+// Frees memory off the caller's thread. Releasing a generation's arenas (gigabytes of shmem
+// pages or device memory) takes hundreds of milliseconds, which must not happen on the server's
+// event loop (a refresh or detach that drops an old generation's last lease) nor delay a reply.
+class Reaper {
+ public:
+  Reaper() : thread_([this] { Run(); }) {}
+  Reaper(const Reaper&) = delete;
+  Reaper& operator=(const Reaper&) = delete;
+  ~Reaper() {  // frees what is queued, then returns
+    {
+      absl::MutexLock l(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+  template <typename T>
+  void Add(std::vector<std::shared_ptr<T>> items) {
+    if (items.empty()) return;
+    absl::MutexLock l(&mu_);
+    for (auto& p : items) queue_.push_back(std::move(p));
+  }
+  // Returns once everything queued before the call is freed.
+  void Drain() {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(
+        +[](Reaper* r) ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->queue_.empty() && !r->busy_; },
+        this));
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      std::shared_ptr<void> item;
+      {
+        absl::MutexLock l(&mu_);
+        mu_.Await(absl::Condition(
+            +[](Reaper* r) ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->stop_ || !r->queue_.empty(); },
+            this));
+        if (queue_.empty()) return;  // stop_ and nothing left
+        item = std::move(queue_.front());
+        queue_.pop_front();
+        busy_ = true;
+      }
+      item.reset();
+      absl::MutexLock l(&mu_);
+      busy_ = false;
+    }
+  }
+  absl::Mutex mu_;
+  std::deque<std::shared_ptr<void>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  bool busy_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
 
 // One rank's memory in one generation; generations share it where an update left it alone.
 struct Registry::RankMemory {

@@ -261,7 +261,6 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
   source.memfd.Reset();
   const absl::Duration elapsed = absl::Now() - u.started;
   absl::Status status = built.status();
-  std::vector<std::shared_ptr<Generation>> dropped;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   std::optional<absl::MutexLock> hooks_lock;
   bool store = false;
@@ -286,7 +285,7 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
       u.error = std::string(status.message());
       ++updates_failed_;
     } else {
-      dropped = PublishLocked(*m, *std::move(built));
+      PublishLocked(*m, *std::move(built));
       if (hooks_.on_ready) {
         stored = ExportLocked(*m);
         store = true;
@@ -300,7 +299,6 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
   }
   // An unpublished generation's memory is released outside the lock.
   built = std::shared_ptr<Generation>();
-  dropped.clear();
   if (store) {
     // The store holds one generation per model: the old fds go, the new ones come.
     hooks_.on_removed(FdNames(*m));
@@ -358,7 +356,6 @@ absl::StatusOr<RollbackReport> Registry::Rollback(const std::string& name, const
         absl::StrCat("uid ", peer.uid, " (gid ", peer.gid, ") may not roll models back"));
   }
   RollbackReport out;
-  std::vector<std::shared_ptr<Generation>> dropped;
   std::shared_ptr<Model> m;
   absl::StatusOr<std::vector<NamedFd>> stored = std::vector<NamedFd>();
   std::optional<absl::MutexLock> hooks_lock;
@@ -392,14 +389,13 @@ absl::StatusOr<RollbackReport> Registry::Rollback(const std::string& name, const
     next->ranks = prev->second->ranks;
     out.restored = m->previous;
     out.generation = next->number;
-    dropped = PublishLocked(*m, std::move(next));
+    PublishLocked(*m, std::move(next));
     ++rollbacks_total_;
     if (hooks_.on_ready) {
       stored = ExportLocked(*m);
       hooks_lock.emplace(&hooks_mu_);
     }
   }
-  dropped.clear();
   if (hooks_lock) {
     hooks_.on_removed(FdNames(*m));
     if (stored.ok()) hooks_.on_ready(std::move(*stored));
@@ -413,7 +409,6 @@ absl::StatusOr<RollbackReport> Registry::Rollback(const std::string& name, const
 
 absl::StatusOr<AttachGrant> Registry::Refresh(const std::string& name, int rank,
                                               uint64_t connection, uint64_t lease) {
-  std::vector<std::shared_ptr<Generation>> dropped;  // destroyed after mu_ is released
   absl::MutexLock l(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) return absl::NotFoundError(absl::StrCat("no model named '", name, "'"));
@@ -442,7 +437,7 @@ absl::StatusOr<AttachGrant> Registry::Refresh(const std::string& name, int rank,
   g.lease = lease;
   li->generation = g.generation;
   ++refreshes_total_;
-  dropped = PruneLocked(m);
+  PruneLocked(m);
   return g;
 }
 

@@ -159,6 +159,8 @@ struct AttachGrant {
   std::vector<std::string> arena_device_uuids;
 };
 
+class Reaper;  // registry_internal.h
+
 class Registry {
  public:
   Registry(Backend* backend, DaemonConfig config);
@@ -223,7 +225,8 @@ class Registry {
   // Prometheus text exposition.
   std::string Metrics() const;
 
-  // Blocks until no load is running (tests, shutdown).
+  // Blocks until no load or update is running and the memory of dropped generations is freed
+  // (tests, shutdown).
   void WaitForLoads();
 
   // Cancels the running loads and waits up to `timeout` for their threads; each logs that it
@@ -281,13 +284,12 @@ class Registry {
       absl::string_view model, const Plan& plan, size_t i, std::unique_ptr<Arena> arena,
       int device, const std::vector<int64_t>* known) const;
   // Makes `next` the newest generation, keeping the current one as previous when configured
-  // to, and signals event_fd(). Returns the generations no longer needed, to be destroyed
-  // once mu_ is released.
-  std::vector<std::shared_ptr<Generation>> PublishLocked(Model& m, std::shared_ptr<Generation> next)
+  // to, and signals event_fd(); PruneLocked()s.
+  void PublishLocked(Model& m, std::shared_ptr<Generation> next)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops the generations of `m` that are neither newest nor kept previous and that no lease
-  // maps; returns them to be destroyed once mu_ is released.
-  static std::vector<std::shared_ptr<Generation>> PruneLocked(Model& m);
+  // maps; the reaper frees their memory on its own thread.
+  void PruneLocked(Model& m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A grant of the newest generation's fds for rank slot `r` (attach, refresh).
   absl::StatusOr<AttachGrant> GrantLocked(const Model& m, size_t r) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -349,6 +351,9 @@ class Registry {
   // The last outcomes of updates, by id (UpdateOutcome).
   std::deque<std::pair<uint64_t, absl::StatusOr<UpdateReport>>> outcomes_ ABSL_GUARDED_BY(mu_);
   UniqueFd event_fd_;
+  // Frees dropped generations off the caller's thread (registry_internal.h). Last member: it is
+  // destroyed first, freeing what it holds before the models go.
+  std::unique_ptr<Reaper> reaper_;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   RegistryHooks hooks_;
   // Held by a change that calls a hook from before it releases mu_ until the hook returned, so
