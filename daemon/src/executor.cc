@@ -97,13 +97,7 @@ absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const Arena
   }
   if (from.kind() == ArenaKind::kCudaVmm || to.kind() == ArenaKind::kCudaVmm) {
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND
-    WD_RETURN_IF_ERROR(CopyArenaRangesCuda(from, to, ranges));
-    if (progress != nullptr) {
-      uint64_t n = 0;
-      for (const ArenaRange& r : ranges) n += r.bytes;
-      progress->bytes_done += n;
-    }
-    return absl::OkStatus();
+    return CopyArenaRangesCuda(from, to, ranges);
 #else
     return absl::UnimplementedError(
         "device arenas cannot be copied in this build (configured with WEIGHTD_ENABLE_CUDA=OFF)");
@@ -127,7 +121,6 @@ absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const Arena
     for (size_t i; (i = next.fetch_add(1)) < steps.size();) {
       if (progress != nullptr && progress->cancel.load()) return;
       std::memcpy(dst.data() + steps[i].offset, src.data() + steps[i].offset, steps[i].bytes);
-      if (progress != nullptr) progress->bytes_done += steps[i].bytes;
     }
   };
   std::vector<std::thread> pool;

@@ -759,7 +759,7 @@ absl::Status Registry::Unload(const std::string& name, bool force, const Peer& p
   // Arenas are freed outside the lock; clients still holding fds keep their memory alive.
   LogInfo("unload %s: done%s (%zu leases dropped)", name, force ? " (forced)" : "",
           victim->leases.size());
-  if (hooks_lock) hooks_.on_removed(FdNames(*victim));
+  if (hooks_lock) hooks_.on_removed(RemovalNames(*victim));
   hooks_lock.reset();
   victim.reset();
   return absl::OkStatus();
@@ -854,6 +854,12 @@ std::string Registry::Metrics() const {
 }
 
 void Registry::SetHooks(RegistryHooks hooks) { hooks_ = std::move(hooks); }
+
+std::vector<std::string> Registry::RemovalNames(const Model& m) {
+  std::vector<std::string> names = FdNames(m);
+  std::reverse(names.begin(), names.end());  // the record first
+  return names;
+}
 
 std::vector<std::string> Registry::FdNames(const Model& m) {
   std::vector<std::string> names;

@@ -187,7 +187,7 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
     copies.push_back(TargetRanges(rp, up.copy[i]));
     for (const ArenaRange& r : copies.back()) copy_bytes += r.bytes;
   }
-  progress->bytes_total = up.plan.read_bytes + copy_bytes;
+  progress->bytes_total = up.plan.read_bytes;  // what status shows as read
   WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
                       AllocateArenas(m.name, requests));
   // Targets the update does not cover completely first take generation N's bytes; the pieces
@@ -301,7 +301,7 @@ void Registry::RunUpdate(std::shared_ptr<Model> m, uint64_t id, UpdateSource sou
   built = std::shared_ptr<Generation>();
   if (store) {
     // The store holds one generation per model: the old fds go, the new ones come.
-    hooks_.on_removed(FdNames(*m));
+    hooks_.on_removed(RemovalNames(*m));
     if (!stored.ok()) {
       LogWarning("update %s: cannot export its fds for the fd store: %s", name,
                  stored.status().message());
@@ -397,7 +397,7 @@ absl::StatusOr<RollbackReport> Registry::Rollback(const std::string& name, const
     }
   }
   if (hooks_lock) {
-    hooks_.on_removed(FdNames(*m));
+    hooks_.on_removed(RemovalNames(*m));
     if (stored.ok()) hooks_.on_ready(std::move(*stored));
   }
   hooks_lock.reset();

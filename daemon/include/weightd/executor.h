@@ -123,7 +123,8 @@ struct ArenaRange {
 // device copy (cuMemcpyDtoDAsync on one stream, complete when it returns) for CUDA arenas
 // (cuda_executor.cc; UNIMPLEMENTED in a build without CUDA). An update uses it to carry the
 // targets it does not rewrite into the next generation. INTERNAL for a range outside either
-// arena. Adds the bytes to progress->bytes_done when `progress` is set.
+// arena; CANCELLED when progress->cancel is set (host arenas; the progress counts only
+// checkpoint bytes read, so copies do not add to it).
 absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const ArenaRange> ranges,
                              int threads, LoadProgress* progress = nullptr);
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND

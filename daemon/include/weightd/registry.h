@@ -300,6 +300,8 @@ class Registry {
   absl::StatusOr<std::vector<NamedFd>> ExportLocked(const Model& m) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static std::vector<std::string> FdNames(const Model& m);
+  // FdNames in the order the fd store removes them: the record first.
+  static std::vector<std::string> RemovalNames(const Model& m);
   bool MayAttach(const Model& m, const Peer& peer) const;
   // model_roots, each resolved (realpath); those that do not exist are left out.
   std::vector<std::string> ResolvedRoots() const;
