@@ -552,6 +552,31 @@ TEST_F(RestartTest, FdStoreRestartKeepsTheNewestGeneration) {
   EXPECT_EQ(Stop(d3), 0);
 }
 
+// DISABLED: fails today. Registry::FdNames (daemon/src/registry.cc) says the record "goes last
+// when storing and first when removing: a record in the store always has its fds", but every
+// caller of on_removed (update.cc RunUpdate and Rollback, registry.cc Unload) passes FdNames()
+// in its own order, so FDSTOREREMOVE of the record comes last: between the messages the store
+// holds a record whose arenas are already gone.
+TEST_F(RestartTest, DISABLED_UpdateRemovesTheRecordBeforeItsFds) {
+  log_ = dir_ + "/weightd.log";
+  const std::string ckpt_b = MakeDemo("demo-b", 1);
+  FakeSystemd systemd(dir_);
+  systemd.StartPumping();
+  UniqueFd listener = ListenOn(socket_);
+  pid_t d = systemd.Launch(listener.get(), DaemonArgs(), log_);
+  pids_.push_back(d);
+  ASSERT_TRUE(systemd.WaitFor("READY=1")) << systemd.log();
+  ASSERT_TRUE(LoadDemoTp2());
+  ASSERT_TRUE(systemd.WaitFor("FDSTORE=1\nFDNAME=wd1.rec.demo")) << systemd.log();
+  systemd.ClearLog();
+  EXPECT_THAT(UpdateDemo(ckpt_b), HasSubstr("generation 2 published"));
+  ASSERT_TRUE(systemd.WaitFor("FDSTORE=1\nFDNAME=wd1.rec.demo")) << systemd.log();
+  const std::vector<std::string> removed = systemd.removed();
+  ASSERT_FALSE(removed.empty());
+  EXPECT_EQ(removed.front(), "wd1.rec.demo") << ::testing::PrintToString(removed);
+  EXPECT_EQ(Stop(d), 0);
+}
+
 // `weightd --takeover` after an update hands over the newest generation with its number (not a
 // kept previous one: rollback has nothing to restore), reads no checkpoint byte, and the
 // successor updates the adopted model to generation 3.
