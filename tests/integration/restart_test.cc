@@ -189,7 +189,7 @@ class RestartTest : public ::testing::Test {
   // ---- Generations across restarts ----
   // The demo checkpoint drawn from `seed` (same names and shapes as ckpt_) in dir_/models/NAME.
   std::string MakeDemo(const std::string& name, int seed) {
-    const std::string path = dir_ + "/models/" + name;
+    std::string path = dir_ + "/models/" + name;
     std::string out;
     EXPECT_EQ(
         RunCmd({PYTHON_BIN, MAKE_DEMO_CHECKPOINT, path, "--seed", std::to_string(seed)}, &out), 0)
@@ -199,7 +199,7 @@ class RestartTest : public ::testing::Test {
   // `weightctl shard CKPT --tp 2` into dir_/shards/NAME (outside model_roots, so it survives the
   // checkpoints being moved away): the reference for what each rank of a T=2 load serves.
   std::string ShardTp2(const std::string& ckpt, const std::string& name) {
-    const std::string out_dir = dir_ + "/shards/" + name;
+    std::string out_dir = dir_ + "/shards/" + name;
     std::string out;
     EXPECT_EQ(RunCmd({WEIGHTCTL_BIN, "shard", ckpt, "--tp", "2", "--out", out_dir}, &out), 0)
         << out;
@@ -530,7 +530,9 @@ TEST_F(RestartTest, FdStoreRestartKeepsTheNewestGeneration) {
   st = StatusOf(socket_, "demo");
   EXPECT_EQ(st.value("generation", 0), 3) << st.dump();
   EXPECT_EQ(st.value("origin", ""), "fdstore") << st.dump();
-  for (int rank : {0, 1}) CheckQOnlyUpdate(rank, shards_b, shards_c, q0_c->nbytes / 2);
+  for (int rank : {0, 1}) {
+    CheckQOnlyUpdate(rank, shards_b, shards_c, q0_c->nbytes / 2);
+  }
   EXPECT_THAT(systemd.StoredNames(), ::testing::UnorderedElementsAreArray(Tp2StoreNames()));
 
   // A full update from a checkpoint: generation 4 is C.
