@@ -71,12 +71,16 @@ class FakeSystemd {
     pump_thread_.join();
   }
 
-  // Reads every pending message (waiting at most `ms` for the first).
+  // Reads every pending message (waiting at most `ms` for the first). Concurrent callers (the
+  // pumping thread and WaitFor) take turns per message, from recvmsg to the store, so messages
+  // are applied in the order the daemon sent them, as by systemd: otherwise an FDSTOREREMOVE
+  // and the FDSTORE of the same name right after it could be applied the other way round.
   void Pump(int ms = 50) {
     for (;;) {
       pollfd p{sock_.get(), POLLIN, 0};
       if (::poll(&p, 1, ms) != 1) return;
       ms = 0;
+      std::lock_guard<std::mutex> turn(recv_mu_);
       char buf[4096];
       alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 253) + CMSG_SPACE(sizeof(ucred))];
       iovec iov{buf, sizeof(buf)};
@@ -190,6 +194,7 @@ class FakeSystemd {
  private:
   std::string path_;
   UniqueFd sock_;
+  std::mutex recv_mu_;  // held from recvmsg until the message is applied (before mu_)
   mutable std::mutex mu_;
   std::string log_;
   std::vector<NamedFd> store_;
