@@ -554,12 +554,9 @@ TEST_F(RestartTest, FdStoreRestartKeepsTheNewestGeneration) {
   EXPECT_EQ(Stop(d3), 0);
 }
 
-// DISABLED: fails today. Registry::FdNames (daemon/src/registry.cc) says the record "goes last
-// when storing and first when removing: a record in the store always has its fds", but every
-// caller of on_removed (update.cc RunUpdate and Rollback, registry.cc Unload) passes FdNames()
-// in its own order, so FDSTOREREMOVE of the record comes last: between the messages the store
-// holds a record whose arenas are already gone.
-TEST_F(RestartTest, DISABLED_UpdateRemovesTheRecordBeforeItsFds) {
+// Registry::FdNames: the record goes last when storing and first when removing, so a record in
+// the store always has its fds, also while an update swaps a model's fds.
+TEST_F(RestartTest, UpdateRemovesTheRecordBeforeItsFds) {
   log_ = dir_ + "/weightd.log";
   const std::string ckpt_b = MakeDemo("demo-b", 1);
   FakeSystemd systemd(dir_);

@@ -400,12 +400,6 @@ def test_trainer_killed_during_its_update_publishes_nothing(daemon):
         del w
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a partial update's status counts the bytes copied from the previous generation in "
-    "bytes_done, while Execute() resets bytes_total to the bytes read (daemon/src/update.cc sets "
-    "bytes_total = read + copy, CopyArenaRanges adds the copies to bytes_done, "
-    "daemon/src/executor.cc stores bytes_total = read bytes); weightctl update --wait then "
-    "reports the copied bytes as read"))
 def test_partial_update_status_counts_only_what_it_reads(daemon):
     ckpt = os.path.join(daemon["dir"], "f32-partial")
     tensors, _ = write_checkpoint(ckpt, dtype="F32", seed=4, **SMALL)
