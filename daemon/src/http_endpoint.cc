@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/epoll.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -249,6 +250,9 @@ absl::Status HttpEndpoint::Impl::Listen() {
       if (IN6_IS_ADDR_UNSPECIFIED(&a->sin6_addr)) a->sin6_addr = in6addr_loopback;
     }
     UniqueFd s(::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    // Bounds connect() should a firewall drop the SYN instead of refusing it.
+    const timeval one_second{.tv_sec = 1, .tv_usec = 0};
+    if (s) ::setsockopt(s.get(), SOL_SOCKET, SO_SNDTIMEO, &one_second, sizeof(one_second));
     if (s &&
         ::connect(s.get(), reinterpret_cast<const sockaddr*>(&probe.storage), probe.length) == 0) {
       return absl::FailedPreconditionError(

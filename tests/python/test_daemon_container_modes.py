@@ -141,8 +141,8 @@ def test_watch_config_reloads_a_configmap_update(workdir):
             with w.client() as c:
                 return [(m["name"], m["state"]) for m in c.list()] == [("demo", "ready")]
         wait_until(loaded, "the preload added by the ConfigMap update")
-        assert "config watch: " in w.text() and "changed; reloading as on SIGHUP" in w.text()
-        assert "SIGHUP: reloaded" in w.text()
+        w.wait_for_log(r"config watch: .*w\.json changed; reloading as on SIGHUP")
+        w.wait_for_log(r"SIGHUP: reloaded .*1 preloads started")
         assert w.proc.poll() is None  # reloaded, not restarted
         write_configmap_version(cm, 3, base)
 

@@ -251,7 +251,8 @@ def test_hostile_clients_do_not_stall_anyone(daemon):
             t = time.monotonic()
             assert get(port, "/metrics")[0] == 200
             assert get(port, "/healthz")[0] == 200
-            assert time.monotonic() - t < 1.0
+            # A stalled loop would take the 5 s request timeout; a busy machine takes far less.
+            assert time.monotonic() - t < 3.0
             trickle.sendall(b"a")
         assert c.list()  # the socket protocol is served meanwhile
         # 102 connections against a cap of 64: the oldest were closed to make room.
