@@ -621,8 +621,9 @@ absl::Status Server::Run() {
       for (uint64_t id : open) s.Close(id, "handed over to the successor");
       s.lingering = true;
       LogNotice(
-          "handed over to the successor; holding no connection, answering HTTP (/readyz 503) "
-          "until SIGTERM (--linger-after-handover)");
+          "handed over to the successor; holding no connection%s until SIGTERM "
+          "(--linger-after-handover)",
+          s.http ? ", answering HTTP (/readyz 503)," : "");
     }
   }
   LogInfo("stopping: closing %zu connections", s.conns.size());

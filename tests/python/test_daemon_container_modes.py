@@ -54,7 +54,7 @@ def test_pod_update_with_takeover_and_linger(workdir):
         new.wait_for_log(r"takeover: confirmed; serving")
         assert "takeover: a daemon answers on" in new.text()
         wait_until(lambda: get(new.http_port, "/readyz")[0] == 200, "the successor's readiness")
-        old.wait_for_log(r"answering HTTP \(/readyz 503\) until SIGTERM")
+        old.wait_for_log(r"answering HTTP \(/readyz 503\), until SIGTERM")
         # The old daemon lingers: live, not ready, no metrics, and holds no socket.
         assert old.proc.poll() is None
         assert get(old.http_port, "/healthz")[0] == 200
