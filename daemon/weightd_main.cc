@@ -73,8 +73,7 @@ constexpr char kHelp[] =
     "                        (/healthz 200, /readyz 503), until SIGTERM: for supervisors that\n"
     "                        restart a process that exits (Kubernetes)\n"
     "  --watch-config        reload the config file (as on SIGHUP) when its content changes,\n"
-    "                        checked every 2 s (a Kubernetes ConfigMap volume is updated in "
-    "place)\n"
+    "                        checked every 2 s (Kubernetes updates ConfigMap volumes in place)\n"
     "  --check-config        parse and validate the config file and the flags, then exit: 0 when\n"
     "                        valid, 1 with the error (nothing is started, bound or loaded)\n"
     "  -h, --help            this text\n"
@@ -453,6 +452,9 @@ int main(int argc, char** argv) {
   so.metrics_listen = config.metrics_listen;
   so.metrics_listen_takeover = takeover;
   so.linger_after_handover = linger;
+  // After a handover the models are the successor's: SIGHUP (and --watch-config) leave them be.
+  auto handed = std::make_shared<std::atomic<bool>>(false);
+  so.on_handed_over = [handed] { handed->store(true); };
   // Set once the preloads have ended (below): /readyz, and READY=1 under systemd.
   auto ready = std::make_shared<std::atomic<bool>>(false);
   so.ready = [ready] { return ready->load(); };
@@ -496,12 +498,16 @@ int main(int argc, char** argv) {
   auto run_ended = std::make_shared<std::atomic<bool>>(false);
   auto stop_asked = std::make_shared<std::atomic<bool>>(false);
   std::thread waiter(
-      [srv, stop_signals, config_path, &registry, &preloads, self, run_ended, stop_asked] {
+      [srv, stop_signals, config_path, &registry, &preloads, self, run_ended, stop_asked, handed] {
         for (;;) {
           int sig = 0;
           sigwait(&stop_signals, &sig);
           if (sig == SIGHUP) {
-            Reload(config_path, registry, preloads, self);
+            if (handed->load()) {
+              LogInfo("SIGHUP: handed over to a successor; nothing to reload");
+            } else {
+              Reload(config_path, registry, preloads, self);
+            }
             continue;
           }
           if (run_ended->load()) return;  // Run() ended on its own
@@ -545,9 +551,10 @@ int main(int argc, char** argv) {
   // directory, which a watch on the file (or on its directory) does not see as a write.
   std::thread watcher;
   if (watch_config) {
-    watcher = std::thread([&stopping, config_path, last = config_text]() mutable {
+    watcher = std::thread([&stopping, config_path, handed, last = config_text]() mutable {
       bool readable = true;
       while (!stopping.WaitForNotificationWithTimeout(kConfigWatchInterval)) {
+        if (handed->load()) return;
         absl::StatusOr<std::string> now = ReadFileToString(config_path, 16 << 20);
         if (!now.ok()) {
           if (readable) {

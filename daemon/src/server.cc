@@ -1076,6 +1076,7 @@ void Server::Impl::Handle(Connection& c, const Request& r, UniqueFd fd) {
       }
       takeover_conn = 0;
       handed_over = true;
+      if (options.on_handed_over) options.on_handed_over();
       drain_deadline = absl::Now() + options.handover_drain;
       LogNotice(
           "takeover: pid %d serves now; answering the %zu open connections for at most "

@@ -7,6 +7,7 @@ Environment (set by ctest): WEIGHTD_BIN, WEIGHTD_CLIENT_LIB, PYTHONPATH=client/p
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -60,6 +61,10 @@ def test_pod_update_with_takeover_and_linger(workdir):
         assert get(old.http_port, "/healthz")[0] == 200
         assert get(old.http_port, "/readyz")[0] == 503
         assert get(old.http_port, "/metrics")[0] == 503
+        # The ConfigMap both pods mount may change meanwhile: the old daemon leaves the models,
+        # now the successor's, alone.
+        old.proc.send_signal(signal.SIGHUP)
+        old.wait_for_log(r"SIGHUP: handed over to a successor; nothing to reload")
         fams = families(get(new.http_port, "/metrics")[2].decode())
         assert [s.value for s in fams["weightd_models_adopted"].samples] == [1]
         assert [s.value for s in fams["weightd_checkpoint_bytes_read"].samples] == [0]

@@ -77,6 +77,9 @@ struct ServerOptions {
   // and keeps answering HTTP (/healthz 200, /readyz and /metrics 503) until Stop(), for
   // supervisors that restart a process that exits (a Kubernetes pod's container).
   bool linger_after_handover = false;
+  // Called once, on the loop's thread, when a successor has confirmed the takeover (the models
+  // and the socket are its from then on). Must not block.
+  std::function<void()> on_handed_over;
 };
 
 class Server {
