@@ -267,8 +267,10 @@ def test_hostile_clients_do_not_stall_anyone(daemon):
     finally:
         for s in idle:
             s.close()
-    # A client that never completes its request gets 408 (best effort) and is closed.
-    for s in (partial, trickle):
+    # A client that never sends anything, or never completes its request, gets 408 (best
+    # effort) and is closed.
+    silent = socket.create_connection(("127.0.0.1", port))
+    for s in (partial, trickle, silent):
         s.settimeout(10)
         t = time.monotonic()
         data = b""
