@@ -21,7 +21,9 @@
 #include "absl/time/time.h"
 #include "weightd/backend.h"
 #include "weightd/config.h"
+#include "weightd/file_util.h"
 #include "weightd/handoff.h"
+#include "weightd/http_endpoint.h"
 #include "weightd/log.h"
 #include "weightd/registry.h"
 #include "weightd/seqpacket.h"
@@ -37,10 +39,14 @@ namespace {
 
 // How long a stop waits for cancelled loads (well inside systemd's default TimeoutStopSec).
 constexpr absl::Duration kShutdownGrace = absl::Seconds(20);
+// How often --watch-config compares the config file's bytes with the last ones it saw.
+constexpr absl::Duration kConfigWatchInterval = absl::Seconds(2);
 
 constexpr char kHelp[] =
     "usage: weightd [--config FILE] [--socket PATH] [--backend auto|cuda|host]\n"
-    "               [--pinned-budget BYTES] [--log-level LEVEL] [--takeover]\n"
+    "               [--pinned-budget BYTES] [--log-level LEVEL] [--metrics-listen ADDR]\n"
+    "               [--takeover | --takeover-if-running] [--linger-after-handover]\n"
+    "               [--watch-config] [--check-config]\n"
     "\n"
     "Keeps model weights resident in memory in each rank's layout and lends them to worker\n"
     "processes over a Unix socket (weightctl, libweightd_client).\n"
@@ -55,8 +61,21 @@ constexpr char kHelp[] =
     "  --pinned-budget BYTES pinned staging memory shared by all CUDA loads (host loads: read\n"
     "                        buffers per load), e.g. 1GiB (default 1 GiB)\n"
     "  --log-level LEVEL     error, warning, notice, info (default) or debug\n"
+    "  --metrics-listen ADDR serve HTTP GET /metrics (Prometheus text), /healthz and /readyz on\n"
+    "                        ADDR: 127.0.0.1:9464, [::1]:9464, 0.0.0.0:9464, or a bare port\n"
+    "                        (loopback); port 0 picks a free one, logged (default: none)\n"
     "  --takeover            take over the daemon running on the socket (same uid only): receive\n"
     "                        its models and listening socket, serve them, and let it exit\n"
+    "  --takeover-if-running take over as --takeover when a daemon answers on the socket, else\n"
+    "                        start normally (a container that may or may not have a predecessor)\n"
+    "  --linger-after-handover\n"
+    "                        after handing over to a successor, keep running, serving only HTTP\n"
+    "                        (/healthz 200, /readyz 503), until SIGTERM: for supervisors that\n"
+    "                        restart a process that exits (Kubernetes)\n"
+    "  --watch-config        reload the config file (as on SIGHUP) when its content changes,\n"
+    "                        checked every 2 s (Kubernetes updates ConfigMap volumes in place)\n"
+    "  --check-config        parse and validate the config file and the flags, then exit: 0 when\n"
+    "                        valid, 1 with the error (nothing is started, bound or loaded)\n"
     "  -h, --help            this text\n"
     "      --version         print the version and git revision\n"
     "\n"
@@ -72,6 +91,8 @@ constexpr char kHelp[] =
     "  weightd --socket /tmp/weightd.sock --backend host &\n"
     "  weightctl load llama /models/Llama-3-8B --tp 2 --socket /tmp/weightd.sock\n"
     "  weightd --socket /tmp/weightd.sock --backend host --takeover &   # hot upgrade\n"
+    "  weightd --config weightd.json --metrics-listen 127.0.0.1:9464 &\n"
+    "  curl -s http://127.0.0.1:9464/metrics\n"
     "\n"
     "exit status: 0 after a clean shutdown or a hand-over to a successor, 1 on an error (a bad\n"
     "config, a socket in use, a failed takeover), 2 on a usage error.\n";
@@ -101,6 +122,15 @@ void RemoveStoredFds(const std::vector<std::string>& names) {
   }
 }
 #endif
+
+// A message to systemd's notification socket (a no-op without systemd or NOTIFY_SOCKET).
+void Notify(const std::string& message) {
+#if WEIGHTD_HAVE_SYSTEMD
+  sd_notify(0, message.c_str());
+#else
+  (void)message;
+#endif
+}
 
 // Adopts the models in `fds`; logs (and, for the fd store, removes) whatever is invalid.
 void AdoptAll(weightd::SortedFds& sorted, weightd::Registry& registry, const char* origin) {
@@ -182,8 +212,13 @@ void Reload(const std::string& config_path, weightd::Registry& registry,
 
 int main(int argc, char** argv) {
   using namespace weightd;
-  std::string config_path, socket, backend, budget, log_level;
-  bool takeover = false;
+  std::string config_path, socket, backend, budget, log_level, metrics_listen;
+  bool takeover = false, takeover_if_running = false, linger = false, watch_config = false;
+  bool check_config = false;
+  auto takes_value = [](const std::string& a) {
+    return a == "--config" || a == "--socket" || a == "--backend" || a == "--pinned-budget" ||
+           a == "--log-level" || a == "--metrics-listen";
+  };
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "-h" || a == "--help") {
@@ -199,6 +234,22 @@ int main(int argc, char** argv) {
       takeover = true;
       continue;
     }
+    if (a == "--takeover-if-running") {
+      takeover_if_running = true;
+      continue;
+    }
+    if (a == "--linger-after-handover") {
+      linger = true;
+      continue;
+    }
+    if (a == "--watch-config") {
+      watch_config = true;
+      continue;
+    }
+    if (a == "--check-config") {
+      check_config = true;
+      continue;
+    }
     std::string value;
     const size_t eq = a.find('=');
     if (a.rfind("--", 0) == 0 && eq != std::string::npos) {
@@ -206,12 +257,8 @@ int main(int argc, char** argv) {
       a = a.substr(0, eq);
     } else if (i + 1 < argc) {
       value = argv[i + 1];
-      if (a == "--config" || a == "--socket" || a == "--backend" || a == "--pinned-budget" ||
-          a == "--log-level") {
-        ++i;
-      }
-    } else if (a == "--config" || a == "--socket" || a == "--backend" || a == "--pinned-budget" ||
-               a == "--log-level") {
+      if (takes_value(a)) ++i;
+    } else if (takes_value(a)) {
       return Usage(absl::StrCat("option ", a, " needs a value"));
     }
     if (a == "--config")
@@ -224,12 +271,22 @@ int main(int argc, char** argv) {
       budget = value;
     else if (a == "--log-level")
       log_level = value;
+    else if (a == "--metrics-listen")
+      metrics_listen = value;
     else
       return Usage(absl::StrCat("unknown option '", argv[i], "'"));
   }
 
+  if (watch_config && config_path.empty()) return Usage("--watch-config needs --config FILE");
+  if (!metrics_listen.empty()) {
+    auto a = ParseListenAddress(metrics_listen, "--metrics-listen");
+    if (!a.ok()) return Usage(std::string(a.status().message()));
+  }
   DaemonConfig config;
+  // --watch-config compares against the bytes read here, before the file is parsed.
+  std::string config_text;
   if (!config_path.empty()) {
+    if (watch_config) config_text = ReadFileToString(config_path, 16 << 20).value_or("");
     auto c = LoadConfigFile(config_path);
     if (!c.ok()) {
       std::fprintf(stderr, "weightd: %s\n", std::string(c.status().message()).c_str());
@@ -240,6 +297,7 @@ int main(int argc, char** argv) {
   if (!socket.empty()) config.socket = socket;
   if (!backend.empty()) config.backend = backend;
   if (!log_level.empty()) config.log_level = log_level;
+  if (!metrics_listen.empty()) config.metrics_listen = metrics_listen;
   if (!budget.empty()) {
     auto b = ParseByteSize(budget, "--pinned-budget");
     if (!b.ok()) return Usage(std::string(b.status().message()));
@@ -248,6 +306,12 @@ int main(int argc, char** argv) {
   if (config.socket.empty()) config.socket = DefaultDaemonSocketPath();
   auto level = ParseLogLevel(config.log_level);
   if (!level.ok()) return Usage(std::string(level.status().message()));
+  if (check_config) {
+    std::printf("weightd: %s: valid (%zu preloads)\n",
+                config_path.empty() ? "no config file" : config_path.c_str(),
+                config.preload.size());
+    return 0;
+  }
   InitLogging(*level);
   const absl::Time t_start = absl::Now();
 
@@ -334,6 +398,20 @@ int main(int argc, char** argv) {
     };
   }
 #endif
+  if (takeover_if_running && !takeover) {
+    // A stale socket file (its daemon died) refuses the connection: start without a
+    // predecessor, replacing it.
+    if (so.adopted_listen_fd >= 0) {
+      LogInfo("takeover: systemd passed the socket; starting without a takeover");
+    } else if (auto sock = ConnectSeqpacket(config.socket); sock.ok()) {
+      LogInfo("takeover: a daemon answers on %s; taking it over", config.socket);
+      takeover = true;
+      takeover_sock = std::move(*sock);
+    } else {
+      LogInfo("takeover: no daemon answers on %s (%s); starting without one", config.socket,
+              sock.status().message());
+    }
+  }
   if (takeover) {
     // Hot takeover: the running daemon hands us its models and its listening socket, and stops
     // accepting; connections arriving meanwhile wait in the socket's backlog for us.
@@ -341,13 +419,15 @@ int main(int argc, char** argv) {
       LogError("start failed: --takeover with a socket passed by systemd");
       return 1;
     }
-    auto sock = ConnectSeqpacket(config.socket);
-    if (!sock.ok()) {
-      LogError("takeover: no daemon to take over on %s: %s", config.socket,
-               sock.status().message());
-      return 1;
+    if (!takeover_sock) {
+      auto sock = ConnectSeqpacket(config.socket);
+      if (!sock.ok()) {
+        LogError("takeover: no daemon to take over on %s: %s", config.socket,
+                 sock.status().message());
+        return 1;
+      }
+      takeover_sock = std::move(*sock);
     }
-    takeover_sock = std::move(*sock);
     auto fds = RequestTakeover(takeover_sock.get());
     if (!fds.ok()) {
       LogError("takeover failed: %s", fds.status().message());
@@ -369,6 +449,15 @@ int main(int argc, char** argv) {
   so.max_connections_per_uid = config.max_connections_per_uid;
   so.max_request_bytes = config.max_request_bytes;
   so.hello_timeout = absl::Milliseconds(config.hello_timeout_ms);
+  so.metrics_listen = config.metrics_listen;
+  so.metrics_listen_takeover = takeover;
+  so.linger_after_handover = linger;
+  // After a handover the models are the successor's: SIGHUP (and --watch-config) leave them be.
+  auto handed = std::make_shared<std::atomic<bool>>(false);
+  so.on_handed_over = [handed] { handed->store(true); };
+  // Set once the preloads have ended (below): /readyz, and READY=1 under systemd.
+  auto ready = std::make_shared<std::atomic<bool>>(false);
+  so.ready = [ready] { return ready->load(); };
   auto server = Server::Create(so, &registry);
   if (!server.ok()) {
     LogError("start failed: %s", server.status().message());
@@ -407,28 +496,34 @@ int main(int argc, char** argv) {
   }
   Server* srv = server->get();
   auto run_ended = std::make_shared<std::atomic<bool>>(false);
-  std::thread waiter([srv, stop_signals, config_path, &registry, &preloads, self, run_ended] {
-    for (;;) {
-      int sig = 0;
-      sigwait(&stop_signals, &sig);
-      if (sig == SIGHUP) {
-        Reload(config_path, registry, preloads, self);
-        continue;
-      }
-      if (run_ended->load()) return;  // Run() ended on its own
-      LogInfo("received %s; shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  auto stop_asked = std::make_shared<std::atomic<bool>>(false);
+  std::thread waiter(
+      [srv, stop_signals, config_path, &registry, &preloads, self, run_ended, stop_asked, handed] {
+        for (;;) {
+          int sig = 0;
+          sigwait(&stop_signals, &sig);
+          if (sig == SIGHUP) {
+            if (handed->load()) {
+              LogInfo("SIGHUP: handed over to a successor; nothing to reload");
+            } else {
+              Reload(config_path, registry, preloads, self);
+            }
+            continue;
+          }
+          if (run_ended->load()) return;  // Run() ended on its own
+          stop_asked->store(true);
+          LogInfo("received %s; shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
 #if WEIGHTD_HAVE_SYSTEMD
-      sd_notify(0, "STOPPING=1");
+          sd_notify(0, "STOPPING=1");
 #endif
-      srv->Stop();
-      return;
-    }
-  });
-#if WEIGHTD_HAVE_SYSTEMD
-  // READY=1 once the preloads have ended (the socket answers meanwhile), with their progress
-  // in STATUS= so `systemctl status weightd` shows it.
+          srv->Stop();
+          return;
+        }
+      });
+  // Ready (/readyz; READY=1 under systemd) once the preloads have ended (the socket answers
+  // meanwhile), with their progress in STATUS= so `systemctl status weightd` shows it.
   absl::Notification stopping;
-  std::thread notifier([&registry, &stopping, self] {
+  std::thread notifier([&registry, &stopping, self, ready] {
     for (;;) {
       auto st = registry.Status("", self);
       uint64_t done = 0, total = 0;
@@ -442,29 +537,53 @@ int main(int argc, char** argv) {
         }
       }
       if (loading == 0) {
-        sd_notifyf(0, "READY=1\nSTATUS=ready: %zu models (%d re-adopted without reading)",
-                   st.ok() ? st->size() : 0, adopted);
+        ready->store(true);
+        Notify(absl::StrCat("READY=1\nSTATUS=ready: ", st.ok() ? st->size() : 0, " models (",
+                            adopted, " re-adopted without reading)"));
         return;
       }
-      sd_notifyf(0, "STATUS=preloading: %s of %s", FormatBytes(done).c_str(),
-                 FormatBytes(total).c_str());
+      Notify(absl::StrCat("STATUS=preloading: ", FormatBytes(done), " of ", FormatBytes(total)));
       if (stopping.WaitForNotificationWithTimeout(absl::Seconds(1))) return;
     }
   });
-#endif
+  // --watch-config: a change of the file's bytes raises SIGHUP, so the reload is SIGHUP's own.
+  // Polled, not inotify: Kubernetes updates a ConfigMap volume by swapping a symlink to a new
+  // directory, which a watch on the file (or on its directory) does not see as a write.
+  std::thread watcher;
+  if (watch_config) {
+    watcher = std::thread([&stopping, config_path, handed, last = config_text]() mutable {
+      bool readable = true;
+      while (!stopping.WaitForNotificationWithTimeout(kConfigWatchInterval)) {
+        if (handed->load()) return;
+        absl::StatusOr<std::string> now = ReadFileToString(config_path, 16 << 20);
+        if (!now.ok()) {
+          if (readable) {
+            LogWarning("config watch: %s: %s; keeping the running configuration", config_path,
+                       now.status().message());
+          }
+          readable = false;
+          continue;
+        }
+        readable = true;
+        if (*now == last) continue;
+        last = std::move(*now);
+        LogInfo("config watch: %s changed; reloading as on SIGHUP", config_path);
+        ::kill(::getpid(), SIGHUP);
+      }
+    });
+  }
   const absl::Status run = srv->Run();
   const bool handed_over = srv->handed_over();
   if (!run.ok()) LogError("server failed: %s", run.message());
-  if (!run.ok() || handed_over) {
-    // Wake the waiter: Run() ended on its own.
+  if (!stop_asked->load()) {
+    // Wake the waiter: Run() ended on its own (an error, or a handover).
     run_ended->store(true);
     ::kill(::getpid(), SIGTERM);
   }
   waiter.join();
-#if WEIGHTD_HAVE_SYSTEMD
   stopping.Notify();
   notifier.join();
-#endif
+  if (watcher.joinable()) watcher.join();
   server->reset();
   // Running loads end here, so that their last lines come before "stopped". A load blocked in
   // the kernel (a read from a hung network filesystem) cannot be cancelled: after the grace

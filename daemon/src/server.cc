@@ -21,6 +21,7 @@
 #include "nlohmann/json.hpp"
 #include "weightd/detail/metrics_text.h"
 #include "weightd/handoff.h"
+#include "weightd/http_endpoint.h"
 #include "weightd/log.h"
 #include "weightd/protocol.h"
 #include "weightd/seqpacket.h"
@@ -60,6 +61,9 @@ constexpr absl::Duration kAcceptPauseMax = absl::Seconds(1);
 constexpr uint64_t kRegistryEvent = ~0ull - 1;
 // Most pending connections shed in one wakeup; the rest wait for the next.
 constexpr int kMaxShedPerWakeup = 256;
+// /readyz and /metrics of a daemon that handed over and lingers (linger_after_handover).
+constexpr char kHandedOverText[] =
+    "weightd handed over to a successor; this process serves nothing\n";
 
 struct Outgoing {
   std::string data;
@@ -166,6 +170,8 @@ struct Server::Impl {
   UniqueFd listen_fd;
   UniqueFd epoll_fd;
   UniqueFd wake_fd;  // eventfd written by Stop()
+  // The optional HTTP listener; after epoll_fd, so that it is destroyed first.
+  std::unique_ptr<HttpEndpoint> http;
   // /dev/null, held so that one descriptor is free when the table is full: closed to accept
   // (and at once close) a connection that would otherwise wait in the backlog (ShedBacklog).
   UniqueFd reserve_fd;
@@ -188,6 +194,8 @@ struct Server::Impl {
   absl::Time takeover_deadline;
   bool handed_over = false;
   absl::Time drain_deadline;
+  // linger_after_handover: the drain ended, only HTTP is served until Stop().
+  bool lingering = false;
   bool claimed_path = false;  // ClaimSocketPath(): an adopted listener's socket file is ours
 
   void StartTakeover(Connection& c, const Request& r);
@@ -216,6 +224,8 @@ struct Server::Impl {
   // Resolve() for every connection with a pending request (the registry's event, timeouts).
   void ResolvePending();
   std::string Metrics();
+  // The HTTP routes (ServerOptions::metrics_listen).
+  HttpEndpoint::Routes HttpRoutes();
   void UpdateInterest(Connection& c);
   absl::Status Bind();
   static void Drain(int fd) {
@@ -310,6 +320,21 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
       "epoll_ctl(registry events)");
   WD_SYSCALL_OR_RETURN(::epoll_ctl(impl->epoll_fd.get(), EPOLL_CTL_ADD, impl->wake_fd.get(), &ev),
                        "epoll_ctl");
+  if (!options.metrics_listen.empty()) {
+    absl::StatusOr<ListenAddress> address =
+        ParseListenAddress(options.metrics_listen, "metrics_listen");
+    absl::StatusOr<std::unique_ptr<HttpEndpoint>> http =
+        address.ok() ? HttpEndpoint::Create(
+                           {.address = *address, .check_in_use = !options.metrics_listen_takeover},
+                           impl->epoll_fd.get(), impl->HttpRoutes())
+                     : address.status();
+    if (!http.ok()) {
+      // The socket file bound above is ours: a daemon that does not start leaves none behind.
+      if (options.adopted_listen_fd < 0) ::unlink(options.socket_path.c_str());
+      return http.status();
+    }
+    impl->http = std::move(*http);
+  }
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 
@@ -330,6 +355,26 @@ Server::~Server() {
 bool Server::handed_over() const { return impl_->handed_over; }
 
 void Server::ClaimSocketPath() { impl_->claimed_path = true; }
+
+std::string Server::metrics_address() const {
+  return impl_->http ? impl_->http->address().ToString() : std::string();
+}
+
+HttpEndpoint::Routes Server::Impl::HttpRoutes() {
+  HttpEndpoint::Routes routes;
+  routes["/metrics"] = [this]() -> HttpResponse {
+    if (handed_over) return {503, kHandedOverText};
+    return {200, Metrics(), "text/plain; version=0.0.4; charset=utf-8"};
+  };
+  // Answered by the event loop itself: a wedged loop does not answer (liveness).
+  routes["/healthz"] = [] { return HttpResponse{200, "ok\n"}; };
+  routes["/readyz"] = [this]() -> HttpResponse {
+    if (handed_over) return {503, kHandedOverText};
+    if (options.ready && !options.ready()) return {503, "not ready: preloads are loading\n"};
+    return {200, "ready\n"};
+  };
+  return routes;
+}
 
 void Server::Impl::SetAccepting(bool on) {
   accepting = on;
@@ -479,9 +524,12 @@ absl::Status Server::Run() {
     LogInfo("listening on %s (mode %04o, max %d connections)", s.options.socket_path,
             s.options.socket_mode, s.options.max_connections);
   }
+  if (s.http) {
+    LogInfo("listening for HTTP on %s (/metrics, /healthz, /readyz)", s.http->address().ToString());
+  }
   std::vector<epoll_event> events(256);
   while (!s.stop.load()) {
-    int timeout_ms = s.handed_over ? 10 : 200;
+    int timeout_ms = s.handed_over && !s.lingering ? 10 : 200;
     for (const auto& [id, c] : s.conns) {
       if (c.pending && c.pending->deadline != absl::InfiniteFuture()) {
         const int64_t until = absl::ToInt64Milliseconds(c.pending->deadline - absl::Now()) + 1;
@@ -491,6 +539,13 @@ absl::Status Server::Run() {
     if (s.accept_paused) {
       const int64_t until = absl::ToInt64Milliseconds(s.accept_resume - absl::Now()) + 1;
       timeout_ms = static_cast<int>(std::clamp<int64_t>(until, 0, timeout_ms));
+    }
+    if (s.http) {
+      const absl::Time next = s.http->NextDeadline();
+      if (next != absl::InfiniteFuture()) {
+        const int64_t until = absl::ToInt64Milliseconds(next - absl::Now()) + 1;
+        timeout_ms = static_cast<int>(std::clamp<int64_t>(until, 0, timeout_ms));
+      }
     }
     const int n =
         ::epoll_wait(s.epoll_fd.get(), events.data(), static_cast<int>(events.size()), timeout_ms);
@@ -514,6 +569,10 @@ absl::Status Server::Run() {
         s.ResolvePending();
         continue;
       }
+      if (HttpEndpoint::IsTag(id)) {
+        if (s.http) s.http->OnEvent(id, events[i].events);
+        continue;
+      }
       auto it = s.conns.find(id);
       if (it == s.conns.end()) continue;
       if (events[i].events & EPOLLOUT) s.Flush(it->second);
@@ -535,6 +594,7 @@ absl::Status Server::Run() {
     s.ResolvePending();
     // Clients that never said hello must not hold a connection slot forever.
     const absl::Time now = absl::Now();
+    if (s.http) s.http->Expire(now);
     if (s.accept_paused && now >= s.accept_resume) {
       s.accept_paused = false;
       s.UpdateListener();
@@ -551,9 +611,19 @@ absl::Status Server::Run() {
     if (s.takeover_conn != 0 && now > s.takeover_deadline) {
       s.Close(s.takeover_conn, "the successor did not confirm the takeover in time");
     }
-    if (s.handed_over && (s.conns.empty() || now > s.drain_deadline)) {
-      LogNotice("handed over to the successor; exiting");
-      break;
+    if (s.handed_over && !s.lingering && (s.conns.empty() || now > s.drain_deadline)) {
+      if (!s.options.linger_after_handover) {
+        LogNotice("handed over to the successor; exiting");
+        break;
+      }
+      std::vector<uint64_t> open;
+      for (const auto& [id, c] : s.conns) open.push_back(id);
+      for (uint64_t id : open) s.Close(id, "handed over to the successor");
+      s.lingering = true;
+      LogNotice(
+          "handed over to the successor; holding no connection%s until SIGTERM "
+          "(--linger-after-handover)",
+          s.http ? ", answering HTTP (/readyz 503)," : "");
     }
   }
   LogInfo("stopping: closing %zu connections", s.conns.size());
@@ -1006,6 +1076,7 @@ void Server::Impl::Handle(Connection& c, const Request& r, UniqueFd fd) {
       }
       takeover_conn = 0;
       handed_over = true;
+      if (options.on_handed_over) options.on_handed_over();
       drain_deadline = absl::Now() + options.handover_drain;
       LogNotice(
           "takeover: pid %d serves now; answering the %zu open connections for at most "

@@ -50,6 +50,9 @@ struct DaemonConfig {
   std::string io_mode = "pread";  // pread | auto | uring (executor.h IoMode)
   std::string log_level = "info";
   uint32_t socket_mode = 0660;
+  // The HTTP listener for /metrics, /healthz and /readyz (http_endpoint.h ParseListenAddress;
+  // validated when parsed); empty = none.
+  std::string metrics_listen;
 };
 
 absl::StatusOr<DaemonConfig> ParseConfig(absl::string_view json, absl::string_view source);

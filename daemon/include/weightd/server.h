@@ -11,10 +11,11 @@
 // packet and is closed. When accept() fails for want of a file descriptor (RLIMIT_NOFILE),
 // pending connections are shed: accepted through a descriptor held in reserve for this and
 // closed at once (metric weightd_connections_shed_total); after any accept() failure the
-// listener rests, 20 ms doubling up to 1 s while failures go on, so the loop never spins. Every request is answered (or the connection closed): oversized,
-// truncated, non-JSON and malformed requests get INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies;
-// fds sent by a client are closed unread. Leases belong to their connection: when it closes
-// (even by SIGKILL of the client) they are released.
+// listener rests, 20 ms doubling up to 1 s while failures go on, so the loop never spins. Every
+// request is answered (or the connection closed): oversized, truncated, non-JSON and malformed
+// requests get INVALID_ARGUMENT/RESOURCE_EXHAUSTED replies; fds sent by a client are closed unread.
+// Leases belong to their connection: when it closes (even by SIGKILL of the client) they are
+// released.
 //
 // Takeover (docs/PROTOCOL.md): on `takeover` from the daemon's own uid the server stops calling
 // accept(), freezes the registry and sends every model's fds and a duplicate of the listening
@@ -22,8 +23,13 @@
 // handover_drain, and Run() returns with handed_over() true. If the successor's connection
 // closes (or takeover_timeout passes) first, the server accepts again and the registry thaws.
 //
+// HTTP (optional, ServerOptions::metrics_listen; http_endpoint.h): the same loop serves
+// GET /metrics (the `metrics` request's text, `text/plain; version=0.0.4`), /healthz (200 while
+// the loop runs: liveness) and /readyz (200 once ServerOptions::ready says so, the condition of
+// sd_notify READY=1; 503 before, and after a handover).
+//
 // Thread-safety: Run() on one thread; Stop() from any thread (also async-signal-safe);
-// ClaimSocketPath() before Run(); handed_over() after Run() returned.
+// ClaimSocketPath() and metrics_address() before Run(); handed_over() after Run() returned.
 #ifndef WEIGHTD_SERVER_H_
 #define WEIGHTD_SERVER_H_
 
@@ -58,6 +64,22 @@ struct ServerOptions {
   // Called from the event loop at least every 200 ms while it runs (the systemd watchdog ping
   // belongs here: it then proves the loop is alive). Must not block.
   std::function<void()> on_tick;
+  // The HTTP listener's address (ParseListenAddress: "127.0.0.1:9464", "[::]:9464", a bare
+  // port for loopback); empty = no HTTP listener. Errors name `metrics_listen`.
+  std::string metrics_listen;
+  // A `--takeover` successor: its predecessor may still listen on metrics_listen (both set
+  // SO_REUSEPORT), so the check that nothing answers there is skipped.
+  bool metrics_listen_takeover = false;
+  // /readyz answers 200 once this returns true; null = at once. Called on the loop's thread;
+  // must not block.
+  std::function<bool()> ready;
+  // After a handover, Run() does not return: it closes the remaining connections once drained
+  // and keeps answering HTTP (/healthz 200, /readyz and /metrics 503) until Stop(), for
+  // supervisors that restart a process that exits (a Kubernetes pod's container).
+  bool linger_after_handover = false;
+  // Called once, on the loop's thread, when a successor has confirmed the takeover (the models
+  // and the socket are its from then on). Must not block.
+  std::function<void()> on_handed_over;
 };
 
 class Server {
@@ -78,6 +100,9 @@ class Server {
   // successor calls it once the old daemon has confirmed the takeover. Before that the file is
   // the old daemon's, which serves on if the takeover fails. Call before Run().
   void ClaimSocketPath();
+  // The HTTP listener's bound address ("127.0.0.1:41234", with the kernel's port when 0 was
+  // asked), or "" without one.
+  std::string metrics_address() const;
 
  private:
   struct Impl;
