@@ -431,6 +431,37 @@ class UpdateTest : public ::testing::Test {
 
   // The full update at T=2 (FullUpdateAtT2MatchesShardOfB and its variants).
   void FullUpdate(bool with_weightctl);
+  // Attaches `big` (T=1, `hf` recipe) and checks that it serves `generation`, whose bytes are
+  // all `fill`, or the checkpoint's when `fill` is 0; and its checksums.
+  void ExpectBigServes(uint64_t generation, uint8_t fill) {
+    absl::StatusOr<Checkpoint> ckpt = Checkpoint::Open(Model("big"));
+    ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+    absl::StatusOr<Client> c = Connect();
+    ASSERT_TRUE(c.ok());
+    absl::StatusOr<Attachment> a = c->Attach("big", 0);
+    ASSERT_TRUE(a.ok()) << a.status();
+    EXPECT_EQ(a->generation(), generation);
+    ASSERT_EQ(a->tensors().size(), BigTensors().size());
+    EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+    const std::string pattern(1 << 20, static_cast<char>(fill));
+    for (const TensorView& t : a->tensors()) {
+      const char* p = static_cast<const char*>(t.data);
+      if (fill == 0) {
+        const CheckpointTensor* ct = ckpt->Find(t.name);
+        ASSERT_NE(ct, nullptr) << t.name;
+        absl::StatusOr<std::span<const std::byte>> want = ckpt->MapTensor(*ct);
+        ASSERT_TRUE(want.ok());
+        ASSERT_EQ(want->size(), t.nbytes);
+        EXPECT_EQ(std::memcmp(p, want->data(), t.nbytes), 0) << t.name;
+        continue;
+      }
+      for (uint64_t off = 0; off < t.nbytes; off += pattern.size()) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(pattern.size(), t.nbytes - off));
+        ASSERT_EQ(std::memcmp(p + off, pattern.data(), n), 0) << t.name << " at byte " << off;
+      }
+    }
+  }
+
   // The partial Mixtral update (PartialUpdateRewritesOnlyTheAffectedSlices and its variant).
   void PartialUpdate();
   // Update, rollback, rollback again (RollbackRestoresThePreviousGeneration and its variant);
@@ -752,38 +783,12 @@ TEST_F(UpdateTest, FailedUpdatesLeaveGenerationNServing) {
 TEST_F(UpdateTest, ClosingTheRequestingConnectionCancelsTheUpdate) {
   ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
   ASSERT_EQ(Load("big", "big", 1, "hf"), "");
-  absl::StatusOr<Checkpoint> ckpt = Checkpoint::Open(Model("big"));
-  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   const std::vector<testing::SyntheticTensor> tensors = BigTensors();
   uint8_t serving_fill = 0;  // 0: the checkpoint's bytes; else every byte is this
   uint64_t generation = 1;
-  // The model serves `generation`, every tensor as `serving_fill` says.
   auto expect_serving = [&](const std::string& what) {
     SCOPED_TRACE(what);
-    absl::StatusOr<Client> c = Connect();
-    ASSERT_TRUE(c.ok());
-    absl::StatusOr<Attachment> a = c->Attach("big", 0);
-    ASSERT_TRUE(a.ok()) << a.status();
-    EXPECT_EQ(a->generation(), generation);
-    ASSERT_EQ(a->tensors().size(), tensors.size());
-    EXPECT_TRUE(a->Verify().ok()) << a->Verify();
-    const std::string fill(1 << 20, static_cast<char>(serving_fill));
-    for (const TensorView& t : a->tensors()) {
-      const char* p = static_cast<const char*>(t.data);
-      if (serving_fill == 0) {
-        const CheckpointTensor* ct = ckpt->Find(t.name);
-        ASSERT_NE(ct, nullptr) << t.name;
-        absl::StatusOr<std::span<const std::byte>> want = ckpt->MapTensor(*ct);
-        ASSERT_TRUE(want.ok());
-        ASSERT_EQ(want->size(), t.nbytes);
-        EXPECT_EQ(std::memcmp(p, want->data(), t.nbytes), 0) << t.name;
-      } else {
-        for (uint64_t off = 0; off < t.nbytes; off += fill.size()) {
-          const size_t n = static_cast<size_t>(std::min<uint64_t>(fill.size(), t.nbytes - off));
-          ASSERT_EQ(std::memcmp(p + off, fill.data(), n), 0) << t.name << " at byte " << off;
-        }
-      }
-    }
+    ExpectBigServes(generation, serving_fill);
   };
   // Sends the whole model as an update with bytes `fill` from a child process, which is
   // SIGKILLed as soon as the request is out; waits for the update to end.
@@ -857,6 +862,141 @@ TEST_F(UpdateTest, ClosingTheRequestingConnectionCancelsTheUpdate) {
   ++generation;
   serving_fill = 0x7e;
   expect_serving("published after the requester died (no wait)");
+}
+
+// A cancellation that comes after the new generation is built (while its checksums and
+// manifests are made) leaves a whole generation to free, which takes a while for 200 MiB. An
+// update accepted meanwhile replaces the model's update record; the cancelled update's thread
+// must not touch its old record after that (a use-after-free, reported by the sanitizer builds:
+// weightd then aborts and this test fails). Each round kills the trainer once status shows all
+// bytes read, and sends a small update in a tight loop until it is accepted.
+TEST_F(UpdateTest, AnUpdateAcceptedWhileACancelledOneIsFreedIsSafe) {
+  ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
+  ASSERT_EQ(Load("big", "big", 1, "hf"), "");
+  const std::vector<testing::SyntheticTensor> tensors = BigTensors();
+  UniqueFd big_update = PatternMemfd(tensors, 0x3c);
+  ASSERT_TRUE(big_update);
+  const testing::SyntheticTensor norm = {"model.norm.weight", "BF16", {2048}};
+  UniqueFd small_update = PatternMemfd({norm}, 0x5a);
+  ASSERT_TRUE(small_update);
+  absl::StatusOr<Client> poll = Connect();
+  ASSERT_TRUE(poll.ok());
+  absl::StatusOr<Client> next = Connect();
+  ASSERT_TRUE(next.ok());
+  int late_cancels = 0;
+  for (int round = 0; round < 5; ++round) {
+    const uint64_t gen = Info("big").generation;
+    int sent[2];
+    ASSERT_EQ(::pipe(sent), 0);
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::close(sent[0]);
+      Raw raw(socket_);
+      if (!raw.Hello()) ::_exit(3);
+      if (!raw.Send({{"op", "update"}, {"name", "big"}, {"wait", true}}, {big_update.get()})) {
+        ::_exit(4);
+      }
+      (void)!::write(sent[1], "s", 1);
+      for (;;) ::pause();
+    }
+    ::close(sent[1]);
+    pollfd p{sent[0], POLLIN, 0};
+    char byte = 0;
+    const bool ok = ::poll(&p, 1, 20000) == 1 && ::read(sent[0], &byte, 1) == 1;
+    ::close(sent[0]);
+    // All bytes read: the generation is being sealed. Kill the trainer now.
+    const auto deadline = Clock::now() + seconds(30);
+    while (ok && Clock::now() < deadline) {
+      auto st = poll->Status(std::string("big"));
+      if (!st.ok() || !st->front().update) break;
+      const UpdateStatus& u = *st->front().update;
+      if (u.generation == gen + 1 &&
+          (u.state != "running" || (u.bytes_total > 0 && u.bytes_done >= u.bytes_total))) {
+        break;
+      }
+    }
+    ::kill(child, SIGKILL);
+    WaitFor(child, seconds(10));
+    ASSERT_TRUE(ok) << "the trainer did not send its update";
+    // The next update, as soon as the daemon takes one.
+    absl::StatusOr<UpdateResult> u = absl::UnknownError("not sent");
+    const auto until = Clock::now() + seconds(30);
+    do {
+      u = next->UpdateFromFd("big", small_update.get(), /*wait=*/false);
+    } while (!u.ok() && u.status().code() == absl::StatusCode::kFailedPrecondition &&
+             Clock::now() < until);
+    ASSERT_TRUE(u.ok()) << u.status();
+    ASSERT_EQ(::kill(daemon_, 0), 0) << "weightd died";
+    absl::StatusOr<GenerationWait> w =
+        next->WaitGeneration("big", u->generation - 1, absl::Seconds(30));
+    ASSERT_TRUE(w.ok()) << w.status() << Slurp(dir_ + "/weightd.log");
+    EXPECT_EQ(w->generation, u->generation);
+    late_cancels += u->generation == gen + 1;  // the big one published nothing
+  }
+  // Big builds that finished (weightd logs each at debug level), less the big updates that
+  // published: those cancelled once built, the case this test is about.
+  const std::string log = Slurp(dir_ + "/weightd.log");
+  int built = 0;
+  const std::string line = absl::StrCat("update big: ", tensors.size(), " tensors (");
+  for (size_t at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) ++built;
+  std::printf("%d of 5 big updates cancelled, %d of them once built\n", late_cancels,
+              built - (5 - late_cancels));
+  EXPECT_EQ(::kill(daemon_, 0), 0) << "weightd died";
+  absl::StatusOr<Attachment> a = next->Attach("big", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+  const TensorView* n = a->Find("model.norm.weight");
+  ASSERT_NE(n, nullptr);
+  EXPECT_EQ(std::string(static_cast<const char*>(n->data), n->nbytes),
+            std::string(n->nbytes, '\x5a'));
+}
+
+// A checkpoint file that changes while the update reads it fails the update (DATA_LOSS naming
+// the file); generation 1 serves on. The files are touched (same bytes, new mtime) once status
+// shows the update running; a round in which the update finished first is retried.
+TEST_F(UpdateTest, ACheckpointChangedWhileReadFailsTheUpdate) {
+  ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
+  ASSERT_EQ(Load("big", "big", 1, "hf"), "");
+  absl::StatusOr<Client> c = Connect();
+  ASSERT_TRUE(c.ok());
+  std::vector<std::string> shards;
+  for (const auto& e : std::filesystem::directory_iterator(Model("big"))) {
+    if (e.path().extension() == ".safetensors") shards.push_back(e.path().string());
+  }
+  ASSERT_EQ(shards.size(), 2u);
+  uint64_t generation = 1;
+  bool failed = false;
+  for (int round = 0; round < 3 && !failed; ++round) {
+    absl::StatusOr<UpdateResult> u = c->Update("big", Model("big"), /*wait=*/false);
+    ASSERT_TRUE(u.ok()) << u.status();
+    ASSERT_EQ(u->generation, generation + 1);
+    WaitUntil(
+        [&] {
+          const ModelInfo st = Info("big");
+          return st.update.has_value() && st.update->bytes_done > 0;
+        },
+        seconds(20));
+    for (const std::string& f : shards) {
+      ASSERT_EQ(::utimensat(AT_FDCWD, f.c_str(), nullptr, 0), 0) << f;
+    }
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          const ModelInfo st = Info("big");
+          return st.update.has_value() && st.update->state != "running";
+        },
+        seconds(60)));
+    const ModelInfo st = Info("big");
+    if (st.update->state == "failed") {
+      failed = true;
+      EXPECT_THAT(st.update->error, HasSubstr("big/model-0000"));
+      EXPECT_THAT(st.update->error, HasSubstr("changed while weightd was reading it"));
+      EXPECT_EQ(st.generation, generation);
+    } else {
+      EXPECT_EQ(st.generation, ++generation);
+    }
+    ExpectBigServes(generation, 0);
+  }
+  EXPECT_TRUE(failed) << "the update finished before the files changed, three times";
 }
 
 // An update needs a model that serves a generation, one update at a time.
@@ -1730,6 +1870,31 @@ TEST_F(UpdateTest, UpdateOfACastModelCastsTheNewTensors) {
   EXPECT_TRUE(a->Verify().ok()) << a->Verify();
   EXPECT_THAT(Differences(*a, want_b[0]), IsEmpty());
   ExpectServes("m", 2, want_b, "updated as fp32");
+}
+
+// An Attachment keeps its connection when its Client goes: it still refreshes and detaches.
+TEST_F(UpdateTest, AnAttachmentOutlivingItsClientRefreshes) {
+  ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
+  ASSERT_EQ(Load("m", "llamaA", 2), "");
+  std::optional<Attachment> a;
+  {
+    absl::StatusOr<Client> c = Connect();
+    ASSERT_TRUE(c.ok());
+    absl::StatusOr<Attachment> att = c->Attach("m", 0);
+    ASSERT_TRUE(att.ok());
+    a.emplace(std::move(*att));
+  }
+  absl::StatusOr<Client> c = Connect();
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c->Update("m", Model("llamaB"), /*wait=*/true).ok());
+  absl::StatusOr<bool> moved = a->Refresh();
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_TRUE(*moved);
+  EXPECT_EQ(a->generation(), 2u);
+  EXPECT_THAT(Differences(*a, Shard("llamaB")[0]), IsEmpty());
+  EXPECT_EQ(Held("m"), "1");
+  ASSERT_TRUE(a->Detach().ok());
+  EXPECT_EQ(Info("m").ranks[0].lease_count, 0u);
 }
 
 // A lease dropped by a forced unload cannot be refreshed, even onto a model loaded again under
