@@ -1522,11 +1522,16 @@ TEST_F(UpdateTest, OldGenerationsAreReleasedOnceNoLeaseMapsThem) {
   ASSERT_TRUE(a->Detach().ok());
   EXPECT_TRUE(WaitUntil([&] { return Held("m") == "1"; }, seconds(5))) << Held("m");
   // Many more updates with no lease: each releases its predecessor, so all fit the budget.
+  // (Each waits for the daemon's memfds to settle: the reply may come before the replaced
+  // generation is freed, which BackToBackUpdatesFitABudgetOfTwoCopies is about.)
   for (int i = 0; i < 6; ++i) {
     absl::StatusOr<UpdateResult> u =
         c->Update("m", Model(i % 2 == 0 ? "llamaB" : "llamaA"), /*wait=*/true);
     ASSERT_TRUE(u.ok()) << "update " << i << ": " << u.status();
     EXPECT_EQ(Held("m"), "1");
+    EXPECT_TRUE(WaitUntil([&] { return testing::ReadProcResources(daemon_).memfd_fds == memfds; },
+                          seconds(5)))
+        << "update " << i << ": " << testing::ReadProcResources(daemon_).ToString();
   }
   EXPECT_EQ(Info("m").generation, 9u);
   EXPECT_TRUE(WaitUntil([&] { return testing::ReadProcResources(daemon_).memfd_fds == memfds; },
@@ -1916,6 +1921,33 @@ TEST_F(UpdateTest, RefreshAfterAForcedUnloadFailsAndKeepsTheMapping) {
   EXPECT_EQ(a->generation(), 1u);
   EXPECT_TRUE(a->Verify().ok()) << a->Verify();
   EXPECT_THAT(Differences(*a, want_a[1]), IsEmpty());
+}
+
+// A trainer publishing one update after another, each sent once the previous one is published,
+// with no lease on the old generations: each replaced generation is no longer needed when the
+// update's reply comes, so a host_memory_budget of two copies (and a bit) is enough for every
+// update. (weightd answered before it released the replaced generation's arenas, so the next
+// update could be refused with RESOURCE_EXHAUSTED counting three copies.)
+TEST_F(UpdateTest, BackToBackUpdatesFitABudgetOfTwoCopies) {
+  ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
+  ASSERT_EQ(Load("probe", "big", 1, "hf"), "");
+  const uint64_t model_bytes = Info("probe").ranks.at(0).arena_bytes;
+  ASSERT_GT(model_bytes, 100u << 20);
+  StopDaemon();
+  ASSERT_TRUE(StartDaemon({{"host_memory_budget", 2 * model_bytes + (16 << 20)}}))
+      << Slurp(dir_ + "/weightd.log");
+  ASSERT_EQ(Load("big", "big", 1, "hf"), "");
+  const std::vector<testing::SyntheticTensor> tensors = BigTensors();
+  UniqueFd fills[2] = {PatternMemfd(tensors, 0x21), PatternMemfd(tensors, 0x42)};
+  ASSERT_TRUE(fills[0] && fills[1]);
+  absl::StatusOr<Client> c = Connect();
+  ASSERT_TRUE(c.ok());
+  for (int i = 0; i < 8; ++i) {
+    absl::StatusOr<UpdateResult> u = c->UpdateFromFd("big", fills[i % 2].get(), /*wait=*/true);
+    ASSERT_TRUE(u.ok()) << "update " << i << ": " << u.status();
+    EXPECT_EQ(u->generation, static_cast<uint64_t>(i + 2));
+  }
+  ExpectBigServes(9, 0x42);
 }
 
 // The full update with device arenas: `--backend cuda` on the simulated driver (ctest's
