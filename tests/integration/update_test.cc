@@ -7,13 +7,19 @@
 // model_roots: a small Llama with GQA (8 query heads, 2 KV heads, vocab 2000 padded at T=2) and a
 // small Mixtral (4 experts), each twice with different random values (tests/python/
 // hf_checkpoints.py, seeds 1/2 and 3/4), "moeA2" (moeA with one layer's q/k/v and one expert's
-// w1/w2/w3 taken from moeB), and "big", a 200 MiB synthetic Llama (support/
+// w1/w2/w3 taken from moeB), "moeA3" (moeA with one expert of moeB), "llamaAB1" (llamaA with the
+// tensors of llamaB's first shard file), and "big", a 200 MiB synthetic Llama (support/
 // synthetic_checkpoint.h) whose updates take long enough to be caught running. What a rank must
 // hold is what `weightctl shard --tp 2` writes offline for the same checkpoint, read back with
 // weightd's own safetensors reader (Checkpoint).
 //
 // Every test starts a daemon of its own (UpdateTest::StartDaemon, --backend host unless it says
-// otherwise) and stops it with SIGTERM, which must exit 0. Every wait is bounded.
+// otherwise) and stops it with SIGTERM, which must exit 0. Every wait is bounded. Races that a
+// fast machine can win (an update finishing before it is cancelled, a load before the update
+// that should find it loading) are retried up to three times, each outcome checked in full, and
+// the case under test must be seen at least once. The *OnDeviceArenas tests run with
+// `--backend cuda` on the simulated driver (ctest sim:update_test_cuda) or a GPU, and skip
+// otherwise.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -1423,6 +1429,7 @@ TEST_F(UpdateTest, ConcurrentClientsNeverSeeAHalfWrittenGeneration) {
     seen.insert(g);
   };
   std::vector<std::thread> readers;
+  readers.reserve(4);
   for (int k = 0; k < 3; ++k) {
     readers.emplace_back([&, k] {
       absl::StatusOr<Client> c = Connect();
