@@ -347,7 +347,14 @@ absl::StatusOr<std::vector<std::unique_ptr<Arena>>> Registry::AllocateArenas(
   // All arenas are checked before the first is allocated, so a load that does not fit fails at
   // once instead of after filling some devices.
   absl::MutexLock admission(&admission_mu_);
-  WD_RETURN_IF_ERROR(backend_->Admit(name, requests));
+  absl::Status admitted = backend_->Admit(name, requests);
+  if (absl::IsResourceExhausted(admitted)) {
+    // Generations dropped just before (the one an update replaced, a lease's last one) are
+    // freed by the reaper: still counted as held until it has run. Wait for it, then ask again.
+    reaper_->Drain();
+    admitted = backend_->Admit(name, requests);
+  }
+  WD_RETURN_IF_ERROR(admitted);
   std::vector<std::unique_ptr<Arena>> arenas;
   for (const ArenaRequest& request : requests) {
     WD_ASSIGN_OR_RETURN(auto a, backend_->Allocate(request));

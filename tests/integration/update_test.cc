@@ -1933,8 +1933,8 @@ TEST_F(UpdateTest, RefreshAfterAForcedUnloadFailsAndKeepsTheMapping) {
 // A trainer publishing one update after another, each sent once the previous one is published,
 // with no lease on the old generations: each replaced generation is no longer needed when the
 // update's reply comes, so a host_memory_budget of two copies (and a bit) is enough for every
-// update. (weightd answered before it released the replaced generation's arenas, so the next
-// update could be refused with RESOURCE_EXHAUSTED counting three copies.)
+// update. (The reaper frees a replaced generation after the update's reply; admission counted
+// it as held until then, so the next update could be refused with RESOURCE_EXHAUSTED.)
 TEST_F(UpdateTest, BackToBackUpdatesFitABudgetOfTwoCopies) {
   ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
   ASSERT_EQ(Load("probe", "big", 1, "hf"), "");
