@@ -875,7 +875,8 @@ TEST_F(UpdateTest, ClosingTheRequestingConnectionCancelsTheUpdate) {
 // update accepted meanwhile replaces the model's update record; the cancelled update's thread
 // must not touch its old record after that (a use-after-free, reported by the sanitizer builds:
 // weightd then aborts and this test fails). Each round kills the trainer once status shows all
-// bytes read, and sends a small update in a tight loop until it is accepted.
+// bytes read, and sends a small update in a tight loop until it is accepted; up to 8 rounds, until
+// 3 of them cancelled the big update once built (skipped, saying so, when none did).
 TEST_F(UpdateTest, AnUpdateAcceptedWhileACancelledOneIsFreedIsSafe) {
   ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
   ASSERT_EQ(Load("big", "big", 1, "hf"), "");
@@ -889,9 +890,22 @@ TEST_F(UpdateTest, AnUpdateAcceptedWhileACancelledOneIsFreedIsSafe) {
   ASSERT_TRUE(poll.ok());
   absl::StatusOr<Client> next = Connect();
   ASSERT_TRUE(next.ok());
-  int late_cancels = 0;
-  for (int round = 0; round < 5; ++round) {
+  // Big builds that finished (weightd logs each at debug level): a round in which one more
+  // finished and the big update published nothing cancelled it once built, the case under test.
+  const std::string built_line = absl::StrCat("update big: ", tensors.size(), " tensors (");
+  auto builds = [&] {
+    const std::string log = Slurp(dir_ + "/weightd.log");
+    int n = 0;
+    for (size_t at = log.find(built_line); at != std::string::npos;
+         at = log.find(built_line, at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  int rounds = 0, late_cancels = 0;
+  for (; rounds < 8 && late_cancels < 3; ++rounds) {
     const uint64_t gen = Info("big").generation;
+    const int builds_before = builds();
     int sent[2];
     ASSERT_EQ(::pipe(sent), 0);
     const pid_t child = ::fork();
@@ -937,16 +951,10 @@ TEST_F(UpdateTest, AnUpdateAcceptedWhileACancelledOneIsFreedIsSafe) {
         next->WaitGeneration("big", u->generation - 1, absl::Seconds(30));
     ASSERT_TRUE(w.ok()) << w.status() << Slurp(dir_ + "/weightd.log");
     EXPECT_EQ(w->generation, u->generation);
-    late_cancels += u->generation == gen + 1;  // the big one published nothing
+    // The big update published nothing (the small one is the next generation) but was built.
+    late_cancels += u->generation == gen + 1 && builds() > builds_before;
   }
-  // Big builds that finished (weightd logs each at debug level), less the big updates that
-  // published: those cancelled once built, the case this test is about.
-  const std::string log = Slurp(dir_ + "/weightd.log");
-  int built = 0;
-  const std::string line = absl::StrCat("update big: ", tensors.size(), " tensors (");
-  for (size_t at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) ++built;
-  std::printf("%d of 5 big updates cancelled, %d of them once built\n", late_cancels,
-              built - (5 - late_cancels));
+  std::printf("%d of %d big updates cancelled once built\n", late_cancels, rounds);
   EXPECT_EQ(::kill(daemon_, 0), 0) << "weightd died";
   absl::StatusOr<Attachment> a = next->Attach("big", 0);
   ASSERT_TRUE(a.ok()) << a.status();
@@ -955,6 +963,10 @@ TEST_F(UpdateTest, AnUpdateAcceptedWhileACancelledOneIsFreedIsSafe) {
   ASSERT_NE(n, nullptr);
   EXPECT_EQ(std::string(static_cast<const char*>(n->data), n->nbytes),
             std::string(n->nbytes, '\x5a'));
+  if (late_cancels == 0) {
+    GTEST_SKIP() << "no round cancelled the big update once built (it published, or was "
+                    "cancelled while read): the path under test was not reached on this machine";
+  }
 }
 
 // A checkpoint file that changes while the update reads it fails the update (DATA_LOSS naming
