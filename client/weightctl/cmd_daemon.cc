@@ -14,7 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
-#include "weightctl/args.h"
+#include "weightd/args.h"
 #include "weightctl/commands.h"
 #include "weightd/client.h"
 #include "weightd/protocol.h"

@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "weightctl/args.h"
+#include "weightd/args.h"
 #include "weightctl/commands.h"
 #include "weightctl/plan_args.h"
 #include "weightd/checkpoint.h"

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "weightctl/args.h"
+#include "weightd/args.h"
 #include "weightd/plan.h"
 
 namespace weightd::cli {

@@ -1,4 +1,4 @@
-#include "weightctl/args.h"
+#include "weightd/args.h"
 
 #include <algorithm>
 
@@ -7,7 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 
-namespace weightd::cli {
+namespace weightd {
 
 ArgParser::ArgParser(std::string command, std::string summary)
     : command_(std::move(command)), summary_(std::move(summary)) {}
@@ -44,6 +44,10 @@ absl::Status ArgParser::Parse(int argc, char** argv) {
     }
     if (!only_positionals && (arg == "-h" || arg == "--help")) {
       help_ = true;
+      return absl::OkStatus();
+    }
+    if (!only_positionals && !version_.empty() && arg == "--version") {
+      version_requested_ = true;
       return absl::OkStatus();
     }
     if (!only_positionals && arg.size() > 1 && arg[0] == '-') {
@@ -90,6 +94,43 @@ absl::Status ArgParser::Parse(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+namespace {
+
+constexpr size_t kHelpWidth = 79;
+constexpr size_t kHelpIndent = 27;  // "  " + a 24-column option column + " "
+
+// Appends `text` word-wrapped to kHelpWidth, its first line after `lhs` (padded to the help
+// column, or alone on its line when longer), later lines indented to the help column.
+void AppendOption(std::string* out, absl::string_view lhs, absl::string_view text) {
+  std::string line = absl::StrCat("  ", lhs);
+  if (line.size() + 1 > kHelpIndent) {
+    absl::StrAppend(out, line, "\n");
+    line.clear();
+  }
+  auto pad = [&] { line.resize(std::max(line.size(), kHelpIndent), ' '); };
+  pad();
+  bool line_has_words = false;
+  for (absl::string_view paragraph : absl::StrSplit(text, '\n')) {
+    for (absl::string_view word : absl::StrSplit(paragraph, ' ', absl::SkipEmpty())) {
+      if (line_has_words && line.size() + 1 + word.size() > kHelpWidth) {
+        absl::StrAppend(out, line, "\n");
+        line.clear();
+        pad();
+        line_has_words = false;
+      }
+      if (line_has_words) line.push_back(' ');
+      absl::StrAppend(&line, word);
+      line_has_words = true;
+    }
+    absl::StrAppend(out, line, "\n");
+    line.clear();
+    pad();
+    line_has_words = false;
+  }
+}
+
+}  // namespace
+
 std::string ArgParser::Help() const {
   std::string usage = absl::StrCat("usage: ", command_);
   for (const Pos& p : positionals_) absl::StrAppend(&usage, " ", p.name);
@@ -97,16 +138,15 @@ std::string ArgParser::Help() const {
   std::string out = absl::StrCat(usage, "\n\n", summary_, "\n");
   if (!positionals_.empty()) {
     absl::StrAppend(&out, "\narguments:\n");
-    for (const Pos& p : positionals_) {
-      absl::StrAppend(&out, absl::StrFormat("  %-24s %s\n", p.name, p.help));
-    }
+    for (const Pos& p : positionals_) AppendOption(&out, p.name, p.help);
   }
   absl::StrAppend(&out, "\noptions:\n");
   for (const Opt& o : opts_) {
     const std::string lhs = o.metavar.empty() ? o.name : absl::StrCat(o.name, " ", o.metavar);
-    absl::StrAppend(&out, absl::StrFormat("  %-24s %s\n", lhs, o.help));
+    AppendOption(&out, lhs, o.help);
   }
-  absl::StrAppend(&out, absl::StrFormat("  %-24s %s\n", "-h, --help", "show this help"));
+  AppendOption(&out, "-h, --help", "show this help");
+  if (!version_.empty()) AppendOption(&out, "--version", "print the version and git revision");
   if (!epilog_.empty()) absl::StrAppend(&out, "\n", epilog_, "\n");
   return out;
 }
@@ -142,4 +182,4 @@ std::string HumanBytes(uint64_t bytes) {
   return absl::StrCat(bytes, " B");
 }
 
-}  // namespace weightd::cli
+}  // namespace weightd

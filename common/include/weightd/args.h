@@ -1,4 +1,4 @@
-// A small command-line parser for weightctl's sub-commands.
+// The command-line parser of weightd and of weightctl's sub-commands.
 //
 //   ArgParser p("weightctl inspect", "Lists the tensors of a checkpoint.");
 //   p.Positional("PATH", &path, "checkpoint directory or .safetensors file");
@@ -7,9 +7,12 @@
 //   if (p.help_requested()) { std::cout << p.Help(); return 0; }
 //
 // Accepts "--opt value" and "--opt=value". Unknown options, missing values and missing
-// positionals are errors that name the option and point to --help. Not thread-safe.
-#ifndef WEIGHTD_CLIENT_WEIGHTCTL_ARGS_H_
-#define WEIGHTD_CLIENT_WEIGHTCTL_ARGS_H_
+// positionals are errors that name the option and point to --help. Help texts are wrapped to
+// 79 columns, so they may be written as one line; "\n" in a help text starts a new line. With
+// Version(text), "--version" is recognized and version_requested() says it was given. Not
+// thread-safe.
+#ifndef WEIGHTD_ARGS_H_
+#define WEIGHTD_ARGS_H_
 
 #include <cstdint>
 #include <functional>
@@ -19,7 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
-namespace weightd::cli {
+namespace weightd {
 
 class ArgParser {
  public:
@@ -30,12 +33,16 @@ class ArgParser {
   void Repeated(std::string name, std::string metavar, std::vector<std::string>* out,
                 std::string help);
   void Positional(std::string name, std::string* out, std::string help);
-  // Extra text printed after the options (examples, notes).
+  // Extra text printed after the options (examples, notes), as written (not wrapped).
   void Epilog(std::string text) { epilog_ = std::move(text); }
+  // Makes "--version" an option; Parse() stops at it as at "--help".
+  void Version(std::string text) { version_ = std::move(text); }
 
   absl::Status Parse(int argc, char** argv);
   bool help_requested() const { return help_; }
+  bool version_requested() const { return version_requested_; }
   std::string Help() const;
+  const std::string& version() const { return version_; }
   const std::string& command() const { return command_; }
 
  private:
@@ -51,10 +58,11 @@ class ArgParser {
     std::string* out;
     std::string help;
   };
-  std::string command_, summary_, epilog_;
+  std::string command_, summary_, epilog_, version_;
   std::vector<Opt> opts_;
   std::vector<Pos> positionals_;
   bool help_ = false;
+  bool version_requested_ = false;
 };
 
 // Parses a non-negative integer option value; errors name the option.
@@ -65,6 +73,6 @@ absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& option,
 // Formats a byte count for people: "16.06 GB" (decimal units, as disk vendors and GB/s use).
 std::string HumanBytes(uint64_t bytes);
 
-}  // namespace weightd::cli
+}  // namespace weightd
 
-#endif  // WEIGHTD_CLIENT_WEIGHTCTL_ARGS_H_
+#endif  // WEIGHTD_ARGS_H_
