@@ -241,6 +241,10 @@ PlanPiece ColsPiece(const std::vector<int64_t>& s, int64_t c, int64_t k, int64_t
   return pc;
 }
 
+void Add(RankTarget* out, uint32_t tensor, PlanPiece piece) {
+  out->pieces.push_back({tensor, std::move(piece)});
+}
+
 class Builder {
  public:
   Builder(const Checkpoint& ckpt, const PlanOptions& opts, const Recipe& recipe,
@@ -252,7 +256,18 @@ class Builder {
  private:
   absl::Status MapTensors();
   absl::Status CheckShapesAndCoverage();
+  // Rank `rank`'s target of group `g`: its shape, the checkpoint pieces filling it and its
+  // zero rows. One function per parallel style; LayOut dispatches.
   absl::Status LayOut(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutReplicated(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutColumn(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutRow(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutQkv(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutMergedColumn(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutVocab(const Group& g, int rank, RankTarget* out) const;
+  absl::Status LayOutMoe(const Group& g, int rank, RankTarget* out) const;
+  // The single member of a group whose style takes one tensor.
+  absl::StatusOr<const Member*> OneMember(const Group& g) const;
   std::string DimLabel(const ParamRule& r, size_t dim) const;
   std::string NearestNames(absl::string_view name) const;
   const CheckpointTensor& T(uint32_t i) const { return ckpt_.tensors()[i]; }
@@ -530,237 +545,268 @@ absl::Status Builder::CheckShapesAndCoverage() {
   return absl::OkStatus();
 }
 
-absl::Status Builder::LayOut(const Group& g, int r, RankTarget* out) const {
+absl::StatusOr<const Member*> Builder::OneMember(const Group& g) const {
+  if (g.members.size() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("target '", g.target, "' (style ",
+                                                   ParallelStyleName(g.style), ") is filled by ",
+                                                   g.members.size(), " tensors; expected one"));
+  }
+  return &g.members[0];
+}
+
+// Every rank holds the whole tensor.
+absl::Status Builder::LayOutReplicated(const Group& g, int /*rank*/, RankTarget* out) const {
+  WD_ASSIGN_OR_RETURN(const Member* m, OneMember(g));
+  const auto& s = T(m->tensor).shape;
+  out->shape = s;
+  Add(out, m->tensor, s.empty() ? PlanPiece{} : RowsPiece(s, 0, s[0], s[0], 0));
+  return absl::OkStatus();
+}
+
+// Rank r holds rows [r·n, (r+1)·n) of dim 0 (n = rows / tp).
+absl::Status Builder::LayOutColumn(const Group& g, int r, RankTarget* out) const {
   const int64_t tp = opts_.tp;
-  auto one = [&]() -> absl::StatusOr<const Member*> {
-    if (g.members.size() != 1) {
-      return absl::InvalidArgumentError(absl::StrCat("target '", g.target, "' (style ",
-                                                     ParallelStyleName(g.style), ") is filled by ",
-                                                     g.members.size(), " tensors; expected one"));
+  WD_ASSIGN_OR_RETURN(const Member* m, OneMember(g));
+  const auto& s = T(m->tensor).shape;
+  if (s.empty())
+    return absl::InvalidArgumentError(
+        absl::StrCat("column style on 0-d tensor '", T(m->tensor).name, "'"));
+  if (s[0] % tp) return Indivisible(DimLabel(*m->rule, 0), s[0], T(m->tensor).name);
+  const int64_t n = s[0] / tp;
+  out->shape = s;
+  out->shape[0] = n;
+  Add(out, m->tensor, RowsPiece(s, r * n, n, n, 0));
+  return absl::OkStatus();
+}
+
+// Rank r holds columns [r·k, (r+1)·k) of a 2-d weight; a 1-d bias (added after the
+// reduction) is kept whole.
+absl::Status Builder::LayOutRow(const Group& g, int r, RankTarget* out) const {
+  const int64_t tp = opts_.tp;
+  WD_ASSIGN_OR_RETURN(const Member* m, OneMember(g));
+  const auto& s = T(m->tensor).shape;
+  if (s.size() == 1) {  // a row-parallel bias is added after the reduction: kept whole
+    out->shape = s;
+    Add(out, m->tensor, RowsPiece(s, 0, s[0], s[0], 0));
+    return absl::OkStatus();
+  }
+  if (s.size() != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("row style needs a 2-d weight or a 1-d bias; '", T(m->tensor).name,
+                     "' has shape ", ShapeStr(s)));
+  }
+  if (s[1] % tp) return Indivisible(DimLabel(*m->rule, 1), s[1], T(m->tensor).name);
+  const int64_t k = s[1] / tp;
+  out->shape = {s[0], k};
+  Add(out, m->tensor, ColsPiece(s, r * k, k));
+  return absl::OkStatus();
+}
+
+// q, k and v fused by rows: rank r holds its q heads, then its k and v heads (kv heads are
+// replicated over tp / num_key_value_heads ranks when tp is larger).
+absl::Status Builder::LayOutQkv(const Group& g, int r, RankTarget* out) const {
+  const int64_t tp = opts_.tp;
+  const Member* part[3] = {nullptr, nullptr, nullptr};
+  for (const Member& m : g.members) {
+    if (m.rule->shard < 0 || m.rule->shard > 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "rule ", m.rule->label, " puts '", T(m.tensor).name, "' in part ", m.rule->shard,
+          " of qkv target '", g.target, "'; a qkv part is q, k or v"));
     }
-    return &g.members[0];
-  };
-  auto add = [&](uint32_t t, PlanPiece p) { out->pieces.push_back({t, p}); };
+    part[m.rule->shard] = &m;
+  }
+  // The recipe check (every qkv target pattern has q, k and v rules) and the coverage check
+  // make this unreachable; it stays because a null part here would be a crash.
+  for (int i = 0; i < 3; ++i) {
+    if (part[i] == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("qkv target '", g.target, "' (rule ", g.rule->label,
+                       ") has no checkpoint tensor for part ", std::string(1, "qkv"[i])));
+    }
+  }
+  const std::string why = absl::StrCat("the qkv layout of '", g.target, "'");
+  WD_ASSIGN_OR_RETURN(int64_t nh, cfg_.RequirePositive("num_attention_heads", why));
+  WD_ASSIGN_OR_RETURN(int64_t nkv, cfg_.RequirePositive("num_key_value_heads", why));
+  WD_ASSIGN_OR_RETURN(int64_t hd, cfg_.RequirePositive("head_dim", why));
+  int64_t want[3];
+  if (__builtin_mul_overflow(nh, hd, &want[0]) || __builtin_mul_overflow(nkv, hd, &want[1])) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(cfg_.Label(), ": num_attention_heads (", nh, ") or num_key_value_heads (",
+                     nkv, ") times head_dim (", hd, ") overflows 64 bits, in ", why));
+  }
+  want[2] = want[1];
+  const char* expr[3] = {"num_attention_heads*head_dim", "num_key_value_heads*head_dim",
+                         "num_key_value_heads*head_dim"};
+  for (int i = 0; i < 3; ++i) {
+    const auto& s = T(part[i]->tensor).shape;
+    if (s.empty() || s[0] != want[i] ||
+        std::vector<int64_t>(s.begin() + 1, s.end()) !=
+            std::vector<int64_t>(T(part[0]->tensor).shape.begin() + 1,
+                                 T(part[0]->tensor).shape.end())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape mismatch: tensor '", T(part[i]->tensor).name, "' has shape ", ShapeStr(s),
+          " but dim 0 should be ", expr[i], " = ", want[i], " (num_attention_heads=", nh,
+          ", num_key_value_heads=", nkv, ", head_dim=", hd, ") and the other dims those of '",
+          T(part[0]->tensor).name, "'"));
+    }
+  }
+  if (nh % tp) return Indivisible("num_attention_heads", nh, "");
+  if (tp >= nkv && tp % nkv) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tp ", tp, " is larger than num_key_value_heads (", nkv,
+                     ") but not a multiple of it: each kv head must be replicated on --tp / ",
+                     "num_key_value_heads ranks"));
+  }
+  if (tp < nkv && nkv % tp) return Indivisible("num_key_value_heads", nkv, "");
+  const int64_t q = nh / tp * hd, kv = std::max<int64_t>(1, nkv / tp) * hd;
+  const int64_t rep = tp >= nkv ? tp / nkv : 1, s = r / rep;
+  const int64_t rows = q + 2 * kv;
+  out->shape = T(part[0]->tensor).shape;
+  out->shape[0] = rows;
+  Add(out, part[0]->tensor, RowsPiece(T(part[0]->tensor).shape, r * q, q, rows, 0));
+  Add(out, part[1]->tensor, RowsPiece(T(part[1]->tensor).shape, s * kv, kv, rows, q));
+  Add(out, part[2]->tensor, RowsPiece(T(part[2]->tensor).shape, s * kv, kv, rows, q + kv));
+  return absl::OkStatus();
+}
+
+// Parts (gate/up, ...) fused by rows, each column-sliced: rank r holds its slice of each part,
+// in shard order.
+absl::Status Builder::LayOutMergedColumn(const Group& g, int r, RankTarget* out) const {
+  const int64_t tp = opts_.tp;
+  std::vector<const Member*> parts;
+  for (const Member& m : g.members) parts.push_back(&m);
+  std::sort(parts.begin(), parts.end(),
+            [](const Member* a, const Member* b) { return a->rule->shard < b->rule->shard; });
+  int64_t rows = 0;
+  const auto& s0 = T(parts[0]->tensor).shape;
+  for (const Member* m : parts) {
+    const auto& s = T(m->tensor).shape;
+    if (s.empty() || std::vector<int64_t>(s.begin() + 1, s.end()) !=
+                         std::vector<int64_t>(s0.begin() + 1, s0.end())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape mismatch: the parts of '", g.target, "' differ beyond dim 0: '",
+                       T(m->tensor).name, "' ", ShapeStr(s), " vs '", T(parts[0]->tensor).name,
+                       "' ", ShapeStr(s0)));
+    }
+    if (s[0] % tp) return Indivisible(DimLabel(*m->rule, 0), s[0], T(m->tensor).name);
+    rows += s[0] / tp;
+  }
+  out->shape = s0;
+  out->shape[0] = rows;
+  int64_t d = 0;
+  for (const Member* m : parts) {
+    const auto& s = T(m->tensor).shape;
+    const int64_t n = s[0] / tp;
+    Add(out, m->tensor, RowsPiece(s, r * n, n, rows, d));
+    d += n;
+  }
+  return absl::OkStatus();
+}
+
+// Rank r holds its share of the vocabulary padded to a multiple of 64; rows past the real
+// vocabulary are zero.
+absl::Status Builder::LayOutVocab(const Group& g, int r, RankTarget* out) const {
+  const int64_t tp = opts_.tp;
+  WD_ASSIGN_OR_RETURN(const Member* m, OneMember(g));
+  const auto& s = T(m->tensor).shape;
+  if (s.empty())
+    return absl::InvalidArgumentError(
+        absl::StrCat("vocab style on 0-d tensor '", T(m->tensor).name, "'"));
+  const int64_t v = s[0];
+  const int64_t vp = (v + kVocabPadding - 1) / kVocabPadding * kVocabPadding;
+  if (vp % tp) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tp ", tp, " does not divide the padded vocabulary of tensor '", T(m->tensor).name,
+        "': ", DimLabel(*m->rule, 0), " has ", v, " rows, padded to a multiple of 64 = ", vp,
+        "; choose a --tp that divides ", vp));
+  }
+  const int64_t p = vp / tp;
+  const int64_t start = std::min(r * p, v), end = std::min((r + 1) * p, v);
+  out->shape = s;
+  out->shape[0] = p;
+  if (end > start) Add(out, m->tensor, RowsPiece(s, start, end - start, p, 0));
+  if (p > end - start) out->zero_rows.push_back({end - start, p - (end - start)});
+  return absl::OkStatus();
+}
+
+// Fused experts: w13 [E, 2·Ie/tp, H] (w1 then w3 rows) or w2 [E, H, Ie/tp], each expert sliced;
+// with expert parallelism rank r holds its whole experts instead.
+absl::Status Builder::LayOutMoe(const Group& g, int r, RankTarget* out) const {
+  const int64_t tp = opts_.tp;
+  const bool w13 = g.style == ParallelStyle::kMoeW13;
+  // CheckShapesAndCoverage checked num_experts >= 1 and every member's expert against it.
+  WD_ASSIGN_OR_RETURN(
+      int64_t ne, cfg_.RequirePositive("num_experts",
+                                       absl::StrCat("the fused experts of '", g.target, "'")));
+  for (const Member& m : g.members) {
+    if (m.expert < 0 || m.expert >= ne || (w13 && m.rule->shard != 0 && m.rule->shard != 1) ||
+        (!w13 && m.rule->shard != 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", T(m.tensor).name, "' is expert ", m.expert, ", part ", m.rule->shard,
+          " of '", g.target, "', outside num_experts ", ne, " or the parts of ",
+          ParallelStyleName(g.style), " (rule ", m.rule->label, ")"));
+    }
+  }
+  const auto& s0 = T(g.members[0].tensor).shape;
+  for (const Member& m : g.members) {
+    if (T(m.tensor).shape != s0 || s0.size() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape mismatch: experts of '", g.target, "' must all be 2-d of one shape; '",
+          T(m.tensor).name, "' is ", ShapeStr(T(m.tensor).shape), ", '",
+          T(g.members[0].tensor).name, "' is ", ShapeStr(s0)));
+    }
+  }
+  const int64_t ie = w13 ? s0[0] : s0[1];
+  int64_t e0 = 0, ecount = ne, il = ie;
+  if (opts_.expert_parallel) {
+    if (tp > ne) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--expert-parallel with --tp ", tp,
+                       " needs at least as many experts: num_experts is ", ne, " (tensor '",
+                       g.target, "'); lower --tp or drop --expert-parallel"));
+    }
+    const int64_t base = ne / tp, rem = ne % tp;
+    ecount = base + (r < rem ? 1 : 0);
+    e0 = r * base + std::min<int64_t>(r, rem);
+  } else {
+    if (ie % tp) {
+      return Indivisible(absl::StrCat("the expert intermediate size (",
+                                      DimLabel(*g.members[0].rule, w13 ? 0 : 1), ")"),
+                         ie, T(g.members[0].tensor).name);
+    }
+    il = ie / tp;
+  }
+  const int64_t h = w13 ? s0[1] : s0[0];
+  out->shape =
+      w13 ? std::vector<int64_t>{ecount, 2 * il, h} : std::vector<int64_t>{ecount, h, il};
+  std::vector<const Member*> sorted;
+  for (const Member& m : g.members) sorted.push_back(&m);
+  std::sort(sorted.begin(), sorted.end(), [](const Member* a, const Member* b) {
+    return std::pair(a->expert, a->rule->shard) < std::pair(b->expert, b->rule->shard);
+  });
+  for (const Member* m : sorted) {
+    if (m->expert < e0 || m->expert >= e0 + ecount) continue;
+    const int64_t pl = m->expert - e0;
+    const int64_t off = opts_.expert_parallel ? 0 : r * il;
+    if (w13) {
+      Add(out, m->tensor, RowsPiece(s0, off, il, 2 * il, m->rule->shard * il, ecount, pl));
+    } else {
+      Add(out, m->tensor, ColsPiece(s0, off, il, ecount, pl));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Builder::LayOut(const Group& g, int r, RankTarget* out) const {
   switch (g.style) {
-    case ParallelStyle::kReplicated: {
-      WD_ASSIGN_OR_RETURN(const Member* m, one());
-      const auto& s = T(m->tensor).shape;
-      out->shape = s;
-      add(m->tensor, s.empty() ? PlanPiece{} : RowsPiece(s, 0, s[0], s[0], 0));
-      return absl::OkStatus();
-    }
-    case ParallelStyle::kColumn: {
-      WD_ASSIGN_OR_RETURN(const Member* m, one());
-      const auto& s = T(m->tensor).shape;
-      if (s.empty())
-        return absl::InvalidArgumentError(
-            absl::StrCat("column style on 0-d tensor '", T(m->tensor).name, "'"));
-      if (s[0] % tp) return Indivisible(DimLabel(*m->rule, 0), s[0], T(m->tensor).name);
-      const int64_t n = s[0] / tp;
-      out->shape = s;
-      out->shape[0] = n;
-      add(m->tensor, RowsPiece(s, r * n, n, n, 0));
-      return absl::OkStatus();
-    }
-    case ParallelStyle::kRow: {
-      WD_ASSIGN_OR_RETURN(const Member* m, one());
-      const auto& s = T(m->tensor).shape;
-      if (s.size() == 1) {  // a row-parallel bias is added after the reduction: kept whole
-        out->shape = s;
-        add(m->tensor, RowsPiece(s, 0, s[0], s[0], 0));
-        return absl::OkStatus();
-      }
-      if (s.size() != 2) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("row style needs a 2-d weight or a 1-d bias; '", T(m->tensor).name,
-                         "' has shape ", ShapeStr(s)));
-      }
-      if (s[1] % tp) return Indivisible(DimLabel(*m->rule, 1), s[1], T(m->tensor).name);
-      const int64_t k = s[1] / tp;
-      out->shape = {s[0], k};
-      add(m->tensor, ColsPiece(s, r * k, k));
-      return absl::OkStatus();
-    }
-    case ParallelStyle::kQkv: {
-      const Member* part[3] = {nullptr, nullptr, nullptr};
-      for (const Member& m : g.members) {
-        if (m.rule->shard < 0 || m.rule->shard > 2) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "rule ", m.rule->label, " puts '", T(m.tensor).name, "' in part ", m.rule->shard,
-              " of qkv target '", g.target, "'; a qkv part is q, k or v"));
-        }
-        part[m.rule->shard] = &m;
-      }
-      // The recipe check (every qkv target pattern has q, k and v rules) and the coverage check
-      // make this unreachable; it stays because a null part here would be a crash.
-      for (int i = 0; i < 3; ++i) {
-        if (part[i] == nullptr) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("qkv target '", g.target, "' (rule ", g.rule->label,
-                           ") has no checkpoint tensor for part ", std::string(1, "qkv"[i])));
-        }
-      }
-      const std::string why = absl::StrCat("the qkv layout of '", g.target, "'");
-      WD_ASSIGN_OR_RETURN(int64_t nh, cfg_.RequirePositive("num_attention_heads", why));
-      WD_ASSIGN_OR_RETURN(int64_t nkv, cfg_.RequirePositive("num_key_value_heads", why));
-      WD_ASSIGN_OR_RETURN(int64_t hd, cfg_.RequirePositive("head_dim", why));
-      int64_t want[3];
-      if (__builtin_mul_overflow(nh, hd, &want[0]) || __builtin_mul_overflow(nkv, hd, &want[1])) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(cfg_.Label(), ": num_attention_heads (", nh, ") or num_key_value_heads (",
-                         nkv, ") times head_dim (", hd, ") overflows 64 bits, in ", why));
-      }
-      want[2] = want[1];
-      const char* expr[3] = {"num_attention_heads*head_dim", "num_key_value_heads*head_dim",
-                             "num_key_value_heads*head_dim"};
-      for (int i = 0; i < 3; ++i) {
-        const auto& s = T(part[i]->tensor).shape;
-        if (s.empty() || s[0] != want[i] ||
-            std::vector<int64_t>(s.begin() + 1, s.end()) !=
-                std::vector<int64_t>(T(part[0]->tensor).shape.begin() + 1,
-                                     T(part[0]->tensor).shape.end())) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "shape mismatch: tensor '", T(part[i]->tensor).name, "' has shape ", ShapeStr(s),
-              " but dim 0 should be ", expr[i], " = ", want[i], " (num_attention_heads=", nh,
-              ", num_key_value_heads=", nkv, ", head_dim=", hd, ") and the other dims those of '",
-              T(part[0]->tensor).name, "'"));
-        }
-      }
-      if (nh % tp) return Indivisible("num_attention_heads", nh, "");
-      if (tp >= nkv && tp % nkv) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--tp ", tp, " is larger than num_key_value_heads (", nkv,
-                         ") but not a multiple of it: each kv head must be replicated on --tp / ",
-                         "num_key_value_heads ranks"));
-      }
-      if (tp < nkv && nkv % tp) return Indivisible("num_key_value_heads", nkv, "");
-      const int64_t q = nh / tp * hd, kv = std::max<int64_t>(1, nkv / tp) * hd;
-      const int64_t rep = tp >= nkv ? tp / nkv : 1, s = r / rep;
-      const int64_t rows = q + 2 * kv;
-      out->shape = T(part[0]->tensor).shape;
-      out->shape[0] = rows;
-      add(part[0]->tensor, RowsPiece(T(part[0]->tensor).shape, r * q, q, rows, 0));
-      add(part[1]->tensor, RowsPiece(T(part[1]->tensor).shape, s * kv, kv, rows, q));
-      add(part[2]->tensor, RowsPiece(T(part[2]->tensor).shape, s * kv, kv, rows, q + kv));
-      return absl::OkStatus();
-    }
-    case ParallelStyle::kMergedColumn: {
-      std::vector<const Member*> parts;
-      for (const Member& m : g.members) parts.push_back(&m);
-      std::sort(parts.begin(), parts.end(),
-                [](const Member* a, const Member* b) { return a->rule->shard < b->rule->shard; });
-      int64_t rows = 0;
-      const auto& s0 = T(parts[0]->tensor).shape;
-      for (const Member* m : parts) {
-        const auto& s = T(m->tensor).shape;
-        if (s.empty() || std::vector<int64_t>(s.begin() + 1, s.end()) !=
-                             std::vector<int64_t>(s0.begin() + 1, s0.end())) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("shape mismatch: the parts of '", g.target, "' differ beyond dim 0: '",
-                           T(m->tensor).name, "' ", ShapeStr(s), " vs '", T(parts[0]->tensor).name,
-                           "' ", ShapeStr(s0)));
-        }
-        if (s[0] % tp) return Indivisible(DimLabel(*m->rule, 0), s[0], T(m->tensor).name);
-        rows += s[0] / tp;
-      }
-      out->shape = s0;
-      out->shape[0] = rows;
-      int64_t d = 0;
-      for (const Member* m : parts) {
-        const auto& s = T(m->tensor).shape;
-        const int64_t n = s[0] / tp;
-        add(m->tensor, RowsPiece(s, r * n, n, rows, d));
-        d += n;
-      }
-      return absl::OkStatus();
-    }
-    case ParallelStyle::kVocab: {
-      WD_ASSIGN_OR_RETURN(const Member* m, one());
-      const auto& s = T(m->tensor).shape;
-      if (s.empty())
-        return absl::InvalidArgumentError(
-            absl::StrCat("vocab style on 0-d tensor '", T(m->tensor).name, "'"));
-      const int64_t v = s[0];
-      const int64_t vp = (v + kVocabPadding - 1) / kVocabPadding * kVocabPadding;
-      if (vp % tp) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--tp ", tp, " does not divide the padded vocabulary of tensor '", T(m->tensor).name,
-            "': ", DimLabel(*m->rule, 0), " has ", v, " rows, padded to a multiple of 64 = ", vp,
-            "; choose a --tp that divides ", vp));
-      }
-      const int64_t p = vp / tp;
-      const int64_t start = std::min(r * p, v), end = std::min((r + 1) * p, v);
-      out->shape = s;
-      out->shape[0] = p;
-      if (end > start) add(m->tensor, RowsPiece(s, start, end - start, p, 0));
-      if (p > end - start) out->zero_rows.push_back({end - start, p - (end - start)});
-      return absl::OkStatus();
-    }
+    case ParallelStyle::kReplicated: return LayOutReplicated(g, r, out);
+    case ParallelStyle::kColumn: return LayOutColumn(g, r, out);
+    case ParallelStyle::kRow: return LayOutRow(g, r, out);
+    case ParallelStyle::kQkv: return LayOutQkv(g, r, out);
+    case ParallelStyle::kMergedColumn: return LayOutMergedColumn(g, r, out);
+    case ParallelStyle::kVocab: return LayOutVocab(g, r, out);
     case ParallelStyle::kMoeW13:
-    case ParallelStyle::kMoeW2: {
-      const bool w13 = g.style == ParallelStyle::kMoeW13;
-      // CheckShapesAndCoverage checked num_experts >= 1 and every member's expert against it.
-      WD_ASSIGN_OR_RETURN(
-          int64_t ne, cfg_.RequirePositive("num_experts",
-                                           absl::StrCat("the fused experts of '", g.target, "'")));
-      for (const Member& m : g.members) {
-        if (m.expert < 0 || m.expert >= ne || (w13 && m.rule->shard != 0 && m.rule->shard != 1) ||
-            (!w13 && m.rule->shard != 0)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "tensor '", T(m.tensor).name, "' is expert ", m.expert, ", part ", m.rule->shard,
-              " of '", g.target, "', outside num_experts ", ne, " or the parts of ",
-              ParallelStyleName(g.style), " (rule ", m.rule->label, ")"));
-        }
-      }
-      const auto& s0 = T(g.members[0].tensor).shape;
-      for (const Member& m : g.members) {
-        if (T(m.tensor).shape != s0 || s0.size() != 2) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "shape mismatch: experts of '", g.target, "' must all be 2-d of one shape; '",
-              T(m.tensor).name, "' is ", ShapeStr(T(m.tensor).shape), ", '",
-              T(g.members[0].tensor).name, "' is ", ShapeStr(s0)));
-        }
-      }
-      const int64_t ie = w13 ? s0[0] : s0[1];
-      int64_t e0 = 0, ecount = ne, il = ie;
-      if (opts_.expert_parallel) {
-        if (tp > ne) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("--expert-parallel with --tp ", tp,
-                           " needs at least as many experts: num_experts is ", ne, " (tensor '",
-                           g.target, "'); lower --tp or drop --expert-parallel"));
-        }
-        const int64_t base = ne / tp, rem = ne % tp;
-        ecount = base + (r < rem ? 1 : 0);
-        e0 = r * base + std::min<int64_t>(r, rem);
-      } else {
-        if (ie % tp) {
-          return Indivisible(absl::StrCat("the expert intermediate size (",
-                                          DimLabel(*g.members[0].rule, w13 ? 0 : 1), ")"),
-                             ie, T(g.members[0].tensor).name);
-        }
-        il = ie / tp;
-      }
-      const int64_t h = w13 ? s0[1] : s0[0];
-      out->shape =
-          w13 ? std::vector<int64_t>{ecount, 2 * il, h} : std::vector<int64_t>{ecount, h, il};
-      std::vector<const Member*> sorted;
-      for (const Member& m : g.members) sorted.push_back(&m);
-      std::sort(sorted.begin(), sorted.end(), [](const Member* a, const Member* b) {
-        return std::pair(a->expert, a->rule->shard) < std::pair(b->expert, b->rule->shard);
-      });
-      for (const Member* m : sorted) {
-        if (m->expert < e0 || m->expert >= e0 + ecount) continue;
-        const int64_t pl = m->expert - e0;
-        const int64_t off = opts_.expert_parallel ? 0 : r * il;
-        if (w13) {
-          add(m->tensor, RowsPiece(s0, off, il, 2 * il, m->rule->shard * il, ecount, pl));
-        } else {
-          add(m->tensor, ColsPiece(s0, off, il, ecount, pl));
-        }
-      }
-      return absl::OkStatus();
-    }
+    case ParallelStyle::kMoeW2: return LayOutMoe(g, r, out);
   }
   return absl::InternalError("unknown style");
 }
