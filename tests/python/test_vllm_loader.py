@@ -255,7 +255,12 @@ def test_second_start_attaches(env):
                          [("llama", 1), ("qwen3_moe", 1), ("qwen2", 2)])
 def test_refit_equals_fresh_vllm_on_the_new_checkpoint(env, arch, tp):
     """Start on A through weightd, `update` the daemon's model to B (same shapes, other values),
-    refresh every worker: the tokens and logprobs equal a fresh vLLM on B."""
+    refresh every worker: the tokens equal a fresh vLLM on B, and so do the logprobs at T=1.
+
+    At T=2 vLLM's CPU build is not bitwise repeatable from one generate() call to the next in
+    one process, whatever the loader (its default loader, 10 calls with the same prompts: same
+    tokens, logprobs differing by up to ~2e-2 in most calls), and the generation after a refit
+    is a process's second; there the logprobs are compared within 5e-2."""
     a = default_run(env, arch, tp, seed=0)
     b = default_run(env, arch, tp, seed=1)
     assert a["runs"][0]["tokens"] != b["runs"][0]["tokens"]
@@ -267,7 +272,11 @@ def test_refit_equals_fresh_vllm_on_the_new_checkpoint(env, arch, tp):
         assert [r["changed"] for r in got["refresh"]] == [True] * tp
         assert got["info_after"][0]["generation"] == got["info"][0]["generation"] + 1
         assert got["runs"][1]["tokens"] == b["runs"][0]["tokens"]
-        assert got["runs"][1]["logprobs"] == b["runs"][0]["logprobs"]
+        if tp == 1:
+            assert got["runs"][1]["logprobs"] == b["runs"][0]["logprobs"]
+        else:
+            for x, y in zip(got["runs"][1]["logprobs"], b["runs"][0]["logprobs"]):
+                assert np.allclose(x, y, rtol=0, atol=5e-2), (x, y)
     finally:
         env["client"].unload(model, force=True)
 
@@ -294,3 +303,14 @@ def test_unknown_option_fails_start(env):
     out = run_vllm(env, {"model": checkpoint(env, "llama"), "load_format": "weightd",
                          "extra": {"sockett": "/x"}}, expect_fail=True)
     assert "unknown key(s) ['sockett']" in out, out[-5000:]
+
+
+@pytest.mark.skipif(QUICK, reason="WEIGHTD_VLLM_TESTS=quick")
+def test_alias_option_makes_moe_experts_zero_copy(env):
+    """"alias" binds the fused-MoE experts to the daemon's read-only memory too. vLLM's CPU MoE
+    processing only reads them (it prepacks into new tensors): same tokens, nothing cloned; a
+    write would have faulted."""
+    ref = default_run(env, "qwen3_moe", 1)
+    got = weightd_run(env, "qwen3_moe", 1, extra={"alias": [".experts."]})
+    assert got["runs"][0] == ref["runs"][0]
+    assert got["info"][0]["cloned"] == 0, got["info"]

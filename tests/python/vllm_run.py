@@ -44,7 +44,8 @@ def main(job_path, result_path):
               kv_cache_memory_bytes=128 << 20, load_format=job.get("load_format", "auto"),
               model_loader_extra_config=job.get("extra") or {}, seed=0, **kwargs)
     t1 = time.monotonic()
-    result = {"runs": [generate(llm, job["prompts"], job.get("max_tokens", 16))]}
+    result = {"runs": [generate(llm, job["prompts"], job.get("max_tokens", 16))
+                       for _ in range(job.get("repeat", 1))]}
     t2 = time.monotonic()
     if job.get("extension"):
         result["info"] = llm.collective_rpc("weightd_info")
@@ -59,7 +60,8 @@ def main(job_path, result_path):
         t3 = time.monotonic()
         result["refresh"] = weightd.vllm.refresh(llm)
         result["refresh_seconds"] = time.monotonic() - t3
-        result["runs"].append(generate(llm, job["prompts"], job.get("max_tokens", 16)))
+        for _ in range(refit.get("generations", 1)):
+            result["runs"].append(generate(llm, job["prompts"], job.get("max_tokens", 16)))
         result["info_after"] = llm.collective_rpc("weightd_info")
     result["seconds"] = {"start": t1 - t0, "generate": t2 - t1}
     with open(result_path, "w") as f:

@@ -74,6 +74,9 @@ _OPTIONS = {
     "recipe_file": None,     # ... or a recipe file the daemon can read
     "skip": None,            # ... extra skip substrings
     "clone": (),             # substrings: matching parameters get their own memory
+    "alias": (),             # substrings: matching parameters alias the daemon even in layers
+                             # whose processing may write (a write then faults): for backends
+                             # known to only read them (e.g. fused MoE on CUDA with Triton)
 }
 
 # Quantization methods whose process_weights_after_loading never writes into the layer's
@@ -155,8 +158,9 @@ class WeightdModelLoader(BaseModelLoader):
             raise ValueError(f"--model-loader-extra-config: unknown key(s) {unknown} for "
                              f"--load-format {LOAD_FORMAT}; valid keys: {sorted(_OPTIONS)}")
         self.options = {**_OPTIONS, **extra}
-        clone = self.options["clone"]
-        self.options["clone"] = (clone,) if isinstance(clone, str) else tuple(clone)
+        for key in ("clone", "alias"):
+            v = self.options[key]
+            self.options[key] = (v,) if isinstance(v, str) else tuple(v)
         self._expert_parallel = False
 
     def download_model(self, model_config):
@@ -185,6 +189,12 @@ class WeightdModelLoader(BaseModelLoader):
     def load_weights(self, model, model_config):
         """Attaches this worker's rank and binds every parameter of `model` to it (replacing any
         earlier binding)."""
+        state = getattr(model, "_weightd_state", None)
+        if state is not None:
+            # BaseModelLoader.load_weights's other use, an in-place reload of a model this
+            # loader bound already: the newest generation, in place, as weightd_refresh does.
+            state.refresh()
+            return
         if get_pp_group().world_size != 1:
             raise ValueError("--load-format weightd serves pipeline-parallel size 1 only "
                              f"(got {get_pp_group().world_size})")
@@ -204,7 +214,8 @@ class WeightdModelLoader(BaseModelLoader):
                              f"tensor-parallel size {tp}: use another model name "
                              "(--model-loader-extra-config '{\"model\": ...}') or unload it "
                              f"(weightctl unload {name})")
-        state = _State(name, rank, attachment, self.options["clone"], model_config)
+        state = _State(name, rank, attachment, self.options["clone"], self.options["alias"],
+                       model_config)
         state.bind(model)
         model._weightd_state = state
         logger.info("weightd: rank %d attached '%s' generation %d in %.3f s: %d parameters "
@@ -302,11 +313,12 @@ class _State:
     """What a worker keeps after a weightd load: the attachment (its tensors hold the lease) and
     the bindings. Used from the worker's thread only."""
 
-    def __init__(self, name, rank, attachment, clone_patterns, model_config):
+    def __init__(self, name, rank, attachment, clone_patterns, alias_patterns, model_config):
         self.name = name
         self.rank = rank
         self.attachment = attachment
         self.clone_patterns = clone_patterns
+        self.alias_patterns = alias_patterns
         self.model_config = model_config
         self.groups = []
         self.modules = []  # modules holding a bound parameter, in named_modules order
@@ -316,6 +328,8 @@ class _State:
     def _needs_clone(self, name, module):
         if any(s in name for s in self.clone_patterns):
             return True
+        if any(s in name for s in self.alias_patterns):
+            return False
         if _is_deferred_attention(module):
             return True
         method = getattr(module, "quant_method", None)
