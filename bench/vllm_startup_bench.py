@@ -5,14 +5,16 @@ heads, intermediate 5632, 18 layers, vocabulary 32000; two safetensors shards), 
 host-backend weightd on a temporary socket and loads the model there once (not timed: the
 resident state every later start sees). Then, alternating, ROUNDS times each: a fresh process
 runs `vllm.LLM(model, load_format=..., dtype=bfloat16, enforce_eager=True)` and generates one
-token from a 16-token prompt. Per start it records
-  - weights: the loader's load_model (model construction, weights, vLLM's
-    process_weights_after_loading), timed inside the worker by a wrapper loader that this script
-    registers as a vLLM plugin ("bench_auto" around vLLM's DefaultModelLoader, "bench_weightd"
-    around weightd.vllm.WeightdModelLoader);
-  - first token: from the process's first line (before `import vllm`) to the first token.
-The checkpoint is in the page cache for the default loader (it was just written and read):
-its best case. Reports the median of the rounds, both loaders in the same run.
+token from a 16-token prompt. Per start it records, timed inside the worker by a wrapper loader
+that this script registers as a vLLM plugin ("bench_auto" around vLLM's DefaultModelLoader,
+"bench_weightd" around weightd.vllm.WeightdModelLoader):
+  - load_weights: the weights themselves (default: read the safetensors and copy them into the
+    parameters; weightd: attach the rank and bind the parameters);
+  - load_model: that plus building the model and vLLM's process_weights_after_loading (on CPU,
+    the oneDNN repacking of every linear layer, whichever loader);
+and the time to first token, from the process's first line (before `import vllm`) to the first
+token. The default loader runs twice per round: with the checkpoint in the page cache (its best
+case) and "cold", after evict() drops the checkpoint's pages. Reports the medians of the rounds, both loaders in the same run.
 
     WEIGHTD_BIN=build/daemon/weightd WEIGHTD_CLIENT_LIB=build/client/libweightd_client.so \\
     PYTHONPATH=client/python /work/venv-vllm/bin/python bench/vllm_startup_bench.py [--rounds 3]
@@ -95,11 +97,17 @@ def register():
                     load_config = dataclasses.replace(load_config, load_format="auto")
                 super().__init__(load_config)
 
+            def load_weights(self, *a, **k):
+                t0 = time.perf_counter()
+                super().load_weights(*a, **k)
+                self.load_weights_s = time.perf_counter() - t0
+
             def load_model(self, *a, **k):
                 t0 = time.perf_counter()
                 model = super().load_model(*a, **k)
                 with open(os.environ["BENCH_TIMES"], "w") as f:
-                    json.dump({"load_model": time.perf_counter() - t0}, f)
+                    json.dump({"load_model": time.perf_counter() - t0,
+                               "load_weights": self.load_weights_s}, f)
                 return model
         register_model_loader(fmt)(Timed)
 
@@ -124,6 +132,18 @@ if __name__ == "__main__":
     print("FIRST_TOKEN", json.dumps({"seconds": time.perf_counter() - T0,
                                      "token": out[0].outputs[0].token_ids[0]}))
 '''
+
+
+def evict(ckpt):
+    """Drops the checkpoint's pages from the page cache (POSIX_FADV_DONTNEED on each file: clean
+    pages of these files only), so that the next default-loader start reads the disk."""
+    for fn in os.listdir(ckpt):
+        fd = os.open(os.path.join(ckpt, fn), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def main():
@@ -174,9 +194,12 @@ def main():
               f"{st['bytes_total'] / 1e9:.2f} GB")
         env = dict(os.environ, WEIGHTD_SOCKET=sock,
                    PYTHONPATH=os.pathsep.join([os.environ.get("PYTHONPATH", ""), plugins]))
-        results = {"bench_auto": [], "bench_weightd": []}
+        results = {"bench_auto": [], "bench_auto (cold)": [], "bench_weightd": []}
         for r in range(args.rounds):
-            for fmt in results:
+            for key in results:
+                fmt = key.split()[0]
+                if key.endswith("(cold)"):
+                    evict(ckpt)
                 times = os.path.join(d, f"times-{fmt}.json")
                 p = subprocess.run([sys.executable, run_py, fmt, ckpt, "bench"],
                                    env=dict(env, BENCH_TIMES=times), stdout=subprocess.PIPE,
@@ -184,19 +207,23 @@ def main():
                 line = [l for l in p.stdout.splitlines() if l.startswith("FIRST_TOKEN")]
                 if p.returncode != 0 or not line:
                     print(p.stdout[-8000:])
-                    raise SystemExit(f"{fmt} failed")
+                    raise SystemExit(f"{key} failed")
                 first = json.loads(line[0].split(" ", 1)[1])
                 with open(times) as f:
-                    lm = json.load(f)["load_model"]
-                results[fmt].append((lm, first["seconds"], first["token"]))
-                print(f"round {r} {fmt}: load_model {lm:.2f} s, first token {first['seconds']:.2f}"
-                      f" s (token {first['token']})")
-        print("\n| loader | weights (load_model), median | time to first token, median |")
-        print("|---|---|---|")
-        for fmt, rs in results.items():
-            print(f"| {fmt.replace('bench_', '')} | {statistics.median(x[0] for x in rs):.2f} s | "
-                  f"{statistics.median(x[1] for x in rs):.2f} s |")
-        tokens = {x[2] for rs in results.values() for x in rs}
+                    t = json.load(f)
+                results[key].append((t["load_weights"], t["load_model"], first["seconds"],
+                                     first["token"]))
+                print(f"round {r} {key}: load_weights {t['load_weights']:.2f} s, load_model "
+                      f"{t['load_model']:.2f} s, first token {first['seconds']:.2f} s "
+                      f"(token {first['token']})")
+        print("\n| loader | load_weights | load_model (+ init, post-processing) | "
+              "time to first token |")
+        print("|---|---|---|---|")
+        for key, rs in results.items():
+            med = [statistics.median(x[i] for x in rs) for i in range(3)]
+            print(f"| {key.replace('bench_', '')} | {med[0]:.2f} s | {med[1]:.2f} s | "
+                  f"{med[2]:.2f} s |")
+        tokens = {x[3] for rs in results.values() for x in rs}
         print(f"first tokens: {sorted(tokens)} (one value: both loaders agree)")
         del c
     finally:

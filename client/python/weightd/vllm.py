@@ -66,7 +66,7 @@ LOAD_FORMAT = "weightd"
 # model_loader_extra_config keys (the README's table says what each does).
 _OPTIONS = {
     "socket": None,          # daemon socket; None: $WEIGHTD_SOCKET, then the defaults
-    "model": None,           # the model's name in the daemon; None: derived (see _default_name)
+    "model": None,           # the model's name in the daemon; None: derived (see _model_name)
     "checkpoint": None,      # directory the daemon loads; None: vLLM's model directory
     "load": True,            # ask the daemon to load a model it lacks (False: fail instead)
     "load_timeout": 3600.0,  # seconds to wait for that load
@@ -76,7 +76,7 @@ _OPTIONS = {
     "clone": (),             # substrings: matching parameters get their own memory
     "alias": (),             # substrings: matching parameters alias the daemon even in layers
                              # whose processing may write (a write then faults): for backends
-                             # known to only read them (e.g. fused MoE on CUDA with Triton)
+                             # known to only read them (vLLM 0.32's CPU fused MoE: tested)
 }
 
 # Quantization methods whose process_weights_after_loading never writes into the layer's
