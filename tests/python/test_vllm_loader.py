@@ -84,6 +84,14 @@ def make_checkpoint(out_dir, arch, seed=0):
     return out_dir
 
 
+def declared_plugins():
+    """The `vllm.general_plugins` entry points of client/python/pyproject.toml."""
+    import tomllib
+
+    with open(os.path.join(HERE, "..", "..", "client", "python", "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["entry-points"]["vllm.general_plugins"]
+
+
 # ---- the daemon --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -106,14 +114,18 @@ def env():
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise
             time.sleep(0.02)
-    # The capture plugin, discoverable by importlib.metadata in every vLLM process.
+    # The package's plugin entry point, as client/python/pyproject.toml declares it (so that the
+    # package need not be pip-installed into vLLM's venv: PYTHONPATH serves this checkout), and
+    # the capture plugin, discoverable by importlib.metadata in every vLLM process.
     plugins = os.path.join(d, "plugins")
-    dist = os.path.join(plugins, "weightd_vllm_test_capture-0.dist-info")
+    dist = os.path.join(plugins, "weightd_vllm_test_plugins-0.dist-info")
     os.makedirs(dist)
     with open(os.path.join(dist, "METADATA"), "w") as f:
-        f.write("Metadata-Version: 2.1\nName: weightd-vllm-test-capture\nVersion: 0\n")
+        f.write("Metadata-Version: 2.1\nName: weightd-vllm-test-plugins\nVersion: 0\n")
     with open(os.path.join(dist, "entry_points.txt"), "w") as f:
-        f.write("[vllm.general_plugins]\nweightd_test_capture = vllm_capture_plugin:register\n")
+        f.write("[vllm.general_plugins]\n")
+        f.write("".join(f"{k} = {v}\n" for k, v in declared_plugins().items()))
+        f.write("weightd_test_capture = vllm_capture_plugin:register\n")
     pythonpath = os.pathsep.join([p for p in [os.environ.get("PYTHONPATH", ""), HERE, plugins] if p])
     e = {"dir": d, "socket": sock, "client": client, "pythonpath": pythonpath, "cache": {}}
     try:
@@ -195,6 +207,23 @@ CASES = [("llama", 1)] if QUICK else [
 
 
 # ---- tests -------------------------------------------------------------------------------------
+
+def test_package_declares_the_plugin():
+    """What vLLM discovers once the package is installed: register() adds the load format."""
+    assert declared_plugins() == {"weightd": "weightd.vllm:register"}
+    import weightd.vllm
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.config.load import LoadConfig
+
+    weightd.vllm.register()
+    weightd.vllm.register()  # vLLM may call it more than once
+    loader = get_model_loader(LoadConfig(load_format="weightd",
+                                         model_loader_extra_config={"model": "m"}))
+    assert isinstance(loader, weightd.vllm.WeightdModelLoader)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sockett'\]"):
+        get_model_loader(LoadConfig(load_format="weightd",
+                                    model_loader_extra_config={"sockett": "/x"}))
+
 
 @pytest.mark.parametrize("arch,tp", CASES, ids=[f"{a}-tp{t}" for a, t in CASES])
 def test_generation_equals_default_loader(env, arch, tp):
