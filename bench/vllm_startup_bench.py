@@ -17,7 +17,7 @@ token. The default loader runs twice per round: with the checkpoint in the page 
 case) and "cold", after evict() drops the checkpoint's pages. Reports the medians of the rounds, both loaders in the same run.
 
     WEIGHTD_BIN=build/daemon/weightd WEIGHTD_CLIENT_LIB=build/client/libweightd_client.so \\
-    PYTHONPATH=client/python /work/venv-vllm/bin/python bench/vllm_startup_bench.py [--rounds 3]
+    PYTHONPATH=client/python ~/.cache/weightd/venv-vllm/bin/python bench/vllm_startup_bench.py [--rounds 3]
 """
 import argparse
 import json

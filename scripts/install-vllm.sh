@@ -2,8 +2,8 @@
 # Installs the CPU build of vLLM into a dedicated virtual environment, for the vLLM loader tests
 # (tests/python/test_vllm_*.py) and for trying `--load-format weightd` on a machine without a GPU.
 #
-#   bash scripts/install-vllm.sh            # venv at $WEIGHTD_VLLM_VENV, else /work/venv-vllm
-#                                           # where /work is writable, else ~/.cache/weightd/venv-vllm
+#   bash scripts/install-vllm.sh            # venv at $WEIGHTD_VLLM_VENV, else
+#                                           # ~/.cache/weightd/venv-vllm
 #   WEIGHTD_VLLM_VENV=/opt/venv-vllm bash scripts/install-vllm.sh
 #
 # Idempotent: when the venv already imports this vLLM version, it exits at once. pip's own cache
@@ -20,12 +20,10 @@ cd "$(dirname "$0")/.."
 # The same default as tests/CMakeLists.txt (WEIGHTD_VLLM_PYTHON).
 if [[ -n "${WEIGHTD_VLLM_VENV:-}" ]]; then
   VENV=$WEIGHTD_VLLM_VENV
-elif [[ -d /work/venv-vllm || -w /work ]]; then
-  VENV=/work/venv-vllm
 else
   VENV=$HOME/.cache/weightd/venv-vllm
-  mkdir -p "$(dirname "$VENV")"
 fi
+mkdir -p "$(dirname "$VENV")"
 PYTHON=${WEIGHTD_VLLM_BASE_PYTHON:-}
 VLLM_VERSION=${WEIGHTD_VLLM_VERSION:-0.32.0}
 TORCH_VERSION=${WEIGHTD_VLLM_TORCH_VERSION:-2.13.0}
