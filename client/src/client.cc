@@ -458,8 +458,9 @@ absl::StatusOr<bool> Attachment::Refresh() {
       if (ar.arena_ids[i] != im.arena_ids[i]) continue;
       if (m.arenas[i].kind == ArenaKind::kHostMemfd) {
         struct stat a, b;
-        keep[i] = ::fstat(reply.fds[i + 1].get(), &a) == 0 && ::fstat(im.fds[i + 1].get(), &b) == 0 &&
-                  a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+        keep[i] = ::fstat(reply.fds[i + 1].get(), &a) == 0 &&
+                  ::fstat(im.fds[i + 1].get(), &b) == 0 && a.st_dev == b.st_dev &&
+                  a.st_ino == b.st_ino;
       } else {
         keep[i] = true;
       }

@@ -161,7 +161,8 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
           "' (known: socket, backend, pinned_budget, device_memory_budget, host_memory_budget, "
           "allow_uids, allow_gids, model_roots, "
           "preload, max_connections, max_connections_per_uid, max_leases_per_connection, "
-          "keep_previous_generation, arena_segment_bytes, max_request_bytes, hello_timeout_ms, io_threads, "
+          "keep_previous_generation, arena_segment_bytes, max_request_bytes, hello_timeout_ms, "
+          "io_threads, "
           "io_mode, log_level, metrics_listen, socket_mode)"));
     }
   }

@@ -2,8 +2,8 @@
 
 #include <fcntl.h>
 #include <limits.h>
-#include <sys/eventfd.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,15 +16,15 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "registry_internal.h"
 #include "weightd/checkpoint.h"
 #include "weightd/cuda_backend.h"
-#include "weightd/detail/staging_ring.h"
 #include "weightd/detail/metrics_text.h"
+#include "weightd/detail/staging_ring.h"
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
 #include "weightd/status_macros.h"
-#include "registry_internal.h"
 
 namespace weightd {
 
@@ -428,11 +428,11 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     std::vector<ArenaRequest> requests;
     for (size_t s = 0; s < plan.ranks.size(); ++s) {
       const size_t r = sp.rank_of[s];
-      requests.push_back({plan.ranks[s].arena_bytes, m->ranks[r].device,
-                          sp.segments_of[r].size() == 1
-                              ? absl::StrCat(name, "/rank", plan.ranks[s].rank)
-                              : absl::StrCat(name, "/rank", plan.ranks[s].rank, "/seg",
-                                             sp.segment_in_rank[s])});
+      requests.push_back(
+          {plan.ranks[s].arena_bytes, m->ranks[r].device,
+           sp.segments_of[r].size() == 1
+               ? absl::StrCat(name, "/rank", plan.ranks[s].rank)
+               : absl::StrCat(name, "/rank", plan.ranks[s].rank, "/seg", sp.segment_in_rank[s])});
     }
     WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
                         AllocateArenas(name, requests));
@@ -459,8 +459,8 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
         const auto [s, local] = sp.where[r][t];
         if (s < crcs.crc.size() && local < crcs.crc[s].size()) known[t] = crcs.crc[s][local];
       }
-      WD_ASSIGN_OR_RETURN(auto rm, SealRank(name, sp, r, std::move(segments), m->ranks[r].device,
-                                            &known));
+      WD_ASSIGN_OR_RETURN(auto rm,
+                          SealRank(name, sp, r, std::move(segments), m->ranks[r].device, &known));
       gen->ranks.push_back(std::move(rm));
     }
     LogDebug("load %s: seal+checksums+manifests %.3f s", name,
@@ -906,9 +906,9 @@ std::string Registry::Metrics() const {
   }
   std::string out;
   for (const MetricFamily* f :
-       {&models, &loads, &failed, &running, &attaches, &detaches, &loaded, &read, &adopted,
-        &updates, &updates_failed, &rollbacks, &refreshes, &ready, &arena, &arenas, &leases, &done,
-        &total, &generation, &held, &memory}) {
+       {&models,  &loads,   &failed,         &running,    &attaches,  &detaches, &loaded, &read,
+        &adopted, &updates, &updates_failed, &rollbacks,  &refreshes, &ready,    &arena,  &arenas,
+        &leases,  &done,    &total,          &generation, &held,      &memory}) {
     f->AppendTo(&out);
   }
   return out;
@@ -956,8 +956,13 @@ absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) cons
     }
     const RankMemory& rm = *m.current->ranks[i];
     const Arena& first = *rm.segments.front()->arena;
-    RankRecord rr{r.rank, r.device, rm.bytes(), rm.manifest_bytes, rm.tensors,
-                  static_cast<int>(rm.segments.size())};
+    RankRecord rr;
+    rr.rank = r.rank;
+    rr.device = r.device;
+    rr.arena_bytes = rm.bytes();
+    rr.manifest_bytes = rm.manifest_bytes;
+    rr.tensors = rm.tensors;
+    rr.parts = static_cast<int>(rm.segments.size());
     rr.arena_kind = first.kind();
     if (rr.arena_kind == ArenaKind::kCudaVmm) {
       rr.device_uuid = static_cast<const CudaArena&>(first).device_uuid();
@@ -965,8 +970,8 @@ absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) cons
     rec.ranks.push_back(std::move(rr));
     for (size_t part = 0; part < rm.segments.size(); ++part) {
       WD_ASSIGN_OR_RETURN(UniqueFd arena, rm.segments[part]->arena->Export());
-      out.push_back({EncodeFdName(FdKind::kArena, m.name, r.rank, static_cast<int>(part)),
-                     std::move(arena)});
+      out.push_back(
+          {EncodeFdName(FdKind::kArena, m.name, r.rank, static_cast<int>(part)), std::move(arena)});
     }
     UniqueFd man(::fcntl(rm.manifest.get(), F_DUPFD_CLOEXEC, 0));
     if (!man) return ErrnoError(errno, "dup of a manifest memfd");
@@ -1060,9 +1065,9 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
     }
     if (manifest_total != rr.arena_bytes) {
       return bad(absl::FailedPreconditionError(
-          absl::StrCat("the manifest of ", what, " describes ", man->arenas.size(),
-                       " arenas of ", manifest_total, " bytes in all, the record ",
-                       rr.arena_bytes, " bytes of ", ArenaKindText(rr.arena_kind))));
+          absl::StrCat("the manifest of ", what, " describes ", man->arenas.size(), " arenas of ",
+                       manifest_total, " bytes in all, the record ", rr.arena_bytes, " bytes of ",
+                       ArenaKindText(rr.arena_kind))));
     }
     auto rm = std::make_shared<RankMemory>();
     int device = rr.device;
@@ -1072,9 +1077,8 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
       request.kind = rr.arena_kind;
       request.device = rr.device;
       request.device_uuid = rr.device_uuid;
-      request.label = ar.arenas.size() == 1
-                          ? absl::StrCat(name, "/rank", rr.rank)
-                          : absl::StrCat(name, "/rank", rr.rank, "/part", part);
+      request.label = ar.arenas.size() == 1 ? absl::StrCat(name, "/rank", rr.rank)
+                                            : absl::StrCat(name, "/rank", rr.rank, "/part", part);
       auto arena = backend_->Adopt(std::move(ar.arenas[part]), request);
       if (!arena.ok()) return bad(arena.status());
       // A device arena is found by its UUID, so its ordinal here may differ from the record's.

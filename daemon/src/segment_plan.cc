@@ -16,8 +16,7 @@ uint64_t AlignedBytes(uint64_t nbytes) {
 
 std::optional<uint64_t> LayerOf(absl::string_view name) {
   constexpr absl::string_view kKey = "layers.";
-  for (size_t at = name.find(kKey); at != absl::string_view::npos;
-       at = name.find(kKey, at + 1)) {
+  for (size_t at = name.find(kKey); at != absl::string_view::npos; at = name.find(kKey, at + 1)) {
     if (at != 0 && name[at - 1] != '.') continue;
     size_t p = at + kKey.size();
     uint64_t n = 0;
@@ -88,9 +87,9 @@ absl::StatusOr<SegmentedPlan> SplitPlan(const Plan& plan, const SegmentAssignmen
     const RankPlan& rp = plan.ranks[r];
     const std::vector<uint32_t>& seg = assignment[r];
     if (seg.size() != rp.targets.size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("rank ", rp.rank, ": segments are given for ", seg.size(),
-                       " targets; the plan has ", rp.targets.size()));
+      return absl::InvalidArgumentError(absl::StrCat("rank ", rp.rank, ": segments are given for ",
+                                                     seg.size(), " targets; the plan has ",
+                                                     rp.targets.size()));
     }
     const uint32_t count = seg.empty() ? 1 : *std::max_element(seg.begin(), seg.end()) + 1;
     std::vector<bool> used(count, seg.empty());
@@ -111,9 +110,8 @@ absl::StatusOr<SegmentedPlan> SplitPlan(const Plan& plan, const SegmentAssignmen
     }
     auto target_of = [&](uint32_t t, absl::string_view what) -> absl::Status {
       if (t >= rp.targets.size()) {
-        return absl::InvalidArgumentError(absl::StrCat("rank ", rp.rank, ": a ", what,
-                                                       " names target ", t, " of ",
-                                                       rp.targets.size()));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "rank ", rp.rank, ": a ", what, " names target ", t, " of ", rp.targets.size()));
       }
       return absl::OkStatus();
     };

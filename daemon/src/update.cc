@@ -148,19 +148,18 @@ absl::StatusOr<SegmentAssignment> AssignmentFromManifests(const Plan& plan,
                                                           const std::vector<Manifest>& manifests,
                                                           absl::string_view model) {
   if (manifests.size() != plan.ranks.size()) {
-    return absl::FailedPreconditionError(absl::StrCat("the rebuilt plan of model '", model,
-                                                      "' has ", plan.ranks.size(),
-                                                      " ranks; the adopted memory ",
-                                                      manifests.size()));
+    return absl::FailedPreconditionError(
+        absl::StrCat("the rebuilt plan of model '", model, "' has ", plan.ranks.size(),
+                     " ranks; the adopted memory ", manifests.size()));
   }
   SegmentAssignment out;
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
     const Manifest& man = manifests[r];
     if (man.tensors.size() != rp.targets.size()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the rebuilt plan of model '", model, "' rank ", rp.rank, " has ", rp.targets.size(),
-          " targets; the adopted manifest ", man.tensors.size()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("the rebuilt plan of model '", model, "' rank ", rp.rank, " has ",
+                       rp.targets.size(), " targets; the adopted manifest ", man.tensors.size()));
     }
     std::vector<uint32_t>& seg = out.emplace_back();
     for (size_t t = 0; t < rp.targets.size(); ++t) {
@@ -221,8 +220,7 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
     bool same = rm.segments.size() == plan->segments_of[r].size() &&
                 man.tensors.size() == plan->where[r].size();
     for (size_t k = 0; same && k < rm.segments.size(); ++k) {
-      same = rm.segments[k]->arena->size() ==
-             plan->plan.ranks[plan->segments_of[r][k]].arena_bytes;
+      same = rm.segments[k]->arena->size() == plan->plan.ranks[plan->segments_of[r][k]].arena_bytes;
     }
     for (size_t t = 0; same && t < man.tensors.size(); ++t) {
       const auto [s, local] = plan->where[r][t];
@@ -329,10 +327,12 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
   result->bytes_copied = copy_bytes;
   result->bytes_read = up.plan.read_bytes;
   result->generation = number;
-  LogDebug("update %s: %zu tensors (%zu ignored), %zu of %zu ranks and %zu of %zu arenas "
-           "rewritten, %s allocated, %s copied", m.name, up.tensors_used, up.tensors_ignored,
-           touched.size(), m.ranks.size(), up.plan.ranks.size(), plan->plan.ranks.size(),
-           FormatBytes(result->bytes_allocated), FormatBytes(copy_bytes));
+  LogDebug(
+      "update %s: %zu tensors (%zu ignored), %zu of %zu ranks and %zu of %zu arenas "
+      "rewritten, %s allocated, %s copied",
+      m.name, up.tensors_used, up.tensors_ignored, touched.size(), m.ranks.size(),
+      up.plan.ranks.size(), plan->plan.ranks.size(), FormatBytes(result->bytes_allocated),
+      FormatBytes(copy_bytes));
   return next;
 }
 

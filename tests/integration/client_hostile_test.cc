@@ -610,8 +610,8 @@ TEST(ClientRefreshTest, ArenaIdsKeepOnlyTheSameMemory) {
     if (step == 1) {  // id 5 again, but other memory: remapped
       const std::string arena = ArenaBytes(7);
       const std::string man = EncodeManifest(TwoTensorManifest(arena));
-      f.Send(sock, AttachReplyText(id, man.size(), 2, R"(,"unchanged":false,"arena_ids":[5])"),
-             man, {arena});
+      f.Send(sock, AttachReplyText(id, man.size(), 2, R"(,"unchanged":false,"arena_ids":[5])"), man,
+             {arena});
     } else if (step == 2) {  // id 5, the memfd mapped now (the fake's copy of it): kept
       const std::string arena = ArenaBytes(7);
       const std::string man = EncodeManifest(TwoTensorManifest(arena));

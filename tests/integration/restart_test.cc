@@ -270,9 +270,8 @@ class RestartTest : public ::testing::Test {
   static std::vector<std::string> Tp2StoreNames() {
     // Two arenas per rank at the default arena_segment_bytes: embeddings/norm/lm_head, and the
     // two decoder layers.
-    return {"wd1.arena.demo.0.0", "wd1.arena.demo.0.1", "wd1.man.demo.0",
-            "wd1.arena.demo.1.0", "wd1.arena.demo.1.1", "wd1.man.demo.1",
-            "wd1.rec.demo"};
+    return {"wd1.arena.demo.0.0", "wd1.arena.demo.0.1", "wd1.man.demo.0", "wd1.arena.demo.1.0",
+            "wd1.arena.demo.1.1", "wd1.man.demo.1",     "wd1.rec.demo"};
   }
 
   std::string dir_, ckpt_, socket_;
@@ -664,8 +663,8 @@ TEST_F(RestartTest, TakeoverKeepsTheSegmentsItAdopted) {
   ASSERT_TRUE(WaitUntil([&] { return Client::Connect(socket_).ok(); })) << Slurp(log_);
   ASSERT_TRUE(LoadDemoTp2());
   for (int rank : {0, 1}) {
-    EXPECT_EQ(Metric(socket_, "weightd_rank_arenas{model=\"demo\",rank=\"" +
-                                  std::to_string(rank) + "\"}"),
+    EXPECT_EQ(Metric(socket_,
+                     "weightd_rank_arenas{model=\"demo\",rank=\"" + std::to_string(rank) + "\"}"),
               "3");
   }
   CheckBothRanks(shards_a);
@@ -680,8 +679,8 @@ TEST_F(RestartTest, TakeoverKeepsTheSegmentsItAdopted) {
   EXPECT_EQ(st.value("origin", ""), "takeover") << st.dump();
   EXPECT_EQ(st.value("state", ""), "ready") << st.dump();
   for (int rank : {0, 1}) {
-    EXPECT_EQ(Metric(socket_, "weightd_rank_arenas{model=\"demo\",rank=\"" +
-                                  std::to_string(rank) + "\"}"),
+    EXPECT_EQ(Metric(socket_,
+                     "weightd_rank_arenas{model=\"demo\",rank=\"" + std::to_string(rank) + "\"}"),
               "3");
   }
   CheckBothRanks(shards_a);

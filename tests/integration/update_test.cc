@@ -8,10 +8,10 @@
 // small Mixtral (4 experts), each twice with different random values (tests/python/
 // hf_checkpoints.py, seeds 1/2 and 3/4), "moeA2" (moeA with one layer's q/k/v and one expert's
 // w1/w2/w3 taken from moeB), "moeA3" (moeA with one expert of moeB), "llamaAB1" (llamaA with the
-// tensors of llamaB's first shard file), "llamaAL1" (llamaA with llamaB's layer 1), and "big", a 200 MiB synthetic Llama (support/
-// synthetic_checkpoint.h) whose updates take long enough to be caught running. What a rank must
-// hold is what `weightctl shard --tp 2` writes offline for the same checkpoint, read back with
-// weightd's own safetensors reader (Checkpoint).
+// tensors of llamaB's first shard file), "llamaAL1" (llamaA with llamaB's layer 1), and "big", a
+// 200 MiB synthetic Llama (support/ synthetic_checkpoint.h) whose updates take long enough to be
+// caught running. What a rank must hold is what `weightctl shard --tp 2` writes offline for the
+// same checkpoint, read back with weightd's own safetensors reader (Checkpoint).
 //
 // Every test starts a daemon of its own (UpdateTest::StartDaemon, --backend host unless it says
 // otherwise) and stops it with SIGTERM, which must exit 0. Every wait is bounded. Races that a
@@ -734,8 +734,7 @@ void UpdateTest::OneLayerUpdate() {
   }
   ASSERT_EQ(Load("m", "llamaA", 2), "");
   for (int r = 0; r < 2; ++r) {
-    EXPECT_EQ(Metric("weightd_rank_arenas{model=\"m\",rank=\"" + std::to_string(r) + "\"}"),
-              "3");
+    EXPECT_EQ(Metric("weightd_rank_arenas{model=\"m\",rank=\"" + std::to_string(r) + "\"}"), "3");
   }
   const ModelInfo before = Info("m");
   uint64_t model_bytes = 0;

@@ -27,8 +27,8 @@
 #include "weightd/file_util.h"
 #include "weightd/handoff.h"
 #include "weightd/host_backend.h"
-#include "weightd/log.h"
 #include "weightd/kernels/copy.h"
+#include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
 #include "weightd/registry.h"
@@ -1238,10 +1238,10 @@ Plan SegmentTestPlan() {
   Plan plan;
   plan.files.push_back({"/x.safetensors", 1 << 20, 1 << 20, std::nullopt});
   const std::vector<std::pair<std::string, uint64_t>> targets = {
-      {"lm_head.weight", 1000},           {"model.embed_tokens.weight", 1000},
-      {"model.layers.0.a.weight", 300},   {"model.layers.0.b.weight", 100},
-      {"model.layers.1.a.weight", 300},   {"model.layers.10.a.weight", 300},
-      {"model.layers.2.a.weight", 300},   {"model.norm.weight", 10},
+      {"lm_head.weight", 1000},         {"model.embed_tokens.weight", 1000},
+      {"model.layers.0.a.weight", 300}, {"model.layers.0.b.weight", 100},
+      {"model.layers.1.a.weight", 300}, {"model.layers.10.a.weight", 300},
+      {"model.layers.2.a.weight", 300}, {"model.norm.weight", 10},
   };
   RankPlan rp;
   rp.rank = 3;
@@ -1341,10 +1341,12 @@ TEST(SegmentPlanTest, SplitRefusesAnAssignmentThatDoesNotFit) {
   EXPECT_THAT(std::string(sp.status().message()), HasSubstr("plan has 1"));
   sp = SplitPlan(plan, {{0, 0, 2, 2, 2, 2, 2, 0}});
   ASSERT_FALSE(sp.ok());
-  EXPECT_THAT(std::string(sp.status().message()), HasSubstr("rank 3: segment numbers 0..2 leave a gap"));
+  EXPECT_THAT(std::string(sp.status().message()),
+              HasSubstr("rank 3: segment numbers 0..2 leave a gap"));
   sp = SplitPlan(plan, {{0, 0}});
   ASSERT_FALSE(sp.ok());
-  EXPECT_THAT(std::string(sp.status().message()), HasSubstr("rank 3: segments are given for 2 targets"));
+  EXPECT_THAT(std::string(sp.status().message()),
+              HasSubstr("rank 3: segments are given for 2 targets"));
 }
 
 TEST(ConfigTest, ArenaSegmentBytes) {

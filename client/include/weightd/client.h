@@ -317,7 +317,8 @@ class Client {
 std::string ModelsToJson(const std::vector<ModelInfo>& models, int indent = -1);
 
 // `{"name", "generation", "state", "seconds", "bytes_read", "ranks_rewritten",
-// "targets_rewritten", "targets_copied", "segments_rewritten", "bytes_allocated", "bytes_copied"}`: an update's answer as the C ABI and weightctl print it.
+// "targets_rewritten", "targets_copied", "segments_rewritten", "bytes_allocated", "bytes_copied"}`:
+// an update's answer as the C ABI and weightctl print it.
 std::string UpdateResultToJson(const std::string& name, const UpdateResult& r, int indent = -1);
 
 }  // namespace weightd
