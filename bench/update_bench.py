@@ -3,7 +3,7 @@
 and what a worker pays to move onto it (Attachment.refresh()).
 
 Usage: update_bench.py [--build build] [--gb 4.0 | --layers N] [--rounds 3] [--io-threads 2]
-                       [--keep-previous] [--work DIR] [--keep]
+                       [--keep-previous] [--segment-bytes N] [--work DIR] [--keep]
 Environment: WEIGHTD_CLIENT_LIB and PYTHONPATH=client/python are set from --build and this
 checkout unless already set. Run it with an interpreter that has torch (Debian's
 /usr/bin/python3 here) for the update from a dict of torch.bfloat16 tensors; without torch (and
@@ -36,6 +36,10 @@ Reported per figure: min and median over the rounds (refresh: over all rounds an
 updates), and the ratios full update / fresh load and one-layer / full update next to the
 ratio of bytes the one-layer update reads. --keep-previous runs the daemon with
 keep_previous_generation (one more generation of memory: 3x the model during an update).
+--segment-bytes sets the daemon's arena_segment_bytes (default: the daemon's, 256 MiB; 0 = one
+arena per rank, the layout before segments): each rank is several arenas of whole layers, and
+an update allocates and writes only those holding targets it touches. The one-layer update's
+reply says how many arenas it replaced and how many bytes it allocated and copied; printed.
 
 Whether the page cache held is checked, not assumed: the /proc/vmstat counters pgpgin (read
 from disk) and pgscan_* (reclaim) are summed over each kind of operation and printed.
@@ -203,6 +207,8 @@ def main():
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--keep-previous", action="store_true",
                     help="daemon config keep_previous_generation = true")
+    ap.add_argument("--segment-bytes", type=int,
+                    help="daemon config arena_segment_bytes (default: the daemon's)")
     ap.add_argument("--work", help="directory for the checkpoints (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     a = ap.parse_args()
@@ -244,8 +250,11 @@ def main():
         sock = os.path.join(run, "weightd.sock")
         cfg = os.path.join(run, "weightd.json")
         with open(cfg, "w") as f:
-            json.dump({"socket": sock, "backend": "host", "io_threads": a.io_threads,
-                       "keep_previous_generation": a.keep_previous}, f)
+            cfg_keys = {"socket": sock, "backend": "host", "io_threads": a.io_threads,
+                        "keep_previous_generation": a.keep_previous}
+            if a.segment_bytes is not None:
+                cfg_keys["arena_segment_bytes"] = a.segment_bytes
+            json.dump(cfg_keys, f)
         log = open(os.path.join(run, "weightd.log"), "w")
         proc = subprocess.Popen([os.path.join(build, "daemon", "weightd"), "--config", cfg],
                                 stderr=log)
@@ -320,6 +329,7 @@ def main():
             res["part"].append(time.perf_counter() - t)
             count("part", v0)
             res["part_daemon"].append(rep["seconds"])
+            part_rep = rep
             assert rep["generation"] == 3 and rep["bytes_read"] == layer_bytes, rep
             refresh(3)
             worker.stdin.close()
@@ -330,6 +340,11 @@ def main():
                   f"(full), {res['refresh0'][-1]:.2f} / {res['refresh1'][-1]:.2f} ms (one layer)",
                   flush=True)
 
+        if "bytes_allocated" in part_rep:
+            print(f"\none-layer update: {part_rep['segments_rewritten']} arenas replaced, "
+                  f"{part_rep['bytes_allocated'] / 1e9:.3f} GB allocated "
+                  f"({part_rep['bytes_allocated'] / total:.1%} of the model), "
+                  f"{part_rep['bytes_copied'] / 1e9:.3f} GB copied from the previous generation")
         print(f"\nmodel {total / 1e9:.2f} GB, one layer {layer_bytes / 1e9:.3f} GB "
               f"({layer_bytes / total:.1%} of the bytes); worker backend: {backend}; "
               f"one-layer update from a {how}")

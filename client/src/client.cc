@@ -115,6 +115,8 @@ struct Attachment::Impl {
   Manifest layout;
   // fds[0]: the manifest memfd; fds[1 + i]: arena i. They keep the memory alive.
   std::vector<UniqueFd> fds;
+  // Per arena: the daemon's id of the memory mapped (empty from daemons before segments).
+  std::vector<uint64_t> arena_ids;
   struct Mapping {
     void* addr = nullptr;
     size_t size = 0;
@@ -448,10 +450,27 @@ absl::StatusOr<bool> Attachment::Refresh() {
     WD_RETURN_IF_ERROR(
         Prefixed(CheckHostArenaFd(reply.fds[i + 1].get(), i, m.arenas[i].size), where));
   }
+  // Arenas the new generation shares with the mapped one (an update replaces only the segments
+  // it touches) keep their mapping: same daemon arena id, and for a host arena the same memfd.
+  std::vector<bool> keep(m.arenas.size(), false);
+  if (ar.arena_ids.size() == m.arenas.size() && im.arena_ids.size() == m.arenas.size()) {
+    for (size_t i = 0; i < m.arenas.size(); ++i) {
+      if (ar.arena_ids[i] != im.arena_ids[i]) continue;
+      if (m.arenas[i].kind == ArenaKind::kHostMemfd) {
+        struct stat a, b;
+        keep[i] = ::fstat(reply.fds[i + 1].get(), &a) == 0 &&
+                  ::fstat(im.fds[i + 1].get(), &b) == 0 && a.st_dev == b.st_dev &&
+                  a.st_ino == b.st_ino;
+      } else {
+        keep[i] = true;
+      }
+    }
+  }
 
   size_t done = 0;
   absl::Status failure;
   for (; done < m.arenas.size(); ++done) {
+    if (keep[done]) continue;
     failure = im.RemapArena(done, reply.fds[done + 1].get(), received->uuids[done]);
     if (!failure.ok()) break;
   }
@@ -461,6 +480,7 @@ absl::StatusOr<bool> Attachment::Refresh() {
     // restores its own). The old fds are still held, so the old memory is still there.
     std::string restore_errors;
     for (size_t i = 0; i <= done && i < m.arenas.size(); ++i) {
+      if (keep[i]) continue;
       if (i == done && im.device_maps[i] != nullptr) break;
       if (absl::Status s = im.RemapArena(i, im.fds[i + 1].get(), received->uuids[i]); !s.ok()) {
         absl::StrAppend(&restore_errors, "; restoring arena ", i, " failed: ", s.message());
@@ -470,6 +490,11 @@ absl::StatusOr<bool> Attachment::Refresh() {
                         absl::StrCat(where, ": ", failure.message(), restore_errors));
   }
 
+  // A kept arena stays on the fd it was mapped from; the reply's duplicate goes with the old fds.
+  for (size_t i = 0; i < m.arenas.size(); ++i) {
+    if (keep[i]) std::swap(reply.fds[i + 1], im.fds[i + 1]);
+  }
+  im.arena_ids = ar.arena_ids;
   // The old generation's memory goes with the last close of its fds, which takes hundreds of
   // milliseconds for gigabytes of pages when this process holds the last reference: closed on a
   // thread of its own, so that refresh() returns at once.
@@ -499,6 +524,7 @@ absl::StatusOr<Attachment> Client::Attach(const std::string& name, int rank) {
   WD_ASSIGN_OR_RETURN(const detail::AttachResult res, detail::DecodeAttachResult(reply.result));
   im.lease = res.lease;
   im.generation = res.generation;
+  im.arena_ids = res.arena_ids;
   const std::string where = absl::StrCat("attach of model '", name, "' rank ", rank);
   absl::StatusOr<ReceivedManifest> received = ReceiveManifest(im.fds, res, name, rank);
   if (!received.ok()) return Prefixed(received.status(), where);
@@ -692,7 +718,10 @@ std::string UpdateResultToJson(const std::string& name, const UpdateResult& r, i
               {"bytes_read", r.bytes_read},
               {"ranks_rewritten", r.ranks_rewritten},
               {"targets_rewritten", r.targets_rewritten},
-              {"targets_copied", r.targets_copied}}
+              {"targets_copied", r.targets_copied},
+              {"segments_rewritten", r.segments_rewritten},
+              {"bytes_allocated", r.bytes_allocated},
+              {"bytes_copied", r.bytes_copied}}
       .dump(indent);
 }
 

@@ -112,6 +112,9 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
     } else if (k == "keep_previous_generation") {
       if (!v.is_boolean()) return KeyError(source, k, "true or false");
       c.keep_previous_generation = v.get<bool>();
+    } else if (k == "arena_segment_bytes") {
+      WD_ASSIGN_OR_RETURN(c.arena_segment_bytes,
+                          ByteCount(v, source, k, "\"256MiB\"; 0 = one arena per rank"));
     } else if (k == "max_request_bytes") {
       WD_ASSIGN_OR_RETURN(int64_t n, PositiveInt(v, source, k, 16 << 20));
       if (n < 1024) return KeyError(source, k, "at least 1024");
@@ -158,7 +161,8 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
           "' (known: socket, backend, pinned_budget, device_memory_budget, host_memory_budget, "
           "allow_uids, allow_gids, model_roots, "
           "preload, max_connections, max_connections_per_uid, max_leases_per_connection, "
-          "keep_previous_generation, max_request_bytes, hello_timeout_ms, io_threads, "
+          "keep_previous_generation, arena_segment_bytes, max_request_bytes, hello_timeout_ms, "
+          "io_threads, "
           "io_mode, log_level, metrics_listen, socket_mode)"));
     }
   }

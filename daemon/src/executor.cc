@@ -374,4 +374,59 @@ absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, 
   return m;
 }
 
+absl::StatusOr<Manifest> BuildSegmentedManifest(const SegmentedPlan& sp, size_t rank,
+                                                std::span<const Arena* const> arenas,
+                                                absl::string_view model, int device, int threads,
+                                                const std::vector<int64_t>* known) {
+  if (rank >= sp.segments_of.size() || arenas.size() != sp.segments_of[rank].size()) {
+    return absl::InternalError(absl::StrCat("manifest of rank index ", rank, ": ", arenas.size(),
+                                            " arenas for its segments"));
+  }
+  const std::vector<size_t>& segs = sp.segments_of[rank];
+  Manifest m;
+  m.model = std::string(model);
+  m.rank = static_cast<uint32_t>(sp.plan.ranks[segs[0]].rank);
+  m.device = device;
+  for (const Arena* a : arenas) m.arenas.push_back({a->size(), a->kind()});
+  const std::vector<std::pair<size_t, uint32_t>>& where = sp.where[rank];
+  m.tensors.resize(where.size());
+  std::vector<std::span<const std::byte>> views(arenas.size());
+  for (size_t k = 0; k < arenas.size(); ++k) {
+    views[k] = arenas[k]->readable();
+    if (views[k].size() < arenas[k]->size()) views[k] = {};
+  }
+  for (size_t i = 0; i < where.size(); ++i) {
+    const auto [seg, local] = where[i];
+    const uint32_t k = sp.segment_in_rank[seg];
+    const PlanTarget& t = sp.plan.ranks[seg].targets[local];
+    ManifestTensor& mt = m.tensors[i];
+    mt.name = t.name;
+    mt.dtype = t.dtype;
+    mt.shape = t.shape;
+    mt.strides = ContiguousStrides(t.shape);
+    mt.arena = k;
+    mt.offset = t.offset;
+    mt.nbytes = t.nbytes;
+    if (k >= arenas.size() || t.offset + t.nbytes > arenas[k]->size()) {
+      return absl::InternalError(absl::StrCat("target '", t.name, "' lies outside its arena"));
+    }
+  }
+  std::atomic<size_t> next{0};
+  auto worker = [&]() {
+    for (size_t i; (i = next.fetch_add(1)) < m.tensors.size();) {
+      ManifestTensor& mt = m.tensors[i];
+      if (known != nullptr && i < known->size() && (*known)[i] >= 0) {
+        mt.crc32c = static_cast<uint32_t>((*known)[i]);
+      } else if (!views[mt.arena].empty()) {
+        mt.crc32c = Crc32c(views[mt.arena].data() + mt.offset, mt.nbytes);
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < std::max(1, threads); ++i) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+  return m;
+}
+
 }  // namespace weightd

@@ -240,7 +240,10 @@ absl::StatusOr<ModelRecord> ParseModelRecord(absl::string_view text) {
     if (rr.rank < 0 || rr.rank >= (1 << 20) || !seen.insert(rr.rank).second) {
       return BadRecord("ranks[].rank", "distinct integers >= 0");
     }
-    if (rr.parts != 1) return BadRecord("ranks[].parts", "1 (one arena per rank)");
+    // One arena per segment (segment_plan.h); daemons before segments wrote 1.
+    if (rr.parts < 1 || rr.parts > kMaxArenasPerRank) {
+      return BadRecord("ranks[].parts", absl::StrCat("1..", kMaxArenasPerRank));
+    }
     if (rr.manifest_bytes == 0 || rr.manifest_bytes > (1ull << 32)) {
       return BadRecord("ranks[].manifest_bytes", "1..4 GiB");
     }

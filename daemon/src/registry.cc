@@ -2,12 +2,13 @@
 
 #include <fcntl.h>
 #include <limits.h>
-#include <sys/eventfd.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <optional>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -15,15 +16,15 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "registry_internal.h"
 #include "weightd/checkpoint.h"
 #include "weightd/cuda_backend.h"
-#include "weightd/detail/staging_ring.h"
 #include "weightd/detail/metrics_text.h"
+#include "weightd/detail/staging_ring.h"
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
 #include "weightd/status_macros.h"
-#include "registry_internal.h"
 
 namespace weightd {
 
@@ -382,20 +383,30 @@ absl::Status Registry::Execute(absl::string_view what, const Plan& plan,
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<const Registry::RankMemory>> Registry::SealRank(
-    absl::string_view model, const Plan& plan, size_t i, std::unique_ptr<Arena> arena, int device,
-    const std::vector<int64_t>* known) const {
+absl::StatusOr<std::shared_ptr<const Registry::Segment>> Registry::MakeSegment(
+    std::unique_ptr<Arena> arena) {
   WD_RETURN_IF_ERROR(arena->Seal());
-  WD_ASSIGN_OR_RETURN(Manifest man,
-                      BuildRankManifest(plan, i, *arena, model, device, config_.io_threads, known));
+  auto seg = std::make_shared<Segment>();
+  seg->arena = std::move(arena);
+  seg->id = next_arena_id_.fetch_add(1);
+  return seg;
+}
+
+absl::StatusOr<std::shared_ptr<const Registry::RankMemory>> Registry::SealRank(
+    absl::string_view model, const SegmentedPlan& plan, size_t r,
+    std::vector<std::shared_ptr<const Segment>> segments, int device,
+    const std::vector<int64_t>* known) const {
+  std::vector<const Arena*> arenas;
+  for (const auto& seg : segments) arenas.push_back(seg->arena.get());
+  WD_ASSIGN_OR_RETURN(Manifest man, BuildSegmentedManifest(plan, r, arenas, model, device,
+                                                           config_.io_threads, known));
   const std::string bytes = EncodeManifest(man);
   auto rm = std::make_shared<RankMemory>();
-  WD_ASSIGN_OR_RETURN(rm->manifest, MakeSealedMemfd(absl::StrCat(model, "/rank", plan.ranks[i].rank,
-                                                                 "/manifest"),
-                                                    bytes));
+  WD_ASSIGN_OR_RETURN(rm->manifest,
+                      MakeSealedMemfd(absl::StrCat(model, "/rank", man.rank, "/manifest"), bytes));
   rm->manifest_bytes = bytes.size();
   rm->tensors = static_cast<uint32_t>(man.tensors.size());
-  rm->arena = std::move(arena);
+  rm->segments = std::move(segments);
   return rm;
 }
 
@@ -405,16 +416,23 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
           static_cast<int>(m->ranks.size()), std::string(backend_->name()));
   ProgressLogger logger(absl::StrCat("load ", name), &m->progress, m->started);
   std::shared_ptr<Generation> built;
-  std::shared_ptr<const Plan> kept_plan;
+  std::shared_ptr<const SegmentedPlan> kept_plan;
   std::vector<std::string> skipped;
   auto run = [&]() -> absl::Status {
     WD_ASSIGN_OR_RETURN(PlannedModel planned, PlanModel(*m));
-    const Plan& plan = planned.plan;
     skipped = std::move(planned.skipped);
+    WD_ASSIGN_OR_RETURN(
+        SegmentedPlan sp,
+        SplitPlan(planned.plan, ChooseSegments(planned.plan, config_.arena_segment_bytes)));
+    const Plan& plan = sp.plan;
     std::vector<ArenaRequest> requests;
-    for (size_t i = 0; i < plan.ranks.size(); ++i) {
-      requests.push_back({plan.ranks[i].arena_bytes, m->ranks[i].device,
-                          absl::StrCat(name, "/rank", plan.ranks[i].rank)});
+    for (size_t s = 0; s < plan.ranks.size(); ++s) {
+      const size_t r = sp.rank_of[s];
+      requests.push_back(
+          {plan.ranks[s].arena_bytes, m->ranks[r].device,
+           sp.segments_of[r].size() == 1
+               ? absl::StrCat(name, "/rank", plan.ranks[s].rank)
+               : absl::StrCat(name, "/rank", plan.ranks[s].rank, "/seg", sp.segment_in_rank[s])});
     }
     WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
                         AllocateArenas(name, requests));
@@ -425,18 +443,29 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     WD_RETURN_IF_ERROR(Execute(absl::StrCat("load of model '", name, "'"), plan, raw,
                                std::nullopt, &m->progress, &crcs));
     const absl::Time t_seal = absl::Now();
-    LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s", name,
-             absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec));
+    LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s (%zu arenas)", name,
+             absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec),
+             arenas.size());
     auto gen = std::make_shared<Generation>();
     gen->number = 1;
-    for (size_t i = 0; i < arenas.size(); ++i) {
-      WD_ASSIGN_OR_RETURN(auto rm, SealRank(name, plan, i, std::move(arenas[i]),
-                                            m->ranks[i].device, &crcs.crc[i]));
+    for (size_t r = 0; r < sp.segments_of.size(); ++r) {
+      std::vector<std::shared_ptr<const Segment>> segments;
+      for (size_t s : sp.segments_of[r]) {
+        WD_ASSIGN_OR_RETURN(auto seg, MakeSegment(std::move(arenas[s])));
+        segments.push_back(std::move(seg));
+      }
+      std::vector<int64_t> known(sp.where[r].size(), -1);
+      for (size_t t = 0; t < known.size(); ++t) {
+        const auto [s, local] = sp.where[r][t];
+        if (s < crcs.crc.size() && local < crcs.crc[s].size()) known[t] = crcs.crc[s][local];
+      }
+      WD_ASSIGN_OR_RETURN(auto rm,
+                          SealRank(name, sp, r, std::move(segments), m->ranks[r].device, &known));
       gen->ranks.push_back(std::move(rm));
     }
     LogDebug("load %s: seal+checksums+manifests %.3f s", name,
              absl::ToDoubleSeconds(absl::Now() - t_seal));
-    kept_plan = std::make_shared<const Plan>(std::move(planned.plan));
+    kept_plan = std::make_shared<const SegmentedPlan>(std::move(sp));
     built = std::move(gen);
     return absl::OkStatus();
   };
@@ -469,7 +498,10 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       for (Model::Rank& r : m->ranks) r.state = RankState::kFailed;
     } else {
       bytes_loaded_total_ += bytes;
-      for (Model::Rank& r : m->ranks) r.state = RankState::kReady;
+      for (size_t i = 0; i < m->ranks.size(); ++i) {
+        m->ranks[i].state = RankState::kReady;
+        m->ranks[i].parts = static_cast<int>(built->ranks[i]->segments.size());
+      }
       m->plan = std::move(kept_plan);
       m->skipped = std::move(skipped);
       PublishLocked(*m, std::move(built));
@@ -549,7 +581,8 @@ absl::StatusOr<std::vector<ModelStatus>> Registry::Status(const std::string& nam
       rs.device = r.device;
       rs.state = r.state;
       if (m->current != nullptr) {
-        rs.arena_bytes = m->current->ranks[i]->arena->size();
+        rs.arena_bytes = m->current->ranks[i]->bytes();
+        rs.arenas = static_cast<uint32_t>(m->current->ranks[i]->segments.size());
         rs.tensors = m->current->ranks[i]->tensors;
       }
       index[r.rank] = s.ranks.size();
@@ -634,12 +667,15 @@ absl::StatusOr<AttachGrant> Registry::GrantLocked(const Model& m, size_t slot) c
   g.manifest = UniqueFd(::fcntl(rm.manifest.get(), F_DUPFD_CLOEXEC, 0));
   if (!g.manifest) return ErrnoError(errno, "dup of a manifest memfd");
   g.manifest_bytes = rm.manifest_bytes;
-  WD_ASSIGN_OR_RETURN(UniqueFd a, rm.arena->Export());
-  g.arenas.push_back(std::move(a));
-  g.arena_device_uuids.push_back(
-      rm.arena->kind() == ArenaKind::kCudaVmm
-          ? UuidHex(static_cast<const CudaArena&>(*rm.arena).device_uuid())
-          : std::string());
+  for (const auto& seg : rm.segments) {
+    WD_ASSIGN_OR_RETURN(UniqueFd a, seg->arena->Export());
+    g.arenas.push_back(std::move(a));
+    g.arena_device_uuids.push_back(
+        seg->arena->kind() == ArenaKind::kCudaVmm
+            ? UuidHex(static_cast<const CudaArena&>(*seg->arena).device_uuid())
+            : std::string());
+    g.arena_ids.push_back(seg->id);
+  }
   return g;
 }
 
@@ -814,6 +850,8 @@ std::string Registry::Metrics() const {
   adopted.Add("", adopted_total_);
   MetricFamily ready("weightd_rank_ready", "gauge", "1 when the rank is ready.");
   MetricFamily arena("weightd_rank_arena_bytes", "gauge", "Bytes of the rank's arena.");
+  MetricFamily arenas("weightd_rank_arenas", "gauge",
+                      "Arenas (segments) of the rank in the newest generation.");
   MetricFamily leases("weightd_rank_leases", "gauge", "Leases held on the rank.");
   MetricFamily done("weightd_load_bytes_done", "gauge",
                     "Checkpoint bytes the model's load has read so far.");
@@ -831,6 +869,10 @@ std::string Registry::Metrics() const {
   refreshes.Add("", refreshes_total_);
   MetricFamily generation("weightd_model_generation", "gauge",
                           "The model's newest published generation (1 after its load).");
+  MetricFamily memory("weightd_model_arena_bytes", "gauge",
+                      "Bytes of the model's arenas in memory, all held generations together, each "
+                      "arena counted once (generations share the arenas an update did not "
+                      "touch).");
   MetricFamily held("weightd_model_generations_held", "gauge",
                     "Generations of the model in memory: the newest, a kept previous one, and "
                     "older ones that leases still map.");
@@ -840,21 +882,33 @@ std::string Registry::Metrics() const {
     total.Add(model, m->progress.bytes_total.load());
     generation.Add(model, m->current != nullptr ? m->current->number : 0);
     held.Add(model, m->generations.size());
+    // Every arena once, however many generations share it.
+    std::set<const Segment*> distinct;
+    uint64_t held_bytes = 0;
+    for (const auto& [number, gen] : m->generations) {
+      for (const auto& rm : gen->ranks) {
+        for (const auto& seg : rm->segments) {
+          if (distinct.insert(seg.get()).second) held_bytes += seg->arena->size();
+        }
+      }
+    }
+    memory.Add(model, held_bytes);
     std::map<int, uint64_t> per_rank;
     for (const LeaseInfo& li : m->leases) ++per_rank[li.rank];
     for (size_t i = 0; i < m->ranks.size(); ++i) {
       const Model::Rank& r = m->ranks[i];
       const std::string labels = Labels({{"model", n}, {"rank", absl::StrCat(r.rank)}});
       ready.Add(labels, r.state == RankState::kReady ? 1 : 0);
-      arena.Add(labels, m->current != nullptr ? m->current->ranks[i]->arena->size() : 0);
+      arena.Add(labels, m->current != nullptr ? m->current->ranks[i]->bytes() : 0);
+      arenas.Add(labels, m->current != nullptr ? m->current->ranks[i]->segments.size() : 0);
       leases.Add(labels, per_rank[r.rank]);
     }
   }
   std::string out;
   for (const MetricFamily* f :
-       {&models, &loads, &failed, &running, &attaches, &detaches, &loaded, &read, &adopted,
-        &updates, &updates_failed, &rollbacks, &refreshes, &ready, &arena, &leases, &done, &total,
-        &generation, &held}) {
+       {&models,  &loads,   &failed,         &running,    &attaches,  &detaches, &loaded, &read,
+        &adopted, &updates, &updates_failed, &rollbacks,  &refreshes, &ready,    &arena,  &arenas,
+        &leases,  &done,    &total,          &generation, &held,      &memory}) {
     f->AppendTo(&out);
   }
   return out;
@@ -871,7 +925,9 @@ std::vector<std::string> Registry::RemovalNames(const Model& m) {
 std::vector<std::string> Registry::FdNames(const Model& m) {
   std::vector<std::string> names;
   for (const Model::Rank& r : m.ranks) {
-    names.push_back(EncodeFdName(FdKind::kArena, m.name, r.rank, 0));
+    for (int part = 0; part < r.parts; ++part) {
+      names.push_back(EncodeFdName(FdKind::kArena, m.name, r.rank, part));
+    }
     names.push_back(EncodeFdName(FdKind::kManifest, m.name, r.rank));
   }
   // The record goes last when storing and first when removing: a record in the store always
@@ -899,14 +955,24 @@ absl::StatusOr<std::vector<NamedFd>> Registry::ExportLocked(const Model& m) cons
           absl::StrCat("model '", m.name, "' rank ", r.rank, " is not ready"));
     }
     const RankMemory& rm = *m.current->ranks[i];
-    RankRecord rr{r.rank, r.device, rm.arena->size(), rm.manifest_bytes, rm.tensors, 1};
-    rr.arena_kind = rm.arena->kind();
+    const Arena& first = *rm.segments.front()->arena;
+    RankRecord rr;
+    rr.rank = r.rank;
+    rr.device = r.device;
+    rr.arena_bytes = rm.bytes();
+    rr.manifest_bytes = rm.manifest_bytes;
+    rr.tensors = rm.tensors;
+    rr.parts = static_cast<int>(rm.segments.size());
+    rr.arena_kind = first.kind();
     if (rr.arena_kind == ArenaKind::kCudaVmm) {
-      rr.device_uuid = static_cast<const CudaArena&>(*rm.arena).device_uuid();
+      rr.device_uuid = static_cast<const CudaArena&>(first).device_uuid();
     }
     rec.ranks.push_back(std::move(rr));
-    WD_ASSIGN_OR_RETURN(UniqueFd arena, rm.arena->Export());
-    out.push_back({EncodeFdName(FdKind::kArena, m.name, r.rank, 0), std::move(arena)});
+    for (size_t part = 0; part < rm.segments.size(); ++part) {
+      WD_ASSIGN_OR_RETURN(UniqueFd arena, rm.segments[part]->arena->Export());
+      out.push_back(
+          {EncodeFdName(FdKind::kArena, m.name, r.rank, static_cast<int>(part)), std::move(arena)});
+    }
     UniqueFd man(::fcntl(rm.manifest.get(), F_DUPFD_CLOEXEC, 0));
     if (!man) return ErrnoError(errno, "dup of a manifest memfd");
     out.push_back({EncodeFdName(FdKind::kManifest, m.name, r.rank), std::move(man)});
@@ -980,33 +1046,53 @@ absl::Status Registry::Adopt(AdoptableModel in, absl::string_view origin) {
     auto man = DecodeManifest(*bytes);
     if (!man.ok()) return bad(Annotate(man.status(), absl::StrCat("manifest of ", what)));
     if (man->model != name || static_cast<int>(man->rank) != rr.rank ||
-        man->arenas.size() != ar.arenas.size() || man->tensors.size() != rr.tensors) {
+        man->arenas.size() != ar.arenas.size() || man->tensors.size() != rr.tensors ||
+        man->arenas.empty()) {
       return bad(absl::FailedPreconditionError(
           absl::StrCat("the manifest of ", what, " (model '", man->model, "' rank ", man->rank,
                        ", ", man->arenas.size(), " arenas, ", man->tensors.size(),
-                       " tensors) does not match the record")));
+                       " tensors) does not match the record (", ar.arenas.size(), " arenas, ",
+                       rr.tensors, " tensors)")));
     }
-    if (man->arenas[0].kind != rr.arena_kind || man->arenas[0].size != rr.arena_bytes) {
+    uint64_t manifest_total = 0;
+    for (const ManifestArena& ma : man->arenas) {
+      manifest_total += ma.size;
+      if (ma.kind != rr.arena_kind) {
+        return bad(absl::FailedPreconditionError(absl::StrCat(
+            "the manifest of ", what, " describes an arena of ", ArenaKindText(ma.kind),
+            ", the record arenas of ", ArenaKindText(rr.arena_kind))));
+      }
+    }
+    if (manifest_total != rr.arena_bytes) {
       return bad(absl::FailedPreconditionError(
-          absl::StrCat("the manifest of ", what, " describes a ", man->arenas[0].size,
-                       "-byte arena of ", ArenaKindText(man->arenas[0].kind), ", the record a ",
-                       rr.arena_bytes, "-byte arena of ", ArenaKindText(rr.arena_kind))));
+          absl::StrCat("the manifest of ", what, " describes ", man->arenas.size(), " arenas of ",
+                       manifest_total, " bytes in all, the record ", rr.arena_bytes, " bytes of ",
+                       ArenaKindText(rr.arena_kind))));
     }
-    AdoptRequest request;
-    request.bytes = rr.arena_bytes;
-    request.kind = rr.arena_kind;
-    request.device = rr.device;
-    request.device_uuid = rr.device_uuid;
-    request.label = absl::StrCat(name, "/rank", rr.rank);
-    auto arena = backend_->Adopt(std::move(ar.arenas[0]), request);
-    if (!arena.ok()) return bad(arena.status());
+    auto rm = std::make_shared<RankMemory>();
+    int device = rr.device;
+    for (size_t part = 0; part < ar.arenas.size(); ++part) {
+      AdoptRequest request;
+      request.bytes = man->arenas[part].size;
+      request.kind = rr.arena_kind;
+      request.device = rr.device;
+      request.device_uuid = rr.device_uuid;
+      request.label = ar.arenas.size() == 1 ? absl::StrCat(name, "/rank", rr.rank)
+                                            : absl::StrCat(name, "/rank", rr.rank, "/part", part);
+      auto arena = backend_->Adopt(std::move(ar.arenas[part]), request);
+      if (!arena.ok()) return bad(arena.status());
+      // A device arena is found by its UUID, so its ordinal here may differ from the record's.
+      if ((*arena)->kind() == ArenaKind::kCudaVmm) device = (*arena)->device();
+      auto seg = std::make_shared<Segment>();
+      seg->arena = std::move(*arena);
+      seg->id = next_arena_id_.fetch_add(1);
+      rm->segments.push_back(std::move(seg));
+    }
     Model::Rank r;
     r.rank = rr.rank;
-    // A device arena is found by its UUID, so its ordinal here may differ from the record's.
-    r.device = (*arena)->kind() == ArenaKind::kCudaVmm ? (*arena)->device() : rr.device;
+    r.device = device;
     r.state = RankState::kReady;
-    auto rm = std::make_shared<RankMemory>();
-    rm->arena = std::move(*arena);
+    r.parts = static_cast<int>(rm->segments.size());
     rm->manifest = std::move(ar.manifest);
     rm->manifest_bytes = rr.manifest_bytes;
     rm->tensors = rr.tensors;

@@ -4,9 +4,9 @@
 
 #include <deque>
 #include <map>
-#include <thread>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -16,6 +16,7 @@
 #include "weightd/log.h"
 #include "weightd/plan.h"
 #include "weightd/registry.h"
+#include "weightd/segment_plan.h"
 
 namespace weightd {
 
@@ -102,12 +103,27 @@ class Reaper {
   std::thread thread_;
 };
 
-// One rank's memory in one generation; generations share it where an update left it alone.
-struct Registry::RankMemory {
+// One arena of a rank (a segment, segment_plan.h), sealed. Generations share it where an update
+// left its targets alone, so it is freed with the last generation that holds it.
+struct Registry::Segment {
   std::unique_ptr<Arena> arena;
+  // Unique among the arenas of this daemon's lifetime: an attach reply's `arena_ids`, by which a
+  // refreshing client knows the arenas it maps already.
+  uint64_t id = 0;
+};
+
+// One rank's memory in one generation: its segments in manifest arena order and its manifest.
+// Generations share it where an update left the whole rank alone.
+struct Registry::RankMemory {
+  std::vector<std::shared_ptr<const Segment>> segments;
   UniqueFd manifest;
   uint64_t manifest_bytes = 0;
   uint32_t tensors = 0;
+  uint64_t bytes() const {
+    uint64_t n = 0;
+    for (const auto& s : segments) n += s->arena->size();
+    return n;
+  }
 };
 
 struct Registry::Generation {
@@ -120,6 +136,9 @@ struct Registry::Model {
     int rank = 0;
     int device = -1;
     RankState state = RankState::kLoading;
+    // Arenas (segments) per generation: set once, under mu_, when the first generation is
+    // published or adopted (the plan fixes it); read without the lock afterwards.
+    int parts = 1;
   };
   struct Update {
     uint64_t id = 0;
@@ -149,9 +168,9 @@ struct Registry::Model {
   std::shared_ptr<Generation> current;
   uint64_t previous = 0;
   std::map<uint64_t, std::shared_ptr<Generation>> generations;
-  // The plan the load ran (its ranks only) and the checkpoint tensors it skips; null for a model
-  // adopted from an earlier daemon until its first update rebuilds them.
-  std::shared_ptr<const Plan> plan;
+  // The plan the load ran (its ranks only, split into segments) and the checkpoint tensors it
+  // skips; null for a model adopted from an earlier daemon until its first update rebuilds them.
+  std::shared_ptr<const SegmentedPlan> plan;
   std::vector<std::string> skipped;
   std::unique_ptr<Update> update;  // the running or last update
 };

@@ -146,6 +146,7 @@ json StatusJson(const ModelStatus& m) {
     jr["device"] = r.device;
     jr["state"] = std::string(RankStateName(r.state));
     jr["arena_bytes"] = r.arena_bytes;
+    jr["arenas"] = r.arenas;
     jr["tensors"] = r.tensors;
     jr["lease_count"] = r.lease_count;
     json leases = json::array();
@@ -759,7 +760,10 @@ bool Server::Impl::Resolve(Connection& c) {
                                    {"bytes_read", u.bytes_read},
                                    {"ranks_rewritten", u.ranks_rewritten},
                                    {"targets_rewritten", u.targets_rewritten},
-                                   {"targets_copied", u.targets_copied}}));
+                                   {"targets_copied", u.targets_copied},
+                                   {"segments_rewritten", u.segments_rewritten},
+                                   {"bytes_allocated", u.bytes_allocated},
+                                   {"bytes_copied", u.bytes_copied}}));
     }
   }
   c.pending.reset();
@@ -797,6 +801,8 @@ void Server::Impl::QueueGrant(Connection& c, const Request& r, AttachGrant& g) {
   if (r.op == Op::kRefresh) res["unchanged"] = false;
   res["manifest_bytes"] = g.manifest_bytes;
   res["arenas"] = g.arenas.size();
+  // Which arenas are the same memory as before (a refresh keeps their mappings).
+  res["arena_ids"] = g.arena_ids;
   // Device arenas only: an old client ignores the key, and host-only replies keep their
   // earlier shape.
   json arena_info = json::array();

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <map>
 #include <optional>
 #include <utility>
 
@@ -15,6 +16,7 @@
 #include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/registry.h"
+#include "weightd/segment_plan.h"
 #include "weightd/status_macros.h"
 #include "weightd/update_plan.h"
 
@@ -123,9 +125,60 @@ absl::StatusOr<Registry::UpdateTicket> Registry::StartUpdate(const std::string& 
   return ticket;
 }
 
+namespace {
+
+// The manifests of `gen`'s ranks, decoded.
+template <typename Gen>
+absl::StatusOr<std::vector<Manifest>> Manifests(const Gen& gen, absl::string_view model) {
+  std::vector<Manifest> out;
+  for (const auto& rm : gen.ranks) {
+    WD_ASSIGN_OR_RETURN(std::string bytes,
+                        ReadSealedMemfd(rm->manifest.get(), rm->manifest_bytes,
+                                        absl::StrCat("a manifest of model '", model, "'")));
+    WD_ASSIGN_OR_RETURN(Manifest man, DecodeManifest(bytes));
+    out.push_back(std::move(man));
+  }
+  return out;
+}
+
+// The segments an earlier daemon chose, read from the manifests of the arenas it handed over
+// (each target's arena), so that a rebuilt plan lays out exactly the memory adopted whatever
+// this daemon's arena_segment_bytes.
+absl::StatusOr<SegmentAssignment> AssignmentFromManifests(const Plan& plan,
+                                                          const std::vector<Manifest>& manifests,
+                                                          absl::string_view model) {
+  if (manifests.size() != plan.ranks.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the rebuilt plan of model '", model, "' has ", plan.ranks.size(),
+                     " ranks; the adopted memory ", manifests.size()));
+  }
+  SegmentAssignment out;
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    const RankPlan& rp = plan.ranks[r];
+    const Manifest& man = manifests[r];
+    if (man.tensors.size() != rp.targets.size()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the rebuilt plan of model '", model, "' rank ", rp.rank, " has ",
+                       rp.targets.size(), " targets; the adopted manifest ", man.tensors.size()));
+    }
+    std::vector<uint32_t>& seg = out.emplace_back();
+    for (size_t t = 0; t < rp.targets.size(); ++t) {
+      if (man.tensors[t].name != rp.targets[t].name) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "the rebuilt plan of model '", model, "' rank ", rp.rank, " has target '",
+            rp.targets[t].name, "' where the adopted manifest has '", man.tensors[t].name, "'"));
+      }
+      seg.push_back(man.tensors[t].arena);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
     Model& m, const UpdateSource& source, LoadProgress* progress, UpdateReport* result) {
-  std::shared_ptr<const Plan> plan;
+  std::shared_ptr<const SegmentedPlan> plan;
   std::vector<std::string> skipped;
   std::shared_ptr<Generation> base;
   {
@@ -134,22 +187,51 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
     skipped = m.skipped;
     base = m.current;
   }
+  WD_ASSIGN_OR_RETURN(std::vector<Manifest> base_manifests, Manifests(*base, m.name));
   if (plan == nullptr) {
     // Adopted from an earlier daemon: the plan is data derived from the checkpoint's headers
-    // and the load options, so it is rebuilt from them (no tensor data is read).
+    // and the load options, so it is rebuilt from them (no tensor data is read), and split into
+    // the segments the adopted manifests show.
     absl::StatusOr<PlannedModel> planned = PlanModel(m);
-    if (!planned.ok()) {
-      return Annotate(planned.status(),
+    absl::StatusOr<SegmentedPlan> sp = absl::InternalError("unset");
+    if (planned.ok()) {
+      absl::StatusOr<SegmentAssignment> a =
+          AssignmentFromManifests(planned->plan, base_manifests, m.name);
+      sp = a.ok() ? SplitPlan(planned->plan, *a) : absl::StatusOr<SegmentedPlan>(a.status());
+    }
+    if (!planned.ok() || !sp.ok()) {
+      return Annotate(planned.ok() ? sp.status() : planned.status(),
                       absl::StrCat("model '", m.name,
                                    "' was handed over by an earlier daemon; updating it rebuilds "
                                    "its plan from the headers of checkpoint '",
                                    m.spec.checkpoint, "', which failed"));
     }
-    plan = std::make_shared<const Plan>(std::move(planned->plan));
+    plan = std::make_shared<const SegmentedPlan>(*std::move(sp));
     skipped = std::move(planned->skipped);
     absl::MutexLock l(&mu_);
     m.plan = plan;
     m.skipped = skipped;
+  }
+  // The plan must lay out exactly the memory of generation N (an adopted model's rebuilt plan
+  // is checked here against what was adopted).
+  for (size_t r = 0; r < plan->segments_of.size(); ++r) {
+    const RankMemory& rm = *base->ranks[r];
+    const Manifest& man = base_manifests[r];
+    bool same = rm.segments.size() == plan->segments_of[r].size() &&
+                man.tensors.size() == plan->where[r].size();
+    for (size_t k = 0; same && k < rm.segments.size(); ++k) {
+      same = rm.segments[k]->arena->size() == plan->plan.ranks[plan->segments_of[r][k]].arena_bytes;
+    }
+    for (size_t t = 0; same && t < man.tensors.size(); ++t) {
+      const auto [s, local] = plan->where[r][t];
+      same = man.tensors[t].arena == plan->segment_in_rank[s] &&
+             man.tensors[t].offset == plan->plan.ranks[s].targets[local].offset;
+    }
+    if (!same) {
+      return absl::InternalError(absl::StrCat("model '", m.name, "' rank ", m.ranks[r].rank,
+                                              ": the plan's arenas differ from generation ",
+                                              base->number, "'s"));
+    }
   }
   const bool from_memfd = source.checkpoint.empty();
   std::vector<std::string> roots;
@@ -168,33 +250,37 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
                     absl::StrCat("update of model '", m.name, "': reading the new tensors from ",
                                  from_memfd ? "the memfd sent with the request" : path));
   }
-  WD_ASSIGN_OR_RETURN(UpdatePlan up, BuildUpdatePlan(*plan, skipped, *ckpt, m.name));
+  // Over the segments: `up.plan.ranks` are the segments the new tensors touch, the only ones
+  // that get new arenas.
+  WD_ASSIGN_OR_RETURN(UpdatePlan up, BuildUpdatePlan(plan->plan, skipped, *ckpt, m.name));
   const uint64_t number = base->number + 1;
 
   std::vector<ArenaRequest> requests;
   uint64_t copy_bytes = 0;
   std::vector<std::vector<ArenaRange>> copies;
+  std::vector<const Arena*> sources;
   for (size_t i = 0; i < up.plan.ranks.size(); ++i) {
-    const size_t slot = up.rank_index[i];
+    const size_t seg = up.rank_index[i];
+    const size_t r = plan->rank_of[seg];
+    const uint32_t k = plan->segment_in_rank[seg];
     const RankPlan& rp = up.plan.ranks[i];
-    if (base->ranks[slot]->arena->size() != rp.arena_bytes) {
-      return absl::InternalError(absl::StrCat(
-          "model '", m.name, "' rank ", rp.rank, ": the plan's arena has ", rp.arena_bytes,
-          " bytes, generation ", base->number, "'s ", base->ranks[slot]->arena->size()));
-    }
-    requests.push_back({rp.arena_bytes, m.ranks[slot].device,
-                        absl::StrCat(m.name, "/rank", rp.rank, "/gen", number)});
+    const Arena& from = *base->ranks[r]->segments[k]->arena;
+    requests.push_back({rp.arena_bytes, m.ranks[r].device,
+                        plan->segments_of[r].size() == 1
+                            ? absl::StrCat(m.name, "/rank", rp.rank, "/gen", number)
+                            : absl::StrCat(m.name, "/rank", rp.rank, "/seg", k, "/gen", number)});
+    sources.push_back(&from);
     copies.push_back(TargetRanges(rp, up.copy[i]));
-    for (const ArenaRange& r : copies.back()) copy_bytes += r.bytes;
+    for (const ArenaRange& range : copies.back()) copy_bytes += range.bytes;
   }
   progress->bytes_total = up.plan.read_bytes;  // what status shows as read
   WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
                       AllocateArenas(m.name, requests));
-  // Targets the update does not cover completely first take generation N's bytes; the pieces
-  // then overwrite the parts that are new.
+  // Targets of a replaced segment that the update does not cover completely first take
+  // generation N's bytes; the pieces then overwrite the parts that are new.
   for (size_t i = 0; i < arenas.size(); ++i) {
-    const Arena& from = *base->ranks[up.rank_index[i]]->arena;
-    WD_RETURN_IF_ERROR(CopyArenaRanges(from, *arenas[i], copies[i], config_.io_threads, progress));
+    WD_RETURN_IF_ERROR(
+        CopyArenaRanges(*sources[i], *arenas[i], copies[i], config_.io_threads, progress));
   }
   if (progress->cancel.load()) return absl::CancelledError("update cancelled");
   std::vector<Arena*> raw;
@@ -204,44 +290,49 @@ absl::StatusOr<std::shared_ptr<Registry::Generation>> Registry::BuildUpdate(
                              from_memfd ? std::optional<IoMode>(IoMode::kPread) : std::nullopt,
                              progress, &crcs));
 
+  // Per model rank: its segments in the next generation (N's, the replaced ones swapped) and
+  // the CRCs its manifest takes as known (N's, except for the targets new tensors fed).
+  std::map<size_t, std::vector<std::shared_ptr<const Segment>>> touched;
+  std::map<size_t, std::vector<int64_t>> known;
+  for (size_t i = 0; i < arenas.size(); ++i) {
+    const size_t seg = up.rank_index[i];
+    const size_t r = plan->rank_of[seg];
+    const uint32_t k = plan->segment_in_rank[seg];
+    if (touched.count(r) == 0) {
+      touched[r] = base->ranks[r]->segments;
+      std::vector<int64_t>& kn = known[r];
+      for (const ManifestTensor& mt : base_manifests[r].tensors) kn.push_back(mt.crc32c);
+    }
+    std::vector<int64_t>& kn = known[r];
+    const std::vector<uint32_t>& input = plan->input_target[seg];
+    for (uint32_t t : up.rewritten[i]) {
+      kn[input[t]] = i < crcs.crc.size() && t < crcs.crc[i].size() ? crcs.crc[i][t] : -1;
+    }
+    result->bytes_allocated += arenas[i]->size();
+    WD_ASSIGN_OR_RETURN(touched[r][k], MakeSegment(std::move(arenas[i])));
+    result->targets_rewritten += up.rewritten[i].size();
+  }
   auto next = std::make_shared<Generation>();
   next->number = number;
   next->ranks = base->ranks;
-  for (size_t i = 0; i < arenas.size(); ++i) {
-    const size_t slot = up.rank_index[i];
-    const RankMemory& old = *base->ranks[slot];
-    // Targets the update did not feed keep their checksums from generation N's manifest.
-    std::vector<int64_t> known =
-        i < crcs.crc.size() ? crcs.crc[i] : std::vector<int64_t>(up.plan.ranks[i].targets.size(), -1);
-    known.resize(up.plan.ranks[i].targets.size(), -1);
-    WD_ASSIGN_OR_RETURN(std::string bytes,
-                        ReadSealedMemfd(old.manifest.get(), old.manifest_bytes,
-                                        absl::StrCat("the manifest of ", m.name, " rank ",
-                                                     up.plan.ranks[i].rank)));
-    WD_ASSIGN_OR_RETURN(Manifest man, DecodeManifest(bytes));
-    std::vector<bool> fed(known.size(), false);
-    for (uint32_t t : up.rewritten[i]) fed[t] = true;
-    for (size_t t = 0; t < known.size() && t < man.tensors.size(); ++t) {
-      if (!fed[t] && man.tensors[t].name == up.plan.ranks[i].targets[t].name) {
-        known[t] = man.tensors[t].crc32c;
-      }
-    }
-    WD_ASSIGN_OR_RETURN(next->ranks[slot], SealRank(m.name, up.plan, i, std::move(arenas[i]),
-                                                    m.ranks[slot].device, &known));
-    result->targets_rewritten += up.rewritten[i].size();
-    result->targets_copied += known.size() - up.rewritten[i].size();
+  for (auto& [r, segments] : touched) {
+    WD_ASSIGN_OR_RETURN(next->ranks[r], SealRank(m.name, *plan, r, std::move(segments),
+                                                 m.ranks[r].device, &known[r]));
   }
-  for (size_t slot = 0; slot < m.ranks.size(); ++slot) {
-    if (std::find(up.rank_index.begin(), up.rank_index.end(), slot) == up.rank_index.end()) {
-      result->targets_copied += plan->ranks[slot].targets.size();  // shared, not even copied
-    }
-  }
-  result->ranks_rewritten = arenas.size();
+  size_t targets = 0;
+  for (const auto& where : plan->where) targets += where.size();
+  result->targets_copied = targets - result->targets_rewritten;
+  result->ranks_rewritten = touched.size();
+  result->segments_rewritten = up.plan.ranks.size();
+  result->bytes_copied = copy_bytes;
   result->bytes_read = up.plan.read_bytes;
   result->generation = number;
-  LogDebug("update %s: %zu tensors (%zu ignored), %zu of %zu ranks rewritten, %s copied", m.name,
-           up.tensors_used, up.tensors_ignored, arenas.size(), m.ranks.size(),
-           FormatBytes(copy_bytes));
+  LogDebug(
+      "update %s: %zu tensors (%zu ignored), %zu of %zu ranks and %zu of %zu arenas "
+      "rewritten, %s allocated, %s copied",
+      m.name, up.tensors_used, up.tensors_ignored, touched.size(), m.ranks.size(),
+      up.plan.ranks.size(), plan->plan.ranks.size(), FormatBytes(result->bytes_allocated),
+      FormatBytes(copy_bytes));
   return next;
 }
 

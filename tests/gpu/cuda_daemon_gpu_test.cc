@@ -104,7 +104,10 @@ class CudaDaemonTest : public ::testing::Test {
                    Env env = {}) {
     std::ofstream(dir_ + "/weightd.json")
         << "{\"socket\":\"" << socket_ << "\",\"backend\":\"" << backend
-        << "\",\"io_threads\":2,\"model_roots\":[\"" << dir_ << "/models\"]}";
+        << "\",\"io_threads\":2,\"model_roots\":[\"" << dir_
+        << "/models\"],"
+        // One arena per rank: the fault tests count cuMemCreate calls per rank.
+        << "\"arena_segment_bytes\":0}";
     std::vector<std::string> argv = {WEIGHTD_BIN, "--config", dir_ + "/weightd.json"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     env.emplace_back("WDSIM_STATS_DIR", stats_dir_);

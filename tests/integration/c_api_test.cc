@@ -194,8 +194,9 @@ TEST(CApiGenerations, UpdateWaitAndRollbackAgainstAFakeDaemon) {
   char* s = nullptr;
   ASSERT_EQ(wd_update(c.get(), "m", "/models/new", 1, &s), WD_OK) << wd_last_error();
   EXPECT_EQ(TakeString(s),
-            R"({"bytes_read":10,"generation":7,"name":"m","ranks_rewritten":1,"seconds":1.5,)"
-            R"("state":"ready","targets_copied":3,"targets_rewritten":2})");
+            R"({"bytes_allocated":0,"bytes_copied":0,"bytes_read":10,"generation":7,"name":"m",)"
+            R"("ranks_rewritten":1,"seconds":1.5,"segments_rewritten":0,"state":"ready",)"
+            R"("targets_copied":3,"targets_rewritten":2})");
   EXPECT_EQ(wd_update(c.get(), "m", "/models/new", 0, nullptr), WD_OK) << wd_last_error();
 
   // The memfd goes out as the request's one fd and stays the caller's.

@@ -504,6 +504,7 @@ std::string AttachReplyText(const std::string& id, uint64_t manifest_bytes, uint
 // counts see only what the client holds.
 struct RefreshFake {
   std::function<void(int, const std::string&)> refresh;
+  std::string attach_extra;  // more fields of the attach reply, e.g. R"(,"arena_ids":[5])"
   std::vector<std::string> requests;
   std::vector<UniqueFd> kept;
   FakeDaemon daemon;
@@ -513,7 +514,7 @@ struct RefreshFake {
             [this](int sock) {
               const std::string arena = ArenaBytes(1);
               const std::string man = EncodeManifest(TwoTensorManifest(arena));
-              Send(sock, AttachReplyText("2", man.size(), 1), man, {arena});
+              Send(sock, AttachReplyText("2", man.size(), 1, attach_extra), man, {arena});
             },
             [this](int sock, const std::string& request, const std::string& id,
                    std::vector<UniqueFd>&) {
@@ -594,6 +595,71 @@ TEST(ClientRefreshTest, MapsTheNewGenerationAtTheSameAddresses) {
   Attachment moved = *std::move(a);
   EXPECT_EQ(moved.Find("w"), w);
   EXPECT_EQ(FloatAt(moved.Find("w"), 1), 8.0f);
+}
+
+// arena_ids (docs/PROTOCOL.md "attach"): an arena whose id is unchanged keeps its mapping, but
+// only when it is the very memfd mapped (a daemon bug or a forged reply reusing an id for new
+// memory must not leave the worker on stale bytes); a malformed list is refused and the old
+// mapping stays.
+TEST(ClientRefreshTest, ArenaIdsKeepOnlyTheSameMemory) {
+  RefreshFake f;
+  f.attach_extra = R"(,"arena_ids":[5])";
+  int step = 0;
+  f.refresh = [&](int sock, const std::string& id) {
+    ++step;
+    if (step == 1) {  // id 5 again, but other memory: remapped
+      const std::string arena = ArenaBytes(7);
+      const std::string man = EncodeManifest(TwoTensorManifest(arena));
+      f.Send(sock, AttachReplyText(id, man.size(), 2, R"(,"unchanged":false,"arena_ids":[5])"), man,
+             {arena});
+    } else if (step == 2) {  // id 5, the memfd mapped now (the fake's copy of it): kept
+      const std::string arena = ArenaBytes(7);
+      const std::string man = EncodeManifest(TwoTensorManifest(arena));
+      UniqueFd mf = Memfd(man, man.size(), kSeals);
+      const int arena_fd = f.kept.back().get();  // sent with step 1
+      (void)SendPacket(sock,
+                       AttachReplyText(id, man.size(), 3, R"(,"unchanged":false,"arena_ids":[5])"),
+                       std::vector<int>{mf.get(), arena_fd});
+      f.kept.push_back(std::move(mf));
+    } else {  // two ids for one arena
+      const std::string arena = ArenaBytes(9);
+      const std::string man = EncodeManifest(TwoTensorManifest(arena));
+      f.Send(sock, AttachReplyText(id, man.size(), 4, R"(,"unchanged":false,"arena_ids":[6,7])"),
+             man, {arena});
+    }
+  };
+  auto c = Client::Connect(f.daemon.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto a = c->Attach("m", 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const TensorView* w = a->Find("w");
+  ASSERT_NE(w, nullptr);
+  const void* w_data = w->data;
+  EXPECT_EQ(FloatAt(w, 0), 1.0f);
+
+  absl::StatusOr<bool> changed = a->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_TRUE(*changed);
+  EXPECT_EQ(w->data, w_data);
+  EXPECT_EQ(FloatAt(w, 0), 7.0f) << "an unchanged id with another memfd must be remapped";
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+
+  changed = a->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_TRUE(*changed);
+  EXPECT_EQ(a->generation(), 3u);
+  EXPECT_EQ(w->data, w_data);
+  EXPECT_EQ(FloatAt(w, 0), 7.0f);
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
+
+  changed = a->Refresh();
+  ASSERT_FALSE(changed.ok());
+  EXPECT_EQ(changed.status().code(), absl::StatusCode::kInternal) << changed.status();
+  EXPECT_THAT(std::string(changed.status().message()),
+              HasSubstr("arena_ids is not an array of 1 entries"));
+  EXPECT_EQ(a->generation(), 3u);
+  EXPECT_EQ(FloatAt(w, 0), 7.0f);
+  EXPECT_TRUE(a->Verify().ok()) << a->Verify();
 }
 
 TEST(ClientRefreshTest, UnchangedChangesNothing) {
@@ -837,7 +903,8 @@ struct UpdateFake {
   std::string file;  // the memfd's bytes
   std::string reply_result = R"({"name":"m","generation":2,"state":"ready","seconds":0.25,)"
                              R"("bytes_read":64,"ranks_rewritten":1,"targets_rewritten":3,)"
-                             R"("targets_copied":4})";
+                             R"("targets_copied":4,"segments_rewritten":2,)"
+                             R"("bytes_allocated":4096,"bytes_copied":1024})";
   FakeDaemon daemon;
 
   UpdateFake()
@@ -958,6 +1025,9 @@ TEST(ClientUpdateTest, UpdateTensorsSendsExactlyOneSealedSafetensorsMemfd) {
   EXPECT_EQ(r->ranks_rewritten, 1u);
   EXPECT_EQ(r->targets_rewritten, 3u);
   EXPECT_EQ(r->targets_copied, 4u);
+  EXPECT_EQ(r->segments_rewritten, 2u);
+  EXPECT_EQ(r->bytes_allocated, 4096u);
+  EXPECT_EQ(r->bytes_copied, 1024u);
   ASSERT_EQ(f.requests.size(), 1u);
   EXPECT_THAT(f.requests[0], HasSubstr(R"("wait":true)"));
   EXPECT_THAT(f.requests[0], HasSubstr(R"("name":"m")"));
@@ -966,8 +1036,9 @@ TEST(ClientUpdateTest, UpdateTensorsSendsExactlyOneSealedSafetensorsMemfd) {
   EXPECT_EQ(f.seals, kSeals);
   ExpectSafetensorsHolds(f.file, s.tensors);
   EXPECT_EQ(UpdateResultToJson("m", *r),
-            R"({"bytes_read":64,"generation":2,"name":"m","ranks_rewritten":1,)"
-            R"("seconds":0.25,"state":"ready","targets_copied":4,"targets_rewritten":3})");
+            R"({"bytes_allocated":4096,"bytes_copied":1024,"bytes_read":64,"generation":2,)"
+            R"("name":"m","ranks_rewritten":1,"seconds":0.25,"segments_rewritten":2,)"
+            R"("state":"ready","targets_copied":4,"targets_rewritten":3})");
 }
 
 TEST(ClientUpdateTest, UpdateTensorsRefusesBadInputWithoutSending) {

@@ -81,8 +81,11 @@ const char* KillName(Kill k) {
 
 // The models the daemon lists ({name: state}), asked over a raw connection that gives up after
 // `timeout_ms` (a connection in the backlog of a socket nobody accepts from would wait forever).
-std::optional<std::map<std::string, std::string>> ListModels(const std::string& socket,
-                                                             int timeout_ms = 1000) {
+// `arenas`, when given, gets each model's arenas of rank 0 (its segments; 1 from daemons that
+// do not say).
+std::optional<std::map<std::string, std::string>> ListModels(
+    const std::string& socket, int timeout_ms = 1000,
+    std::map<std::string, int>* arenas = nullptr) {
   auto fd = ConnectSeqpacket(socket);
   if (!fd.ok()) return std::nullopt;
   std::map<std::string, std::string> out;
@@ -100,6 +103,9 @@ std::optional<std::map<std::string, std::string>> ListModels(const std::string& 
         std::string state = "ready";
         for (const json& r : m.value("ranks", json::array())) {
           if (r.value("state", "") != "ready") state = r.value("state", "?");
+          if (arenas != nullptr && r.value("rank", -1) == 0) {
+            (*arenas)[m.value("name", "")] = r.value("arenas", 1);
+          }
         }
         out[m.value("name", "")] = state;
       }
@@ -108,10 +114,14 @@ std::optional<std::map<std::string, std::string>> ListModels(const std::string& 
   return out;
 }
 
-std::vector<std::string> FdNamesOf(const std::map<std::string, std::string>& models) {
+std::vector<std::string> FdNamesOf(const std::map<std::string, std::string>& models,
+                                   const std::map<std::string, int>& arenas) {
   std::vector<std::string> names;
   for (const auto& [m, state] : models) {
-    names.push_back(EncodeFdName(FdKind::kArena, m, 0, 0));
+    const auto it = arenas.find(m);
+    for (int part = 0; part < (it == arenas.end() ? 1 : it->second); ++part) {
+      names.push_back(EncodeFdName(FdKind::kArena, m, 0, part));
+    }
     names.push_back(EncodeFdName(FdKind::kManifest, m, 0));
     names.push_back(EncodeFdName(FdKind::kRecord, m));
   }
@@ -307,14 +317,15 @@ class CrashTest : public ::testing::Test {
     struct stat st {};
     ASSERT_EQ(::lstat(socket_.c_str(), &st), 0) << "the socket file is gone";
     ASSERT_TRUE(S_ISSOCK(st.st_mode));
-    auto models = ListModels(socket_, 5000);
+    std::map<std::string, int> arenas;
+    auto models = ListModels(socket_, 5000, &arenas);
     ASSERT_TRUE(models.has_value()) << "the daemon does not answer";
     std::map<std::string, std::string> want = {{"demo", "ready"}};
     if (big == "ready" || (big == "either" && models->count("big") != 0)) want["big"] = "ready";
     EXPECT_EQ(*models, want);
     for (const auto& [m, state] : *models) AttachCheck(m);
     // Sets dropped at adoption are removed from the store by the daemon: give it a moment.
-    const std::vector<std::string> names = FdNamesOf(*models);
+    const std::vector<std::string> names = FdNamesOf(*models, arenas);
     std::vector<std::string> stored;
     WaitUntil(
         [&] {
@@ -325,7 +336,9 @@ class CrashTest : public ::testing::Test {
         std::chrono::seconds(5));
     EXPECT_EQ(stored, names) << "the fd store";
     const testing::ProcResources r = testing::ReadProcResources(daemon_);
-    EXPECT_EQ(r.memfd_fds, 2 * static_cast<int>(models->size())) << r.ToString();
+    int memfds = 0;  // a manifest and the arenas of each model
+    for (const auto& [m, state] : *models) memfds += 1 + arenas[m];
+    EXPECT_EQ(r.memfd_fds, memfds) << r.ToString();
   }
 
   std::string dir_, socket_;

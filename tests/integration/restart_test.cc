@@ -268,8 +268,10 @@ class RestartTest : public ::testing::Test {
     }
   }
   static std::vector<std::string> Tp2StoreNames() {
-    return {"wd1.arena.demo.0.0", "wd1.man.demo.0", "wd1.arena.demo.1.0", "wd1.man.demo.1",
-            "wd1.rec.demo"};
+    // Two arenas per rank at the default arena_segment_bytes: embeddings/norm/lm_head, and the
+    // two decoder layers.
+    return {"wd1.arena.demo.0.0", "wd1.arena.demo.0.1", "wd1.man.demo.0", "wd1.arena.demo.1.0",
+            "wd1.arena.demo.1.1", "wd1.man.demo.1",     "wd1.rec.demo"};
   }
 
   std::string dir_, ckpt_, socket_;
@@ -290,8 +292,9 @@ TEST_F(RestartTest, FdStoreRestartServesTheSameBytesWithoutReading) {
   ASSERT_TRUE(systemd.WaitFor("READY=1")) << systemd.log();
   ASSERT_TRUE(LoadDemo());
   ASSERT_TRUE(systemd.WaitFor("FDNAME=wd1.rec.demo")) << systemd.log();
-  EXPECT_THAT(systemd.StoredNames(), ::testing::UnorderedElementsAre(
-                                         "wd1.arena.demo.0.0", "wd1.man.demo.0", "wd1.rec.demo"));
+  EXPECT_THAT(systemd.StoredNames(),
+              ::testing::UnorderedElementsAre("wd1.arena.demo.0.0", "wd1.arena.demo.0.1",
+                                              "wd1.man.demo.0", "wd1.rec.demo"));
   EXPECT_NE(Metric(socket_, "weightd_checkpoint_bytes_read_total"), "0");
 
   auto held_client = Client::Connect(socket_);
@@ -302,7 +305,7 @@ TEST_F(RestartTest, FdStoreRestartServesTheSameBytesWithoutReading) {
   EXPECT_EQ(Stop(d1), 0);
   systemd.Pump();
   EXPECT_THAT(systemd.log(), HasSubstr("STOPPING=1"));
-  EXPECT_EQ(systemd.StoredNames().size(), 3u) << "a stop must leave the store alone";
+  EXPECT_EQ(systemd.StoredNames().size(), 4u) << "a stop must leave the store alone";
 
   const std::string moved = dir_ + "/moved";
   std::filesystem::rename(dir_ + "/models", moved);
@@ -453,7 +456,7 @@ TEST_F(RestartTest, FdStoreRestartKeepsTheNewestGeneration) {
   const std::string shards_b = ShardTp2(ckpt_b, "b");
   const std::string shards_c = ShardTp2(ckpt_c, "c");
   FakeSystemd systemd(dir_);
-  systemd.StartPumping();  // 5 fds per store, 10 messages per update: more than a dgram queue
+  systemd.StartPumping();  // 7 fds per store, 14 messages per update: more than a dgram queue
   UniqueFd listener = ListenOn(socket_);
   pid_t d1 = systemd.Launch(listener.get(), DaemonArgs(), log_);
   pids_.push_back(d1);
@@ -477,7 +480,7 @@ TEST_F(RestartTest, FdStoreRestartKeepsTheNewestGeneration) {
   EXPECT_EQ(StatusOf(socket_, "demo").value("generation", 0), 2);
 
   EXPECT_EQ(Stop(d1), 0);
-  EXPECT_EQ(systemd.StoredNames().size(), 5u) << "a stop must leave the store alone";
+  EXPECT_EQ(systemd.StoredNames().size(), 7u) << "a stop must leave the store alone";
 
   // The new daemon must not need any checkpoint: move them all away.
   std::filesystem::rename(dir_ + "/models", dir_ + "/moved");
@@ -641,6 +644,75 @@ TEST_F(RestartTest, TakeoverKeepsTheNewestGeneration) {
   EXPECT_EQ(Stop(new_pid), 0);
 }
 
+// Segments across a takeover: the old daemon splits each rank into three arenas (embeddings/
+// norm/lm_head, layer 0, layer 1); the successor, configured for one arena per rank, keeps the
+// segments it adopted (the manifests say where each target is), serves them, and an update of
+// layer 0's q_proj from memory replaces exactly one arena per rank.
+TEST_F(RestartTest, TakeoverKeepsTheSegmentsItAdopted) {
+  log_ = dir_ + "/weightd.log";
+  auto set_segments = [&](int bytes) {
+    json c = json::parse(Slurp(dir_ + "/weightd.json"));
+    c["arena_segment_bytes"] = bytes;
+    std::ofstream(dir_ + "/weightd.json") << c.dump();
+  };
+  set_segments(1);
+  const std::string ckpt_c = MakeDemo("demo-c", 2);
+  const std::string shards_a = ShardTp2(ckpt_, "a");
+  const std::string shards_c = ShardTp2(ckpt_c, "c");
+  const pid_t old_pid = Spawn(DaemonArgs());
+  ASSERT_TRUE(WaitUntil([&] { return Client::Connect(socket_).ok(); })) << Slurp(log_);
+  ASSERT_TRUE(LoadDemoTp2());
+  for (int rank : {0, 1}) {
+    EXPECT_EQ(Metric(socket_,
+                     "weightd_rank_arenas{model=\"demo\",rank=\"" + std::to_string(rank) + "\"}"),
+              "3");
+  }
+  CheckBothRanks(shards_a);
+
+  set_segments(0);
+  std::vector<std::string> args = DaemonArgs();
+  args.push_back("--takeover");
+  const pid_t new_pid = Spawn(args);
+  EXPECT_EQ(WaitFor(old_pid, std::chrono::seconds(20)), 0) << "the old daemon did not exit";
+  std::erase(pids_, old_pid);
+  json st = StatusOf(socket_, "demo");
+  EXPECT_EQ(st.value("origin", ""), "takeover") << st.dump();
+  EXPECT_EQ(st.value("state", ""), "ready") << st.dump();
+  for (int rank : {0, 1}) {
+    EXPECT_EQ(Metric(socket_,
+                     "weightd_rank_arenas{model=\"demo\",rank=\"" + std::to_string(rank) + "\"}"),
+              "3");
+  }
+  CheckBothRanks(shards_a);
+
+  const std::string q0 = "model.layers.0.self_attn.q_proj.weight";
+  auto c_ckpt = Checkpoint::Open(ckpt_c);
+  ASSERT_TRUE(c_ckpt.ok()) << c_ckpt.status();
+  const CheckpointTensor* q0_c = c_ckpt->Find(q0);
+  ASSERT_NE(q0_c, nullptr);
+  auto q0_bytes = c_ckpt->MapTensor(*q0_c);
+  ASSERT_TRUE(q0_bytes.ok()) << q0_bytes.status();
+  const UpdateTensor q0_update{q0, q0_c->dtype, q0_c->shape, q0_bytes->data(), q0_bytes->size()};
+  auto trainer = Client::Connect(socket_);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  auto u = trainer->UpdateTensors("demo", std::span(&q0_update, 1));
+  ASSERT_TRUE(u.ok()) << u.status() << Slurp(log_);
+  EXPECT_EQ(u->generation, 2u);
+  EXPECT_EQ(u->ranks_rewritten, 2u);
+  EXPECT_EQ(u->segments_rewritten, 2u);  // layer 0's arena of each rank, nothing else
+  EXPECT_EQ(u->targets_rewritten, 2u);
+  uint64_t rank_bytes = 0;
+  st = StatusOf(socket_, "demo");
+  for (const json& r : st["ranks"]) {
+    EXPECT_EQ(r.value("arenas", 0), 3) << st.dump();
+    rank_bytes += r.value("arena_bytes", 0ull);
+  }
+  EXPECT_GT(u->bytes_allocated, 0u);
+  EXPECT_LT(u->bytes_allocated, rank_bytes / 2);
+  for (int rank : {0, 1}) CheckQOnlyUpdate(rank, shards_a, shards_c, q0_c->nbytes / 2);
+  EXPECT_EQ(Stop(new_pid), 0);
+}
+
 // The old daemon keeps serving when the successor dies mid-handoff, and refuses other uids.
 TEST_F(RestartTest, TakeoverAbortedOrUnauthorizedKeepsTheOldDaemon) {
   log_ = dir_ + "/weightd.log";
@@ -654,7 +726,7 @@ TEST_F(RestartTest, TakeoverAbortedOrUnauthorizedKeepsTheOldDaemon) {
     ASSERT_TRUE(sock.ok());
     auto fds = RequestTakeover(sock->get());
     ASSERT_TRUE(fds.ok()) << fds.status();
-    EXPECT_EQ(fds->size(), 4u);  // arena, manifest, record, listener
+    EXPECT_EQ(fds->size(), 5u);  // 2 arenas (rest, layers), manifest, record, listener
     // Meanwhile nobody accepts: a connect lands in the backlog and waits.
     auto pending = ConnectSeqpacket(socket_);
     ASSERT_TRUE(pending.ok());

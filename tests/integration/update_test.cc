@@ -8,10 +8,10 @@
 // small Mixtral (4 experts), each twice with different random values (tests/python/
 // hf_checkpoints.py, seeds 1/2 and 3/4), "moeA2" (moeA with one layer's q/k/v and one expert's
 // w1/w2/w3 taken from moeB), "moeA3" (moeA with one expert of moeB), "llamaAB1" (llamaA with the
-// tensors of llamaB's first shard file), and "big", a 200 MiB synthetic Llama (support/
-// synthetic_checkpoint.h) whose updates take long enough to be caught running. What a rank must
-// hold is what `weightctl shard --tp 2` writes offline for the same checkpoint, read back with
-// weightd's own safetensors reader (Checkpoint).
+// tensors of llamaB's first shard file), "llamaAL1" (llamaA with llamaB's layer 1), and "big", a
+// 200 MiB synthetic Llama (support/ synthetic_checkpoint.h) whose updates take long enough to be
+// caught running. What a rank must hold is what `weightctl shard --tp 2` writes offline for the
+// same checkpoint, read back with weightd's own safetensors reader (Checkpoint).
 //
 // Every test starts a daemon of its own (UpdateTest::StartDaemon, --backend host unless it says
 // otherwise) and stops it with SIGTERM, which must exit 0. Every wait is bounded. Races that a
@@ -121,6 +121,11 @@ for name, file in weight_map.items():
     if file == "model-00001-of-00003.safetensors":
         ab1[name] = lb[name]
 hf.write(root + "/llamaAB1", ab1, lcfg)
+al1 = dict(la)
+for name in lb:
+    if name.startswith("model.layers.1."):
+        al1[name] = lb[name]
+hf.write(root + "/llamaAL1", al1, lcfg)
 moe = dict(H=128, nH=4, nKV=2, E=4, Ie=128, V=1000, layers=2)
 a, cfg = hf.make(root + "/moeA", "mixtral", seed=3, **moe)
 b, _ = hf.make(root + "/moeB", "mixtral", seed=4, **moe)
@@ -473,6 +478,9 @@ class UpdateTest : public ::testing::Test {
   // Update, rollback, rollback again (RollbackRestoresThePreviousGeneration and its variant);
   // the daemon keeps the previous generation.
   void Rollback();
+  // A one-layer update of a model whose ranks are three arenas each
+  // (OneLayerUpdateReplacesOnlyThatLayersArenas and its variant).
+  void OneLayerUpdate();
 
   std::string dir_;
   std::string socket_;
@@ -676,8 +684,176 @@ void UpdateTest::PartialUpdate() {
   ExpectServes("moe", 2, want_a2, "new attachments after the partial update");
 }
 
-// Refused and failing updates publish nothing: generation 1 serves on, byte for byte, and status
-// shows the update's error.
+// /proc/self/maps: the inode of the file mapped at `p` (0 when none is).
+uint64_t MappedInode(const void* p) {
+  std::ifstream maps("/proc/self/maps");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (std::string line; std::getline(maps, line);) {
+    unsigned long long lo = 0, hi = 0, inode = 0;
+    char perms[8] = {}, dev[16] = {};
+    unsigned long long off = 0;
+    if (std::sscanf(line.c_str(), "%llx-%llx %7s %llx %15s %llu", &lo, &hi, perms, &off, dev,
+                    &inode) != 6) {
+      continue;
+    }
+    if (a >= lo && a < hi) return inode;
+  }
+  return 0;
+}
+
+uint64_t AlignedBytes(uint64_t n) { return (n + 255) / 256 * 256; }
+
+// Segments (docs/PROTOCOL.md "attach"): with arena_segment_bytes 1 every decoder layer of the
+// small Llama has an arena of its own, and embeddings/norm/lm_head one more, so each rank is
+// three arenas. An update of layer 1's tensors allocates a new arena for that layer's segment
+// of each rank only, copies nothing, and shares the other arenas with generation 1 (the model's
+// memory grows by exactly those two arenas while generation 1 is still mapped). After
+// refresh(), the tensors of the other segments are still mapped from the very same memfds (no
+// remap), layer 1's from new ones at the same addresses, and every rank equals `weightctl shard`
+// of the new checkpoint.
+TEST_F(UpdateTest, OneLayerUpdateReplacesOnlyThatLayersArenas) {
+  ASSERT_TRUE(StartDaemon({{"arena_segment_bytes", 1}})) << Slurp(dir_ + "/weightd.log");
+  OneLayerUpdate();
+}
+
+void UpdateTest::OneLayerUpdate() {
+  const std::vector<RankBytes>& want_a = Shard("llamaA");
+  const std::vector<RankBytes>& want_new = Shard("llamaAL1");
+  ASSERT_EQ(want_a.size(), 2u);
+  ASSERT_EQ(want_new.size(), 2u);
+  auto in_layer1 = [](const std::string& name) {
+    return name.find("layers.1.") != std::string::npos;
+  };
+  // Sanity: the new checkpoint differs from llamaA in exactly layer 1's targets, all of them.
+  for (int r = 0; r < 2; ++r) {
+    size_t layer1 = 0;
+    for (const auto& [name, bytes] : want_a[r]) layer1 += in_layer1(name) ? 1 : 0;
+    const std::vector<std::string> changed = ChangedNames(want_a[r], want_new[r]);
+    EXPECT_EQ(changed.size(), layer1) << absl::StrJoin(changed, ", ");
+    for (const std::string& n : changed) EXPECT_TRUE(in_layer1(n)) << n;
+  }
+  ASSERT_EQ(Load("m", "llamaA", 2), "");
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(Metric("weightd_rank_arenas{model=\"m\",rank=\"" + std::to_string(r) + "\"}"), "3");
+  }
+  const ModelInfo before = Info("m");
+  uint64_t model_bytes = 0;
+  for (const RankStatusInfo& r : before.ranks) model_bytes += r.arena_bytes;
+  EXPECT_EQ(Metric("weightd_model_arena_bytes{model=\"m\"}"), std::to_string(model_bytes));
+
+  absl::StatusOr<Client> c = Connect();
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::vector<Attachment> att;
+  std::vector<std::vector<const void*>> data(2);
+  std::vector<std::vector<uint64_t>> inode(2);
+  uint64_t layer1_bytes = 0;  // the new arenas: layer 1's targets of both ranks, aligned
+  size_t layer1_targets = 0, targets = 0;
+  for (int r = 0; r < 2; ++r) {
+    absl::StatusOr<Attachment> a = c->Attach("m", r);
+    ASSERT_TRUE(a.ok()) << a.status();
+    EXPECT_THAT(Differences(*a, want_a[r]), IsEmpty()) << "rank " << r;
+    std::set<uint64_t> files;
+    for (const TensorView& t : a->tensors()) {
+      data[r].push_back(t.data);
+      if (t.device < 0) {
+        inode[r].push_back(MappedInode(t.data));
+        EXPECT_NE(inode[r].back(), 0u) << t.name;
+        files.insert(inode[r].back());
+      }
+      if (in_layer1(t.name)) {
+        layer1_bytes += AlignedBytes(t.nbytes);
+        ++layer1_targets;
+      }
+      ++targets;
+    }
+    if (a->tensors().front().device < 0) {
+      EXPECT_EQ(files.size(), 3u) << "rank " << r << " is not mapped from three memfds";
+    }
+    att.push_back(std::move(*a));
+  }
+  ASSERT_GT(layer1_bytes, 0u);
+  ASSERT_LT(layer1_bytes, model_bytes / 2);
+
+  absl::StatusOr<Checkpoint> b = Checkpoint::Open(Model("llamaB"));
+  ASSERT_TRUE(b.ok()) << b.status();
+  std::vector<UpdateTensor> tensors;
+  for (const CheckpointTensor& t : b->tensors()) {
+    if (!in_layer1(t.name) || t.name.find("rotary_emb") != std::string::npos) continue;
+    absl::StatusOr<std::span<const std::byte>> d = b->MapTensor(t);
+    ASSERT_TRUE(d.ok()) << d.status();
+    tensors.push_back({t.name, t.dtype, t.shape, d->data(), d->size()});
+  }
+  absl::StatusOr<UpdateResult> u = c->UpdateTensors("m", tensors);
+  ASSERT_TRUE(u.ok()) << u.status();
+  EXPECT_EQ(u->generation, 2u);
+  EXPECT_EQ(u->ranks_rewritten, 2u);
+  EXPECT_EQ(u->segments_rewritten, 2u);  // one arena per rank
+  EXPECT_EQ(u->bytes_allocated, layer1_bytes);
+  EXPECT_EQ(u->bytes_copied, 0u);  // layer 1's targets are all new: nothing comes from gen 1
+  EXPECT_EQ(u->targets_rewritten, layer1_targets);
+  EXPECT_EQ(u->targets_copied, targets - layer1_targets);
+  // Generation 1 is still mapped by the attachments: the model holds its arenas plus the two
+  // new ones, not a second copy of the ranks.
+  EXPECT_EQ(Metric("weightd_model_arena_bytes{model=\"m\"}"),
+            std::to_string(model_bytes + layer1_bytes));
+  EXPECT_EQ(Held("m"), "2");
+
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    EXPECT_THAT(Differences(att[r], want_a[r]), IsEmpty()) << "before refresh";
+    absl::StatusOr<bool> moved = att[r].Refresh();
+    ASSERT_TRUE(moved.ok()) << moved.status();
+    EXPECT_TRUE(*moved);
+    EXPECT_EQ(att[r].generation(), 2u);
+    EXPECT_TRUE(att[r].Verify().ok()) << att[r].Verify();
+    EXPECT_THAT(Differences(att[r], want_new[r]), IsEmpty()) << "after refresh";
+    const std::vector<TensorView>& views = att[r].tensors();
+    for (size_t i = 0; i < views.size(); ++i) {
+      EXPECT_EQ(views[i].data, data[r][i]) << views[i].name;
+      if (views[i].device >= 0) continue;
+      const uint64_t now = MappedInode(views[i].data);
+      if (in_layer1(views[i].name)) {
+        EXPECT_NE(now, inode[r][i]) << views[i].name << " still maps generation 1's memfd";
+      } else {
+        EXPECT_EQ(now, inode[r][i]) << views[i].name << " was remapped";
+      }
+    }
+  }
+  ExpectServes("m", 2, want_new, "new attachments after the one-layer update");
+  // Nothing maps generation 1 any more: only its layer-1 arenas go, the rest is generation 2's.
+  EXPECT_TRUE(WaitUntil([&] { return Held("m") == "1"; }, seconds(5))) << Held("m");
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        return Metric("weightd_model_arena_bytes{model=\"m\"}") == std::to_string(model_bytes);
+      },
+      seconds(5)))
+      << Metric("weightd_model_arena_bytes{model=\"m\"}");
+
+  // A second update, of layer 0's q_proj only: one arena per rank again, and what it copies
+  // from generation 2 is that segment, layer 0 (its other targets, and the fused qkv_proj
+  // whole before q's rows are written over it), nothing of the other segments.
+  const CheckpointTensor* q = b->Find("model.layers.0.self_attn.q_proj.weight");
+  ASSERT_NE(q, nullptr);
+  absl::StatusOr<std::span<const std::byte>> qd = b->MapTensor(*q);
+  ASSERT_TRUE(qd.ok());
+  const UpdateTensor q_update{q->name, q->dtype, q->shape, qd->data(), qd->size()};
+  absl::StatusOr<UpdateResult> u3 = c->UpdateTensors("m", std::span(&q_update, 1));
+  ASSERT_TRUE(u3.ok()) << u3.status();
+  EXPECT_EQ(u3->generation, 3u);
+  EXPECT_EQ(u3->segments_rewritten, 2u);
+  EXPECT_EQ(u3->bytes_copied, u3->bytes_allocated);
+  EXPECT_LT(u3->bytes_allocated, model_bytes / 2);
+  for (int r = 0; r < 2; ++r) {
+    absl::StatusOr<bool> moved = att[r].Refresh();
+    ASSERT_TRUE(moved.ok()) << moved.status();
+    EXPECT_TRUE(*moved);
+    EXPECT_TRUE(att[r].Verify().ok()) << att[r].Verify();
+    const std::vector<std::string> diff = Differences(att[r], want_new[r]);
+    ASSERT_EQ(diff.size(), 1u) << absl::StrJoin(diff, ", ");
+    EXPECT_THAT(diff[0], HasSubstr("layers.0.self_attn.qkv_proj")) << "rank " << r;
+  }
+}
+
 TEST_F(UpdateTest, FailedUpdatesLeaveGenerationNServing) {
   ASSERT_TRUE(StartDaemon()) << Slurp(dir_ + "/weightd.log");
   const std::vector<RankBytes>& want_a = Shard("llamaA");
@@ -1997,6 +2173,18 @@ TEST_F(UpdateTest, RollbackOnDeviceArenas) {
     GTEST_SKIP() << "weightd --backend cuda does not start here: " << Slurp(dir_ + "/weightd.log");
   }
   Rollback();
+}
+
+// The one-layer update of a three-arena model with device arenas: refresh remaps layer 1's
+// arena only, at the same device addresses.
+TEST_F(UpdateTest, OneLayerUpdateReplacesOnlyThatLayersArenasOnDeviceArenas) {
+  if (std::getenv("WEIGHTD_CUDA_DRIVER") == nullptr && ::access("/dev/nvidiactl", F_OK) != 0) {
+    GTEST_SKIP() << "no CUDA driver: runs as sim:update_test_cuda or on a GPU";
+  }
+  if (!StartDaemon({{"arena_segment_bytes", 1}}, "cuda")) {
+    GTEST_SKIP() << "weightd --backend cuda does not start here: " << Slurp(dir_ + "/weightd.log");
+  }
+  OneLayerUpdate();
 }
 
 // The partial update with device arenas: the copies of generation N's bytes and the checksums

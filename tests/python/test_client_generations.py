@@ -434,7 +434,8 @@ def test_update_with_a_dict_sends_one_sealed_safetensors_memfd(fake):
     assert open_fds() == before + 1               # only the fake's own reference remains
     assert reply == {"name": "m", "generation": 3, "state": "ready", "seconds": 0.5,
                      "bytes_read": 16, "ranks_rewritten": 1, "targets_rewritten": 1,
-                     "targets_copied": 0}
+                     "targets_copied": 0, "segments_rewritten": 0, "bytes_allocated": 0,
+                     "bytes_copied": 0}
     req = [r for r in fake.requests if r["op"] == "update"][0]
     assert req["wait"] is True and "checkpoint" not in req
     assert len(fake.update_fds) == 1

@@ -38,6 +38,8 @@ EXPECTED = {
     "weightd_model_generations_held": "gauge",
     "weightd_rank_ready": "gauge",
     "weightd_rank_arena_bytes": "gauge",
+    "weightd_rank_arenas": "gauge",
+    "weightd_model_arena_bytes": "gauge",
     "weightd_rank_leases": "gauge",
     "weightd_load_bytes_done": "gauge",
     "weightd_load_bytes_total": "gauge",

@@ -27,11 +27,12 @@
 #include "weightd/file_util.h"
 #include "weightd/handoff.h"
 #include "weightd/host_backend.h"
-#include "weightd/log.h"
 #include "weightd/kernels/copy.h"
+#include "weightd/log.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
 #include "weightd/registry.h"
+#include "weightd/segment_plan.h"
 #ifdef WEIGHTD_HAVE_CUDA_BACKEND
 #include "weightd/cuda_backend.h"
 #endif
@@ -1214,6 +1215,166 @@ TEST_F(RegistryTest, MetricsText) {
   EXPECT_THAT(m, HasSubstr("weightd_models 1\n"));
   EXPECT_THAT(m, HasSubstr("weightd_rank_ready{model=\"m\",rank=\"0\"} 1\n"));
   EXPECT_THAT(m, HasSubstr("weightd_loads_total 1\n"));
+}
+
+// ---- segments (segment_plan.h) ----
+
+TEST(SegmentPlanTest, LayerOfFindsTheDecoderLayer) {
+  EXPECT_EQ(LayerOf("model.layers.0.self_attn.qkv_proj.weight"), 0u);
+  EXPECT_EQ(LayerOf("model.layers.31.mlp.down_proj.weight"), 31u);
+  EXPECT_EQ(LayerOf("layers.7.attention.wq.weight"), 7u);
+  EXPECT_EQ(LayerOf("model.language_model.layers.12.mlp.w2"), 12u);
+  EXPECT_EQ(LayerOf("model.embed_tokens.weight"), std::nullopt);
+  EXPECT_EQ(LayerOf("lm_head.weight"), std::nullopt);
+  EXPECT_EQ(LayerOf("model.norm.weight"), std::nullopt);
+  EXPECT_EQ(LayerOf("model.sublayers.3.w"), std::nullopt);  // not a '.layers.' component
+  EXPECT_EQ(LayerOf("model.layers.x.w"), std::nullopt);
+  EXPECT_EQ(LayerOf("model.layers.3"), std::nullopt);
+}
+
+// A hand-made plan of one rank: names sorted, offsets laid out as BuildPlan does, a piece per
+// target (source i -> target i) and a zero-fill and a cast on lm_head.
+Plan SegmentTestPlan() {
+  Plan plan;
+  plan.files.push_back({"/x.safetensors", 1 << 20, 1 << 20, std::nullopt});
+  const std::vector<std::pair<std::string, uint64_t>> targets = {
+      {"lm_head.weight", 1000},         {"model.embed_tokens.weight", 1000},
+      {"model.layers.0.a.weight", 300}, {"model.layers.0.b.weight", 100},
+      {"model.layers.1.a.weight", 300}, {"model.layers.10.a.weight", 300},
+      {"model.layers.2.a.weight", 300}, {"model.norm.weight", 10},
+  };
+  RankPlan rp;
+  rp.rank = 3;
+  uint64_t offset = 0, src = 0;
+  for (uint32_t i = 0; i < targets.size(); ++i) {
+    PlanTarget t;
+    t.name = targets[i].first;
+    t.dtype = DType::kU8;
+    t.shape = {static_cast<int64_t>(targets[i].second)};
+    t.offset = offset;
+    t.nbytes = targets[i].second;
+    offset = (offset + t.nbytes + kTargetAlignment - 1) / kTargetAlignment * kTargetAlignment;
+    rp.targets.push_back(t);
+    plan.sources.push_back({t.name, DType::kU8, t.shape, 0, src, t.nbytes});
+    src += t.nbytes;
+    PlanPiece p;
+    p.source = i;
+    p.target = i;
+    p.src_shape = p.dst_shape = p.extent = {1, 1, t.shape[0]};
+    rp.pieces.push_back(p);
+  }
+  rp.arena_bytes = offset;
+  rp.zero_fills.push_back({0, 900, 100});
+  rp.transforms.push_back({PlanTransform::Kind::kCast, 0, DType::kU8, DType::kU8});
+  plan.ranks.push_back(rp);
+  return plan;
+}
+
+TEST(SegmentPlanTest, ConsecutiveLayersShareASegmentUpToTheTarget) {
+  const Plan plan = SegmentTestPlan();
+  // Aligned layer sizes: layer 0 768 bytes, layers 1, 2 and 10 512 each.
+  SegmentAssignment a = ChooseSegments(plan, 1024);
+  ASSERT_EQ(a.size(), 1u);
+  // Names in plan order: lm_head, embed, L0.a, L0.b, L1, L10, L2, norm.
+  EXPECT_EQ(a[0], (std::vector<uint32_t>{0, 0, 1, 1, 2, 3, 2, 0}));
+  // A target below one layer: one layer per segment.
+  EXPECT_EQ(ChooseSegments(plan, 1)[0], (std::vector<uint32_t>{0, 0, 1, 1, 2, 4, 3, 0}));
+  // Large enough for every layer: one segment of layers.
+  EXPECT_EQ(ChooseSegments(plan, 1 << 20)[0], (std::vector<uint32_t>{0, 0, 1, 1, 1, 1, 1, 0}));
+  // 0: one arena per rank.
+  EXPECT_EQ(ChooseSegments(plan, 0)[0], (std::vector<uint32_t>(8, 0)));
+}
+
+TEST(SegmentPlanTest, SplitRelaysTargetsAndRemapsPiecesPerSegment) {
+  const Plan plan = SegmentTestPlan();
+  absl::StatusOr<SegmentedPlan> sp = SplitPlan(plan, ChooseSegments(plan, 1024));
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  ASSERT_EQ(sp->plan.ranks.size(), 4u);
+  EXPECT_EQ(sp->segments_of, (std::vector<std::vector<size_t>>{{0, 1, 2, 3}}));
+  EXPECT_EQ(sp->rank_of, (std::vector<size_t>{0, 0, 0, 0}));
+  EXPECT_EQ(sp->segment_in_rank, (std::vector<uint32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(sp->input_target[0], (std::vector<uint32_t>{0, 1, 7}));
+  EXPECT_EQ(sp->input_target[2], (std::vector<uint32_t>{4, 6}));
+  EXPECT_EQ(sp->plan.sources.size(), plan.sources.size());
+  uint64_t total = 0;
+  for (size_t s = 0; s < sp->plan.ranks.size(); ++s) {
+    const RankPlan& seg = sp->plan.ranks[s];
+    EXPECT_EQ(seg.rank, 3);
+    uint64_t end = 0;
+    for (size_t t = 0; t < seg.targets.size(); ++t) {
+      EXPECT_EQ(seg.targets[t].offset, end) << seg.targets[t].name;  // laid out from 0
+      end = (end + seg.targets[t].nbytes + 255) / 256 * 256;
+      const uint32_t in = sp->input_target[s][t];
+      EXPECT_EQ(seg.targets[t].name, plan.ranks[0].targets[in].name);
+      EXPECT_EQ(sp->where[0][in], (std::pair<size_t, uint32_t>{s, static_cast<uint32_t>(t)}));
+    }
+    EXPECT_EQ(seg.arena_bytes, end);
+    total += seg.arena_bytes;
+    // Each piece feeds the target of its own source, re-numbered within the segment.
+    ASSERT_EQ(seg.pieces.size(), seg.targets.size());
+    for (const PlanPiece& p : seg.pieces) {
+      EXPECT_EQ(sp->plan.sources[p.source].name, seg.targets[p.target].name);
+    }
+  }
+  EXPECT_EQ(total, 2 * 1024u + 256u + 768u + 2 * 512u + 512u);
+  EXPECT_EQ(sp->plan.ranks[1].targets[0].name, "model.layers.0.a.weight");
+  ASSERT_EQ(sp->plan.ranks[0].zero_fills.size(), 1u);
+  EXPECT_EQ(sp->plan.ranks[0].zero_fills[0].target, 0u);
+  ASSERT_EQ(sp->plan.ranks[0].transforms.size(), 1u);
+  EXPECT_TRUE(sp->plan.ranks[1].zero_fills.empty());
+
+  // One segment: the layout of a daemon before segments, offset for offset.
+  absl::StatusOr<SegmentedPlan> one = SplitPlan(plan, ChooseSegments(plan, 0));
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_EQ(one->plan.ranks.size(), 1u);
+  EXPECT_EQ(one->plan.ranks[0].arena_bytes, plan.ranks[0].arena_bytes);
+  for (size_t t = 0; t < plan.ranks[0].targets.size(); ++t) {
+    EXPECT_EQ(one->plan.ranks[0].targets[t].offset, plan.ranks[0].targets[t].offset);
+  }
+}
+
+TEST(SegmentPlanTest, SplitRefusesAnAssignmentThatDoesNotFit) {
+  const Plan plan = SegmentTestPlan();
+  absl::StatusOr<SegmentedPlan> sp = SplitPlan(plan, {});
+  ASSERT_FALSE(sp.ok());
+  EXPECT_EQ(sp.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(sp.status().message()), HasSubstr("plan has 1"));
+  sp = SplitPlan(plan, {{0, 0, 2, 2, 2, 2, 2, 0}});
+  ASSERT_FALSE(sp.ok());
+  EXPECT_THAT(std::string(sp.status().message()),
+              HasSubstr("rank 3: segment numbers 0..2 leave a gap"));
+  sp = SplitPlan(plan, {{0, 0}});
+  ASSERT_FALSE(sp.ok());
+  EXPECT_THAT(std::string(sp.status().message()),
+              HasSubstr("rank 3: segments are given for 2 targets"));
+}
+
+TEST(ConfigTest, ArenaSegmentBytes) {
+  auto c = ParseConfig("{}", "t.json");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->arena_segment_bytes, 256ull << 20);
+  c = ParseConfig(R"({"arena_segment_bytes":"64MiB"})", "t.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->arena_segment_bytes, 64ull << 20);
+  c = ParseConfig(R"({"arena_segment_bytes":0})", "t.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->arena_segment_bytes, 0u);
+  ExpectConfigError(R"({"arena_segment_bytes":"lots"})", "arena_segment_bytes");
+}
+
+TEST(HandoffTest, RecordsCarrySeveralArenasPerRank) {
+  ModelRecord rec;
+  rec.name = "m";
+  rec.backend = "host";
+  rec.spec.checkpoint = "/models/m";
+  rec.ranks.push_back({0, -1, 4096, 100, 7, 5});
+  absl::StatusOr<ModelRecord> back = ParseModelRecord(EncodeModelRecord(rec));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ranks[0].parts, 5);
+  rec.ranks[0].parts = 0;
+  back = ParseModelRecord(EncodeModelRecord(rec));
+  ASSERT_FALSE(back.ok());
+  EXPECT_THAT(std::string(back.status().message()), HasSubstr("ranks[].parts"));
 }
 
 }  // namespace

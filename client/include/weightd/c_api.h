@@ -148,7 +148,8 @@ WD_API int wd_metrics(wd_client* c, char** out_text);
  * shapes) as model `name`'s next generation. `wait` == 0: returns once the daemon accepted the
  * update; != 0: once the new generation is published, or with the update's error. On success
  * *out_json (free with wd_string_free; out_json may be NULL) is {"name","generation","state",
- * "seconds","bytes_read","ranks_rewritten","targets_rewritten","targets_copied"}: without wait
+ * "seconds","bytes_read","ranks_rewritten","targets_rewritten","targets_copied",
+ * "segments_rewritten","bytes_allocated","bytes_copied"} (client.h UpdateResult): without wait
  * "state" is "updating", "generation" the one the update will publish and the counts 0.
  * WD_INVALID_ARGUMENT naming an unknown tensor (with the nearest names) or one whose dtype or
  * shape differs; WD_FAILED_PRECONDITION naming the model's state (loading, updating, ...). */

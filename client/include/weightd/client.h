@@ -80,7 +80,8 @@ struct RankStatusInfo {
   int rank = 0;
   int device = -1;    // -1 = host memory
   std::string state;  // "loading", "ready", "failed", "unloading"
-  uint64_t arena_bytes = 0;
+  uint64_t arena_bytes = 0;  // of all its arenas together
+  uint32_t arenas = 0;       // the rank's arenas (segments); 0 from daemons before segments
   uint32_t tensors = 0;
   uint64_t lease_count = 0;  // leases held on the rank
   // Some of them: a status reply lists at most 64 leases in all (the oldest first).
@@ -125,6 +126,13 @@ struct UpdateResult {
   uint64_t ranks_rewritten = 0;    // ranks that got a new arena
   uint64_t targets_rewritten = 0;  // engine parameters written from the new tensors
   uint64_t targets_copied = 0;     // engine parameters copied from the previous generation
+  // A rank's memory is several arenas (segments of whole layers, docs/PROTOCOL.md "Segments"):
+  // the arenas the update replaced, the bytes it allocated for them, and the bytes of them it
+  // copied from the previous generation. The other arenas are shared with it. 0 from daemons
+  // before segments.
+  uint64_t segments_rewritten = 0;
+  uint64_t bytes_allocated = 0;
+  uint64_t bytes_copied = 0;
 };
 
 // One tensor for Client::UpdateTensors, in host memory, under the checkpoint's (Hugging Face)
@@ -309,7 +317,8 @@ class Client {
 std::string ModelsToJson(const std::vector<ModelInfo>& models, int indent = -1);
 
 // `{"name", "generation", "state", "seconds", "bytes_read", "ranks_rewritten",
-// "targets_rewritten", "targets_copied"}`: an update's answer as the C ABI and weightctl print it.
+// "targets_rewritten", "targets_copied", "segments_rewritten", "bytes_allocated", "bytes_copied"}`:
+// an update's answer as the C ABI and weightctl print it.
 std::string UpdateResultToJson(const std::string& name, const UpdateResult& r, int indent = -1);
 
 }  // namespace weightd

@@ -223,7 +223,9 @@ class Client:
     def update(self, name, tensors_or_checkpoint, wait=True):
         """Publishes new weights for model `name` as its next generation; returns the daemon's
         reply as a dict: name, generation, state ("ready" once published, "updating" with
-        wait=False), seconds, bytes_read, ranks_rewritten, targets_rewritten, targets_copied (0
+        wait=False), seconds, bytes_read, ranks_rewritten, targets_rewritten, targets_copied,
+        segments_rewritten, bytes_allocated, bytes_copied (the arenas the update replaced, the
+        bytes it allocated for them and copied into them from the previous generation; all 0
         with wait=False).
 
         tensors_or_checkpoint: a str or os.PathLike is a checkpoint (directory or .safetensors

@@ -70,6 +70,7 @@ absl::StatusOr<ModelInfo> DecodeModel(const json& j) {
       if (!JsonField(r, "state", &ri.state)) return bad("state");
       if (!JsonField(r, "arena_bytes", &ri.arena_bytes)) return bad("arena_bytes");
       if (!JsonField(r, "tensors", &ri.tensors)) return bad("tensors");
+      if (!JsonField(r, "arenas", &ri.arenas)) return bad("arenas");
       const auto leases = r.find("leases");
       if (leases != r.end() && leases->is_array()) {
         for (const json& l : *leases) {
@@ -176,6 +177,16 @@ absl::StatusOr<AttachResult> DecodeAttachResult(const json& result) {
   if (!JsonField(result, "generation", &r.generation)) {
     return Malformed("attach 'generation' is not an unsigned integer");
   }
+  if (result.contains("arena_ids")) {
+    const json& ids = result["arena_ids"];
+    if (!ids.is_array()) return Malformed("attach 'arena_ids' is not an array");
+    for (const json& id : ids) {
+      if (!id.is_number_unsigned()) {
+        return Malformed("attach 'arena_ids' holds something other than unsigned integers");
+      }
+      r.arena_ids.push_back(id.get<uint64_t>());
+    }
+  }
   if (result.contains("arena_info")) {
     const json& info = result["arena_info"];
     if (!info.is_array()) return Malformed("attach 'arena_info' is not an array");
@@ -225,7 +236,10 @@ absl::StatusOr<UpdateResult> DecodeUpdateResult(const json& result) {
   for (const auto& [key, out] : {std::pair<const char*, uint64_t*>{"bytes_read", &r.bytes_read},
                                  {"ranks_rewritten", &r.ranks_rewritten},
                                  {"targets_rewritten", &r.targets_rewritten},
-                                 {"targets_copied", &r.targets_copied}}) {
+                                 {"targets_copied", &r.targets_copied},
+                                 {"segments_rewritten", &r.segments_rewritten},
+                                 {"bytes_allocated", &r.bytes_allocated},
+                                 {"bytes_copied", &r.bytes_copied}}) {
     if (!JsonField(result, key, out)) {
       return Malformed(absl::StrCat("update '", key, "' is not an unsigned integer"));
     }
@@ -269,6 +283,10 @@ absl::StatusOr<std::vector<std::string>> CheckAttachManifest(const Manifest& m,
   if (m.model != model || static_cast<int64_t>(m.rank) != rank) {
     return absl::InternalError(absl::StrCat("manifest is for model '", m.model, "' rank ", m.rank,
                                             ", not '", model, "' rank ", rank));
+  }
+  if (!reply.arena_ids.empty() && reply.arena_ids.size() != m.arenas.size()) {
+    return absl::InternalError(
+        absl::StrCat("attach reply's arena_ids is not an array of ", m.arenas.size(), " entries"));
   }
   if (reply.has_arena_info && reply.device_uuids.size() != m.arenas.size()) {
     return absl::InternalError(

@@ -45,6 +45,9 @@ struct AttachResult {
   bool has_arena_info = false;
   // arena_info[i].device_uuid, "" where absent; one entry per arena when has_arena_info.
   std::vector<std::string> device_uuids;
+  // arena_ids (daemons with segments): one per arena, equal ids = the same memory; empty when
+  // absent.
+  std::vector<uint64_t> arena_ids;
 };
 absl::StatusOr<AttachResult> DecodeAttachResult(const nlohmann::json& result);
 

@@ -44,6 +44,11 @@ struct DaemonConfig {
   // Keep the generation an update replaced, for `rollback` (one more copy of the ranks the
   // update rewrote stays in memory).
   bool keep_previous_generation = false;
+  // Size target of a rank's arenas ("segments", segment_plan.h): consecutive decoder layers share
+  // an arena until it would exceed this many bytes; embeddings, norms and lm_head have one of
+  // their own. An update allocates and fills new arenas for the segments it touches only. 0 =
+  // one arena per rank.
+  uint64_t arena_segment_bytes = 256ull << 20;
   uint64_t max_request_bytes = kDefaultMaxRequestBytes;
   int hello_timeout_ms = 10000;   // clients that send no hello within this are disconnected
   int io_threads = 4;             // reader/copier threads per load

@@ -33,6 +33,7 @@
 #include "weightd/backend.h"
 #include "weightd/manifest.h"
 #include "weightd/plan.h"
+#include "weightd/segment_plan.h"
 
 namespace weightd {
 
@@ -144,6 +145,16 @@ absl::Status CheckPlanPiece(const Plan& plan, const RankPlan& rp, const PlanPiec
 absl::StatusOr<Manifest> BuildRankManifest(const Plan& plan, size_t rank_index, const Arena& arena,
                                            absl::string_view model, int device, int threads,
                                            const std::vector<int64_t>* known = nullptr);
+
+// The manifest of input rank `rank` of a segmented plan (segment_plan.h) whose segments' arenas
+// are sealed: arena k of the manifest is `arenas[k]` (segment sp.segments_of[rank][k]), tensors
+// in the input rank's target order (names sorted, as an unsegmented manifest lists them) at
+// their segment-relative offsets. CRC32C as BuildRankManifest, `known` indexed by the input
+// rank's targets; only tensors without a known CRC32C are read (from host arenas).
+absl::StatusOr<Manifest> BuildSegmentedManifest(const SegmentedPlan& sp, size_t rank,
+                                                std::span<const Arena* const> arenas,
+                                                absl::string_view model, int device, int threads,
+                                                const std::vector<int64_t>* known = nullptr);
 
 }  // namespace weightd
 

@@ -60,13 +60,16 @@ absl::StatusOr<FdName> ParseFdName(absl::string_view name);
 // Decodes an escaped token back to the model name; NOT_FOUND for a hashed token.
 absl::StatusOr<std::string> DecodeModelToken(absl::string_view token);
 
+// Most arenas (segments, segment_plan.h) one rank may have in a record.
+inline constexpr int kMaxArenasPerRank = 4096;
+
 struct RankRecord {
   int rank = 0;
   int device = -1;              // ordinal in the daemon that wrote the record; -1 = host
-  uint64_t arena_bytes = 0;     // size of the rank's (single) arena
+  uint64_t arena_bytes = 0;     // bytes of the rank's arenas together
   uint64_t manifest_bytes = 0;  // exact size of the manifest memfd
   uint32_t tensors = 0;
-  int parts = 1;  // arena fds of the rank
+  int parts = 1;  // arena fds of the rank (its segments, in manifest arena order)
   // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" of the device holding a device arena: the
   // successor finds the device by it, as its CUDA_VISIBLE_DEVICES may order devices otherwise.
   // Empty for host arenas and in records of daemons that did not write it ("device" is used).

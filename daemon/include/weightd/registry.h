@@ -24,8 +24,8 @@
 #include <sys/types.h>
 
 #include <atomic>
-#include <deque>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -45,6 +45,7 @@
 #include "weightd/executor.h"
 #include "weightd/handoff.h"
 #include "weightd/protocol.h"
+#include "weightd/segment_plan.h"
 #include "weightd/unique_fd.h"
 
 namespace weightd {
@@ -79,7 +80,8 @@ struct RankStatus {
   int rank = 0;
   int device = -1;
   RankState state = RankState::kLoading;
-  uint64_t arena_bytes = 0;
+  uint64_t arena_bytes = 0;  // of all its arenas (segments) together
+  uint32_t arenas = 0;       // its arenas in the newest generation
   uint32_t tensors = 0;
   uint64_t lease_count = 0;       // leases held on the rank
   std::vector<LeaseInfo> leases;  // some of them (kStatusMaxListedLeases)
@@ -126,6 +128,13 @@ struct UpdateReport {
   size_t ranks_rewritten = 0;
   size_t targets_rewritten = 0;  // targets (of all ranks) fed by new tensors
   size_t targets_copied = 0;     // targets carried over from the previous generation
+  // Arenas (segments, segment_plan.h) of all ranks that the update replaced, their bytes (the
+  // new memory it allocated) and the bytes of them it copied from the previous generation
+  // (targets of a replaced segment that the new tensors do not cover completely). The other
+  // arenas are shared with the previous generation.
+  size_t segments_rewritten = 0;
+  uint64_t bytes_allocated = 0;
+  uint64_t bytes_copied = 0;
 };
 
 struct RollbackReport {
@@ -157,6 +166,9 @@ struct AttachGrant {
   // Per arena (same order): the device UUID as 32 lowercase hex digits for a device arena,
   // empty for a host arena.
   std::vector<std::string> arena_device_uuids;
+  // Per arena: its daemon-wide identity (Registry::Segment::id). Equal ids are the same memory,
+  // so a refreshing client keeps the mapping of an arena it maps already.
+  std::vector<uint64_t> arena_ids;
 };
 
 class Reaper;  // registry_internal.h
@@ -260,6 +272,7 @@ class Registry {
 
  private:
   struct Model;
+  struct Segment;
   struct RankMemory;
   struct Generation;
   struct PlannedModel;
@@ -279,10 +292,14 @@ class Registry {
   absl::Status Execute(absl::string_view what, const Plan& plan, std::span<Arena* const> arenas,
                        std::optional<IoMode> io_mode, LoadProgress* progress,
                        TargetChecksums* crcs);
-  // Seals rank `i`'s arena and makes its manifest (CRCs from `known` where >= 0).
+  // Seals a freshly written arena and gives it its id.
+  absl::StatusOr<std::shared_ptr<const Segment>> MakeSegment(std::unique_ptr<Arena> arena);
+  // The memory of input rank `r` of `plan` from its sealed `segments` (segments_of[r] order)
+  // and its manifest (CRCs from `known`, indexed by the rank's targets, where >= 0).
   absl::StatusOr<std::shared_ptr<const RankMemory>> SealRank(
-      absl::string_view model, const Plan& plan, size_t i, std::unique_ptr<Arena> arena,
-      int device, const std::vector<int64_t>* known) const;
+      absl::string_view model, const SegmentedPlan& plan, size_t r,
+      std::vector<std::shared_ptr<const Segment>> segments, int device,
+      const std::vector<int64_t>* known) const;
   // Makes `next` the newest generation, keeping the current one as previous when configured
   // to, and signals event_fd(); PruneLocked()s.
   void PublishLocked(Model& m, std::shared_ptr<Generation> next)
@@ -332,6 +349,7 @@ class Registry {
   absl::Mutex admission_mu_;
   std::unique_ptr<CudaStaging> staging_ ABSL_GUARDED_BY(staging_mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
+  std::atomic<uint64_t> next_arena_id_{1};
   // Leases held per connection, on all models (for max_leases_per_connection).
   std::map<uint64_t, uint64_t> connection_leases_ ABSL_GUARDED_BY(mu_);
   int running_loads_ ABSL_GUARDED_BY(mu_) = 0;
