@@ -363,7 +363,9 @@ TEST(DaemonLimitsTest, ConnectionCapPerUid) {
               HasSubstr("uid " + std::to_string(::geteuid())));
   const std::optional<std::string> other =
       testing::AsNobody({}, [&] { return Raw(d.socket()).Call(kHello).dump(); });
-  if (other) EXPECT_THAT(*other, HasSubstr("\"ok\":true")) << "uid 65534 was refused";
+  if (other) {
+    EXPECT_THAT(*other, HasSubstr("\"ok\":true")) << "uid 65534 was refused";
+  }
   held.pop_back();
   EXPECT_TRUE(WaitUntil([&] { return Raw(d.socket()).Call(kHello).value("ok", false) == true; }));
   EXPECT_EQ(d.Stop(), 0) << d.Log();
