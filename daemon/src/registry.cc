@@ -411,66 +411,68 @@ absl::StatusOr<std::shared_ptr<const Registry::RankMemory>> Registry::SealRank(
 }
 
 void Registry::RunLoad(std::shared_ptr<Model> m) {
-  const std::string& name = m->name;
-  LogInfo("load %s: begin %s tp=%d ranks=%d backend=%s", name, m->spec.checkpoint, m->spec.tp,
-          static_cast<int>(m->ranks.size()), std::string(backend_->name()));
-  ProgressLogger logger(absl::StrCat("load ", name), &m->progress, m->started);
-  std::shared_ptr<Generation> built;
-  std::shared_ptr<const SegmentedPlan> kept_plan;
-  std::vector<std::string> skipped;
-  auto run = [&]() -> absl::Status {
-    WD_ASSIGN_OR_RETURN(PlannedModel planned, PlanModel(*m));
-    skipped = std::move(planned.skipped);
-    WD_ASSIGN_OR_RETURN(
-        SegmentedPlan sp,
-        SplitPlan(planned.plan, ChooseSegments(planned.plan, config_.arena_segment_bytes)));
-    const Plan& plan = sp.plan;
-    std::vector<ArenaRequest> requests;
-    for (size_t s = 0; s < plan.ranks.size(); ++s) {
-      const size_t r = sp.rank_of[s];
-      requests.push_back(
-          {plan.ranks[s].arena_bytes, m->ranks[r].device,
-           sp.segments_of[r].size() == 1
-               ? absl::StrCat(name, "/rank", plan.ranks[s].rank)
-               : absl::StrCat(name, "/rank", plan.ranks[s].rank, "/seg", sp.segment_in_rank[s])});
-    }
-    WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas,
-                        AllocateArenas(name, requests));
-    std::vector<Arena*> raw;
-    for (const auto& a : arenas) raw.push_back(a.get());
-    const absl::Time t_exec = absl::Now();
-    TargetChecksums crcs;
-    WD_RETURN_IF_ERROR(Execute(absl::StrCat("load of model '", name, "'"), plan, raw,
-                               std::nullopt, &m->progress, &crcs));
-    const absl::Time t_seal = absl::Now();
-    LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s (%zu arenas)", name,
-             absl::ToDoubleSeconds(t_exec - m->started), absl::ToDoubleSeconds(t_seal - t_exec),
-             arenas.size());
-    auto gen = std::make_shared<Generation>();
-    gen->number = 1;
-    for (size_t r = 0; r < sp.segments_of.size(); ++r) {
-      std::vector<std::shared_ptr<const Segment>> segments;
-      for (size_t s : sp.segments_of[r]) {
-        WD_ASSIGN_OR_RETURN(auto seg, MakeSegment(std::move(arenas[s])));
-        segments.push_back(std::move(seg));
-      }
-      std::vector<int64_t> known(sp.where[r].size(), -1);
-      for (size_t t = 0; t < known.size(); ++t) {
-        const auto [s, local] = sp.where[r][t];
-        if (s < crcs.crc.size() && local < crcs.crc[s].size()) known[t] = crcs.crc[s][local];
-      }
-      WD_ASSIGN_OR_RETURN(auto rm,
-                          SealRank(name, sp, r, std::move(segments), m->ranks[r].device, &known));
-      gen->ranks.push_back(std::move(rm));
-    }
-    LogDebug("load %s: seal+checksums+manifests %.3f s", name,
-             absl::ToDoubleSeconds(absl::Now() - t_seal));
-    kept_plan = std::make_shared<const SegmentedPlan>(std::move(sp));
-    built = std::move(gen);
-    return absl::OkStatus();
-  };
-  const absl::Status status = run();
+  LogInfo("load %s: begin %s tp=%d ranks=%d backend=%s", m->name, m->spec.checkpoint,
+          m->spec.tp, static_cast<int>(m->ranks.size()), std::string(backend_->name()));
+  ProgressLogger logger(absl::StrCat("load ", m->name), &m->progress, m->started);
+  absl::StatusOr<BuiltLoad> built = BuildLoad(*m);
   logger.Stop();
+  const absl::Status status = built.status();
+  FinishLoad(m, status, built.ok() ? std::move(*built) : BuiltLoad{});
+}
+
+absl::StatusOr<Registry::BuiltLoad> Registry::BuildLoad(Model& m) {
+  const std::string& name = m.name;
+  WD_ASSIGN_OR_RETURN(PlannedModel planned, PlanModel(m));
+  WD_ASSIGN_OR_RETURN(
+      SegmentedPlan sp,
+      SplitPlan(planned.plan, ChooseSegments(planned.plan, config_.arena_segment_bytes)));
+  const Plan& plan = sp.plan;
+  std::vector<ArenaRequest> requests;
+  for (size_t s = 0; s < plan.ranks.size(); ++s) {
+    const size_t r = sp.rank_of[s];
+    requests.push_back(
+        {plan.ranks[s].arena_bytes, m.ranks[r].device,
+         sp.segments_of[r].size() == 1
+             ? absl::StrCat(name, "/rank", plan.ranks[s].rank)
+             : absl::StrCat(name, "/rank", plan.ranks[s].rank, "/seg", sp.segment_in_rank[s])});
+  }
+  WD_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<Arena>> arenas, AllocateArenas(name, requests));
+  std::vector<Arena*> raw;
+  for (const auto& a : arenas) raw.push_back(a.get());
+  const absl::Time t_exec = absl::Now();
+  TargetChecksums crcs;
+  WD_RETURN_IF_ERROR(Execute(absl::StrCat("load of model '", name, "'"), plan, raw, std::nullopt,
+                             &m.progress, &crcs));
+  const absl::Time t_seal = absl::Now();
+  LogDebug("load %s: plan+allocate %.3f s, read+copy %.3f s (%zu arenas)", name,
+           absl::ToDoubleSeconds(t_exec - m.started), absl::ToDoubleSeconds(t_seal - t_exec),
+           arenas.size());
+  auto gen = std::make_shared<Generation>();
+  gen->number = 1;
+  for (size_t r = 0; r < sp.segments_of.size(); ++r) {
+    std::vector<std::shared_ptr<const Segment>> segments;
+    for (size_t s : sp.segments_of[r]) {
+      WD_ASSIGN_OR_RETURN(auto seg, MakeSegment(std::move(arenas[s])));
+      segments.push_back(std::move(seg));
+    }
+    std::vector<int64_t> known(sp.where[r].size(), -1);
+    for (size_t t = 0; t < known.size(); ++t) {
+      const auto [s, local] = sp.where[r][t];
+      if (s < crcs.crc.size() && local < crcs.crc[s].size()) known[t] = crcs.crc[s][local];
+    }
+    WD_ASSIGN_OR_RETURN(auto rm,
+                        SealRank(name, sp, r, std::move(segments), m.ranks[r].device, &known));
+    gen->ranks.push_back(std::move(rm));
+  }
+  LogDebug("load %s: seal+checksums+manifests %.3f s", name,
+           absl::ToDoubleSeconds(absl::Now() - t_seal));
+  return BuiltLoad{std::move(gen), std::make_shared<const SegmentedPlan>(std::move(sp)),
+                   std::move(planned.skipped)};
+}
+
+void Registry::FinishLoad(const std::shared_ptr<Model>& m, const absl::Status& status,
+                          BuiltLoad built) {
+  const std::string& name = m->name;
   const absl::Duration elapsed = absl::Now() - m->started;
   const uint64_t bytes = m->progress.bytes_total.load();
   bool cancelled = false, shutdown = false;
@@ -500,11 +502,11 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
       bytes_loaded_total_ += bytes;
       for (size_t i = 0; i < m->ranks.size(); ++i) {
         m->ranks[i].state = RankState::kReady;
-        m->ranks[i].parts = static_cast<int>(built->ranks[i]->segments.size());
+        m->ranks[i].parts = static_cast<int>(built.generation->ranks[i]->segments.size());
       }
-      m->plan = std::move(kept_plan);
-      m->skipped = std::move(skipped);
-      PublishLocked(*m, std::move(built));
+      m->plan = std::move(built.plan);
+      m->skipped = std::move(built.skipped);
+      PublishLocked(*m, std::move(built.generation));
       if (hooks_.on_ready) {
         stored = ExportLocked(*m);
         // Taken before mu_ is released: an unload of this model waits for the store to have
@@ -514,7 +516,7 @@ void Registry::RunLoad(std::shared_ptr<Model> m) {
     }
   }
   // Memory of a load that did not finish is released outside the lock.
-  built.reset();
+  built.generation.reset();
   if (!stored.ok()) {
     LogWarning("load %s: cannot export its fds for the fd store: %s", name,
                stored.status().message());

@@ -181,6 +181,13 @@ struct Registry::PlannedModel {
   std::vector<std::string> skipped;  // sorted
 };
 
+// What a load built: generation 1, the plan kept for updates, the checkpoint tensors skipped.
+struct Registry::BuiltLoad {
+  std::shared_ptr<Generation> generation;
+  std::shared_ptr<const SegmentedPlan> plan;
+  std::vector<std::string> skipped;
+};
+
 }  // namespace weightd
 
 #endif  // WEIGHTD_DAEMON_SRC_REGISTRY_INTERNAL_H_

@@ -216,8 +216,21 @@ struct Server::Impl {
   void OnReadable(Connection& c);
   void Flush(Connection& c);
   void Queue(Connection& c, std::string data, std::vector<UniqueFd> fds = {});
-  // `fd`: the one descriptor an `update` request may carry (else empty).
+  // Answers request `r` (or makes it pending); an error becomes the error reply. `fd`: the one
+  // descriptor an `update` request may carry (else empty).
   void Handle(Connection& c, const Request& r, UniqueFd fd = UniqueFd());
+  absl::Status Dispatch(Connection& c, const Request& r, UniqueFd fd);
+  // One per request kind (docs/PROTOCOL.md): each queues its reply, or returns the error.
+  absl::Status OnHello(Connection& c, const Request& r);
+  absl::Status OnStatus(Connection& c, const Request& r);
+  absl::Status OnLoad(Connection& c, const Request& r);
+  absl::Status OnAttach(Connection& c, const Request& r);
+  absl::Status OnDetach(Connection& c, const Request& r);
+  absl::Status OnUnload(Connection& c, const Request& r);
+  absl::Status OnUpdate(Connection& c, const Request& r, UniqueFd fd);
+  absl::Status OnRollback(Connection& c, const Request& r);
+  absl::Status OnRefresh(Connection& c, const Request& r);
+  absl::Status OnTakeoverDone(Connection& c, const Request& r);
   // Queues an attach (or refresh) reply with the grant's fds and continuation packets.
   void QueueGrant(Connection& c, const Request& r, AttachGrant& g);
   // Answers c's pending request if it can be answered now; true when it was.
@@ -925,173 +938,192 @@ std::string Server::Impl::Metrics() {
 }
 
 void Server::Impl::Handle(Connection& c, const Request& r, UniqueFd fd) {
-  auto fail = [&](const absl::Status& s) {
+  const absl::Status s = Dispatch(c, r, std::move(fd));
+  if (!s.ok()) {
     ++errors_total;
     Queue(c, EncodeErrorReply(r.id_json, s));
-  };
-  if (!c.hello && r.op != Op::kHello) {
-    fail(absl::FailedPreconditionError("the first request on a connection must be 'hello'"));
-    return;
   }
-  const std::string name = r.name.value_or("");
+}
+
+absl::Status Server::Impl::Dispatch(Connection& c, const Request& r, UniqueFd fd) {
+  if (!c.hello && r.op != Op::kHello) {
+    return absl::FailedPreconditionError("the first request on a connection must be 'hello'");
+  }
   switch (r.op) {
-    case Op::kHello: {
-      if (r.version < 1) {
-        fail(absl::FailedPreconditionError(absl::StrCat("protocol version ", r.version,
-                                                        " is not supported; this daemon speaks 1..",
-                                                        kProtocolVersion)));
-        return;
-      }
-      c.hello = true;
-      c.client = r.client;
-      json res;
-      res["version"] = std::min(r.version, kProtocolVersion);
-      res["server"] = absl::StrCat("weightd ", Version());
-      res["uid"] = c.peer.uid;
-      res["pid"] = c.peer.pid;
-      res["max_request_bytes"] = options.max_request_bytes;
-      Queue(c, OkReply(r.id_json, std::move(res)));
-      return;
-    }
+    case Op::kHello: return OnHello(c, r);
     case Op::kList:
-    case Op::kStatus: {
-      auto st = registry->Status(r.op == Op::kStatus ? name : "", c.peer);
-      if (!st.ok()) return fail(st.status());
-      json models = json::array();
-      for (const ModelStatus& m : *st) {
-        if (r.op == Op::kList) {
-          json jm;
-          jm["name"] = m.name;
-          jm["state"] = std::string(RankStateName(Summary(m)));
-          jm["tp"] = m.tp;
-          json ranks = json::array();
-          for (const RankStatus& rs : m.ranks) ranks.push_back(rs.rank);
-          jm["ranks"] = std::move(ranks);
-          models.push_back(std::move(jm));
-        } else {
-          models.push_back(StatusJson(m));
-        }
-      }
-      Queue(c, OkReply(r.id_json, {{"models", std::move(models)}}));
-      return;
-    }
-    case Op::kLoad: {
-      const absl::Status s = registry->StartLoad(name, r.load, c.peer);
-      if (!s.ok()) {
-        WD_LOG_LIMITED(LogLevel::kWarning, "load %s: refused for pid %d uid %u: %s", name,
-                       c.peer.pid, c.peer.uid, s.message());
-        return fail(s);
-      }
-      Queue(c, OkReply(r.id_json, {{"name", name}, {"state", "loading"}}));
-      return;
-    }
-    case Op::kAttach: {
-      auto g = registry->Attach(name, r.rank, c.peer, c.id);
-      if (!g.ok()) {
-        WD_LOG_LIMITED(LogLevel::kWarning, "attach %s rank %d: refused for pid %d uid %u: %s", name,
-                       r.rank, c.peer.pid, c.peer.uid, g.status().message());
-        return fail(g.status());
-      }
-      QueueGrant(c, r, *g);
-      // Attaches and detaches are routine and can be frequent: counted in the metrics, logged
-      // only at debug level.
-      LogDebug("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
-               static_cast<unsigned long long>(g->lease));
-      return;
-    }
-    case Op::kDetach: {
-      const absl::Status s = registry->Detach(name, r.rank, c.id, r.lease);
-      if (!s.ok()) return fail(s);
-      LogDebug("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
-      Queue(c, OkReply(r.id_json, json::object()));
-      return;
-    }
-    case Op::kUnload: {
-      const absl::Status s = registry->Unload(name, r.force, c.peer);
-      if (!s.ok()) return fail(s);
-      Queue(c, OkReply(r.id_json, {{"name", name}}));
-      return;
-    }
+    case Op::kStatus: return OnStatus(c, r);
+    case Op::kLoad: return OnLoad(c, r);
+    case Op::kAttach: return OnAttach(c, r);
+    case Op::kDetach: return OnDetach(c, r);
+    case Op::kUnload: return OnUnload(c, r);
     case Op::kMetrics:
       Queue(c, OkReply(r.id_json, {{"text", Metrics()}}));
-      return;
-    case Op::kUpdate: {
-      if (r.checkpoint.empty() && !fd) {
-        return fail(absl::InvalidArgumentError(
-            "update: give 'checkpoint', or send the new tensors as one sealed memfd with the "
-            "request"));
-      }
-      UpdateSource source;
-      source.checkpoint = r.checkpoint;
-      source.memfd = std::move(fd);
-      auto t = registry->StartUpdate(name, std::move(source), c.peer, r.wait ? c.id : 0);
-      if (!t.ok()) {
-        WD_LOG_LIMITED(LogLevel::kWarning, "update %s: refused for pid %d uid %u: %s", name,
-                       c.peer.pid, c.peer.uid, t.status().message());
-        return fail(t.status());
-      }
-      if (!r.wait) {
-        Queue(c, OkReply(r.id_json,
-                         {{"name", name}, {"generation", t->generation}, {"state", "updating"}}));
-        return;
-      }
-      c.pending = Pending{Op::kUpdate, r.id_json, name, 0, absl::InfiniteFuture(), t->id};
-      if (Resolve(c)) return;
-      UpdateInterest(c);
-      return;
-    }
-    case Op::kWaitGeneration: {
-      c.pending = Pending{Op::kWaitGeneration, r.id_json, name, r.after,
+      return absl::OkStatus();
+    case Op::kUpdate: return OnUpdate(c, r, std::move(fd));
+    case Op::kWaitGeneration:
+      c.pending = Pending{Op::kWaitGeneration, r.id_json, r.name.value_or(""), r.after,
                           absl::Now() + absl::Milliseconds(r.timeout_ms), 0};
-      if (Resolve(c)) return;
-      UpdateInterest(c);
-      return;
-    }
-    case Op::kRollback: {
-      auto rb = registry->Rollback(name, c.peer);
-      if (!rb.ok()) return fail(rb.status());
-      Queue(c, OkReply(r.id_json, {{"name", name},
-                                   {"generation", rb->generation},
-                                   {"restored", rb->restored}}));
-      return;
-    }
-    case Op::kRefresh: {
-      auto g = registry->Refresh(name, r.rank, c.id, r.lease.value_or(0));
-      if (!g.ok()) return fail(g.status());
-      if (g->unchanged) {
-        Queue(c, OkReply(r.id_json, {{"name", name},
-                                     {"rank", r.rank},
-                                     {"lease", g->lease},
-                                     {"generation", g->generation},
-                                     {"unchanged", true}}));
-        return;
-      }
-      QueueGrant(c, r, *g);
-      LogDebug("refresh %s rank %d: pid %d lease %llu now on generation %llu", name, r.rank,
-               c.peer.pid, static_cast<unsigned long long>(g->lease),
-               static_cast<unsigned long long>(g->generation));
-      return;
-    }
+      if (!Resolve(c)) UpdateInterest(c);
+      return absl::OkStatus();
+    case Op::kRollback: return OnRollback(c, r);
+    case Op::kRefresh: return OnRefresh(c, r);
     case Op::kTakeover:
       StartTakeover(c, r);
-      return;
-    case Op::kTakeoverDone: {
-      if (c.id != takeover_conn) {
-        return fail(absl::FailedPreconditionError(
-            "no takeover is in progress on this connection (send 'takeover' first)"));
-      }
-      takeover_conn = 0;
-      handed_over = true;
-      if (options.on_handed_over) options.on_handed_over();
-      drain_deadline = absl::Now() + options.handover_drain;
-      LogNotice(
-          "takeover: pid %d serves now; answering the %zu open connections for at most "
-          "%.1f s",
-          c.peer.pid, conns.size() - 1, absl::ToDoubleSeconds(options.handover_drain));
-      Queue(c, OkReply(r.id_json, json::object()));
-      return;
-    }
+      return absl::OkStatus();
+    case Op::kTakeoverDone: return OnTakeoverDone(c, r);
   }
+  return absl::InternalError("unhandled request");
+}
+
+absl::Status Server::Impl::OnHello(Connection& c, const Request& r) {
+  if (r.version < 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "protocol version ", r.version, " is not supported; this daemon speaks 1..",
+        kProtocolVersion));
+  }
+  c.hello = true;
+  c.client = r.client;
+  json res;
+  res["version"] = std::min(r.version, kProtocolVersion);
+  res["server"] = absl::StrCat("weightd ", Version());
+  res["uid"] = c.peer.uid;
+  res["pid"] = c.peer.pid;
+  res["max_request_bytes"] = options.max_request_bytes;
+  Queue(c, OkReply(r.id_json, std::move(res)));
+  return absl::OkStatus();
+}
+
+// `list` (one line per model) and `status` (everything, for one model or all).
+absl::Status Server::Impl::OnStatus(Connection& c, const Request& r) {
+  WD_ASSIGN_OR_RETURN(std::vector<ModelStatus> st,
+                      registry->Status(r.op == Op::kStatus ? r.name.value_or("") : "", c.peer));
+  json models = json::array();
+  for (const ModelStatus& m : st) {
+    if (r.op == Op::kStatus) {
+      models.push_back(StatusJson(m));
+      continue;
+    }
+    json ranks = json::array();
+    for (const RankStatus& rs : m.ranks) ranks.push_back(rs.rank);
+    models.push_back({{"name", m.name},
+                      {"state", std::string(RankStateName(Summary(m)))},
+                      {"tp", m.tp},
+                      {"ranks", std::move(ranks)}});
+  }
+  Queue(c, OkReply(r.id_json, {{"models", std::move(models)}}));
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnLoad(Connection& c, const Request& r) {
+  const std::string name = r.name.value_or("");
+  if (const absl::Status s = registry->StartLoad(name, r.load, c.peer); !s.ok()) {
+    WD_LOG_LIMITED(LogLevel::kWarning, "load %s: refused for pid %d uid %u: %s", name,
+                   c.peer.pid, c.peer.uid, s.message());
+    return s;
+  }
+  Queue(c, OkReply(r.id_json, {{"name", name}, {"state", "loading"}}));
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnAttach(Connection& c, const Request& r) {
+  const std::string name = r.name.value_or("");
+  auto g = registry->Attach(name, r.rank, c.peer, c.id);
+  if (!g.ok()) {
+    WD_LOG_LIMITED(LogLevel::kWarning, "attach %s rank %d: refused for pid %d uid %u: %s", name,
+                   r.rank, c.peer.pid, c.peer.uid, g.status().message());
+    return g.status();
+  }
+  QueueGrant(c, r, *g);
+  // Attaches and detaches are routine and can be frequent: counted in the metrics, logged only
+  // at debug level.
+  LogDebug("attach %s rank %d: pid %d uid %u lease %llu", name, r.rank, c.peer.pid, c.peer.uid,
+           static_cast<unsigned long long>(g->lease));
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnDetach(Connection& c, const Request& r) {
+  const std::string name = r.name.value_or("");
+  WD_RETURN_IF_ERROR(registry->Detach(name, r.rank, c.id, r.lease));
+  LogDebug("detach %s rank %d: pid %d", name, r.rank, c.peer.pid);
+  Queue(c, OkReply(r.id_json, json::object()));
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnUnload(Connection& c, const Request& r) {
+  const std::string name = r.name.value_or("");
+  WD_RETURN_IF_ERROR(registry->Unload(name, r.force, c.peer));
+  Queue(c, OkReply(r.id_json, {{"name", name}}));
+  return absl::OkStatus();
+}
+
+// An update from a checkpoint or from one sealed memfd (`fd`). With `wait`, the reply is pending
+// until the update ends (Resolve).
+absl::Status Server::Impl::OnUpdate(Connection& c, const Request& r, UniqueFd fd) {
+  const std::string name = r.name.value_or("");
+  if (r.checkpoint.empty() && !fd) {
+    return absl::InvalidArgumentError(
+        "update: give 'checkpoint', or send the new tensors as one sealed memfd with the "
+        "request");
+  }
+  UpdateSource source;
+  source.checkpoint = r.checkpoint;
+  source.memfd = std::move(fd);
+  auto t = registry->StartUpdate(name, std::move(source), c.peer, r.wait ? c.id : 0);
+  if (!t.ok()) {
+    WD_LOG_LIMITED(LogLevel::kWarning, "update %s: refused for pid %d uid %u: %s", name,
+                   c.peer.pid, c.peer.uid, t.status().message());
+    return t.status();
+  }
+  if (!r.wait) {
+    Queue(c, OkReply(r.id_json,
+                     {{"name", name}, {"generation", t->generation}, {"state", "updating"}}));
+    return absl::OkStatus();
+  }
+  c.pending = Pending{Op::kUpdate, r.id_json, name, 0, absl::InfiniteFuture(), t->id};
+  if (!Resolve(c)) UpdateInterest(c);
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnRollback(Connection& c, const Request& r) {
+  const std::string name = r.name.value_or("");
+  WD_ASSIGN_OR_RETURN(auto rb, registry->Rollback(name, c.peer));
+  Queue(c, OkReply(r.id_json,
+                   {{"name", name}, {"generation", rb.generation}, {"restored", rb.restored}}));
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnRefresh(Connection& c, const Request& r) {
+  const std::string name = r.name.value_or("");
+  WD_ASSIGN_OR_RETURN(AttachGrant g, registry->Refresh(name, r.rank, c.id, r.lease.value_or(0)));
+  if (g.unchanged) {
+    Queue(c, OkReply(r.id_json, {{"name", name},
+                                 {"rank", r.rank},
+                                 {"lease", g.lease},
+                                 {"generation", g.generation},
+                                 {"unchanged", true}}));
+    return absl::OkStatus();
+  }
+  QueueGrant(c, r, g);
+  LogDebug("refresh %s rank %d: pid %d lease %llu now on generation %llu", name, r.rank,
+           c.peer.pid, static_cast<unsigned long long>(g.lease),
+           static_cast<unsigned long long>(g.generation));
+  return absl::OkStatus();
+}
+
+absl::Status Server::Impl::OnTakeoverDone(Connection& c, const Request& r) {
+  if (c.id != takeover_conn) {
+    return absl::FailedPreconditionError(
+        "no takeover is in progress on this connection (send 'takeover' first)");
+  }
+  takeover_conn = 0;
+  handed_over = true;
+  if (options.on_handed_over) options.on_handed_over();
+  drain_deadline = absl::Now() + options.handover_drain;
+  LogNotice("takeover: pid %d serves now; answering the %zu open connections for at most %.1f s",
+            c.peer.pid, conns.size() - 1, absl::ToDoubleSeconds(options.handover_drain));
+  Queue(c, OkReply(r.id_json, json::object()));
+  return absl::OkStatus();
 }
 
 }  // namespace weightd

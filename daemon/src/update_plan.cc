@@ -110,11 +110,8 @@ absl::StatusOr<UpdatePlan> BuildUpdatePlan(const Plan& model_plan,
   plan.expert_parallel = model_plan.expert_parallel;
   plan.checkpoint_bytes = update.total_bytes();
   for (const CheckpointFile& f : update.files()) {
-    PlanFile pf;
-    pf.path = f.path;
-    pf.file_size = f.file_size;
-    pf.identity = f.identity;
-    plan.files.push_back(std::move(pf));
+    plan.files.push_back(
+        PlanFile{.path = f.path, .file_size = f.file_size, .read_bytes = 0, .identity = f.identity});
   }
   for (uint32_t old : used) {
     const CheckpointTensor& t = *replacement[old];

@@ -276,7 +276,14 @@ class Registry {
   struct RankMemory;
   struct Generation;
   struct PlannedModel;
+  struct BuiltLoad;
+  // A load's thread: BuildLoad, then FinishLoad.
   void RunLoad(std::shared_ptr<Model> model);
+  // Plans, allocates, reads and seals generation 1 of `m`; runs without mu_.
+  absl::StatusOr<BuiltLoad> BuildLoad(Model& m);
+  // Publishes what BuildLoad built (or records why it did not), hands the arenas to the fd
+  // store, and logs the outcome.
+  void FinishLoad(const std::shared_ptr<Model>& m, const absl::Status& status, BuiltLoad built);
   void RunUpdate(std::shared_ptr<Model> model, uint64_t id, UpdateSource source);
   // Builds the next generation of `m` from `source` (update.cc); runs without mu_.
   absl::StatusOr<std::shared_ptr<Generation>> BuildUpdate(Model& m, const UpdateSource& source,
