@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -111,6 +112,28 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_arenas,
                              const ExecutorOptions& options, LoadProgress* progress,
                              TargetChecksums* checksums = nullptr);
+
+// One rank's output file for ExecutePlanToFiles: pre-sized (so plan zero-fills and gaps read as
+// zeros) and open for writing; not owned, used only during the call.
+struct OutputFile {
+  int fd = -1;
+  std::string path;                     // named in write errors (the temporary's path)
+  std::vector<uint64_t> target_offset;  // [target] absolute file offset of its first byte
+};
+
+// The output-file sink (daemon/src/pipeline/file_sink.cc; `weightctl shard`): the same reads as
+// ExecutePlanHost, `options.threads` workers, each unit read into a per-thread buffer of at most
+// options.chunk_bytes (peak memory threads x chunk, plus one conversion buffer per worker,
+// whatever the model size), then every piece written with pwrite/pwritev at its place in
+// `files[rank index]` (casts converted on the way). Writeback of each written range is started
+// at once (sync_file_range), so a later fsync has little left to wait for; durability and the
+// final names are the caller's. Zero-fills write nothing (the files read as zeros there).
+// `bytes_written` (may be null) gets the tensor bytes written. Errors name the output file and
+// offset with the errno text (ENOSPC, EFBIG) or the reader's; CANCELLED when progress->cancel is
+// set (another thread, a signal handler).
+absl::Status ExecutePlanToFiles(const Plan& plan, std::span<const OutputFile> files,
+                                const ExecutorOptions& options, LoadProgress* progress,
+                                uint64_t* bytes_written = nullptr);
 
 // A byte range of an arena.
 struct ArenaRange {

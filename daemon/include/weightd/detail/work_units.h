@@ -1,6 +1,6 @@
-// How a plan becomes read work: pieces grouped by source over all ranks, and each source cut
-// into row-aligned units so that every checkpoint byte is read exactly once. Shared by the host
-// and CUDA executors, which differ only in where a unit's bytes go.
+// How a plan becomes read work (the first stage of read_pipeline.h): pieces grouped by source
+// over all ranks, and each source cut into row-aligned units so that every checkpoint byte is
+// read exactly once. Shared by every sink, which differ only in where a unit's bytes go.
 // Pure functions over a Plan; thread-safe.
 #ifndef WEIGHTD_DETAIL_WORK_UNITS_H_
 #define WEIGHTD_DETAIL_WORK_UNITS_H_
@@ -53,11 +53,9 @@ struct WorkPlan {
 // about `chunk` bytes whose boundaries fall on a row of every piece's view of the source.
 absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<Arena* const> rank_arenas,
                                        uint64_t chunk);
-
-// Sizes `checksums` to the plan (-1 = unknown) and fills the CRC32C of every verbatim target
-// from the per-unit CRCs (`unit_crc[i]` covers units[i]).
-void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
-                             const std::vector<uint32_t>& unit_crc, TargetChecksums* checksums);
+// The same, against rank arenas of `arena_bytes[rank index]` bytes (sinks without arenas).
+absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_t> arena_bytes,
+                                       uint64_t chunk);
 
 // The plan's checkpoint files opened for reading units, and the choice of how each unit is read
 // (IoMode). Shared by the executors; thread-safe once opened.
