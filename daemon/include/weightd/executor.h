@@ -42,6 +42,8 @@ struct LoadProgress {
   std::atomic<uint64_t> bytes_done{0};
   std::atomic<uint64_t> bytes_uring{0};  // of bytes_done: read with io_uring into staging slots
   std::atomic<uint64_t> bytes_pread{0};  // of bytes_done: read with pread (page-cache path)
+  // Of bytes_pread: read straight into the destination (host arenas), without a bounce buffer.
+  std::atomic<uint64_t> bytes_in_place{0};
   std::atomic<bool> cancel{false};       // set by another thread to stop the load
 };
 

@@ -290,6 +290,7 @@ absl::Status RunReadPipeline(const Plan& plan, const WorkPlan& work, const PlanF
           WD_RETURN_IF_ERROR(ReadRuns(files.fd(src.file), file_offset, runs, iov, crc, label,
                                       &read));
           progress->bytes_pread.fetch_add(read, std::memory_order_relaxed);
+          progress->bytes_in_place.fetch_add(read, std::memory_order_relaxed);
           if (how == InPlace::kAll) return absl::OkStatus();
           return out.Write({i, &u, {runs[0].dst, len}, nullptr, &crc}, rest);
         }
