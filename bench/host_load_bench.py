@@ -3,7 +3,7 @@
 against what the machine allows, in the same run.
 
 Usage: host_load_bench.py [--build BUILD] [--gb 4] [--rounds 5] [--threads 2] [--cold]
-                          [--no-shard] [--work DIR]
+                          [--no-shard] [--work DIR] [--b-config '{"host_prefault": true}']
 
 Method: writes a Llama-3-8B-shaped bf16 checkpoint of about --gb GB (4 shards, update_bench's
 writer) and reads it once into the page cache. Then --rounds interleaved rounds, each running,
@@ -17,12 +17,14 @@ in this order (so that drift of a shared machine touches every entry alike):
   - safetensors.numpy.load_file and safetensors.torch.load_file of every shard (a fresh
     process each, timed inside it; torch from /usr/bin/python3 when this python lacks it);
     Run:ai's streamer when `runai_model_streamer` imports;
-  - `weightctl shard --tp 2` (writes + fsync) against `cp -r` + `sync` of the checkpoint
+  - `weightctl shard --tp 2` (its default workers; writes + fsync) against `cp -r` + `sync` of the checkpoint
     (target >= 0.8x), unless --no-shard;
   - time to usable weights, as whole processes: a Python process that attaches rank 0 of the
     TP=1 model and touches one byte per page, against one that load_file()s and touches alike;
   - with --cold: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`, root) before a
     weightd TP=1 load and before `cat` of the checkpoint files (target >= 0.9x cat).
+With --b-config, a second daemon whose config adds those keys loads at TP 1/2/4 right after
+the first in every round ("weightd[B]"): an A/B of a daemon setting within the same rounds.
 Prints per entry min and median (seconds, GB/s of checkpoint bytes) and the ratios of weightd
 to each floor and alternative (medians).
 """
@@ -121,6 +123,7 @@ def main():
     ap.add_argument("--cold", action="store_true", help="also cold loads (root)")
     ap.add_argument("--no-shard", action="store_true")
     ap.add_argument("--work", help="directory for the checkpoint (kept; default: a temp dir)")
+    ap.add_argument("--b-config", help="JSON object of daemon config keys for a B daemon")
     a = ap.parse_args()
     build = os.path.abspath(a.build)
     os.environ.setdefault("WEIGHTD_CLIENT_LIB",
@@ -145,12 +148,20 @@ def main():
     ckpt_bytes = sum(os.path.getsize(f) for f in files)
     warm(ckpt)
     run = tempfile.mkdtemp(prefix="weightd-host-bench-run-")
-    sock = os.path.join(run, "weightd.sock")
-    with open(os.path.join(run, "weightd.json"), "w") as f:
-        json.dump({"socket": sock, "backend": "host", "io_threads": a.threads}, f)
-    log = open(os.path.join(run, "weightd.log"), "w")
-    proc = subprocess.Popen([os.path.join(build, "daemon", "weightd"), "--config",
-                             os.path.join(run, "weightd.json")], stderr=log)
+    def start_daemon(tag, extra):
+        sock = os.path.join(run, f"weightd{tag}.sock")
+        with open(os.path.join(run, f"weightd{tag}.json"), "w") as f:
+            json.dump({"socket": sock, "backend": "host", "io_threads": a.threads, **extra}, f)
+        log = open(os.path.join(run, f"weightd{tag}.log"), "w")
+        return sock, subprocess.Popen([os.path.join(build, "daemon", "weightd"), "--config",
+                                       os.path.join(run, f"weightd{tag}.json")], stderr=log)
+
+    sock, proc = start_daemon("", {})
+    procs = [proc]
+    sock_b = None
+    if a.b_config:
+        sock_b, proc_b = start_daemon("-b", json.loads(a.b_config))
+        procs.append(proc_b)
     ceiling = os.path.join(build, "bench", "host_read_ceiling")
     weightctl = os.path.join(build, "client", "weightctl")
     torch_py = sys.executable if has_module(sys.executable, "torch") else "/usr/bin/python3"
@@ -173,20 +184,25 @@ def main():
         res.setdefault(key, []).append(secs)
 
     try:
-        for _ in range(500):
-            try:
-                c = weightd.Client(sock)
-                break
-            except weightd.UnavailableError:
-                time.sleep(0.02)
-        waiter = weightd.Client(sock)
+        def connect(path):
+            for _ in range(500):
+                try:
+                    return weightd.Client(path)
+                except weightd.UnavailableError:
+                    time.sleep(0.02)
+            return weightd.Client(path)
+        c, waiter = connect(sock), connect(sock)
+        clients = {"": (c, waiter)}
+        if sock_b:
+            clients["b"] = (connect(sock_b), connect(sock_b))
 
-        def weightd_load(name, tp):
+        def weightd_load(name, tp, which=""):
+            cl, wt = clients[which]
             t = time.perf_counter()
-            c.load(name, ckpt, tp=tp)
-            gen, timed_out = waiter.wait_generation(name, 0, timeout=900)
+            cl.load(name, ckpt, tp=tp)
+            gen, timed_out = wt.wait_generation(name, 0, timeout=900)
             secs = time.perf_counter() - t
-            st = c.status(name)
+            st = cl.status(name)
             assert gen == 1 and not timed_out and st["state"] == "ready", st
             return secs
 
@@ -207,6 +223,9 @@ def main():
                                    check=True)
                     add("usable: attach + touch (process)", time.perf_counter() - t)
                 c.unload("bench", force=True)
+                if sock_b:
+                    add(f"weightd[B] load tp={tp}", weightd_load("bench", tp, "b"))
+                    clients["b"][0].unload("bench", force=True)
             loaders = [("numpy", sys.executable, None)]
             if have_torch:
                 loaders.append(("torch", torch_py, torch_env))
@@ -227,9 +246,9 @@ def main():
                     subprocess.run(["sync"], check=True)
                     t = time.perf_counter()
                     if what == "shard":
-                        subprocess.run([weightctl, "shard", ckpt, "--tp", "2", "--out", dst,
-                                        "--threads", str(a.threads)], check=True,
-                                       capture_output=True)
+                        # Its default workers (half the cores): writing is the bound.
+                        subprocess.run([weightctl, "shard", ckpt, "--tp", "2", "--out", dst],
+                                       check=True, capture_output=True)
                     else:
                         subprocess.run(["cp", "-r", ckpt, dst], check=True)
                         subprocess.run(["sync"], check=True)
@@ -248,8 +267,9 @@ def main():
             print(f"round {r + 1}/{a.rounds} done; load average {os.getloadavg()[0]:.1f}",
                   flush=True)
     finally:
-        proc.terminate()
-        proc.wait()
+        for p in procs:
+            p.terminate()
+            p.wait()
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(run, ignore_errors=True)
@@ -270,6 +290,11 @@ def main():
         if "Run:ai streamer" in med:
             line += f", {med['Run:ai streamer'] / w:.2f}x Run:ai"
         print(line)
+    if a.b_config:
+        for tp in (1, 2, 4):
+            w, b = med[f"weightd load tp={tp}"], med[f"weightd[B] load tp={tp}"]
+            print(f"  weightd[B] tp={tp} ({a.b_config}): {w / b:.2f}x weightd, "
+                  f"{floor / b:.2f}x the floor")
     if "weightctl shard --tp 2 (fsync)" in med:
         print(f"  weightctl shard: {med['cp -r + sync'] / med['weightctl shard --tp 2 (fsync)']:.2f}"
               "x cp -r + sync (target 0.8)")

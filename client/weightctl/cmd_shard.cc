@@ -25,10 +25,11 @@
 namespace weightd::cli {
 namespace {
 
-// Default read/write workers: the page cache is read and written faster by two threads than by
-// one; more than four gains nothing on the machines measured.
+// Default read/write workers: half the cores, 1 to 4. Writing is the bound: on a 2-vCPU VM one
+// worker (with its writeback started early) took 1.4-1.9 s for 2.5 GB at --tp 2, two workers
+// 1.4-2.8 s, cp -r + sync 2.0-2.2 s (docs/BENCHMARKS.md, "Host load").
 int DefaultThreads() {
-  return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
+  return static_cast<int>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 4u));
 }
 
 // The stop signal that arrived during a shard run (see StopSignalScope), 0 if none.

@@ -56,10 +56,11 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 4096);
   EXPECT_EQ(c->max_request_bytes, 65536u);
   EXPECT_EQ(c->socket_mode, 0660u);
+  EXPECT_FALSE(c->host_prefault);
   c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
       "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
       "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
-      "socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
+      "host_prefault":true,"socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
       "preload":[{"name":"llama","checkpoint":"/models/l","tp":2,"allow_uids":[7]}]})",
                   "t.json");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -73,6 +74,7 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 5);
   EXPECT_EQ(c->hello_timeout_ms, 500);
   EXPECT_EQ(c->socket_mode, 0600u);
+  EXPECT_TRUE(c->host_prefault);
   ASSERT_EQ(c->preload.size(), 1u);
   EXPECT_EQ(c->preload[0].name, "llama");
   EXPECT_EQ(c->preload[0].spec.tp, 2);
@@ -94,6 +96,7 @@ TEST(ConfigTest, Errors) {
   ExpectConfigError(R"({"pinned_budget":"lots"})", "not a byte count");
   ExpectConfigError(R"({"pinned_budget":10})", "at least 1 MiB");
   ExpectConfigError(R"({"allow_uids":["root"]})", "'allow_uids'");
+  ExpectConfigError(R"({"host_prefault":"yes"})", "'host_prefault'");
   ExpectConfigError(R"({"max_connections":0})", "'max_connections'");
   ExpectConfigError(R"({"max_connections_per_uid":0})", "'max_connections_per_uid'");
   ExpectConfigError(R"({"max_leases_per_connection":-1})", "'max_leases_per_connection'");
@@ -609,9 +612,10 @@ TEST(ExecutorInPlaceTest, SlicesAndFusedTargetsAreReadInPlaceAndChecksummed) {
     }
     LoadProgress progress;
     TargetChecksums crcs;
-    ASSERT_TRUE(ExecutePlanHost(plan, raw, {.threads = threads, .chunk_bytes = 1 << 20},
-                                &progress, &crcs)
-                    .ok());
+    // Two workers also prefault the destination pages (ExecutorOptions::prefault).
+    ExecutorOptions eo{.threads = threads, .chunk_bytes = 1 << 20};
+    eo.prefault = threads == 2;
+    ASSERT_TRUE(ExecutePlanHost(plan, raw, eo, &progress, &crcs).ok());
     EXPECT_EQ(progress.bytes_in_place.load(), progress.bytes_total.load());
     EXPECT_EQ(progress.bytes_total.load(), q.bytes.size() + k.bytes.size() + o.bytes.size());
     std::vector<const FakeTensor*> src(3);

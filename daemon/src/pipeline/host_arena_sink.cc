@@ -122,7 +122,8 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
   return detail::RunReadPipeline(plan, work, files, sink,
                                  {.threads = threads,
                                   .uring_queue_depth = options.uring_queue_depth,
-                                  .slot_bytes = chunk + slack},
+                                  .slot_bytes = chunk + slack,
+                                  .prefault = options.prefault},
                                  progress, checksums);
 }
 

@@ -162,6 +162,7 @@ struct PipelineOptions {
   // Bytes of each slot of the pipeline's own ring (staged io modes, sinks without a ring): the
   // largest unit plus two pages of O_DIRECT slack.
   uint64_t slot_bytes = 0;
+  bool prefault = false;  // ExecutorOptions::prefault, for units read in place
 };
 
 // Runs every unit of `work` through `sink` (see the file comment). `checksums` (may be null) is

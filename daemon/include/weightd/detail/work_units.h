@@ -70,6 +70,10 @@ class PlanFiles {
   int fd(uint32_t file) const { return files_[file]->buffered_fd(); }
   const std::string& path(uint32_t file) const { return files_[file]->path(); }
   ReadFile& direct(uint32_t file) const { return *files_[file]; }
+  // Asks the kernel to start reading bytes [offset, offset + length) of `file` into the page
+  // cache now (POSIX_FADV_WILLNEED; advisory, no error): a worker's next unit then arrives from
+  // the disk while it copies the current one.
+  void WillNeed(uint32_t file, uint64_t offset, uint64_t length) const;
   // After the last read: DATA_LOSS naming the first file that changed since it was opened
   // (rewritten in place during the load), so a mixed snapshot is never served as ready.
   absl::Status CheckUnchanged() const;
