@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,17 +61,20 @@ absl::Status PwriteAll(int fd, const void* buf, uint64_t len, uint64_t off,
   return absl::OkStatus();
 }
 
-// Allocates the file's blocks up front, so that a disk too small for the output fails here, in
-// milliseconds, instead of after most of the data has been written. Filesystems without
-// fallocate skip this (the writes still report ENOSPC).
-absl::Status Reserve(int fd, uint64_t size, const std::string& path) {
-  if (size == 0) return absl::OkStatus();
-  int rc;
-  do {
-    rc = fallocate(fd, 0, 0, static_cast<off_t>(size));
-  } while (rc != 0 && errno == EINTR);
-  if (rc == 0 || errno == EOPNOTSUPP || errno == ENOSYS) return absl::OkStatus();
-  return ErrnoError(errno, absl::StrCat("reserving ", size, " bytes for ", path));
+// Checks that the filesystem of `fd` has room for `needed` bytes (this file and the ones staged
+// before it, which are sparse until written), so that a disk too small for the output fails
+// here, in milliseconds, instead of after most of the data has been written. The blocks are not
+// reserved with fallocate: buffered writes into ext4's unwritten extents cost 2-3x the time of
+// the whole run on the development VM (3.3-4.4 s against 1.1-1.9 s for 2.5 GB). A disk that
+// fills up meanwhile still fails the writes with ENOSPC, and the run rolls back.
+absl::Status CheckFreeSpace(int fd, uint64_t needed, const std::string& path) {
+  struct statvfs st = {};
+  if (fstatvfs(fd, &st) != 0) return absl::OkStatus();  // unknown: the writes will tell
+  const uint64_t free_bytes = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+  if (needed <= free_bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat("writing ", path, ": the output needs ", needed, " bytes but its filesystem has ",
+                   free_bytes, " bytes free (No space left on device)"));
 }
 
 struct OutFile {
@@ -83,7 +87,7 @@ struct OutFile {
 // Stages `name`, writes the safetensors header (targets in plan order, data packed densely) and
 // sizes the file.
 absl::StatusOr<OutFile> CreateOutput(StagedFiles& staged, const std::string& name,
-                                     const RankPlan& r) {
+                                     const RankPlan& r, uint64_t* needed) {
   nlohmann::ordered_json h;
   h["__metadata__"] = {{"format", "pt"}};
   uint64_t off = 0;
@@ -112,7 +116,8 @@ absl::StatusOr<OutFile> CreateOutput(StagedFiles& staged, const std::string& nam
   const int fd = out.fd;
   const uint64_t data_start = 8 + header.size();
   out.size = data_start + off;
-  WD_RETURN_IF_ERROR(Reserve(fd, out.size, path));
+  *needed += out.size;
+  WD_RETURN_IF_ERROR(CheckFreeSpace(fd, *needed, path));
   WD_SYSCALL_OR_RETURN(ftruncate(fd, static_cast<off_t>(out.size)),
                        absl::StrCat("sizing ", path, " to ", out.size, " bytes"));
   unsigned char len[8];
@@ -166,10 +171,11 @@ absl::Status WriteOutputs(const Checkpoint& ckpt, const Plan& plan, StagedFiles&
                                     staged, *progress));
   }
   std::vector<OutputFile> outs;
+  uint64_t needed = 0;
   for (const RankPlan& r : plan.ranks) {
     WD_ASSIGN_OR_RETURN(
-        OutFile f,
-        CreateOutput(staged, absl::StrCat("model-rank-", r.rank, "-part-0.safetensors"), r));
+        OutFile f, CreateOutput(staged, absl::StrCat("model-rank-", r.rank, "-part-0.safetensors"),
+                                r, &needed));
     outs.push_back({.fd = f.fd, .path = f.path, .target_offset = std::move(f.target_offset)});
   }
   absl::Status s = ExecutePlanToFiles(plan, outs, options, progress, &stats->written);

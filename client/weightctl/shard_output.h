@@ -8,8 +8,9 @@
 //
 // The tensor bytes go through the daemon's read pipeline (ExecutePlanToFiles in executor.h:
 // the same units, reads, row windows, casts and checks as a load), into rank files whose
-// safetensors header is written first and whose size is reserved (fallocate) and set (ftruncate)
-// up front, so that a disk too small fails at once and vocab padding reads as zeros. Every file
+// safetensors header is written first and whose size is set (ftruncate) up front after a check
+// of the filesystem's free space, so that a disk too small fails at once and vocab padding reads
+// as zeros. Every file
 // is written under a temporary name and renamed into place only once all of them are complete
 // and fsynced (StagedFiles): a failed or cancelled run removes what it wrote and leaves DIR as it
 // found it (a directory the run created is removed again). Peak memory is the pipeline's

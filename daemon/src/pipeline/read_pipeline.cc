@@ -257,133 +257,183 @@ void CrcSegments::Combine(const Plan& plan, std::vector<CrcSegments>& parts,
   }
 }
 
-absl::Status RunReadPipeline(const Plan& plan, const WorkPlan& work, const PlanFiles& files,
-                             Sink& sink, const PipelineOptions& options, LoadProgress* progress,
-                             TargetChecksums* checksums) {
-  progress->bytes_total.store(work.total_bytes);
-  const int threads = std::max(1, options.threads);
-  // In place needs host memory for every rank.
-  std::vector<std::byte*> bases(plan.ranks.size(), nullptr);
-  bool in_place = true;
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    bases[r] = sink.HostBase(r);
-    in_place = in_place && bases[r] != nullptr;
-  }
-  StagingRing* const sink_ring = sink.ring();
-  std::unique_ptr<StagingRing> own_ring;
-  if (sink_ring == nullptr && files.staged()) {
-    const uint64_t slot =
-        (std::max<uint64_t>(options.slot_bytes, 4096) + kDirectIoAlignment - 1) /
-        kDirectIoAlignment * kDirectIoAlignment;
-    WD_ASSIGN_OR_RETURN(own_ring, StagingRing::Create(std::make_shared<PageAllocator>(),
-                                                      {.budget = slot * threads,
-                                                       .slot_bytes = slot,
-                                                       .max_slots = threads}));
-  }
-  StagingRing* const ring = sink_ring != nullptr ? sink_ring : own_ring.get();
+namespace {
 
-  const std::vector<WorkUnit>& units = work.units;
-  std::vector<CrcSegments> segments(threads);
-  std::atomic<size_t> next{0};
-  absl::Mutex mu;
-  absl::Status first_error;  // guarded by mu
-  std::atomic<bool> failed{false};
-  std::atomic<bool> uring_warned{false};
-  auto fail = [&](absl::Status s) {
-    absl::MutexLock l(&mu);
-    if (first_error.ok()) first_error = std::move(s);
-    failed = true;
-  };
+// One RunReadPipeline call: the state its workers share, and one method per stage.
+class Pipeline {
+ public:
+  Pipeline(const Plan& plan, const WorkPlan& work, const PlanFiles& files, Sink& sink,
+           const PipelineOptions& options, LoadProgress* progress)
+      : plan_(plan),
+        work_(work),
+        files_(files),
+        sink_(sink),
+        options_(options),
+        progress_(progress),
+        threads_(std::max(1, options.threads)),
+        segments_(threads_) {}
 
-  auto worker = [&](int w) {
-    absl::StatusOr<std::unique_ptr<SinkWorker>> made = sink.NewWorker(w);
-    if (!made.ok()) return fail(made.status());
-    SinkWorker& out = **made;
-    LazyUringReader reader(options.uring_queue_depth, &uring_warned);
-    CrcSegments& crc = segments[w];
+  absl::Status Execute(TargetChecksums* checksums);
+
+ private:
+  // A worker's own buffers, reused from unit to unit.
+  struct Worker {
+    SinkWorker* out = nullptr;
+    LazyUringReader* uring = nullptr;
+    CrcSegments* crc = nullptr;
     std::vector<std::byte> buffer;
     std::vector<Run> runs;
     std::vector<PieceRef> rest;
     std::vector<iovec> iov;
     std::vector<std::pair<uintptr_t, uintptr_t>> spans;
-    auto process = [&](size_t i) -> absl::Status {
-      const WorkUnit& u = units[i];
-      const PlanSource& src = plan.sources[u.source];
-      const uint64_t len = u.end - u.begin;
-      const uint64_t file_offset = src.offset + u.begin;
-      UringReader* uring = nullptr;
-      if (ring != nullptr && files.WantUring(src.file, file_offset, len, ring->slot_bytes())) {
-        uring = reader.get();
-      }
-      if (uring == nullptr && sink_ring == nullptr && in_place) {
-        const InPlace how = PlanInPlace(plan, work, u, bases, runs, rest);
-        if (how != InPlace::kNo) {
-          const std::string label =
-              absl::StrCat(files.path(src.file), " (tensor '", src.name, "')");
-          if (options.prefault) Prefault(runs, spans);
-          uint64_t read = 0;
-          WD_RETURN_IF_ERROR(ReadRuns(files.fd(src.file), file_offset, runs, iov, crc, label,
-                                      &read));
-          progress->bytes_pread.fetch_add(read, std::memory_order_relaxed);
-          progress->bytes_in_place.fetch_add(read, std::memory_order_relaxed);
-          if (how == InPlace::kAll) return absl::OkStatus();
-          return out.Write({i, &u, {runs[0].dst, len}, nullptr, &crc}, rest);
-        }
-      }
-      StagingSlot slot;
-      std::byte* dst;
-      uint64_t capacity;
-      if (uring != nullptr || sink_ring != nullptr) {
-        WD_ASSIGN_OR_RETURN(slot, ring->Acquire());
-        dst = slot.data();
-        capacity = slot.size();
-      } else {
-        if (buffer.size() < len) buffer.resize(len);
-        dst = buffer.data();
-        capacity = buffer.size();
-      }
-      WD_ASSIGN_OR_RETURN(std::span<const std::byte> bytes,
-                          ReadInto(files, uring, src.file, file_offset, len, dst, capacity,
-                                   src.name, progress));
-      return out.Write({i, &u, bytes, slot ? &slot : nullptr, &crc},
-                       work.by_source[u.source]);
-    };
-    for (;;) {
-      if (failed.load(std::memory_order_relaxed)) return;
-      if (progress->cancel.load(std::memory_order_relaxed)) {
-        return fail(absl::CancelledError("load cancelled (unload --force)"));
-      }
-      const size_t i = next.fetch_add(1);
-      if (i >= units.size()) return;
-      // The unit this worker will likely take next, read ahead by the kernel meanwhile (the
-      // page-cache path only: in the staged modes a cold unit must stay cold for O_DIRECT).
-      if (const size_t ahead = i + static_cast<size_t>(threads);
-          !files.staged() && ahead < units.size()) {
-        const WorkUnit& u = units[ahead];
-        const PlanSource& s = plan.sources[u.source];
-        files.WillNeed(s.file, s.offset + u.begin, u.end - u.begin);
-      }
-      absl::Status s = process(i);
-      crc.Flush();
-      if (!s.ok()) return fail(std::move(s));
-      progress->bytes_done.fetch_add(units[i].end - units[i].begin, std::memory_order_relaxed);
-    }
   };
-  {
-    std::vector<std::thread> pool;
-    const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(units.size(), 1)));
-    for (int w = 1; w < n; ++w) pool.emplace_back(worker, w);
-    worker(0);
-    for (std::thread& t : pool) t.join();
-  }
-  {
-    absl::MutexLock l(&mu);
-    if (!first_error.ok()) return first_error;
-  }
-  WD_RETURN_IF_ERROR(files.CheckUnchanged());
 
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    const RankPlan& rp = plan.ranks[r];
+  absl::Status Prepare();
+  void Work(int w);
+  absl::Status ReadUnit(Worker& wk, size_t i);
+  // A unit read straight into host arenas; false in `*done` when it cannot be.
+  absl::Status ReadInPlace(Worker& wk, size_t i, bool* done);
+  // A unit read into a staging slot or the worker's buffer, then written by the sink.
+  absl::Status ReadBuffered(Worker& wk, size_t i, UringReader* uring);
+  absl::Status ZeroFills();
+  void Fail(absl::Status s) {
+    absl::MutexLock l(&mu_);
+    if (first_error_.ok()) first_error_ = std::move(s);
+    failed_ = true;
+  }
+
+  const Plan& plan_;
+  const WorkPlan& work_;
+  const PlanFiles& files_;
+  Sink& sink_;
+  const PipelineOptions& options_;
+  LoadProgress* const progress_;
+  const int threads_;
+  std::vector<std::byte*> bases_;  // [rank] host memory of the arena, when in place
+  bool in_place_ = true;
+  StagingRing* sink_ring_ = nullptr;
+  std::unique_ptr<StagingRing> own_ring_;
+  StagingRing* ring_ = nullptr;  // sink_ring_ or own_ring_
+  std::vector<CrcSegments> segments_;  // [worker]
+  std::atomic<size_t> next_{0};
+  std::atomic<bool> failed_{false};
+  std::atomic<bool> uring_warned_{false};
+  absl::Mutex mu_;
+  absl::Status first_error_ ABSL_GUARDED_BY(mu_);
+};
+
+absl::Status Pipeline::Prepare() {
+  progress_->bytes_total.store(work_.total_bytes);
+  bases_.assign(plan_.ranks.size(), nullptr);
+  for (size_t r = 0; r < plan_.ranks.size(); ++r) {
+    bases_[r] = sink_.HostBase(r);
+    in_place_ = in_place_ && bases_[r] != nullptr;
+  }
+  sink_ring_ = sink_.ring();
+  if (sink_ring_ == nullptr && files_.staged()) {
+    const uint64_t slot = (std::max<uint64_t>(options_.slot_bytes, 4096) + kDirectIoAlignment -
+                           1) /
+                          kDirectIoAlignment * kDirectIoAlignment;
+    WD_ASSIGN_OR_RETURN(own_ring_, StagingRing::Create(std::make_shared<PageAllocator>(),
+                                                       {.budget = slot * threads_,
+                                                        .slot_bytes = slot,
+                                                        .max_slots = threads_}));
+  }
+  ring_ = sink_ring_ != nullptr ? sink_ring_ : own_ring_.get();
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::ReadInPlace(Worker& wk, size_t i, bool* done) {
+  *done = false;
+  const WorkUnit& u = work_.units[i];
+  const InPlace how = PlanInPlace(plan_, work_, u, bases_, wk.runs, wk.rest);
+  if (how == InPlace::kNo) return absl::OkStatus();
+  *done = true;
+  const PlanSource& src = plan_.sources[u.source];
+  const std::string label = absl::StrCat(files_.path(src.file), " (tensor '", src.name, "')");
+  if (options_.prefault) Prefault(wk.runs, wk.spans);
+  uint64_t read = 0;
+  WD_RETURN_IF_ERROR(ReadRuns(files_.fd(src.file), src.offset + u.begin, wk.runs, wk.iov,
+                              *wk.crc, label, &read));
+  progress_->bytes_pread.fetch_add(read, std::memory_order_relaxed);
+  progress_->bytes_in_place.fetch_add(read, std::memory_order_relaxed);
+  if (how == InPlace::kAll) return absl::OkStatus();
+  // The replicas copy from the verbatim target just read.
+  return wk.out->Write({i, &u, {wk.runs[0].dst, u.end - u.begin}, nullptr, wk.crc}, wk.rest);
+}
+
+absl::Status Pipeline::ReadBuffered(Worker& wk, size_t i, UringReader* uring) {
+  const WorkUnit& u = work_.units[i];
+  const PlanSource& src = plan_.sources[u.source];
+  const uint64_t len = u.end - u.begin;
+  StagingSlot slot;
+  std::byte* dst;
+  uint64_t capacity;
+  if (uring != nullptr || sink_ring_ != nullptr) {
+    WD_ASSIGN_OR_RETURN(slot, ring_->Acquire());
+    dst = slot.data();
+    capacity = slot.size();
+  } else {
+    if (wk.buffer.size() < len) wk.buffer.resize(len);
+    dst = wk.buffer.data();
+    capacity = wk.buffer.size();
+  }
+  WD_ASSIGN_OR_RETURN(std::span<const std::byte> bytes,
+                      ReadInto(files_, uring, src.file, src.offset + u.begin, len, dst, capacity,
+                               src.name, progress_));
+  return wk.out->Write({i, &u, bytes, slot ? &slot : nullptr, wk.crc}, work_.by_source[u.source]);
+}
+
+absl::Status Pipeline::ReadUnit(Worker& wk, size_t i) {
+  const WorkUnit& u = work_.units[i];
+  const PlanSource& src = plan_.sources[u.source];
+  UringReader* uring = nullptr;
+  if (ring_ != nullptr &&
+      files_.WantUring(src.file, src.offset + u.begin, u.end - u.begin, ring_->slot_bytes())) {
+    uring = wk.uring->get();
+  }
+  if (uring == nullptr && sink_ring_ == nullptr && in_place_) {
+    bool done = false;
+    WD_RETURN_IF_ERROR(ReadInPlace(wk, i, &done));
+    if (done) return absl::OkStatus();
+  }
+  return ReadBuffered(wk, i, uring);
+}
+
+void Pipeline::Work(int w) {
+  absl::StatusOr<std::unique_ptr<SinkWorker>> out = sink_.NewWorker(w);
+  if (!out.ok()) return Fail(out.status());
+  LazyUringReader uring(options_.uring_queue_depth, &uring_warned_);
+  Worker wk;
+  wk.out = out->get();
+  wk.uring = &uring;
+  wk.crc = &segments_[w];
+  const std::vector<WorkUnit>& units = work_.units;
+  for (;;) {
+    if (failed_.load(std::memory_order_relaxed)) return;
+    if (progress_->cancel.load(std::memory_order_relaxed)) {
+      return Fail(absl::CancelledError("load cancelled (unload --force)"));
+    }
+    const size_t i = next_.fetch_add(1);
+    if (i >= units.size()) return;
+    // The unit this worker will likely take next, read ahead by the kernel meanwhile (the
+    // page-cache path only: in the staged modes a cold unit must stay cold for O_DIRECT).
+    if (const size_t ahead = i + static_cast<size_t>(threads_);
+        !files_.staged() && ahead < units.size()) {
+      const WorkUnit& u = units[ahead];
+      const PlanSource& s = plan_.sources[u.source];
+      files_.WillNeed(s.file, s.offset + u.begin, u.end - u.begin);
+    }
+    absl::Status s = ReadUnit(wk, i);
+    wk.crc->Flush();
+    if (!s.ok()) return Fail(std::move(s));
+    progress_->bytes_done.fetch_add(units[i].end - units[i].begin, std::memory_order_relaxed);
+  }
+}
+
+absl::Status Pipeline::ZeroFills() {
+  for (size_t r = 0; r < plan_.ranks.size(); ++r) {
+    const RankPlan& rp = plan_.ranks[r];
     for (const PlanZeroFill& z : rp.zero_fills) {
       if (z.target >= rp.targets.size() || z.offset > rp.targets[z.target].nbytes ||
           z.nbytes > rp.targets[z.target].nbytes - z.offset) {
@@ -391,12 +441,39 @@ absl::Status RunReadPipeline(const Plan& plan, const WorkPlan& work, const PlanF
             absl::StrCat("zero-fill of rank ", rp.rank, " lies outside its target"));
       }
       if (z.nbytes == 0) continue;
-      WD_RETURN_IF_ERROR(sink.ZeroFill(r, rp.targets[z.target].offset + z.offset, z.nbytes));
-      segments[0].AddKnown(r, z.target, z.offset, z.nbytes, CrcOfZeros(z.nbytes));
+      WD_RETURN_IF_ERROR(sink_.ZeroFill(r, rp.targets[z.target].offset + z.offset, z.nbytes));
+      segments_[0].AddKnown(r, z.target, z.offset, z.nbytes, CrcOfZeros(z.nbytes));
     }
   }
-  if (checksums != nullptr) CrcSegments::Combine(plan, segments, checksums);
   return absl::OkStatus();
+}
+
+absl::Status Pipeline::Execute(TargetChecksums* checksums) {
+  WD_RETURN_IF_ERROR(Prepare());
+  {
+    std::vector<std::thread> pool;
+    const int n = static_cast<int>(
+        std::min<size_t>(threads_, std::max<size_t>(work_.units.size(), 1)));
+    for (int w = 1; w < n; ++w) pool.emplace_back(&Pipeline::Work, this, w);
+    Work(0);
+    for (std::thread& t : pool) t.join();
+  }
+  {
+    absl::MutexLock l(&mu_);
+    if (!first_error_.ok()) return first_error_;
+  }
+  WD_RETURN_IF_ERROR(files_.CheckUnchanged());
+  WD_RETURN_IF_ERROR(ZeroFills());
+  if (checksums != nullptr) CrcSegments::Combine(plan_, segments_, checksums);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RunReadPipeline(const Plan& plan, const WorkPlan& work, const PlanFiles& files,
+                             Sink& sink, const PipelineOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums) {
+  return Pipeline(plan, work, files, sink, options, progress).Execute(checksums);
 }
 
 }  // namespace weightd::detail
