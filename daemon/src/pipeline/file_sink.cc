@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "weightd/detail/read_pipeline.h"
 #include "weightd/detail/work_units.h"
@@ -90,6 +91,9 @@ class FileSink final : public detail::Sink {
     return std::make_unique<Worker>(*this);
   }
   absl::Status ZeroFill(size_t, uint64_t, uint64_t) override { return absl::OkStatus(); }
+  absl::StatusOr<bool> CopyFromFile(detail::SinkWorker& worker, const detail::UnitBytes& unit,
+                                    int fd, uint64_t file_offset,
+                                    std::span<const PieceRef> pieces) override;
   uint64_t written() const { return written_.load(); }
 
  private:
@@ -109,6 +113,7 @@ class FileSink final : public detail::Sink {
   const Plan& plan_;
   std::span<const OutputFile> files_;
   std::atomic<uint64_t> written_{0};
+  std::atomic<bool> copy_file_range_ok_{true};
 };
 
 // Writes block `b` (source bytes at `src`) into `f`, its destination at file offset `at`.
@@ -182,6 +187,81 @@ absl::Status FileSink::Worker::Write(const detail::UnitBytes& unit,
   }
   sink_.written_.fetch_add(written, std::memory_order_relaxed);
   return absl::OkStatus();
+}
+
+// Copies `n` bytes of `in` at `in_offset` to `f` at `offset` inside the kernel.
+absl::Status CopyRange(int in, uint64_t in_offset, const OutputFile& f, uint64_t offset,
+                       uint64_t n) {
+  auto in_off = static_cast<off64_t>(in_offset);
+  auto out_off = static_cast<off64_t>(offset);
+  while (n > 0) {
+    const ssize_t k = ::copy_file_range(in, &in_off, f.fd, &out_off, n, 0);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return WriteError(errno, f, static_cast<uint64_t>(out_off));
+    }
+    if (k == 0) {
+      return absl::DataLossError(absl::StrCat("copying into ", f.path, " at offset ", out_off,
+                                              ": the checkpoint ended ", n,
+                                              " bytes early (file truncated?)"));
+    }
+    n -= static_cast<uint64_t>(k);
+  }
+  return absl::OkStatus();
+}
+
+// Pieces that are whole contiguous blocks of unchanged bytes (whole tensors, row slices, fused
+// parts) are copied file to file by the kernel, the way `cp` copies: no user-space buffer, and
+// on this development VM several times faster than write(2) into fresh page-cache pages.
+absl::StatusOr<bool> FileSink::CopyFromFile(detail::SinkWorker&, const detail::UnitBytes& unit,
+                                            int fd, uint64_t file_offset,
+                                            std::span<const PieceRef> pieces) {
+  if (!copy_file_range_ok_.load(std::memory_order_relaxed)) return false;
+  const PlanSource& src = plan_.sources[unit.unit->source];
+  const int64_t es = DTypeSize(src.dtype);
+  bool all = true;
+  for (const PieceRef& pr : pieces) {
+    const PlanTarget& t = plan_.ranks[pr.rank].targets[pr.piece->target];
+    if (t.dtype != src.dtype) return false;
+    detail::ForEachBlock(*pr.piece, src.dtype, t.dtype,
+                         static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
+                         static_cast<int64_t>(unit.unit->end / pr.row_bytes),
+                         [&](const Block& b) {
+                           all = all && b.SrcContiguous(es) && b.DstContiguous(es);
+                         });
+    if (!all) return false;
+  }
+  uint64_t written = 0;
+  for (const PieceRef& pr : pieces) {
+    const PlanTarget& t = plan_.ranks[pr.rank].targets[pr.piece->target];
+    const OutputFile& f = files_[pr.rank];
+    const uint64_t target_at = f.target_offset[pr.piece->target];
+    absl::Status s;
+    detail::ForEachBlock(
+        *pr.piece, src.dtype, t.dtype, static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
+        static_cast<int64_t>(unit.unit->end / pr.row_bytes), [&](const Block& b) {
+          if (!s.ok()) return;
+          const uint64_t n = static_cast<uint64_t>(b.rows * b.width * es);
+          s = CopyRange(fd, file_offset + b.src_offset, f, target_at + b.dst_offset, n);
+          if (s.ok()) {
+            StartWriteback(f, target_at + b.dst_offset, n);
+            written += n;
+          }
+        });
+    if (!s.ok()) {
+      // A filesystem pair without copy_file_range (EXDEV before 5.3, EOPNOTSUPP, EINVAL): read
+      // and write instead, for this unit and the rest of the run. Nothing was written wrongly:
+      // the unit is simply written again.
+      if (written == 0 && (absl::IsInvalidArgument(s) || absl::IsUnimplemented(s) ||
+                           absl::StrContains(s.message(), "cross-device"))) {
+        copy_file_range_ok_ = false;
+        return false;
+      }
+      return s;
+    }
+  }
+  written_.fetch_add(written, std::memory_order_relaxed);
+  return true;
 }
 
 }  // namespace

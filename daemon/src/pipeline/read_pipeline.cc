@@ -392,6 +392,16 @@ absl::Status Pipeline::ReadUnit(Worker& wk, size_t i) {
       files_.WantUring(src.file, src.offset + u.begin, u.end - u.begin, ring_->slot_bytes())) {
     uring = wk.uring->get();
   }
+  if (uring == nullptr && sink_ring_ == nullptr) {
+    WD_ASSIGN_OR_RETURN(const bool copied,
+                        sink_.CopyFromFile(*wk.out, {i, &u, {}, nullptr, wk.crc},
+                                           files_.fd(src.file), src.offset + u.begin,
+                                           work_.by_source[u.source]));
+    if (copied) {
+      progress_->bytes_pread.fetch_add(u.end - u.begin, std::memory_order_relaxed);
+      return absl::OkStatus();
+    }
+  }
   if (uring == nullptr && sink_ring_ == nullptr && in_place_) {
     bool done = false;
     WD_RETURN_IF_ERROR(ReadInPlace(wk, i, &done));

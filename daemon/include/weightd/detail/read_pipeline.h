@@ -149,6 +149,15 @@ class Sink {
   // The ring every buffered unit is read into (pinned memory for DMA), or null: the pipeline
   // reads into slots of its own ring when io_uring may be used, else into a per-thread buffer.
   virtual StagingRing* ring() { return nullptr; }
+  // Lets the sink take a unit straight from the checkpoint file (`fd`, the unit's first byte at
+  // `file_offset`) without the pipeline reading it: true when it wrote every piece (FileSink:
+  // copy_file_range, an in-kernel copy, for pieces that are whole contiguous blocks), false to
+  // have it read as usual. Called on a worker thread.
+  virtual absl::StatusOr<bool> CopyFromFile(SinkWorker& worker, const UnitBytes& unit, int fd,
+                                            uint64_t file_offset,
+                                            std::span<const PieceRef> pieces) {
+    return false;
+  }
   // Called on worker `worker`'s thread before its first unit.
   virtual absl::StatusOr<std::unique_ptr<SinkWorker>> NewWorker(int worker) = 0;
   // Zeroes bytes [offset, offset + bytes) of rank index `rank`'s arena (a plan zero-fill,
