@@ -168,7 +168,8 @@ int ShardMain(int argc, char** argv) {
       "wrote %d rank file(s) to %s\nread %s of %s checkpoint tensor bytes, wrote %s, in %.2f s: "
       "%.2f GB/s read, %.2f GB/s written\n",
       plan->ranks.size(), out_dir, HumanBytes(stats.read), HumanBytes(plan->checkpoint_bytes),
-      HumanBytes(stats.written), secs, static_cast<double>(stats.read) / secs / 1e9, static_cast<double>(stats.written) / secs / 1e9);
+      HumanBytes(stats.written), secs, static_cast<double>(stats.read) / secs / 1e9,
+      static_cast<double>(stats.written) / secs / 1e9);
   return 0;
 }
 

@@ -72,9 +72,9 @@ absl::Status CheckFreeSpace(int fd, uint64_t needed, const std::string& path) {
   if (fstatvfs(fd, &st) != 0) return absl::OkStatus();  // unknown: the writes will tell
   const uint64_t free_bytes = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
   if (needed <= free_bytes) return absl::OkStatus();
-  return absl::ResourceExhaustedError(
-      absl::StrCat("writing ", path, ": the output needs ", needed, " bytes but its filesystem has ",
-                   free_bytes, " bytes free (No space left on device)"));
+  return absl::ResourceExhaustedError(absl::StrCat("writing ", path, ": the output needs ", needed,
+                                                   " bytes but its filesystem has ", free_bytes,
+                                                   " bytes free (No space left on device)"));
 }
 
 struct OutFile {
@@ -167,8 +167,8 @@ absl::Status WriteOutputs(const Checkpoint& ckpt, const Plan& plan, StagedFiles&
                           ShardStats* stats) {
   // The small side files first: a disk that cannot hold them fails before the long part.
   for (const char* name : kSideFiles) {
-    WD_RETURN_IF_ERROR(CopySideFile((std::filesystem::path(ckpt.dir()) / name).string(), name,
-                                    staged, *progress));
+    WD_RETURN_IF_ERROR(
+        CopySideFile((std::filesystem::path(ckpt.dir()) / name).string(), name, staged, *progress));
   }
   std::vector<OutputFile> outs;
   uint64_t needed = 0;

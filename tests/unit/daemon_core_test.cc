@@ -56,11 +56,11 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 4096);
   EXPECT_EQ(c->max_request_bytes, 65536u);
   EXPECT_EQ(c->socket_mode, 0660u);
-  EXPECT_FALSE(c->host_prefault);
+  EXPECT_TRUE(c->host_prefault);
   c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
       "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
       "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
-      "host_prefault":true,"socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
+      "host_prefault":false,"socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
       "preload":[{"name":"llama","checkpoint":"/models/l","tp":2,"allow_uids":[7]}]})",
                   "t.json");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -74,7 +74,7 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 5);
   EXPECT_EQ(c->hello_timeout_ms, 500);
   EXPECT_EQ(c->socket_mode, 0600u);
-  EXPECT_TRUE(c->host_prefault);
+  EXPECT_FALSE(c->host_prefault);
   ASSERT_EQ(c->preload.size(), 1u);
   EXPECT_EQ(c->preload[0].name, "llama");
   EXPECT_EQ(c->preload[0].spec.tp, 2);

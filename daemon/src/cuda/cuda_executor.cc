@@ -169,9 +169,9 @@ absl::Status CopyBlockDevice(const CudaDriver& cu, const detail::Block& b, DType
         b.dst_pitch, b.width, b.rows, stream);
   }
   if (b.SrcContiguous(ss) && b.DstContiguous(ss)) {
-    WD_CU_RETURN_IF_ERROR(
-        cu, cu.MemcpyHtoDAsync(dst, stage + b.src_offset, static_cast<size_t>(b.rows * b.width * ss),
-                               stream));
+    WD_CU_RETURN_IF_ERROR(cu,
+                          cu.MemcpyHtoDAsync(dst, stage + b.src_offset,
+                                             static_cast<size_t>(b.rows * b.width * ss), stream));
     return absl::OkStatus();
   }
   CUDA_MEMCPY2D copy{};
@@ -292,16 +292,16 @@ absl::Status DeviceArenaSink::Worker::Enqueue(const detail::UnitBytes& unit,
       }
       absl::Status copied;
       detail::ForEachBlock(p, src.dtype, t.dtype, static_cast<int64_t>(u.begin / pr.row_bytes),
-                           static_cast<int64_t>(u.end / pr.row_bytes),
-                           [&](const detail::Block& b) {
+                           static_cast<int64_t>(u.end / pr.row_bytes), [&](const detail::Block& b) {
                              if (!copied.ok()) return;
-                             copied = CopyBlockDevice(cu, b, src.dtype, t.dtype,
-                                                      unit.bytes.data(), scratch,
-                                                      sink_.bases_[pr.rank] + t.offset, stream);
+                             copied =
+                                 CopyBlockDevice(cu, b, src.dtype, t.dtype, unit.bytes.data(),
+                                                 scratch, sink_.bases_[pr.rank] + t.offset, stream);
                            });
       return copied;
     }();
-    if (!s.ok()) return Annotate(sink_.RankError(pr.rank, s), absl::StrCat("tensor '", t.name, "'"));
+    if (!s.ok())
+      return Annotate(sink_.RankError(pr.rank, s), absl::StrCat("tensor '", t.name, "'"));
   }
   return absl::OkStatus();
 }
@@ -639,16 +639,15 @@ absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t budget, 
 
 namespace weightd {
 
-absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to,
-                                 std::span<const ArenaRange> ranges) {
+absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to, std::span<const ArenaRange> ranges) {
   if (from.kind() != ArenaKind::kCudaVmm || to.kind() != ArenaKind::kCudaVmm) {
     return absl::InternalError("arena copy between a host arena and a device arena");
   }
   const auto& src = static_cast<const CudaArena&>(from);
   auto& dst = static_cast<CudaArena&>(to);
   if (src.context() != dst.context()) {
-    return absl::InternalError(absl::StrCat("arena copy between devices ", src.device(), " and ",
-                                            dst.device()));
+    return absl::InternalError(
+        absl::StrCat("arena copy between devices ", src.device(), " and ", dst.device()));
   }
   WD_ASSIGN_OR_RETURN(const CudaDriver* driver, CudaDriver::Get());
   const CudaDriver& cu = *driver;
@@ -657,9 +656,9 @@ absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to,
   WD_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(cu));
   for (const ArenaRange& r : ranges) {
     if (r.bytes == 0) continue;
-    WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyDtoDAsync(dst.device_ptr() + r.offset,
-                                                 src.device_ptr() + r.offset, r.bytes,
-                                                 stream.get()));
+    WD_CU_RETURN_IF_ERROR(
+        cu, cu.MemcpyDtoDAsync(dst.device_ptr() + r.offset, src.device_ptr() + r.offset, r.bytes,
+                               stream.get()));
   }
   WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream.get()));
   return absl::OkStatus();

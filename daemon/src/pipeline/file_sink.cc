@@ -103,8 +103,8 @@ class FileSink final : public detail::Sink {
     absl::Status Write(const detail::UnitBytes& unit, std::span<const PieceRef> pieces) override;
 
    private:
-    absl::Status WriteBlock(const OutputFile& f, uint64_t at, const Block& b, DType from,
-                            DType to, const std::byte* src);
+    absl::Status WriteBlock(const OutputFile& f, uint64_t at, const Block& b, DType from, DType to,
+                            const std::byte* src);
     FileSink& sink_;
     std::vector<iovec> iov_;
     std::vector<std::byte> convert_;
@@ -143,8 +143,8 @@ absl::Status FileSink::Worker::WriteBlock(const OutputFile& f, uint64_t at, cons
       const int64_t n = std::min(per, b.rows - r0);
       if (convert_.size() < row_out * n) convert_.resize(row_out * n);
       for (int64_t r = 0; r < n; ++r) {
-        kernels::ConvertHost(from, src + (r0 + r) * b.src_pitch, to,
-                             convert_.data() + r * row_out, b.width);
+        kernels::ConvertHost(from, src + (r0 + r) * b.src_pitch, to, convert_.data() + r * row_out,
+                             b.width);
       }
       WD_RETURN_IF_ERROR(PwriteAll(f, convert_.data(), row_out * n, at + r0 * row_out));
     }
@@ -223,12 +223,10 @@ absl::StatusOr<bool> FileSink::CopyFromFile(detail::SinkWorker&, const detail::U
   for (const PieceRef& pr : pieces) {
     const PlanTarget& t = plan_.ranks[pr.rank].targets[pr.piece->target];
     if (t.dtype != src.dtype) return false;
-    detail::ForEachBlock(*pr.piece, src.dtype, t.dtype,
-                         static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
-                         static_cast<int64_t>(unit.unit->end / pr.row_bytes),
-                         [&](const Block& b) {
-                           all = all && b.SrcContiguous(es) && b.DstContiguous(es);
-                         });
+    detail::ForEachBlock(
+        *pr.piece, src.dtype, t.dtype, static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
+        static_cast<int64_t>(unit.unit->end / pr.row_bytes),
+        [&](const Block& b) { all = all && b.SrcContiguous(es) && b.DstContiguous(es); });
     if (!all) return false;
   }
   uint64_t written = 0;
@@ -276,10 +274,9 @@ absl::Status ExecutePlanToFiles(const Plan& plan, std::span<const OutputFile> fi
   std::vector<uint64_t> sizes;
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     if (files[r].target_offset.size() != plan.ranks[r].targets.size()) {
-      return absl::InternalError(absl::StrCat("output file ", files[r].path, " has offsets for ",
-                                              files[r].target_offset.size(), " of the ",
-                                              plan.ranks[r].targets.size(), " targets of rank ",
-                                              plan.ranks[r].rank));
+      return absl::InternalError(absl::StrCat(
+          "output file ", files[r].path, " has offsets for ", files[r].target_offset.size(),
+          " of the ", plan.ranks[r].targets.size(), " targets of rank ", plan.ranks[r].rank));
     }
     sizes.push_back(plan.ranks[r].arena_bytes);
   }

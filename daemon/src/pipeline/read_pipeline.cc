@@ -82,22 +82,22 @@ InPlace PlanInPlace(const Plan& plan, const WorkPlan& work, const WorkUnit& u,
     const PlanTarget& t = plan.ranks[pr.rank].targets[pr.piece->target];
     if (t.dtype != src.dtype) return InPlace::kNo;
     std::byte* base = bases[pr.rank] + t.offset;
-    ForEachBlock(*pr.piece, src.dtype, t.dtype, static_cast<int64_t>(u.begin / pr.row_bytes),
-                 static_cast<int64_t>(u.end / pr.row_bytes), [&](const Block& b) {
-                   if (b.SrcContiguous(es) && b.DstContiguous(es)) {
-                     const uint64_t n = static_cast<uint64_t>(b.rows * b.width * es);
-                     runs.push_back({static_cast<uint64_t>(b.src_offset), n, base + b.dst_offset,
-                                     pr.rank, pr.piece->target,
-                                     static_cast<uint64_t>(b.dst_offset)});
-                     return;
-                   }
-                   for (int64_t r = 0; r < b.rows; ++r) {
-                     const uint64_t d = static_cast<uint64_t>(b.dst_offset + r * b.dst_pitch);
-                     runs.push_back({static_cast<uint64_t>(b.src_offset + r * b.src_pitch),
-                                     static_cast<uint64_t>(b.width * es), base + d, pr.rank,
-                                     pr.piece->target, d});
-                   }
-                 });
+    ForEachBlock(
+        *pr.piece, src.dtype, t.dtype, static_cast<int64_t>(u.begin / pr.row_bytes),
+        static_cast<int64_t>(u.end / pr.row_bytes), [&](const Block& b) {
+          if (b.SrcContiguous(es) && b.DstContiguous(es)) {
+            const uint64_t n = static_cast<uint64_t>(b.rows * b.width * es);
+            runs.push_back({static_cast<uint64_t>(b.src_offset), n, base + b.dst_offset, pr.rank,
+                            pr.piece->target, static_cast<uint64_t>(b.dst_offset)});
+            return;
+          }
+          for (int64_t r = 0; r < b.rows; ++r) {
+            const uint64_t d = static_cast<uint64_t>(b.dst_offset + r * b.dst_pitch);
+            runs.push_back({static_cast<uint64_t>(b.src_offset + r * b.src_pitch),
+                            static_cast<uint64_t>(b.width * es), base + d, pr.rank,
+                            pr.piece->target, d});
+          }
+        });
   }
   std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.src < b.src; });
   for (size_t k = 1; k < runs.size(); ++k) {
@@ -148,8 +148,8 @@ absl::Status ReadRuns(int fd, uint64_t file_offset, const std::vector<Run>& runs
     parts.clear();
     const uint64_t start = runs[k].src + skip;
     uint64_t pos = start;
-    while (k < runs.size() && iov.size() < static_cast<size_t>(kMaxIov) &&
-           pos - start < kCrcStep && runs[k].src + skip == pos) {
+    while (k < runs.size() && iov.size() < static_cast<size_t>(kMaxIov) && pos - start < kCrcStep &&
+           runs[k].src + skip == pos) {
       const Run& r = runs[k];
       const uint64_t n = std::min(r.n - skip, kCrcStep - (pos - start));
       iov.push_back({r.dst + skip, n});
@@ -225,8 +225,7 @@ void CrcSegments::Flush() {
   open_.clear();
 }
 
-void CrcSegments::Combine(const Plan& plan, std::vector<CrcSegments>& parts,
-                          TargetChecksums* out) {
+void CrcSegments::Combine(const Plan& plan, std::vector<CrcSegments>& parts, TargetChecksums* out) {
   out->crc.assign(plan.ranks.size(), {});
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     out->crc[r].assign(plan.ranks[r].targets.size(), -1);
@@ -313,7 +312,7 @@ class Pipeline {
   bool in_place_ = true;
   StagingRing* sink_ring_ = nullptr;
   std::unique_ptr<StagingRing> own_ring_;
-  StagingRing* ring_ = nullptr;  // sink_ring_ or own_ring_
+  StagingRing* ring_ = nullptr;        // sink_ring_ or own_ring_
   std::vector<CrcSegments> segments_;  // [worker]
   std::atomic<size_t> next_{0};
   std::atomic<bool> failed_{false};
@@ -331,13 +330,12 @@ absl::Status Pipeline::Prepare() {
   }
   sink_ring_ = sink_.ring();
   if (sink_ring_ == nullptr && files_.staged()) {
-    const uint64_t slot = (std::max<uint64_t>(options_.slot_bytes, 4096) + kDirectIoAlignment -
-                           1) /
+    const uint64_t slot = (std::max<uint64_t>(options_.slot_bytes, 4096) + kDirectIoAlignment - 1) /
                           kDirectIoAlignment * kDirectIoAlignment;
-    WD_ASSIGN_OR_RETURN(own_ring_, StagingRing::Create(std::make_shared<PageAllocator>(),
-                                                       {.budget = slot * threads_,
-                                                        .slot_bytes = slot,
-                                                        .max_slots = threads_}));
+    WD_ASSIGN_OR_RETURN(
+        own_ring_, StagingRing::Create(
+                       std::make_shared<PageAllocator>(),
+                       {.budget = slot * threads_, .slot_bytes = slot, .max_slots = threads_}));
   }
   ring_ = sink_ring_ != nullptr ? sink_ring_ : own_ring_.get();
   return absl::OkStatus();
@@ -353,8 +351,8 @@ absl::Status Pipeline::ReadInPlace(Worker& wk, size_t i, bool* done) {
   const std::string label = absl::StrCat(files_.path(src.file), " (tensor '", src.name, "')");
   if (options_.prefault) Prefault(wk.runs, wk.spans);
   uint64_t read = 0;
-  WD_RETURN_IF_ERROR(ReadRuns(files_.fd(src.file), src.offset + u.begin, wk.runs, wk.iov,
-                              *wk.crc, label, &read));
+  WD_RETURN_IF_ERROR(
+      ReadRuns(files_.fd(src.file), src.offset + u.begin, wk.runs, wk.iov, *wk.crc, label, &read));
   progress_->bytes_pread.fetch_add(read, std::memory_order_relaxed);
   progress_->bytes_in_place.fetch_add(read, std::memory_order_relaxed);
   if (how == InPlace::kAll) return absl::OkStatus();
@@ -393,10 +391,10 @@ absl::Status Pipeline::ReadUnit(Worker& wk, size_t i) {
     uring = wk.uring->get();
   }
   if (uring == nullptr && sink_ring_ == nullptr) {
-    WD_ASSIGN_OR_RETURN(const bool copied,
-                        sink_.CopyFromFile(*wk.out, {i, &u, {}, nullptr, wk.crc},
-                                           files_.fd(src.file), src.offset + u.begin,
-                                           work_.by_source[u.source]));
+    WD_ASSIGN_OR_RETURN(
+        const bool copied,
+        sink_.CopyFromFile(*wk.out, {i, &u, {}, nullptr, wk.crc}, files_.fd(src.file),
+                           src.offset + u.begin, work_.by_source[u.source]));
     if (copied) {
       progress_->bytes_pread.fetch_add(u.end - u.begin, std::memory_order_relaxed);
       return absl::OkStatus();
@@ -462,8 +460,8 @@ absl::Status Pipeline::Execute(TargetChecksums* checksums) {
   WD_RETURN_IF_ERROR(Prepare());
   {
     std::vector<std::thread> pool;
-    const int n = static_cast<int>(
-        std::min<size_t>(threads_, std::max<size_t>(work_.units.size(), 1)));
+    const int n =
+        static_cast<int>(std::min<size_t>(threads_, std::max<size_t>(work_.units.size(), 1)));
     for (int w = 1; w < n; ++w) pool.emplace_back(&Pipeline::Work, this, w);
     Work(0);
     for (std::thread& t : pool) t.join();

@@ -122,11 +122,11 @@ class CrcSegments {
 
 // The bytes of one unit, handed to a SinkWorker.
 struct UnitBytes {
-  size_t index = 0;                    // in WorkPlan::units
+  size_t index = 0;  // in WorkPlan::units
   const WorkUnit* unit = nullptr;
-  std::span<const std::byte> bytes;    // the unit's source bytes, [unit->begin, unit->end)
-  StagingSlot* slot = nullptr;         // the slot holding `bytes`, or null (host memory)
-  CrcSegments* crc = nullptr;          // this worker's checksums; the sink adds what it writes
+  std::span<const std::byte> bytes;  // the unit's source bytes, [unit->begin, unit->end)
+  StagingSlot* slot = nullptr;       // the slot holding `bytes`, or null (host memory)
+  CrcSegments* crc = nullptr;        // this worker's checksums; the sink adds what it writes
 };
 
 // One worker's side of a sink (streams, scratch buffers, a descriptor): made and used on that
