@@ -711,6 +711,19 @@ TEST_F(ExecutorTest, FileSinkWriteErrorNamesTheFile) {
     EXPECT_THAT(s.message(), HasSubstr("/dev/full (rank 0)"));
     EXPECT_THAT(s.message(), HasSubstr("No space left on device"));
   }
+  // A descriptor that refuses writes fails the in-kernel copies (whole blocks) and the writes
+  // (slices, casts) alike, naming that file.
+  UniqueFd read_only(open(ok_path.c_str(), O_RDONLY));
+  ASSERT_GE(read_only.get(), 0);
+  outs[0] = {.fd = read_only.get(), .path = ok_path + " (read-only)",
+             .target_offset = outs[0].target_offset};
+  for (int threads : {1, 2}) {
+    LoadProgress progress;
+    const absl::Status s = ExecutePlanToFiles(plan_, outs, {.threads = threads}, &progress);
+    EXPECT_FALSE(s.ok());
+    EXPECT_THAT(s.message(), HasSubstr("(read-only)"));
+    EXPECT_THAT(s.message(), HasSubstr("Bad file descriptor"));
+  }
   // An output list that does not match the plan is refused before anything is read.
   outs.pop_back();
   LoadProgress progress;
