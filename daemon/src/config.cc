@@ -130,6 +130,9 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
         return KeyError(source, k, "one of auto, pread, uring");
       }
       c.io_mode = v.get<std::string>();
+    } else if (k == "host_prefault") {
+      if (!v.is_boolean()) return KeyError(source, k, "true or false");
+      c.host_prefault = v.get<bool>();
     } else if (k == "log_level") {
       if (!v.is_string()) return KeyError(source, k, "error|warning|notice|info|debug");
       c.log_level = v.get<std::string>();
@@ -162,8 +165,7 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
           "allow_uids, allow_gids, model_roots, "
           "preload, max_connections, max_connections_per_uid, max_leases_per_connection, "
           "keep_previous_generation, arena_segment_bytes, max_request_bytes, hello_timeout_ms, "
-          "io_threads, "
-          "io_mode, log_level, metrics_listen, socket_mode)"));
+          "io_threads, io_mode, host_prefault, log_level, metrics_listen, socket_mode)"));
     }
   }
   return c;

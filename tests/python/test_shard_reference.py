@@ -66,6 +66,24 @@ def test_llama_gqa_vocab_padding(tmp_path, T):
     shard_and_compare(tmp_path, t, cfg, ckpt, T)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_write_the_same_bytes(tmp_path, threads):
+    # The read pipeline's workers write disjoint pieces of the rank files in parallel; 16 MiB
+    # units with 2 layers of H = 1024 make several units per run.
+    ckpt = tmp_path / "llama"
+    t, cfg = hf.make(ckpt, "llama", H=1024, nH=8, nKV=2, I=4096, V=8192, layers=2, shards=2)
+    shard_and_compare(tmp_path, t, cfg, ckpt, 2, extra_args=("--threads", threads))
+    shard_and_compare(tmp_path, t, cfg, ckpt, 4, dtype="F32", extra_args=("--threads", threads))
+
+
+def test_bad_thread_count(tmp_path):
+    ckpt = tmp_path / "llama"
+    hf.make(ckpt, "llama", H=64, nH=8, nKV=2, V=1000)
+    p = run("shard", ckpt, "--tp", 2, "--threads", 0, "--out", tmp_path / "out")
+    assert p.returncode == 2 and "--threads" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("T", [1, 2, 4])
 def test_qwen2_biases_tied_embeddings(tmp_path, T):
     ckpt = tmp_path / "qwen2"

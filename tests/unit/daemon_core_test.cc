@@ -57,10 +57,11 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 4096);
   EXPECT_EQ(c->max_request_bytes, 65536u);
   EXPECT_EQ(c->socket_mode, 0660u);
+  EXPECT_TRUE(c->host_prefault);
   c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
       "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
       "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
-      "socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
+      "host_prefault":false,"socket_mode":"0600","max_connections_per_uid":3,"max_leases_per_connection":5,
       "preload":[{"name":"llama","checkpoint":"/models/l","tp":2,"allow_uids":[7]}]})",
                   "t.json");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -74,6 +75,7 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 5);
   EXPECT_EQ(c->hello_timeout_ms, 500);
   EXPECT_EQ(c->socket_mode, 0600u);
+  EXPECT_FALSE(c->host_prefault);
   ASSERT_EQ(c->preload.size(), 1u);
   EXPECT_EQ(c->preload[0].name, "llama");
   EXPECT_EQ(c->preload[0].spec.tp, 2);
@@ -95,6 +97,7 @@ TEST(ConfigTest, Errors) {
   ExpectConfigError(R"({"pinned_budget":"lots"})", "not a byte count");
   ExpectConfigError(R"({"pinned_budget":10})", "at least 1 MiB");
   ExpectConfigError(R"({"allow_uids":["root"]})", "'allow_uids'");
+  ExpectConfigError(R"({"host_prefault":"yes"})", "'host_prefault'");
   ExpectConfigError(R"({"max_connections":0})", "'max_connections'");
   ExpectConfigError(R"({"max_connections_per_uid":0})", "'max_connections_per_uid'");
   ExpectConfigError(R"({"max_leases_per_connection":-1})", "'max_leases_per_connection'");
@@ -521,12 +524,17 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
       if (mode == IoMode::kPread) {
         EXPECT_EQ(progress.bytes_pread.load(), progress.bytes_total.load());
       }
-      // Checksummed while reading: the verbatim targets only.
+      // Checksummed while written: every target, slices, casts and zero-fills included.
       ASSERT_EQ(crcs.crc.size(), 2u);
       EXPECT_EQ(crcs.crc[0][3], Crc32c(s0_.bytes.data(), s0_.bytes.size()));
       EXPECT_EQ(crcs.crc[0][1], Crc32c(s1_.bytes.data(), s1_.bytes.size()));
-      EXPECT_EQ(crcs.crc[0][0], -1);
-      EXPECT_EQ(crcs.crc[1][1], -1);  // cast to BF16
+      for (size_t r = 0; r < 2; ++r) {
+        for (size_t t = 0; t < plan_.ranks[r].targets.size(); ++t) {
+          const PlanTarget& pt = plan_.ranks[r].targets[t];
+          EXPECT_EQ(crcs.crc[r][t], Crc32c(raw[r]->writable().data() + pt.offset, pt.nbytes))
+              << "rank " << r << " target " << pt.name;
+        }
+      }
       // Each source byte read once, for both ranks together.
       EXPECT_EQ(progress.bytes_total.load(), s0_.bytes.size() + s1_.bytes.size());
       EXPECT_EQ(progress.bytes_done.load(), progress.bytes_total.load());
@@ -555,6 +563,175 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
         EXPECT_EQ(t.crc32c, Crc32c(raw[0]->readable().data() + t.offset, t.nbytes)) << t.name;
       }
     }
+}
+
+// Tensor-parallel slices and fused targets go straight from the file into the arenas (no bounce
+// buffer), and each one's CRC32C is taken while it is written. Column slices of `o` make a row
+// run per rank per row, more than one preadv takes (IOV_MAX), in units of 1 MiB.
+TEST(ExecutorInPlaceTest, SlicesAndFusedTargetsAreReadInPlaceAndChecksummed) {
+  TempDir dir;
+  const FakeTensor q = RandomTensor("q", {64, 32}, 2, "U16", 11);
+  const FakeTensor k = RandomTensor("k", {32, 32}, 2, "U16", 12);
+  const FakeTensor o = RandomTensor("o", {2048, 512}, 2, "U16", 13);
+  WriteSafetensors(dir / "m.safetensors", {q, k, o});
+  auto ckpt = Checkpoint::Open(dir / "m.safetensors");
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  Plan plan;
+  plan.files.push_back({dir / "m.safetensors", 0, 0});
+  for (const CheckpointTensor& t : ckpt->tensors()) {
+    plan.sources.push_back({t.name, t.dtype, t.shape, 0, t.offset, t.nbytes});
+  }
+  auto index_of = [&](const std::string& name) {
+    return static_cast<uint32_t>(
+        std::find_if(plan.sources.begin(), plan.sources.end(),
+                     [&](const PlanSource& s) { return s.name == name; }) -
+        plan.sources.begin());
+  };
+  const uint32_t sq = index_of("q"), sk = index_of("k"), so = index_of("o");
+  ASSERT_EQ(plan.sources.size(), 3u);
+  for (int r = 0; r < 2; ++r) {
+    RankPlan rp;
+    rp.rank = r;
+    // qkv: q rows [32r, 32r + 32) then k rows [16r, 16r + 16); o: columns [256r, 256r + 256).
+    rp.targets = {{"qkv", DType::kU16, {48, 32}, 0, 48 * 32 * 2},
+                  {"o", DType::kU16, {2048, 256}, 4096, 2048 * 256 * 2}};
+    rp.pieces = {{sq, 0, {1, 64, 32}, {0, 32 * r, 0}, {1, 48, 32}, {0, 0, 0}, {1, 32, 32}},
+                 {sk, 0, {1, 32, 32}, {0, 16 * r, 0}, {1, 48, 32}, {0, 32, 0}, {1, 16, 32}},
+                 {so, 1, {1, 2048, 512}, {0, 0, 256 * r}, {1, 2048, 256}, {0, 0, 0},
+                  {1, 2048, 256}}};
+    rp.arena_bytes = 4096 + 2048 * 256 * 2;
+    plan.ranks.push_back(rp);
+  }
+  HostBackend backend;
+  for (int threads : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("threads ", threads));
+    std::vector<std::unique_ptr<Arena>> arenas;
+    std::vector<Arena*> raw;
+    for (const RankPlan& r : plan.ranks) {
+      arenas.push_back(*backend.Allocate({r.arena_bytes, -1, "x"}));
+      raw.push_back(arenas.back().get());
+    }
+    LoadProgress progress;
+    TargetChecksums crcs;
+    // Two workers also prefault the destination pages (ExecutorOptions::prefault).
+    ExecutorOptions eo{.threads = threads, .chunk_bytes = 1 << 20};
+    eo.prefault = threads == 2;
+    ASSERT_TRUE(ExecutePlanHost(plan, raw, eo, &progress, &crcs).ok());
+    EXPECT_EQ(progress.bytes_in_place.load(), progress.bytes_total.load());
+    EXPECT_EQ(progress.bytes_total.load(), q.bytes.size() + k.bytes.size() + o.bytes.size());
+    std::vector<const FakeTensor*> src(3);
+    src[sq] = &q;
+    src[sk] = &k;
+    src[so] = &o;
+    for (size_t r = 0; r < 2; ++r) {
+      std::vector<std::byte> want(plan.ranks[r].arena_bytes);
+      for (const PlanPiece& p : plan.ranks[r].pieces) {
+        kernels::CopyPieceRowsHost(p, DType::kU16, DType::kU16,
+                                   reinterpret_cast<const std::byte*>(src[p.source]->bytes.data()),
+                                   0, p.src_shape[0] * p.src_shape[1],
+                                   want.data() + plan.ranks[r].targets[p.target].offset);
+      }
+      const std::span<std::byte> got = raw[r]->writable();
+      for (size_t t = 0; t < plan.ranks[r].targets.size(); ++t) {
+        const PlanTarget& pt = plan.ranks[r].targets[t];
+        EXPECT_EQ(std::memcmp(got.data() + pt.offset, want.data() + pt.offset, pt.nbytes), 0)
+            << "rank " << r << " " << pt.name;
+        EXPECT_EQ(crcs.crc[r][t], Crc32c(want.data() + pt.offset, pt.nbytes))
+            << "rank " << r << " " << pt.name;
+      }
+    }
+  }
+}
+
+// The output-file sink writes exactly the bytes the host sink puts in an arena (slices, a
+// strided view, a cast, a zero-fill left to the pre-sized file), with any number of workers.
+TEST_F(ExecutorTest, FileSinkWritesTheBytesOfTheHostSink) {
+  std::vector<std::unique_ptr<Arena>> arenas;
+  std::vector<Arena*> raw;
+  for (const RankPlan& r : plan_.ranks) {
+    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+    raw.push_back(arenas.back().get());
+  }
+  LoadProgress host_progress;
+  ASSERT_TRUE(ExecutePlanHost(plan_, raw, {.threads = 2}, &host_progress).ok());
+  for (int threads : {1, 3}) {
+    SCOPED_TRACE(absl::StrCat("threads ", threads));
+    std::vector<UniqueFd> fds;
+    std::vector<OutputFile> outs;
+    for (size_t r = 0; r < plan_.ranks.size(); ++r) {
+      const std::string path = dir_ / absl::StrCat("out-", threads, "-", r);
+      fds.emplace_back(open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644));
+      ASSERT_GE(fds.back().get(), 0);
+      // 8 bytes of header before the data: offsets are absolute.
+      ASSERT_EQ(ftruncate(fds.back().get(), 8 + plan_.ranks[r].arena_bytes), 0);
+      OutputFile f{.fd = fds.back().get(), .path = path};
+      for (const PlanTarget& t : plan_.ranks[r].targets) f.target_offset.push_back(8 + t.offset);
+      outs.push_back(std::move(f));
+    }
+    LoadProgress progress;
+    uint64_t written = 0;
+    ASSERT_TRUE(ExecutePlanToFiles(plan_, outs,
+                                   {.threads = threads, .chunk_bytes = 64 << 10}, &progress,
+                                   &written)
+                    .ok());
+    EXPECT_EQ(progress.bytes_done.load(), s0_.bytes.size() + s1_.bytes.size());
+    uint64_t want_written = 0;
+    for (size_t r = 0; r < plan_.ranks.size(); ++r) {
+      std::vector<std::byte> file(plan_.ranks[r].arena_bytes);
+      ASSERT_TRUE(PreadExact(outs[r].fd, file.data(), file.size(), 8, outs[r].path).ok());
+      for (const PlanTarget& t : plan_.ranks[r].targets) {
+        if (t.name != "z") want_written += t.nbytes;
+        EXPECT_EQ(std::memcmp(file.data() + t.offset, raw[r]->writable().data() + t.offset,
+                              t.nbytes),
+                  0)
+            << "rank " << r << " target " << t.name;
+      }
+    }
+    EXPECT_EQ(written, want_written);
+  }
+}
+
+// A write that fails (a full disk: /dev/full answers ENOSPC) fails the run naming the output
+// file and the errno text; the first error stops every worker.
+TEST_F(ExecutorTest, FileSinkWriteErrorNamesTheFile) {
+  UniqueFd full(open("/dev/full", O_WRONLY));
+  if (full.get() < 0) GTEST_SKIP() << "no /dev/full";
+  const std::string ok_path = dir_ / "rank1";
+  UniqueFd ok(open(ok_path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644));
+  ASSERT_GE(ok.get(), 0);
+  std::vector<OutputFile> outs(2);
+  outs[0] = {.fd = full.get(), .path = "/dev/full (rank 0)"};
+  outs[1] = {.fd = ok.get(), .path = ok_path};
+  for (size_t r = 0; r < 2; ++r) {
+    for (const PlanTarget& t : plan_.ranks[r].targets) outs[r].target_offset.push_back(t.offset);
+  }
+  for (int threads : {1, 3}) {
+    LoadProgress progress;
+    const absl::Status s = ExecutePlanToFiles(plan_, outs, {.threads = threads}, &progress);
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+    EXPECT_THAT(s.message(), HasSubstr("/dev/full (rank 0)"));
+    EXPECT_THAT(s.message(), HasSubstr("No space left on device"));
+  }
+  // A descriptor that refuses writes fails the in-kernel copies (whole blocks) and the writes
+  // (slices, casts) alike, naming that file.
+  UniqueFd read_only(open(ok_path.c_str(), O_RDONLY));
+  ASSERT_GE(read_only.get(), 0);
+  outs[0] = {.fd = read_only.get(), .path = ok_path + " (read-only)",
+             .target_offset = outs[0].target_offset};
+  for (int threads : {1, 2}) {
+    LoadProgress progress;
+    const absl::Status s = ExecutePlanToFiles(plan_, outs, {.threads = threads}, &progress);
+    EXPECT_FALSE(s.ok());
+    EXPECT_THAT(s.message(), HasSubstr("(read-only)"));
+    EXPECT_THAT(s.message(), HasSubstr("Bad file descriptor"));
+  }
+  // An output list that does not match the plan is refused before anything is read.
+  outs.pop_back();
+  LoadProgress progress;
+  const absl::Status s = ExecutePlanToFiles(plan_, outs, {}, &progress);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(s.message(), HasSubstr("1 output files for 2 ranks"));
+  EXPECT_EQ(progress.bytes_done.load(), 0u);
 }
 
 TEST_F(ExecutorTest, AutoModeReadsColdChunksWithUring) {

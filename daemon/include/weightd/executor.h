@@ -4,15 +4,19 @@
 //   std::vector<Arena*> arenas = {rank0.get(), rank1.get()};   // arenas[i] <- plan.ranks[i]
 //   WD_RETURN_IF_ERROR(ExecutePlanHost(plan, arenas, {.threads = 4}, &progress));
 //
-// Every checkpoint byte the plan needs is read exactly once, whatever the number of ranks:
-// sources are visited in (file, offset) order; each source is read whole, or in row-aligned
-// chunks when larger than the chunk size, into a per-thread buffer (a staging-ring slot unless
-// io_mode is kPread; cold chunks with io_uring and O_DIRECT, see IoMode), and every piece of every
-// rank that reads that source is applied from the buffer (weightd::kernels::CopyPieceRowsHost,
-// converting dtypes). `threads` workers each take the next chunk, so one worker's read overlaps
-// another's copy. Buffer memory is threads x chunk_bytes, bounded by `buffer_budget` (a single
-// source whose rows are wider than a chunk gets a one-off buffer of one row group).
-// Zero-fills are written explicitly (the CUDA backend's memory is not zeroed for free).
+// Every executor is the one read pipeline (detail/read_pipeline.h) with a different sink:
+// ExecutePlanHost into host arenas, ExecutePlanCuda into device arenas, ExecutePlanToFiles into
+// `weightctl shard`'s output files. Every checkpoint byte the plan needs is read exactly once,
+// whatever the number of ranks: sources are visited in (file, offset) order and cut into
+// row-aligned units of at most chunk_bytes that `threads` workers take in turn. On the host a
+// unit whose pieces are all same-dtype and disjoint (whole tensors, tensor-parallel slices,
+// fused q/k/v and gate/up) is read in place: one preadv per ~1 MiB scatters it into the arenas
+// of every rank, and each row run is checksummed right after its read. Other units (casts,
+// replicated tensors beyond their first copy, cold chunks read with io_uring into a staging
+// slot) go through a buffer and are copied row run by row run, checksummed as they are written.
+// Buffer memory is bounded by threads x chunk_bytes within `buffer_budget` (a single source
+// whose rows are wider than a chunk gets a one-off buffer of one row group). Zero-fills are
+// written explicitly (the CUDA backend's memory is not zeroed for free).
 //
 // Errors: the reader's message (file, offset, missing bytes) for a truncated shard, INTERNAL
 // naming the piece for a plan inconsistent with its own arenas, CANCELLED when
@@ -25,6 +29,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -42,6 +47,8 @@ struct LoadProgress {
   std::atomic<uint64_t> bytes_done{0};
   std::atomic<uint64_t> bytes_uring{0};  // of bytes_done: read with io_uring into staging slots
   std::atomic<uint64_t> bytes_pread{0};  // of bytes_done: read with pread (page-cache path)
+  // Of bytes_pread: read straight into the destination (host arenas), without a bounce buffer.
+  std::atomic<uint64_t> bytes_in_place{0};
   std::atomic<bool> cancel{false};       // set by another thread to stop the load
 };
 
@@ -82,14 +89,19 @@ struct ExecutorOptions {
   uint64_t chunk_bytes = 64ull << 20;   // largest single read
   IoMode io_mode = IoMode::kPread;      // kAuto pending the cold-read measurement on the H100
   unsigned uring_queue_depth = 64;      // SQ entries per reader thread's ring
+  // ExecutePlanHost only: before a unit is read in place, its destination pages are faulted in
+  // with one madvise(MADV_POPULATE_WRITE) per run of pages (the kernel allocates and zeroes
+  // them in a batch instead of one fault per 4 KiB page during the read). Ignored where the
+  // kernel lacks it (before 5.14).
+  bool prefault = false;
   // ExecutePlanCuda only: the daemon's shared pinned ring. Null: the load pins its own ring of
   // (threads + 1) slots within buffer_budget (tests, tools).
   CudaStaging* staging = nullptr;
 };
 
-// CRC32C of the targets the executor could checksum while their bytes were in cache (targets
-// that are verbatim copies of one source: replicated tensors, T=1 without casts), indexed
-// [rank][target]; -1 where it could not (slices, casts, fused targets).
+// CRC32C of the targets the executor checksummed while writing them, indexed [rank][target];
+// -1 where it did not. The host executor checksums every target; the CUDA executor the
+// verbatim ones from the staging bytes and the others by reading them back from the device.
 struct TargetChecksums {
   std::vector<std::vector<int64_t>> crc;
 };
@@ -112,6 +124,28 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
 absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_arenas,
                              const ExecutorOptions& options, LoadProgress* progress,
                              TargetChecksums* checksums = nullptr);
+
+// One rank's output file for ExecutePlanToFiles: pre-sized (so plan zero-fills and gaps read as
+// zeros) and open for writing; not owned, used only during the call.
+struct OutputFile {
+  int fd = -1;
+  std::string path;                     // named in write errors (the temporary's path)
+  std::vector<uint64_t> target_offset;  // [target] absolute file offset of its first byte
+};
+
+// The output-file sink (daemon/src/pipeline/file_sink.cc; `weightctl shard`): the same reads as
+// ExecutePlanHost, `options.threads` workers, each unit read into a per-thread buffer of at most
+// options.chunk_bytes (peak memory threads x chunk, plus one conversion buffer per worker,
+// whatever the model size), then every piece written with pwrite/pwritev at its place in
+// `files[rank index]` (casts converted on the way). Writeback of each written range is started
+// at once (sync_file_range), so a later fsync has little left to wait for; durability and the
+// final names are the caller's. Zero-fills write nothing (the files read as zeros there).
+// `bytes_written` (may be null) gets the tensor bytes written. Errors name the output file and
+// offset with the errno text (ENOSPC, EFBIG) or the reader's; CANCELLED when progress->cancel is
+// set (another thread, a signal handler).
+absl::Status ExecutePlanToFiles(const Plan& plan, std::span<const OutputFile> files,
+                                const ExecutorOptions& options, LoadProgress* progress,
+                                uint64_t* bytes_written = nullptr);
 
 // A byte range of an arena.
 struct ArenaRange {

@@ -59,6 +59,7 @@
 #include "weightd/detail/cuda_driver.h"
 #include "weightd/detail/cuda_pinned_allocator.h"
 #include "weightd/detail/cuda_resources.h"
+#include "weightd/detail/read_pipeline.h"
 #include "weightd/detail/staging_ring.h"
 #include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
@@ -155,115 +156,239 @@ std::function<absl::Status()> SlotFence(const CudaDriver& cu, std::vector<SlotWa
   };
 }
 
-// Issues the copies of rows [row_begin, row_end) of one piece's source, held in `stage` (host,
-// pinned) and, for a cast, in `dev_src` (device, same layout), into the target at `dst_target`.
-absl::Status CopyPieceRowsDevice(const CudaDriver& cu, const PlanPiece& p, DType src_dtype,
-                                 DType dst_dtype, const std::byte* stage, CUdeviceptr dev_src,
-                                 int64_t row_begin, int64_t row_end, CUdeviceptr dst_target,
-                                 CUstream stream) {
+// Issues the copies of one Block of a piece, held in `stage` (host, pinned) and, for a cast, in
+// `dev_src` (device, same layout), into the target at `dst_target`.
+absl::Status CopyBlockDevice(const CudaDriver& cu, const detail::Block& b, DType src_dtype,
+                             DType dst_dtype, const std::byte* stage, CUdeviceptr dev_src,
+                             CUdeviceptr dst_target, CUstream stream) {
   const int64_t ss = DTypeSize(src_dtype);
-  const int64_t ds = DTypeSize(dst_dtype);
-  const int64_t src_pitch = p.src_shape[2] * ss;
-  const int64_t dst_pitch = p.dst_shape[2] * ds;
-  const int64_t width = p.extent[2];
-  for (int64_t i = 0; i < p.extent[0]; ++i) {
-    const int64_t plane_row0 = (p.src_start[0] + i) * p.src_shape[1] + p.src_start[1];
-    const int64_t j_begin = std::max<int64_t>(0, row_begin - plane_row0);
-    const int64_t j_end = std::min<int64_t>(p.extent[1], row_end - plane_row0);
-    if (j_begin >= j_end) continue;
-    const int64_t src_off = (plane_row0 + j_begin - row_begin) * src_pitch + p.src_start[2] * ss;
-    const int64_t d_elem =
-        ((p.dst_start[0] + i) * p.dst_shape[1] + p.dst_start[1] + j_begin) * p.dst_shape[2] +
-        p.dst_start[2];
-    const CUdeviceptr dst = dst_target + static_cast<CUdeviceptr>(d_elem * ds);
-    const int64_t height = j_end - j_begin;
-    if (src_dtype != dst_dtype) {
-      WD_RETURN_IF_ERROR(kernels::LaunchConvert2DDevice(
-          src_dtype, dev_src + static_cast<CUdeviceptr>(src_off), src_pitch, dst_dtype, dst,
-          dst_pitch, width, height, stream));
-    } else if ((width == p.src_shape[2] && width == p.dst_shape[2]) || height == 1) {
-      WD_CU_RETURN_IF_ERROR(
-          cu, cu.MemcpyHtoDAsync(dst, stage + src_off, static_cast<size_t>(height * width * ss),
-                                 stream));
-    } else {
-      CUDA_MEMCPY2D copy{};
-      copy.srcMemoryType = CU_MEMORYTYPE_HOST;
-      copy.srcHost = stage + src_off;
-      copy.srcPitch = static_cast<size_t>(src_pitch);
-      copy.dstMemoryType = CU_MEMORYTYPE_DEVICE;
-      copy.dstDevice = dst;
-      copy.dstPitch = static_cast<size_t>(dst_pitch);
-      copy.WidthInBytes = static_cast<size_t>(width * ss);
-      copy.Height = static_cast<size_t>(height);
-      WD_CU_RETURN_IF_ERROR(cu, cu.Memcpy2DAsync(&copy, stream));
+  const CUdeviceptr dst = dst_target + static_cast<CUdeviceptr>(b.dst_offset);
+  if (src_dtype != dst_dtype) {
+    return kernels::LaunchConvert2DDevice(
+        src_dtype, dev_src + static_cast<CUdeviceptr>(b.src_offset), b.src_pitch, dst_dtype, dst,
+        b.dst_pitch, b.width, b.rows, stream);
+  }
+  if (b.SrcContiguous(ss) && b.DstContiguous(ss)) {
+    WD_CU_RETURN_IF_ERROR(cu,
+                          cu.MemcpyHtoDAsync(dst, stage + b.src_offset,
+                                             static_cast<size_t>(b.rows * b.width * ss), stream));
+    return absl::OkStatus();
+  }
+  CUDA_MEMCPY2D copy{};
+  copy.srcMemoryType = CU_MEMORYTYPE_HOST;
+  copy.srcHost = stage + b.src_offset;
+  copy.srcPitch = static_cast<size_t>(b.src_pitch);
+  copy.dstMemoryType = CU_MEMORYTYPE_DEVICE;
+  copy.dstDevice = dst;
+  copy.dstPitch = static_cast<size_t>(b.dst_pitch);
+  copy.WidthInBytes = static_cast<size_t>(b.width * ss);
+  copy.Height = static_cast<size_t>(b.rows);
+  WD_CU_RETURN_IF_ERROR(cu, cu.Memcpy2DAsync(&copy, stream));
+  return absl::OkStatus();
+}
+
+// The device arenas of one load as the read pipeline's sink: every unit is read into a slot of
+// the pinned ring, then DMA'd (or staged on the device and converted) by the worker's stream.
+class DeviceArenaSink final : public detail::Sink {
+ public:
+  DeviceArenaSink(const Plan& plan, const detail::WorkPlan& work, Resources& res,
+                  std::vector<CUdeviceptr> bases, std::vector<size_t> dev_index,
+                  std::span<Arena* const> arenas, CudaContextGuard& guard)
+      : plan_(plan),
+        work_(work),
+        res_(res),
+        cu_(*res.cu),
+        bases_(std::move(bases)),
+        dev_index_(std::move(dev_index)),
+        arenas_(arenas),
+        guard_(guard) {}
+
+  StagingRing* ring() override { return res_.ring; }
+
+  absl::StatusOr<std::unique_ptr<detail::SinkWorker>> NewWorker(int worker) override {
+    return std::make_unique<Worker>(*this, worker);
+  }
+
+  // On the calling thread's context (guard_), on stream 0 of the rank's device.
+  absl::Status ZeroFill(size_t rank, uint64_t offset, uint64_t bytes) override {
+    const DeviceResources& dr = res_.devices[dev_index_[rank]];
+    WD_RETURN_IF_ERROR(RankError(rank, guard_.Use(dr.ctx.get())));
+    const CUresult e = cu_.MemsetD8Async(bases_[rank] + offset, 0, bytes, dr.streams[0].get());
+    if (e != CUDA_SUCCESS) {
+      return RankError(rank, cu_.Error(e, "cuMemsetD8Async (zero-fill)", __FILE__, __LINE__));
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status RankError(size_t r, const absl::Status& s) const {
+    return Annotate(
+        s, absl::StrCat("rank ", plan_.ranks[r].rank, " on CUDA device ", arenas_[r]->device()));
+  }
+  absl::Status DeviceError(size_t d, const absl::Status& s) const {
+    return Annotate(s, absl::StrCat("CUDA device ", res_.devices[d].ordinal));
+  }
+
+ private:
+  class Worker final : public detail::SinkWorker {
+   public:
+    Worker(DeviceArenaSink& sink, int w) : sink_(sink), w_(w), guard_(*sink.res_.cu) {}
+    absl::Status Write(const detail::UnitBytes& unit, std::span<const PieceRef> pieces) override;
+
+   private:
+    // Makes device index `d`'s context current on this thread.
+    absl::Status Use(size_t d) {
+      if (current_ == d) return absl::OkStatus();
+      current_ = kNone;
+      WD_RETURN_IF_ERROR(sink_.DeviceError(d, guard_.Use(sink_.res_.devices[d].ctx.get())));
+      current_ = d;
+      return absl::OkStatus();
+    }
+    absl::Status Enqueue(const detail::UnitBytes& unit, std::span<const PieceRef> pieces,
+                         std::vector<bool>& used);
+
+    static constexpr size_t kNone = ~size_t{0};
+    DeviceArenaSink& sink_;
+    int w_;
+    CudaContextGuard guard_;
+    size_t current_ = kNone;
+  };
+
+  const Plan& plan_;
+  const detail::WorkPlan& work_;
+  Resources& res_;
+  const CudaDriver& cu_;
+  std::vector<CUdeviceptr> bases_;
+  std::vector<size_t> dev_index_;
+  std::span<Arena* const> arenas_;
+  CudaContextGuard& guard_;
+};
+
+// Enqueues the copies of every piece; `used[d]`: a copy may have been enqueued on device d.
+absl::Status DeviceArenaSink::Worker::Enqueue(const detail::UnitBytes& unit,
+                                              std::span<const PieceRef> pieces,
+                                              std::vector<bool>& used) {
+  const Plan& plan = sink_.plan_;
+  const CudaDriver& cu = sink_.cu_;
+  const detail::WorkUnit& u = *unit.unit;
+  const PlanSource& src = plan.sources[u.source];
+  const uint64_t len = u.end - u.begin;
+  std::vector<bool> staged(used.size(), false);  // unit copied to the device's scratch
+  for (const PieceRef& pr : pieces) {
+    const PlanPiece& p = *pr.piece;
+    const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
+    const size_t d = sink_.dev_index_[pr.rank];
+    DeviceResources& dr = sink_.res_.devices[d];
+    const CUstream stream = dr.streams[w_].get();
+    absl::Status s = [&]() -> absl::Status {
+      WD_RETURN_IF_ERROR(Use(d));
+      used[d] = true;
+      CUdeviceptr scratch = 0;
+      if (src.dtype != t.dtype) {
+        scratch = dr.scratch[w_].get();
+        if (!staged[d]) {
+          WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyHtoDAsync(scratch, unit.bytes.data(), len, stream));
+          staged[d] = true;
+        }
+      }
+      absl::Status copied;
+      detail::ForEachBlock(p, src.dtype, t.dtype, static_cast<int64_t>(u.begin / pr.row_bytes),
+                           static_cast<int64_t>(u.end / pr.row_bytes), [&](const detail::Block& b) {
+                             if (!copied.ok()) return;
+                             copied =
+                                 CopyBlockDevice(cu, b, src.dtype, t.dtype, unit.bytes.data(),
+                                                 scratch, sink_.bases_[pr.rank] + t.offset, stream);
+                           });
+      return copied;
+    }();
+    if (!s.ok())
+      return Annotate(sink_.RankError(pr.rank, s), absl::StrCat("tensor '", t.name, "'"));
   }
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_arenas,
-                             const ExecutorOptions& options, LoadProgress* progress,
-                             TargetChecksums* checksums) {
-  if (rank_arenas.size() != plan.ranks.size()) {
-    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
-                                            plan.ranks.size(), " ranks"));
-  }
-  WD_ASSIGN_OR_RETURN(const CudaDriver* driver, CudaDriver::Get());
-  const CudaDriver& cu = *driver;
-  Resources res;
-  res.cu = &cu;
-  std::vector<CUdeviceptr> bases(plan.ranks.size());
-  std::vector<size_t> dev_index(plan.ranks.size());
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    Arena* a = rank_arenas[r];
-    if (a->kind() != ArenaKind::kCudaVmm || !a->writable().empty() ||
-        a->size() < plan.ranks[r].arena_bytes) {
-      return absl::InternalError(absl::StrCat("arena of rank ", plan.ranks[r].rank,
-                                              " is not a CUDA arena of at least ",
-                                              plan.ranks[r].arena_bytes, " bytes"));
-    }
-    bases[r] = static_cast<const CudaArena*>(a)->device_ptr();
-    auto it = std::find_if(res.devices.begin(), res.devices.end(),
-                           [&](const DeviceResources& d) { return d.ordinal == a->device(); });
-    dev_index[r] = static_cast<size_t>(it - res.devices.begin());
-    if (it == res.devices.end()) {
-      WD_ASSIGN_OR_RETURN(CudaPrimaryContext ctx, CudaPrimaryContext::Retain(cu, a->device()));
-      res.devices.push_back({.ordinal = a->device(), .ctx = std::move(ctx)});
+absl::Status DeviceArenaSink::Worker::Write(const detail::UnitBytes& unit,
+                                            std::span<const PieceRef> pieces) {
+  const CudaDriver& cu = sink_.cu_;
+  const detail::WorkUnit& u = *unit.unit;
+  const uint64_t len = u.end - u.begin;
+  // A verbatim target's CRC32C from the staging bytes while they are in cache; the others are
+  // read back from the device after the load.
+  if (sink_.work_.verbatim[u.source] >= 0) {
+    const uint32_t crc = Crc32c(unit.bytes.data(), len);
+    for (const PieceRef& pr : pieces) {
+      if (detail::IsVerbatim(sink_.plan_, sink_.plan_.ranks[pr.rank], *pr.piece)) {
+        unit.crc->AddKnown(pr.rank, pr.piece->target, u.begin, len, crc);
+      }
     }
   }
-  auto rank_error = [&](size_t r, const absl::Status& s) {
-    return Annotate(
-        s, absl::StrCat("rank ", plan.ranks[r].rank, " on CUDA device ", rank_arenas[r]->device()));
-  };
-  auto device_error = [&](size_t d, const absl::Status& s) {
-    return Annotate(s, absl::StrCat("CUDA device ", res.devices[d].ordinal));
-  };
-  if (res.devices.empty()) return absl::OkStatus();  // a plan without ranks
+  std::vector<bool> used(sink_.res_.devices.size(), false);
+  absl::Status s = Enqueue(unit, pieces, used);
+  // The fence, on success and error alike: every device this unit may have enqueued a copy on
+  // must be done with the slot before the ring hands it out again.
+  std::vector<SlotWait> waits;
+  for (size_t d = 0; d < used.size(); ++d) {
+    if (!used[d]) continue;
+    DeviceResources& dr = sink_.res_.devices[d];
+    SlotWait wait{dr.ordinal, dr.ctx.get(), dr.events[unit.slot->index()].get(),
+                  dr.streams[w_].get()};
+    absl::Status r = Use(d);
+    if (r.ok()) {
+      const CUresult e = cu.EventRecord(wait.event, wait.stream);
+      if (e != CUDA_SUCCESS) {
+        r = sink_.DeviceError(
+            d, cu.Error(e, "cuEventRecord (staging slot fence)", __FILE__, __LINE__));
+      }
+    }
+    if (!r.ok()) {
+      wait.event = nullptr;
+      if (s.ok()) s = r;
+    }
+    waits.push_back(wait);
+  }
+  if (!waits.empty()) unit.slot->SetFence(SlotFence(cu, std::move(waits)), &sink_.res_);
+  return s;
+}
 
-  const int threads = std::max(1, options.threads);
-  // Units are cut to fit a slot, with two pages to spare for an O_DIRECT read's aligned
-  // superset. The daemon's ring fixes the slot; a load's own ring fits its largest unit.
+// Creates the streams, scratch buffers and events of every device of the load.
+absl::Status CreateDeviceResources(Resources& res, CudaContextGuard& guard, int threads,
+                                   bool any_cast, bool readback) {
+  const CudaDriver& cu = *res.cu;
+  for (DeviceResources& dr : res.devices) {
+    const absl::Status s = [&]() -> absl::Status {
+      WD_RETURN_IF_ERROR(guard.Use(dr.ctx.get()));
+      for (int w = 0; w < threads; ++w) {
+        WD_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(cu));
+        dr.streams.push_back(std::move(stream));
+        if (any_cast) {
+          WD_ASSIGN_OR_RETURN(CudaDeviceBuffer b,
+                              CudaDeviceBuffer::Allocate(cu, res.ring->slot_bytes()));
+          dr.scratch.push_back(std::move(b));
+        }
+      }
+      for (int i = 0; i < res.ring->slots(); ++i) {
+        WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
+        dr.events.push_back(std::move(e));
+      }
+      for (int i = 0; readback && i < 2 * threads; ++i) {
+        WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
+        dr.readback.push_back(std::move(e));
+      }
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) return Annotate(s, absl::StrCat("CUDA device ", dr.ordinal));
+  }
+  return absl::OkStatus();
+}
+
+// The ring the load stages through: the daemon's (options.staging), or its own of one slot per
+// worker plus one (a worker reads its next unit while its last one is still in DMA).
+absl::Status AttachRing(Resources& res, const detail::WorkPlan& work, const Plan& plan,
+                        const ExecutorOptions& options, uint64_t chunk, int threads) {
   constexpr uint64_t kSlack = 2 * kDirectIoAlignment;
-  const uint64_t chunk =
-      options.staging != nullptr
-          ? options.staging->ring().slot_bytes() - kSlack
-          : std::max<uint64_t>(
-                64 << 10, std::min(options.chunk_bytes, options.buffer_budget / (threads + 1)));
-  WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
-  const std::vector<std::vector<PieceRef>>& by_source = work.by_source;
-  const std::vector<WorkUnit>& units = work.units;
-  const std::vector<int>& verbatim = work.verbatim;
-  const bool any_cast = work.any_cast;
-  const uint64_t total = work.total_bytes, largest = work.largest_unit;
-  progress->bytes_total.store(total);
-
-  WD_ASSIGN_OR_RETURN(detail::PlanFiles files, detail::PlanFiles::Open(plan, options.io_mode));
   if (options.staging != nullptr) {
     res.ring = &options.staging->ring();
-    if (largest > res.ring->slot_bytes()) {
-      const auto it = std::find_if(units.begin(), units.end(), [&](const WorkUnit& u) {
+    if (work.largest_unit > res.ring->slot_bytes()) {
+      const auto it = std::find_if(work.units.begin(), work.units.end(), [&](const WorkUnit& u) {
         return u.end - u.begin > res.ring->slot_bytes();
       });
       return absl::ResourceExhaustedError(
@@ -271,193 +396,29 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
                        it->end - it->begin, " bytes, more than a pinned staging slot (",
                        res.ring->slot_bytes(), " bytes); raise --pinned-budget"));
     }
-  } else {
-    // One slot per worker plus one, so a worker can read its next unit while its last one is
-    // still in DMA.
-    const uint64_t slot_bytes =
-        (std::max<uint64_t>({largest, chunk, 4096}) + kSlack + 4095) / 4096 * 4096;
-    const int slots = threads + 1;
-    WD_ASSIGN_OR_RETURN(
-        res.own_ring,
-        StagingRing::Create(
-            std::make_shared<CudaPinnedAllocator>(cu, res.devices[0].ctx.get()),
-            {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
-    res.ring = res.own_ring.get();
+    return absl::OkStatus();
   }
+  const uint64_t slot_bytes =
+      (std::max<uint64_t>({work.largest_unit, chunk, 4096}) + kSlack + 4095) / 4096 * 4096;
+  const int slots = threads + 1;
+  WD_ASSIGN_OR_RETURN(
+      res.own_ring,
+      StagingRing::Create(
+          std::make_shared<CudaPinnedAllocator>(*res.cu, res.devices[0].ctx.get()),
+          {.budget = slot_bytes * slots, .slot_bytes = slot_bytes, .max_slots = slots}));
+  res.ring = res.own_ring.get();
+  return absl::OkStatus();
+}
+
+// The CRC32C of every target still at -1 in `checksums`: slot-sized pieces copied back from
+// the device in parallel, double-buffered per worker, and combined per target.
+absl::Status ReadBackChecksums(const Plan& plan, Resources& res, const DeviceArenaSink& sink,
+                               const std::vector<CUdeviceptr>& bases,
+                               const std::vector<size_t>& dev_index, int threads,
+                               TargetChecksums* checksums) {
+  const CudaDriver& cu = *res.cu;
   StagingRing& ring = *res.ring;
   const uint64_t slot_bytes = ring.slot_bytes();
-  // This thread's context for setup, zero-fills and read-back; restored on return.
-  CudaContextGuard guard(cu);
-  for (size_t d = 0; d < res.devices.size(); ++d) {
-    DeviceResources& dr = res.devices[d];
-    const absl::Status s = [&]() -> absl::Status {
-      WD_RETURN_IF_ERROR(guard.Use(dr.ctx.get()));
-      for (int w = 0; w < threads; ++w) {
-        WD_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(cu));
-        dr.streams.push_back(std::move(stream));
-        if (any_cast) {
-          WD_ASSIGN_OR_RETURN(CudaDeviceBuffer b, CudaDeviceBuffer::Allocate(cu, slot_bytes));
-          dr.scratch.push_back(std::move(b));
-        }
-      }
-      for (int i = 0; i < ring.slots(); ++i) {
-        WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
-        dr.events.push_back(std::move(e));
-      }
-      for (int i = 0; checksums != nullptr && i < 2 * threads; ++i) {
-        WD_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(cu));
-        dr.readback.push_back(std::move(e));
-      }
-      return absl::OkStatus();
-    }();
-    if (!s.ok()) return device_error(d, s);
-  }
-
-  std::vector<uint32_t> unit_crc(units.size(), 0);
-  std::atomic<size_t> next{0};
-  absl::Mutex mu;
-  absl::Status first_error;  // guarded by mu
-  std::atomic<bool> failed{false};
-  std::atomic<bool> uring_warned{false};
-  auto fail = [&](absl::Status s) {
-    absl::MutexLock l(&mu);
-    if (first_error.ok()) first_error = std::move(s);
-    failed = true;
-  };
-  // Runs `body(w)` on `n` workers (this thread is worker 0).
-  auto run_workers = [](size_t n, const std::function<void(int)>& body) {
-    std::vector<std::thread> pool;
-    for (int w = 1; w < static_cast<int>(n); ++w) pool.emplace_back(body, w);
-    body(0);
-    for (std::thread& t : pool) t.join();
-  };
-  auto worker = [&](int w) {
-    CudaContextGuard wguard(cu);
-    detail::LazyUringReader reader(options.uring_queue_depth, &uring_warned);
-    size_t current = res.devices.size();  // device index whose context is current
-    auto use = [&](size_t d) -> absl::Status {
-      if (current == d) return absl::OkStatus();
-      current = res.devices.size();
-      WD_RETURN_IF_ERROR(device_error(d, wguard.Use(res.devices[d].ctx.get())));
-      current = d;
-      return absl::OkStatus();
-    };
-    for (;;) {
-      if (failed.load(std::memory_order_relaxed)) return;
-      if (progress->cancel.load(std::memory_order_relaxed)) {
-        fail(absl::CancelledError("load cancelled (unload --force)"));
-        return;
-      }
-      const size_t i = next.fetch_add(1);
-      if (i >= units.size()) return;
-      const WorkUnit& u = units[i];
-      const PlanSource& src = plan.sources[u.source];
-      const uint64_t len = u.end - u.begin;
-      const uint64_t offset = src.offset + u.begin;
-      absl::StatusOr<StagingSlot> slot = ring.Acquire();
-      if (!slot.ok()) return fail(slot.status());
-      UringReader* uring =
-          files.WantUring(src.file, offset, len, slot->size()) ? reader.get() : nullptr;
-      absl::StatusOr<std::span<const std::byte>> read = detail::ReadInto(
-          files, uring, src.file, offset, len, slot->data(), slot->size(), src.name, progress);
-      if (!read.ok()) return fail(read.status());
-      const std::byte* bytes = read->data();
-      if (verbatim[u.source] >= 0) unit_crc[i] = Crc32c(bytes, len);
-
-      absl::Status s;
-      std::vector<bool> used(res.devices.size(), false);    // a copy may have been enqueued
-      std::vector<bool> staged(res.devices.size(), false);  // unit copied to scratch
-      for (const PieceRef& pr : by_source[u.source]) {
-        const PlanPiece& p = *pr.piece;
-        const PlanTarget& t = plan.ranks[pr.rank].targets[p.target];
-        const size_t d = dev_index[pr.rank];
-        DeviceResources& dr = res.devices[d];
-        const CUstream stream = dr.streams[w].get();
-        s = [&]() -> absl::Status {
-          WD_RETURN_IF_ERROR(use(d));
-          used[d] = true;
-          CUdeviceptr scratch = 0;
-          if (src.dtype != t.dtype) {
-            scratch = dr.scratch[w].get();
-            if (!staged[d]) {
-              WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyHtoDAsync(scratch, bytes, len, stream));
-              staged[d] = true;
-            }
-          }
-          return CopyPieceRowsDevice(cu, p, src.dtype, t.dtype, bytes, scratch,
-                                     static_cast<int64_t>(u.begin / pr.row_bytes),
-                                     static_cast<int64_t>(u.end / pr.row_bytes),
-                                     bases[pr.rank] + t.offset, stream);
-        }();
-        if (!s.ok()) {
-          s = Annotate(rank_error(pr.rank, s), absl::StrCat("tensor '", t.name, "'"));
-          break;
-        }
-      }
-      // The fence, on success and error alike: every device this unit may have enqueued a copy
-      // on must be done with the slot before the ring hands it out again.
-      std::vector<SlotWait> waits;
-      for (size_t d = 0; d < res.devices.size(); ++d) {
-        if (!used[d]) continue;
-        DeviceResources& dr = res.devices[d];
-        SlotWait wait{dr.ordinal, dr.ctx.get(), dr.events[slot->index()].get(),
-                      dr.streams[w].get()};
-        absl::Status r = use(d);
-        if (r.ok()) {
-          const CUresult e = cu.EventRecord(wait.event, wait.stream);
-          if (e != CUDA_SUCCESS) {
-            r = device_error(d,
-                             cu.Error(e, "cuEventRecord (staging slot fence)", __FILE__, __LINE__));
-          }
-        }
-        if (!r.ok()) {
-          wait.event = nullptr;
-          if (s.ok()) s = r;
-        }
-        waits.push_back(wait);
-      }
-      if (!waits.empty()) slot->SetFence(SlotFence(cu, std::move(waits)), &res);
-      if (!s.ok()) return fail(s);
-      progress->bytes_done.fetch_add(len, std::memory_order_relaxed);
-    }
-  };
-  run_workers(std::min<size_t>(threads, std::max<size_t>(units.size(), 1)), worker);
-  {
-    absl::MutexLock l(&mu);
-    if (!first_error.ok()) return first_error;
-  }
-  WD_RETURN_IF_ERROR(files.CheckUnchanged());
-
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    const RankPlan& rp = plan.ranks[r];
-    const DeviceResources& dr = res.devices[dev_index[r]];
-    WD_RETURN_IF_ERROR(rank_error(r, guard.Use(dr.ctx.get())));
-    for (const PlanZeroFill& z : rp.zero_fills) {
-      if (z.target >= rp.targets.size() || z.offset + z.nbytes > rp.targets[z.target].nbytes) {
-        return absl::InternalError(
-            absl::StrCat("zero-fill of rank ", rp.rank, " lies outside its target"));
-      }
-      const CUresult e = cu.MemsetD8Async(bases[r] + rp.targets[z.target].offset + z.offset, 0,
-                                          z.nbytes, dr.streams[0].get());
-      if (e != CUDA_SUCCESS) {
-        return rank_error(r, cu.Error(e, "cuMemsetD8Async (zero-fill)", __FILE__, __LINE__));
-      }
-    }
-  }
-  for (size_t d = 0; d < res.devices.size(); ++d) {
-    const absl::Status s = [&]() -> absl::Status {
-      WD_RETURN_IF_ERROR(guard.Use(res.devices[d].ctx.get()));
-      for (const CudaStream& stream : res.devices[d].streams) {
-        WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream.get()));
-      }
-      return absl::OkStatus();
-    }();
-    if (!s.ok()) return device_error(d, s);
-  }
-  if (checksums == nullptr) return absl::OkStatus();
-
-  // The checksums of the other targets: slot-sized pieces read back in parallel.
-  detail::AssignVerbatimChecksums(plan, work, unit_crc, checksums);
   struct Piece {
     size_t rank, target;
     uint64_t offset, bytes;
@@ -468,13 +429,21 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     for (size_t t = 0; t < plan.ranks[r].targets.size(); ++t) {
       if (checksums->crc[r][t] >= 0) continue;
       const uint64_t n = plan.ranks[r].targets[t].nbytes;
-      if (n == 0) checksums->crc[r][t] = 0;  // the CRC32C of no bytes
       for (uint64_t off = 0; off < n; off += slot_bytes) {
         pieces.push_back({r, t, off, std::min(slot_bytes, n - off)});
       }
     }
   }
-  next = 0;
+  if (pieces.empty()) return absl::OkStatus();
+  std::atomic<size_t> next{0};
+  absl::Mutex mu;
+  absl::Status first_error;  // guarded by mu
+  std::atomic<bool> failed{false};
+  auto fail = [&](absl::Status s) {
+    absl::MutexLock l(&mu);
+    if (first_error.ok()) first_error = std::move(s);
+    failed = true;
+  };
   auto reader = [&](int w) {
     CudaContextGuard wguard(cu);
     // Buffer b of this worker: its slot, and the piece whose D2H into it is in flight.
@@ -534,7 +503,7 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
       }();
       if (!s.ok()) {
         wait_all();
-        return fail(rank_error(p.rank, Annotate(s, "checksum read-back")));
+        return fail(sink.RankError(p.rank, Annotate(s, "checksum read-back")));
       }
     }
     for (int b = 0; b < nbuf; ++b) {
@@ -546,8 +515,14 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
       }
     }
   };
-  if (!pieces.empty()) {
-    run_workers(std::min<size_t>(threads, pieces.size()), reader);
+  {
+    std::vector<std::thread> pool;
+    const int n = static_cast<int>(std::min<size_t>(threads, pieces.size()));
+    for (int w = 1; w < n; ++w) pool.emplace_back(reader, w);
+    reader(0);
+    for (std::thread& t : pool) t.join();
+  }
+  {
     absl::MutexLock l(&mu);
     if (!first_error.ok()) return first_error;
   }
@@ -561,6 +536,77 @@ absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_aren
     checksums->crc[head.rank][head.target] = crc;
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ExecutePlanCuda(const Plan& plan, std::span<Arena* const> rank_arenas,
+                             const ExecutorOptions& options, LoadProgress* progress,
+                             TargetChecksums* checksums) {
+  if (rank_arenas.size() != plan.ranks.size()) {
+    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
+                                            plan.ranks.size(), " ranks"));
+  }
+  WD_ASSIGN_OR_RETURN(const CudaDriver* driver, CudaDriver::Get());
+  const CudaDriver& cu = *driver;
+  Resources res;
+  res.cu = &cu;
+  std::vector<CUdeviceptr> bases(plan.ranks.size());
+  std::vector<size_t> dev_index(plan.ranks.size());
+  for (size_t r = 0; r < plan.ranks.size(); ++r) {
+    Arena* a = rank_arenas[r];
+    if (a->kind() != ArenaKind::kCudaVmm || !a->writable().empty() ||
+        a->size() < plan.ranks[r].arena_bytes) {
+      return absl::InternalError(absl::StrCat("arena of rank ", plan.ranks[r].rank,
+                                              " is not a CUDA arena of at least ",
+                                              plan.ranks[r].arena_bytes, " bytes"));
+    }
+    bases[r] = static_cast<const CudaArena*>(a)->device_ptr();
+    auto it = std::find_if(res.devices.begin(), res.devices.end(),
+                           [&](const DeviceResources& d) { return d.ordinal == a->device(); });
+    dev_index[r] = static_cast<size_t>(it - res.devices.begin());
+    if (it == res.devices.end()) {
+      WD_ASSIGN_OR_RETURN(CudaPrimaryContext ctx, CudaPrimaryContext::Retain(cu, a->device()));
+      res.devices.push_back({.ordinal = a->device(), .ctx = std::move(ctx)});
+    }
+  }
+  if (res.devices.empty()) return absl::OkStatus();  // a plan without ranks
+
+  const int threads = std::max(1, options.threads);
+  // Units are cut to fit a slot, with two pages to spare for an O_DIRECT read's aligned
+  // superset. The daemon's ring fixes the slot; a load's own ring fits its largest unit.
+  constexpr uint64_t kSlack = 2 * kDirectIoAlignment;
+  const uint64_t chunk =
+      options.staging != nullptr
+          ? options.staging->ring().slot_bytes() - kSlack
+          : std::max<uint64_t>(
+                64 << 10, std::min(options.chunk_bytes, options.buffer_budget / (threads + 1)));
+  WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
+  WD_ASSIGN_OR_RETURN(detail::PlanFiles files, detail::PlanFiles::Open(plan, options.io_mode));
+  WD_RETURN_IF_ERROR(AttachRing(res, work, plan, options, chunk, threads));
+  // This thread's context for setup, zero-fills and read-back; restored on return.
+  CudaContextGuard guard(cu);
+  WD_RETURN_IF_ERROR(
+      CreateDeviceResources(res, guard, threads, work.any_cast, checksums != nullptr));
+
+  DeviceArenaSink sink(plan, work, res, bases, dev_index, rank_arenas, guard);
+  TargetChecksums known;
+  WD_RETURN_IF_ERROR(detail::RunReadPipeline(
+      plan, work, files, sink, {.threads = threads, .uring_queue_depth = options.uring_queue_depth},
+      progress, &known));
+  for (size_t d = 0; d < res.devices.size(); ++d) {
+    const absl::Status s = [&]() -> absl::Status {
+      WD_RETURN_IF_ERROR(guard.Use(res.devices[d].ctx.get()));
+      for (const CudaStream& stream : res.devices[d].streams) {
+        WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream.get()));
+      }
+      return absl::OkStatus();
+    }();
+    if (!s.ok()) return sink.DeviceError(d, s);
+  }
+  if (checksums == nullptr) return absl::OkStatus();
+  *checksums = std::move(known);
+  return ReadBackChecksums(plan, res, sink, bases, dev_index, threads, checksums);
 }
 
 // The daemon's pinned staging (executor.h). The ring is freed before the context it was
@@ -593,16 +639,15 @@ absl::StatusOr<std::unique_ptr<CudaStaging>> CreateCudaStaging(uint64_t budget, 
 
 namespace weightd {
 
-absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to,
-                                 std::span<const ArenaRange> ranges) {
+absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to, std::span<const ArenaRange> ranges) {
   if (from.kind() != ArenaKind::kCudaVmm || to.kind() != ArenaKind::kCudaVmm) {
     return absl::InternalError("arena copy between a host arena and a device arena");
   }
   const auto& src = static_cast<const CudaArena&>(from);
   auto& dst = static_cast<CudaArena&>(to);
   if (src.context() != dst.context()) {
-    return absl::InternalError(absl::StrCat("arena copy between devices ", src.device(), " and ",
-                                            dst.device()));
+    return absl::InternalError(
+        absl::StrCat("arena copy between devices ", src.device(), " and ", dst.device()));
   }
   WD_ASSIGN_OR_RETURN(const CudaDriver* driver, CudaDriver::Get());
   const CudaDriver& cu = *driver;
@@ -611,9 +656,9 @@ absl::Status CopyArenaRangesCuda(const Arena& from, Arena& to,
   WD_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(cu));
   for (const ArenaRange& r : ranges) {
     if (r.bytes == 0) continue;
-    WD_CU_RETURN_IF_ERROR(cu, cu.MemcpyDtoDAsync(dst.device_ptr() + r.offset,
-                                                 src.device_ptr() + r.offset, r.bytes,
-                                                 stream.get()));
+    WD_CU_RETURN_IF_ERROR(
+        cu, cu.MemcpyDtoDAsync(dst.device_ptr() + r.offset, src.device_ptr() + r.offset, r.bytes,
+                               stream.get()));
   }
   WD_CU_RETURN_IF_ERROR(cu, cu.StreamSynchronize(stream.get()));
   return absl::OkStatus();

@@ -1,6 +1,6 @@
-// How a plan becomes read work: pieces grouped by source over all ranks, and each source cut
-// into row-aligned units so that every checkpoint byte is read exactly once. Shared by the host
-// and CUDA executors, which differ only in where a unit's bytes go.
+// How a plan becomes read work (the first stage of read_pipeline.h): pieces grouped by source
+// over all ranks, and each source cut into row-aligned units so that every checkpoint byte is
+// read exactly once. Shared by every sink, which differ only in where a unit's bytes go.
 // Pure functions over a Plan; thread-safe.
 #ifndef WEIGHTD_DETAIL_WORK_UNITS_H_
 #define WEIGHTD_DETAIL_WORK_UNITS_H_
@@ -53,11 +53,9 @@ struct WorkPlan {
 // about `chunk` bytes whose boundaries fall on a row of every piece's view of the source.
 absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<Arena* const> rank_arenas,
                                        uint64_t chunk);
-
-// Sizes `checksums` to the plan (-1 = unknown) and fills the CRC32C of every verbatim target
-// from the per-unit CRCs (`unit_crc[i]` covers units[i]).
-void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
-                             const std::vector<uint32_t>& unit_crc, TargetChecksums* checksums);
+// The same, against rank arenas of `arena_bytes[rank index]` bytes (sinks without arenas).
+absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_t> arena_bytes,
+                                       uint64_t chunk);
 
 // The plan's checkpoint files opened for reading units, and the choice of how each unit is read
 // (IoMode). Shared by the executors; thread-safe once opened.
@@ -72,6 +70,10 @@ class PlanFiles {
   int fd(uint32_t file) const { return files_[file]->buffered_fd(); }
   const std::string& path(uint32_t file) const { return files_[file]->path(); }
   ReadFile& direct(uint32_t file) const { return *files_[file]; }
+  // Asks the kernel to start reading bytes [offset, offset + length) of `file` into the page
+  // cache now (POSIX_FADV_WILLNEED; advisory, no error): a worker's next unit then arrives from
+  // the disk while it copies the current one.
+  void WillNeed(uint32_t file, uint64_t offset, uint64_t length) const;
   // After the last read: DATA_LOSS naming the first file that changed since it was opened
   // (rewritten in place during the load), so a mixed snapshot is never served as ready.
   absl::Status CheckUnchanged() const;

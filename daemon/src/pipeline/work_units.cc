@@ -1,5 +1,7 @@
 #include "weightd/detail/work_units.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <numeric>
 
@@ -20,13 +22,24 @@ bool IsVerbatim(const Plan& plan, const RankPlan& rp, const PlanPiece& p) {
 
 absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<Arena* const> rank_arenas,
                                        uint64_t chunk) {
+  std::vector<uint64_t> sizes;
+  for (const Arena* a : rank_arenas) sizes.push_back(a->size());
+  return BuildWorkPlan(plan, sizes, chunk);
+}
+
+absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_t> arena_bytes,
+                                       uint64_t chunk) {
+  if (arena_bytes.size() != plan.ranks.size()) {
+    return absl::InternalError(absl::StrCat("executor got ", arena_bytes.size(),
+                                            " destinations for ", plan.ranks.size(), " ranks"));
+  }
   WorkPlan w;
   w.by_source.resize(plan.sources.size());
   w.verbatim.assign(plan.sources.size(), -1);
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const RankPlan& rp = plan.ranks[r];
     for (const PlanPiece& p : rp.pieces) {
-      WD_RETURN_IF_ERROR(CheckPlanPiece(plan, rp, p, rank_arenas[r]->size()));
+      WD_RETURN_IF_ERROR(CheckPlanPiece(plan, rp, p, arena_bytes[r]));
       const uint64_t row_bytes =
           static_cast<uint64_t>(p.src_shape[2]) * DTypeSize(plan.sources[p.source].dtype);
       if (w.verbatim[p.source] < 0 && IsVerbatim(plan, rp, p)) {
@@ -57,27 +70,6 @@ absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<Arena* const>
   return w;
 }
 
-void AssignVerbatimChecksums(const Plan& plan, const WorkPlan& work,
-                             const std::vector<uint32_t>& unit_crc, TargetChecksums* checksums) {
-  checksums->crc.assign(plan.ranks.size(), {});
-  for (size_t r = 0; r < plan.ranks.size(); ++r) {
-    checksums->crc[r].assign(plan.ranks[r].targets.size(), -1);
-  }
-  for (uint32_t s = 0; s < plan.sources.size(); ++s) {
-    if (work.verbatim[s] < 0) continue;
-    uint32_t crc = 0;
-    for (size_t i = work.first_unit[s]; i < work.units.size() && work.units[i].source == s; ++i) {
-      crc = Crc32cCombine(crc, unit_crc[i], work.units[i].end - work.units[i].begin);
-    }
-    // Every verbatim piece of this source holds the same bytes.
-    for (const PieceRef& pr : work.by_source[s]) {
-      if (IsVerbatim(plan, plan.ranks[pr.rank], *pr.piece)) {
-        checksums->crc[pr.rank][pr.piece->target] = crc;
-      }
-    }
-  }
-}
-
 absl::StatusOr<PlanFiles> PlanFiles::Open(const Plan& plan, IoMode mode) {
   PlanFiles f;
   f.mode_ = mode;
@@ -86,6 +78,8 @@ absl::StatusOr<PlanFiles> PlanFiles::Open(const Plan& plan, IoMode mode) {
                         ReadFile::Open(pf.path, mode != IoMode::kPread));
     if (pf.identity)
       WD_RETURN_IF_ERROR(weightd::CheckUnchanged(pf.path, *pf.identity, rf->identity()));
+    // Units of a file are read in order: a larger readahead window for cold files.
+    (void)::posix_fadvise(rf->buffered_fd(), 0, 0, POSIX_FADV_SEQUENTIAL);
     f.files_.push_back(std::move(rf));
   }
   if (mode != IoMode::kAuto) return f;
@@ -95,6 +89,11 @@ absl::StatusOr<PlanFiles> PlanFiles::Open(const Plan& plan, IoMode mode) {
     if (m.ok()) f.maps_[i] = std::move(*m);
   }
   return f;
+}
+
+void PlanFiles::WillNeed(uint32_t file, uint64_t offset, uint64_t length) const {
+  (void)::posix_fadvise(fd(file), static_cast<off_t>(offset), static_cast<off_t>(length),
+                        POSIX_FADV_WILLNEED);
 }
 
 absl::Status PlanFiles::CheckUnchanged() const {
