@@ -238,6 +238,7 @@ void Reload(const std::string& config_path, weightd::Registry& registry,
     return;
   }
   InitLogging(*level);
+  for (const std::string& w : c->warnings) LogWarning("SIGHUP: %s", w);
   auto listed = [](const std::vector<PreloadEntry>& v, const std::string& name) {
     return std::find_if(v.begin(), v.end(), [&](const PreloadEntry& p) { return p.name == name; });
   };
@@ -542,12 +543,16 @@ int main(int argc, char** argv) {
   std::string config_text;
   if (std::optional<int> exit = EffectiveConfig(flags, config, config_text)) return *exit;
   if (flags.check_config) {
+    for (const std::string& w : config.warnings) {
+      std::fprintf(stderr, "weightd: warning: %s\n", w.c_str());
+    }
     std::printf("weightd: %s: valid (%zu preloads)\n",
                 flags.config_path.empty() ? "no config file" : flags.config_path.c_str(),
                 config.preload.size());
     return 0;
   }
   InitLogging(*ParseLogLevel(config.log_level));
+  for (const std::string& w : config.warnings) LogWarning("%s", w);
   const absl::Time t_start = absl::Now();
 
   // Block the signals handled below before any thread starts, so only the waiter receives them.

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <vector>
@@ -37,6 +38,37 @@ absl::Status PreadExact(int fd, void* dst, uint64_t len, uint64_t offset,
     done += static_cast<uint64_t>(r);
   }
   return absl::OkStatus();
+}
+
+absl::Status PwritevExact(int fd, std::span<iovec> iov, uint64_t offset, const std::string& label) {
+  size_t first = 0;
+  while (first < iov.size()) {
+    const ssize_t n = ::pwritev(fd, iov.data() + first,
+                                static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX)),
+                                static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(errno, absl::StrCat("writing ", label, " at offset ", offset));
+    }
+    if (n == 0) {
+      return absl::DataLossError(
+          absl::StrCat("writing ", label, " at offset ", offset, ": the write made no progress"));
+    }
+    uint64_t done = static_cast<uint64_t>(n);
+    offset += done;
+    while (first < iov.size() && done >= iov[first].iov_len) done -= iov[first++].iov_len;
+    if (done > 0) {
+      iov[first].iov_base = static_cast<std::byte*>(iov[first].iov_base) + done;
+      iov[first].iov_len -= done;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PwriteExact(int fd, const void* data, uint64_t len, uint64_t offset,
+                         const std::string& label) {
+  iovec one{const_cast<void*>(data), len};
+  return PwritevExact(fd, {&one, 1}, offset, label);
 }
 
 FileIdentity IdentityOf(const struct stat& st) {

@@ -131,8 +131,11 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
       }
       c.io_mode = v.get<std::string>();
     } else if (k == "host_prefault") {
+      // Accepted so that files written for 0.1.0 still load.
       if (!v.is_boolean()) return KeyError(source, k, "true or false");
-      c.host_prefault = v.get<bool>();
+      c.warnings.push_back(absl::StrCat(
+          source, ": key 'host_prefault' is obsolete and ignored: host arenas are written with "
+                  "pwrite, which faults no pages"));
     } else if (k == "log_level") {
       if (!v.is_string()) return KeyError(source, k, "error|warning|notice|info|debug");
       c.log_level = v.get<std::string>();
@@ -165,7 +168,7 @@ absl::StatusOr<DaemonConfig> ParseConfigObject(const json& j, absl::string_view 
           "allow_uids, allow_gids, model_roots, "
           "preload, max_connections, max_connections_per_uid, max_leases_per_connection, "
           "keep_previous_generation, arena_segment_bytes, max_request_bytes, hello_timeout_ms, "
-          "io_threads, io_mode, host_prefault, log_level, metrics_listen, socket_mode)"));
+          "io_threads, io_mode, log_level, metrics_listen, socket_mode)"));
     }
   }
   return c;

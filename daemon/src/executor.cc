@@ -88,11 +88,12 @@ absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const Arena
 #endif
   }
   const std::span<const std::byte> src = from.readable();
-  const std::span<std::byte> dst = to.writable();
-  if (src.size() < from.size() || dst.size() < to.size()) {
+  const int dst = to.host_fd();
+  if (src.size() < from.size() || dst < 0) {
     return absl::InternalError("arena copy: an arena has no host view (sealed or not yet)");
   }
-  // Ranges cut in steps of at most 64 MiB, taken by `threads` workers.
+  // Ranges cut in steps of at most 64 MiB, taken by `threads` workers. pwrite, not a mapping of
+  // `to`: fresh pages are not zeroed first and none needs unmapping before the seal.
   constexpr uint64_t kStep = 64ull << 20;
   std::vector<ArenaRange> steps;
   for (const ArenaRange& r : ranges) {
@@ -101,10 +102,19 @@ absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const Arena
     }
   }
   std::atomic<size_t> next{0};
+  absl::Mutex mu;
+  absl::Status first;
   auto worker = [&] {
     for (size_t i; (i = next.fetch_add(1)) < steps.size();) {
       if (progress != nullptr && progress->cancel.load()) return;
-      std::memcpy(dst.data() + steps[i].offset, src.data() + steps[i].offset, steps[i].bytes);
+      const ArenaRange& st = steps[i];
+      absl::Status s = PwriteExact(dst, src.data() + st.offset, st.bytes, st.offset,
+                                   absl::StrCat("the memfd of arena ", to.label()));
+      if (!s.ok()) {
+        absl::MutexLock l(&mu);
+        if (first.ok()) first = std::move(s);
+        return;
+      }
     }
   };
   std::vector<std::thread> pool;
@@ -112,6 +122,7 @@ absl::Status CopyArenaRanges(const Arena& from, Arena& to, std::span<const Arena
   for (size_t i = 1; i < workers; ++i) pool.emplace_back(worker);
   worker();
   for (std::thread& t : pool) t.join();
+  if (!first.ok()) return first;
   if (progress != nullptr && progress->cancel.load()) {
     return absl::CancelledError("arena copy cancelled");
   }

@@ -85,6 +85,8 @@ class HostArena final : public Arena {
   std::span<const std::byte> readable() const override {
     return read_map_ ? std::span<const std::byte>(read_map_, size_) : std::span<const std::byte>();
   }
+  int host_fd() const override { return sealed_.load() ? -1 : fd_.get(); }
+  absl::string_view label() const override { return label_; }
 
   absl::Status Seal() override {
     if (sealed_) return absl::OkStatus();

@@ -371,7 +371,6 @@ absl::Status Registry::Execute(absl::string_view what, const Plan& plan,
   eo.threads = config_.io_threads;
   eo.buffer_budget = config_.pinned_budget;
   eo.io_mode = io_mode.value_or(ParseIoMode(config_.io_mode).value_or(IoMode::kAuto));
-  eo.prefault = config_.host_prefault;
   // Device arenas have no host view (backend.h): they are written by the CUDA executor.
   if (arenas.empty() || arenas[0]->kind() != ArenaKind::kCudaVmm) {
     return ExecutePlanHost(plan, arenas, eo, progress, crcs);

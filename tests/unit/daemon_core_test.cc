@@ -47,6 +47,25 @@ using testing::RandomTensor;
 using testing::TempDir;
 using testing::WriteSafetensors;
 
+// The resident memory (kB, /proc/self/smaps "Rss:") of the mapping that starts at `addr`;
+// fails the test when no mapping starts there.
+uint64_t ResidentKiB(const void* addr) {
+  std::ifstream smaps("/proc/self/smaps");
+  const std::string start = absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(addr)), "-");
+  bool in = false;
+  for (std::string line; std::getline(smaps, line);) {
+    // A mapping's first line starts "begin-end perms ..."; its fields "Name:   value kB".
+    const std::string first = line.substr(0, line.find(' '));
+    if (first.find('-') != std::string::npos && first.back() != ':') {
+      in = first.rfind(start, 0) == 0;
+      continue;
+    }
+    if (in && line.rfind("Rss:", 0) == 0) return std::stoull(line.substr(4));
+  }
+  ADD_FAILURE() << "no mapping starts at " << addr;
+  return ~0ull;
+}
+
 TEST(ConfigTest, DefaultsAndEveryKey) {
   auto c = ParseConfig("{}", "t.json");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -57,7 +76,7 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 4096);
   EXPECT_EQ(c->max_request_bytes, 65536u);
   EXPECT_EQ(c->socket_mode, 0660u);
-  EXPECT_TRUE(c->host_prefault);
+  EXPECT_TRUE(c->warnings.empty());
   c = ParseConfig(R"({"socket":"/tmp/s","backend":"host","pinned_budget":"2GiB",
       "allow_uids":[1000],"allow_gids":[27],"model_roots":["/models"],"max_connections":10,
       "max_request_bytes":4096,"hello_timeout_ms":500,"io_threads":2,"log_level":"debug",
@@ -75,7 +94,9 @@ TEST(ConfigTest, DefaultsAndEveryKey) {
   EXPECT_EQ(c->max_leases_per_connection, 5);
   EXPECT_EQ(c->hello_timeout_ms, 500);
   EXPECT_EQ(c->socket_mode, 0600u);
-  EXPECT_FALSE(c->host_prefault);
+  // The obsolete key still loads, with a warning naming it and the file.
+  ASSERT_EQ(c->warnings.size(), 1u);
+  EXPECT_THAT(c->warnings[0], HasSubstr("t.json: key 'host_prefault' is obsolete and ignored"));
   ASSERT_EQ(c->preload.size(), 1u);
   EXPECT_EQ(c->preload[0].name, "llama");
   EXPECT_EQ(c->preload[0].spec.tp, 2);
@@ -565,10 +586,10 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     }
 }
 
-// Tensor-parallel slices and fused targets go straight from the file into the arenas (no bounce
-// buffer), and each one's CRC32C is taken while it is written. Column slices of `o` make a row
-// run per rank per row, more than one preadv takes (IOV_MAX), in units of 1 MiB.
-TEST(ExecutorInPlaceTest, SlicesAndFusedTargetsAreReadInPlaceAndChecksummed) {
+// Tensor-parallel slices and fused targets are written into the arenas' memfds (no mapping of
+// them is touched), and each one's CRC32C is taken while it is written. Column slices of `o`
+// make a row run per rank per row, more than one pwritev takes (IOV_MAX), in units of 1 MiB.
+TEST(ExecutorFdSinkTest, SlicesAndFusedTargetsAreWrittenThroughTheMemfdAndChecksummed) {
   TempDir dir;
   const FakeTensor q = RandomTensor("q", {64, 32}, 2, "U16", 11);
   const FakeTensor k = RandomTensor("k", {32, 32}, 2, "U16", 12);
@@ -613,11 +634,11 @@ TEST(ExecutorInPlaceTest, SlicesAndFusedTargetsAreReadInPlaceAndChecksummed) {
     }
     LoadProgress progress;
     TargetChecksums crcs;
-    // Two workers also prefault the destination pages (ExecutorOptions::prefault).
     ExecutorOptions eo{.threads = threads, .chunk_bytes = 1 << 20};
-    eo.prefault = threads == 2;
     ASSERT_TRUE(ExecutePlanHost(plan, raw, eo, &progress, &crcs).ok());
-    EXPECT_EQ(progress.bytes_in_place.load(), progress.bytes_total.load());
+    // Written through the memfds, never through a mapping: the arenas' writable mappings hold no
+    // page, so sealing has no page table to tear down.
+    for (Arena* a : raw) EXPECT_EQ(ResidentKiB(a->writable().data()), 0u);
     EXPECT_EQ(progress.bytes_total.load(), q.bytes.size() + k.bytes.size() + o.bytes.size());
     std::vector<const FakeTensor*> src(3);
     src[sq] = &q;

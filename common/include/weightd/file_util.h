@@ -8,7 +8,10 @@
 
 #include <sys/stat.h>
 
+#include <sys/uio.h>
+
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -53,6 +56,13 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path, uint64_t m
 // pread until `len` bytes are read, retrying EINTR and short reads. Reaching end of file first
 // is an error naming `label`, the offset and how many bytes were missing.
 absl::Status PreadExact(int fd, void* dst, uint64_t len, uint64_t offset, const std::string& label);
+
+// pwritev of all of `iov` at `offset` (IOV_MAX at a time), retrying EINTR and short writes; `iov`
+// is consumed. Errors say "writing LABEL at offset N" with the errno text (ENOSPC, EFBIG,
+// ENOMEM); a write that makes no progress is DATA_LOSS rather than a spin.
+absl::Status PwritevExact(int fd, std::span<iovec> iov, uint64_t offset, const std::string& label);
+absl::Status PwriteExact(int fd, const void* data, uint64_t len, uint64_t offset,
+                         const std::string& label);
 
 }  // namespace weightd
 

@@ -3,20 +3,24 @@
 //   WD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> b, MakeBackend("auto"));
 //   WD_ASSIGN_OR_RETURN(std::unique_ptr<Arena> a, b->Allocate({.bytes = n, .device = -1,
 //                                                              .label = "llama/rank0"}));
-//   std::span<std::byte> w = a->writable();   // host backend: a shared writable mapping
-//   ... executor fills w ...
+//   int fd = a->host_fd();                    // host backend: the memfd, pwrite(2) fills it
+//   ... executor fills it (or a->writable(), a shared writable mapping) ...
 //   WD_RETURN_IF_ERROR(a->Seal());            // drop write access; exportable from now on
 //   WD_ASSIGN_OR_RETURN(UniqueFd fd, a->Export());   // a new fd to send to a client
 //
 // Two implementations share this interface:
-//   - `host` (host_backend.h): an arena is a memfd written through a MAP_SHARED mapping; Seal()
-//     unmaps it and adds F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL, so a client's
-//     PROT_WRITE MAP_SHARED mapping fails (EPERM) and the bytes cannot change once lent.
+//   - `host` (host_backend.h): an arena is a memfd, written with pwrite(2) (the executor) or
+//     through a MAP_SHARED mapping (writable(): tests, tools); Seal() unmaps that mapping and adds
+//     F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL, so a client's PROT_WRITE MAP_SHARED
+//     mapping fails (EPERM) and the bytes cannot change once lent. pwrite is the fast way: whole
+//     pages written into a fresh memfd are not zeroed first, and pages never mapped writable
+//     cost nothing to unmap at Seal().
 //   - `cuda` (cuda_backend.h): an arena is a cuMemCreate allocation with a POSIX-fd handle;
 //     writable() is empty (device memory is not host-addressable) and the CUDA executor writes it
 //     by DMA through the `device_ptr` it gets from the CUDA-specific subclass. Export() returns a
 //     cuMemExportToShareableHandle fd.
-// Executors choose their path from Arena::writable(): non-empty means host-addressable.
+// Executors choose their path from Arena::host_fd() and writable(): a descriptor or a non-empty
+// view means host memory.
 //
 // A restart hands arenas to the next daemon (handoff.h); Adopt() takes one back, refusing an
 // arena of the other kind (a host memfd offered to `cuda` or a device fd offered to `host`)
@@ -85,6 +89,11 @@ class Arena {
   virtual ArenaKind kind() const = 0;
   // Writable host view until Seal(); empty for device arenas and after Seal().
   virtual std::span<std::byte> writable() = 0;
+  // A descriptor of the arena's host memory that pwrite(2) fills, valid until Seal(); -1 for
+  // device arenas and after Seal(). Owned by the arena.
+  virtual int host_fd() const { return -1; }
+  // What the arena is called in errors: "llama/rank0/seg2".
+  virtual absl::string_view label() const = 0;
   // Ends writing and makes the arena exportable. Errors carry the failing syscall.
   virtual absl::Status Seal() = 0;
   // Read-only host view after Seal() (checksums); empty for device arenas.

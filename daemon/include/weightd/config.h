@@ -53,12 +53,12 @@ struct DaemonConfig {
   int hello_timeout_ms = 10000;   // clients that send no hello within this are disconnected
   int io_threads = 4;             // reader/copier threads per load
   std::string io_mode = "pread";  // pread | auto | uring (executor.h IoMode)
-  // Host backend: fault each unit's destination pages in with one madvise(MADV_POPULATE_WRITE)
-  // before reading into them (ExecutorOptions::prefault): 3-5 % faster loads on the development
-  // VM (docs/BENCHMARKS.md, "Host load").
-  bool host_prefault = true;
   std::string log_level = "info";
   uint32_t socket_mode = 0660;
+  // Keys the file set that this version accepts but ignores, each with the reason: logged as
+  // warnings at start and on reload (`host_prefault`, obsolete since host arenas are written
+  // with pwrite).
+  std::vector<std::string> warnings;
   // The HTTP listener for /metrics, /healthz and /readyz (http_endpoint.h ParseListenAddress;
   // validated when parsed); empty = none.
   std::string metrics_listen;

@@ -9,14 +9,14 @@
 // `weightctl shard`'s output files. Every checkpoint byte the plan needs is read exactly once,
 // whatever the number of ranks: sources are visited in (file, offset) order and cut into
 // row-aligned units of at most chunk_bytes that `threads` workers take in turn. On the host a
-// unit whose pieces are all same-dtype and disjoint (whole tensors, tensor-parallel slices,
-// fused q/k/v and gate/up) is read in place: one preadv per ~1 MiB scatters it into the arenas
-// of every rank, and each row run is checksummed right after its read. Other units (casts,
-// replicated tensors beyond their first copy, cold chunks read with io_uring into a staging
-// slot) go through a buffer and are copied row run by row run, checksummed as they are written.
-// Buffer memory is bounded by threads x chunk_bytes within `buffer_budget` (a single source
-// whose rows are wider than a chunk gets a one-off buffer of one row group). Zero-fills are
-// written explicitly (the CUDA backend's memory is not zeroed for free).
+// unit is read from the page cache in ~1 MiB steps (whole rows) into a per-thread buffer, and
+// each step's pieces (whole tensors, tensor-parallel slices, fused q/k/v and gate/up, casts,
+// replicas) are written into the arenas' memfds with pwrite/pwritev (detail/fd_sink.h),
+// checksummed from the buffer while it is in cache; cold chunks read with io_uring go through a
+// staging slot the same way. Buffer memory is bounded by threads x chunk_bytes within
+// `buffer_budget` (a single source whose rows are wider than a chunk gets a one-off buffer of
+// one row group). Zero-fills are written explicitly (the CUDA backend's memory is not zeroed for
+// free, nor is an update's arena).
 //
 // Errors: the reader's message (file, offset, missing bytes) for a truncated shard, INTERNAL
 // naming the piece for a plan inconsistent with its own arenas, CANCELLED when
@@ -47,8 +47,6 @@ struct LoadProgress {
   std::atomic<uint64_t> bytes_done{0};
   std::atomic<uint64_t> bytes_uring{0};  // of bytes_done: read with io_uring into staging slots
   std::atomic<uint64_t> bytes_pread{0};  // of bytes_done: read with pread (page-cache path)
-  // Of bytes_pread: read straight into the destination (host arenas), without a bounce buffer.
-  std::atomic<uint64_t> bytes_in_place{0};
   std::atomic<bool> cancel{false};       // set by another thread to stop the load
 };
 
@@ -89,11 +87,6 @@ struct ExecutorOptions {
   uint64_t chunk_bytes = 64ull << 20;   // largest single read
   IoMode io_mode = IoMode::kPread;      // kAuto pending the cold-read measurement on the H100
   unsigned uring_queue_depth = 64;      // SQ entries per reader thread's ring
-  // ExecutePlanHost only: before a unit is read in place, its destination pages are faulted in
-  // with one madvise(MADV_POPULATE_WRITE) per run of pages (the kernel allocates and zeroes
-  // them in a batch instead of one fault per 4 KiB page during the read). Ignored where the
-  // kernel lacks it (before 5.14).
-  bool prefault = false;
   // ExecutePlanCuda only: the daemon's shared pinned ring. Null: the load pins its own ring of
   // (threads + 1) slots within buffer_budget (tests, tools).
   CudaStaging* staging = nullptr;
@@ -133,11 +126,12 @@ struct OutputFile {
   std::vector<uint64_t> target_offset;  // [target] absolute file offset of its first byte
 };
 
-// The output-file sink (daemon/src/pipeline/file_sink.cc; `weightctl shard`): the same reads as
-// ExecutePlanHost, `options.threads` workers, each unit read into a per-thread buffer of at most
-// options.chunk_bytes (peak memory threads x chunk, plus one conversion buffer per worker,
-// whatever the model size), then every piece written with pwrite/pwritev at its place in
-// `files[rank index]` (casts converted on the way). Writeback of each written range is started
+// The output-file sink (daemon/src/pipeline/fd_sink.cc; `weightctl shard`): the same reads and
+// writes as ExecutePlanHost (FdSink), `options.threads` workers, each unit read into a
+// per-thread buffer (~1 MiB steps from the page cache, options.chunk_bytes with io_uring: peak
+// memory threads x chunk, plus one conversion buffer per worker, whatever the model size), then
+// every piece written with pwrite/pwritev at its place in `files[rank index]` (casts converted
+// on the way), or copied file to file (copy_file_range) where it is a whole contiguous block. Writeback of each written range is started
 // at once (sync_file_range), so a later fsync has little left to wait for; durability and the
 // final names are the caller's. Zero-fills write nothing (the files read as zeros there).
 // `bytes_written` (may be null) gets the tensor bytes written. Errors name the output file and
@@ -154,7 +148,7 @@ struct ArenaRange {
 };
 
 // Copies each of `ranges` from `from` (sealed) to the same offsets of `to` (not yet sealed), two
-// arenas of one kind and size: a parallel memcpy over `threads` for host arenas, a device-to-
+// arenas of one kind and size: parallel pwrites over `threads` for host arenas, a device-to-
 // device copy (cuMemcpyDtoDAsync on one stream, complete when it returns) for CUDA arenas
 // (cuda_executor.cc; UNIMPLEMENTED in a build without CUDA). An update uses it to carry the
 // targets it does not rewrite into the next generation. INTERNAL for a range outside either

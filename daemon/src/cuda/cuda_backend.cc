@@ -247,6 +247,7 @@ class VmmArena final : public CudaArena {
   int device() const override { return alloc_.device_state()->ordinal(); }
   ArenaKind kind() const override { return ArenaKind::kCudaVmm; }
   std::span<std::byte> writable() override { return {}; }
+  absl::string_view label() const override { return label_; }
   std::span<const std::byte> readable() const override { return {}; }
   absl::Status Seal() override {
     // Writes are DMA on the executor's streams, which it synchronizes before sealing; the

@@ -210,10 +210,11 @@ class DeviceArenaSink final : public detail::Sink {
   }
 
   // On the calling thread's context (guard_), on stream 0 of the rank's device.
-  absl::Status ZeroFill(size_t rank, uint64_t offset, uint64_t bytes) override {
+  absl::Status ZeroFill(size_t rank, uint32_t target, uint64_t offset, uint64_t bytes) override {
     const DeviceResources& dr = res_.devices[dev_index_[rank]];
     WD_RETURN_IF_ERROR(RankError(rank, guard_.Use(dr.ctx.get())));
-    const CUresult e = cu_.MemsetD8Async(bases_[rank] + offset, 0, bytes, dr.streams[0].get());
+    const CUdeviceptr at = bases_[rank] + plan_.ranks[rank].targets[target].offset + offset;
+    const CUresult e = cu_.MemsetD8Async(at, 0, bytes, dr.streams[0].get());
     if (e != CUDA_SUCCESS) {
       return RankError(rank, cu_.Error(e, "cuMemsetD8Async (zero-fill)", __FILE__, __LINE__));
     }

@@ -50,6 +50,7 @@ absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_
     }
   }
   w.first_unit.assign(plan.sources.size(), 0);
+  w.row_align.assign(plan.sources.size(), 1);
   for (uint32_t s = 0; s < plan.sources.size(); ++s) {
     w.first_unit[s] = w.units.size();
     if (w.by_source[s].empty()) continue;
@@ -57,6 +58,7 @@ absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_
     w.total_bytes += nbytes;
     uint64_t g = 1;
     for (const PieceRef& pr : w.by_source[s]) g = std::lcm(g, pr.row_bytes);
+    w.row_align[s] = g;
     const uint64_t step = g >= chunk ? g : chunk - chunk % g;
     if (nbytes == 0) {
       w.units.push_back({s, 0, 0});

@@ -1,12 +1,12 @@
 // The read pipeline: the one path from a Plan to bytes at their destination, shared by every
 // executor.
 //
-//   plan ──► work units ──► reads ──────────────► transforms ──► sink
-//            (work_units.h:  (pread, preadv        (row windows   (HostArenaSink: memfd arenas,
-//             pieces grouped  straight into the     as Blocks,     DeviceArenaSink: CUDA DMA,
-//             by source, row- destination, or       casts, CRC32C  FileSink: pwrite into
-//             aligned units)  io_uring + O_DIRECT   while writing) `weightctl shard`'s files)
-//                             into a staging slot)
+//   plan ──► work units ──► reads ─────────────► transforms ──► sink
+//            (work_units.h:  (pread into a small   (row windows   (FdSink: pwrite into host
+//             pieces grouped  per-thread buffer,    as Blocks,     arenas' memfds or into
+//             by source, row- or io_uring +         casts, CRC32C  `weightctl shard`'s files;
+//             aligned units)  O_DIRECT into a       while writing) DeviceArenaSink: CUDA DMA)
+//                             staging slot)
 //
 //   detail::WorkPlan work = ...BuildWorkPlan(plan, arenas, chunk);
 //   WD_ASSIGN_OR_RETURN(detail::PlanFiles files, detail::PlanFiles::Open(plan, io_mode));
@@ -15,18 +15,17 @@
 //                                              &checksums));
 //
 // What the pipeline does once for every sink: `threads` workers take units in file order; a
-// unit is read either in place (the sink exposes host memory for every rank, HostBase(), and the
-// unit's pieces are all same-dtype and never overlap in the source: one preadv scatters the
-// file's bytes straight into the arenas, one iovec per row run, and each run is checksummed
-// right after its read while it is still in cache), or into a buffer (a staging slot when the
-// files are read with io_uring or the sink owns a ring, else a per-thread buffer) and handed to
-// the sink's worker, which applies the pieces' Blocks. Then the plan's zero-fills (checked to
-// lie inside their targets), the check that no checkpoint file changed during the reads, and the
-// target checksums (CrcSegments), from which BuildRankManifest takes the CRC32C of every target
-// it can instead of a second pass over memory.
+// unit is read into a buffer (a staging slot when the files are read with io_uring or the sink
+// owns a ring, else a per-thread buffer) and handed to the sink's worker, which applies the
+// pieces' Blocks. From the page cache a unit is read and handed over in steps of the sink's
+// read_step() (whole rows of every piece), so each step is still in cache when the sink writes
+// and checksums it. Then the plan's zero-fills (checked to lie inside their targets), the check
+// that no checkpoint file changed during the reads, and the target checksums (CrcSegments),
+// from which BuildRankManifest takes the CRC32C of every target it can instead of a second pass
+// over memory.
 //
 // Errors: the first error of any worker (the reader's: file, offset, missing bytes; the sink's:
-// a write error naming the file) stops the others at their next unit; CANCELLED when
+// a write error naming the destination) stops the others at their next unit; CANCELLED when
 // progress->cancel is set. Thread-safety: RunReadPipeline is one call per plan; a Sink is called
 // from the workers concurrently (NewWorker, ZeroFill and Finish from one thread at a time), a
 // SinkWorker only from the thread that made it.
@@ -143,9 +142,10 @@ class SinkWorker {
 class Sink {
  public:
   virtual ~Sink() = default;
-  // The host address of rank index `rank`'s arena when the pipeline may read into it directly,
-  // or null (the default: every unit is read into a buffer and given to a SinkWorker).
-  virtual std::byte* HostBase(size_t rank) { return nullptr; }
+  // Bytes (rounded down to whole rows, at least one row group) of each read from the page cache
+  // handed to a SinkWorker at a time, so that it writes them while they are in cache; 0 (the
+  // default) for whole units.
+  virtual uint64_t read_step() const { return 0; }
   // The ring every buffered unit is read into (pinned memory for DMA), or null: the pipeline
   // reads into slots of its own ring when io_uring may be used, else into a per-thread buffer.
   virtual StagingRing* ring() { return nullptr; }
@@ -160,9 +160,10 @@ class Sink {
   }
   // Called on worker `worker`'s thread before its first unit.
   virtual absl::StatusOr<std::unique_ptr<SinkWorker>> NewWorker(int worker) = 0;
-  // Zeroes bytes [offset, offset + bytes) of rank index `rank`'s arena (a plan zero-fill,
-  // already checked to lie inside its target), after every unit was written.
-  virtual absl::Status ZeroFill(size_t rank, uint64_t offset, uint64_t bytes) = 0;
+  // Zeroes bytes [offset, offset + bytes) of target `target` of rank index `rank` (a plan
+  // zero-fill, already checked to lie inside the target), after every unit was written.
+  virtual absl::Status ZeroFill(size_t rank, uint32_t target, uint64_t offset,
+                                uint64_t bytes) = 0;
 };
 
 struct PipelineOptions {
@@ -171,7 +172,6 @@ struct PipelineOptions {
   // Bytes of each slot of the pipeline's own ring (staged io modes, sinks without a ring): the
   // largest unit plus two pages of O_DIRECT slack.
   uint64_t slot_bytes = 0;
-  bool prefault = false;  // ExecutorOptions::prefault, for units read in place
 };
 
 // Runs every unit of `work` through `sink` (see the file comment). `checksums` (may be null) is

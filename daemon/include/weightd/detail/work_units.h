@@ -42,6 +42,7 @@ bool IsVerbatim(const Plan& plan, const RankPlan& rp, const PlanPiece& p);
 struct WorkPlan {
   std::vector<std::vector<PieceRef>> by_source;  // [source] pieces of every rank that read it
   std::vector<int> verbatim;       // [source] index in by_source of a verbatim piece, or -1
+  std::vector<uint64_t> row_align;  // [source] bytes of the smallest whole row group of every piece
   std::vector<WorkUnit> units;     // sources in plan order (file order), each cut into units
   std::vector<size_t> first_unit;  // [source] index of its first unit
   uint64_t total_bytes = 0;        // bytes of the sources read

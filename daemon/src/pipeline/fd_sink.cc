@@ -1,12 +1,11 @@
-// ExecutePlanToFiles (executor.h): the read pipeline into pre-sized output files, for
-// `weightctl shard`. Each unit is read into the worker's buffer; every Block of every piece is
-// written at its place in its rank's file:
+// FdSink (detail/fd_sink.h) and ExecutePlanToFiles (executor.h). Every Block of every piece is
+// written at its place in its rank's descriptor:
 //   - same dtype, contiguous on both sides  -> one pwrite of the block,
 //   - same dtype, destination rows contiguous -> one pwritev per IOV_MAX rows (a slice's rows),
 //   - destination rows apart (a piece filling some columns of its target) -> a pwrite per row,
 //   - casts: converted into the worker's conversion buffer, then written as above.
-// No write reads the file back: pieces never overlap in their target, so workers writing
-// different pieces of one target in parallel cannot lose each other's bytes.
+// No write reads the descriptor back. With `checksum`, each written range's CRC32C is taken from
+// the bytes just handed to the kernel (the read step, or the conversion buffer), still in cache.
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/uio.h>
@@ -19,17 +18,18 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "weightd/crc32c.h"
+#include "weightd/detail/fd_sink.h"
 #include "weightd/detail/read_pipeline.h"
 #include "weightd/detail/work_units.h"
 #include "weightd/executor.h"
+#include "weightd/file_util.h"
 #include "weightd/kernels/convert.h"
 #include "weightd/status_macros.h"
 
 namespace weightd {
+namespace detail {
 namespace {
-
-using detail::Block;
-using detail::PieceRef;
 
 // Writes of at least this many bytes start their writeback at once.
 constexpr uint64_t kWritebackBytes = 1 << 20;
@@ -40,38 +40,12 @@ absl::Status WriteError(int err, const OutputFile& f, uint64_t offset) {
   return ErrnoError(err, absl::StrCat("writing ", f.path, " at offset ", offset));
 }
 
-absl::Status NoProgress(const OutputFile& f, uint64_t offset) {
-  // Not expected of a regular file; without this the loop would spin.
-  return absl::DataLossError(
-      absl::StrCat("writing ", f.path, " at offset ", offset, ": the write made no progress"));
-}
-
-// pwritev of all of `iov` at `offset`, resuming after short writes.
 absl::Status PwritevAll(const OutputFile& f, std::span<iovec> iov, uint64_t offset) {
-  size_t first = 0;
-  while (first < iov.size()) {
-    const ssize_t n = ::pwritev(f.fd, iov.data() + first,
-                                static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX)),
-                                static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return WriteError(errno, f, offset);
-    }
-    if (n == 0) return NoProgress(f, offset);
-    uint64_t done = static_cast<uint64_t>(n);
-    offset += done;
-    while (first < iov.size() && done >= iov[first].iov_len) done -= iov[first++].iov_len;
-    if (done > 0) {
-      iov[first].iov_base = static_cast<std::byte*>(iov[first].iov_base) + done;
-      iov[first].iov_len -= done;
-    }
-  }
-  return absl::OkStatus();
+  return PwritevExact(f.fd, iov, offset, f.path);
 }
 
 absl::Status PwriteAll(const OutputFile& f, const std::byte* data, uint64_t n, uint64_t offset) {
-  iovec one{const_cast<std::byte*>(data), n};
-  return PwritevAll(f, {&one, 1}, offset);
+  return PwriteExact(f.fd, data, n, offset, f.path);
 }
 
 // Starts writeback of bytes just written, so that the final fsync finds them on their way to
@@ -83,44 +57,44 @@ void StartWriteback(const OutputFile& f, uint64_t offset, uint64_t n) {
   }
 }
 
-class FileSink final : public detail::Sink {
- public:
-  FileSink(const Plan& plan, std::span<const OutputFile> files) : plan_(plan), files_(files) {}
+}  // namespace
 
-  absl::StatusOr<std::unique_ptr<detail::SinkWorker>> NewWorker(int) override {
-    return std::make_unique<Worker>(*this);
-  }
-  absl::Status ZeroFill(size_t, uint64_t, uint64_t) override { return absl::OkStatus(); }
-  absl::StatusOr<bool> CopyFromFile(detail::SinkWorker& worker, const detail::UnitBytes& unit,
-                                    int fd, uint64_t file_offset,
-                                    std::span<const PieceRef> pieces) override;
-  uint64_t written() const { return written_.load(); }
+class FdSink::Worker final : public SinkWorker {
+ public:
+  explicit Worker(FdSink& sink) : sink_(sink) {}
+  absl::Status Write(const UnitBytes& unit, std::span<const PieceRef> pieces) override;
 
  private:
-  class Worker final : public detail::SinkWorker {
-   public:
-    explicit Worker(FileSink& sink) : sink_(sink) {}
-    absl::Status Write(const detail::UnitBytes& unit, std::span<const PieceRef> pieces) override;
-
-   private:
-    absl::Status WriteBlock(const OutputFile& f, uint64_t at, const Block& b, DType from, DType to,
-                            const std::byte* src);
-    FileSink& sink_;
-    std::vector<iovec> iov_;
-    std::vector<std::byte> convert_;
+  // Where block rows land: rank index, target, and the target's first byte in the descriptor.
+  struct Dest {
+    size_t rank;
+    uint32_t target;
+    const OutputFile& out;
+    uint64_t target_at;
   };
-
-  const Plan& plan_;
-  std::span<const OutputFile> files_;
-  std::atomic<uint64_t> written_{0};
-  std::atomic<bool> copy_file_range_ok_{true};
+  absl::Status WriteBlock(const Dest& d, const Block& b, DType from, DType to,
+                          const std::byte* src, CrcSegments* crc);
+  FdSink& sink_;
+  std::vector<iovec> iov_;
+  std::vector<std::byte> convert_;
 };
 
-// Writes block `b` (source bytes at `src`) into `f`, its destination at file offset `at`.
-absl::Status FileSink::Worker::WriteBlock(const OutputFile& f, uint64_t at, const Block& b,
-                                          DType from, DType to, const std::byte* src) {
+absl::StatusOr<std::unique_ptr<SinkWorker>> FdSink::NewWorker(int) {
+  return std::make_unique<Worker>(*this);
+}
+
+// Writes block `b` (source bytes at `src`) into `d`; with a `crc`, checksums what it writes.
+absl::Status FdSink::Worker::WriteBlock(const Dest& d, const Block& b, DType from, DType to,
+                                        const std::byte* src, CrcSegments* crc) {
+  const OutputFile& f = d.out;
+  const uint64_t at = d.target_at + static_cast<uint64_t>(b.dst_offset);
   const int64_t ss = DTypeSize(from), ds = DTypeSize(to);
   const uint64_t row_out = static_cast<uint64_t>(b.width * ds);
+  // `n` bytes at `data` were written at byte `offset` of the target.
+  auto written = [&](uint64_t offset, const std::byte* data, uint64_t n) {
+    if (crc != nullptr) crc->Add(d.rank, d.target, offset, data, n);
+  };
+  const auto dst0 = static_cast<uint64_t>(b.dst_offset);
   if (!b.DstContiguous(ds)) {
     // Rows apart in the file: one write per row.
     for (int64_t r = 0; r < b.rows; ++r) {
@@ -131,6 +105,7 @@ absl::Status FileSink::Worker::WriteBlock(const OutputFile& f, uint64_t at, cons
         s = convert_.data();
       }
       WD_RETURN_IF_ERROR(PwriteAll(f, s, row_out, at + r * b.dst_pitch));
+      written(dst0 + r * b.dst_pitch, s, row_out);
     }
     return absl::OkStatus();
   }
@@ -147,9 +122,11 @@ absl::Status FileSink::Worker::WriteBlock(const OutputFile& f, uint64_t at, cons
                              b.width);
       }
       WD_RETURN_IF_ERROR(PwriteAll(f, convert_.data(), row_out * n, at + r0 * row_out));
+      written(dst0 + r0 * row_out, convert_.data(), row_out * n);
     }
   } else if (b.SrcContiguous(ss)) {
     WD_RETURN_IF_ERROR(PwriteAll(f, src, total, at));
+    written(dst0, src, total);
   } else {
     // A slice: its rows are apart in the source, back to back in the file.
     for (int64_t r0 = 0; r0 < b.rows; r0 += IOV_MAX) {
@@ -159,35 +136,39 @@ absl::Status FileSink::Worker::WriteBlock(const OutputFile& f, uint64_t at, cons
         iov_.push_back({const_cast<std::byte*>(src + (r0 + r) * b.src_pitch), row_out});
       }
       WD_RETURN_IF_ERROR(PwritevAll(f, iov_, at + r0 * row_out));
+      for (int64_t r = 0; r < n; ++r) {
+        written(dst0 + (r0 + r) * row_out, src + (r0 + r) * b.src_pitch, row_out);
+      }
     }
   }
-  StartWriteback(f, at, total);
+  if (sink_.options_.start_writeback) StartWriteback(f, at, total);
   return absl::OkStatus();
 }
 
-absl::Status FileSink::Worker::Write(const detail::UnitBytes& unit,
-                                     std::span<const PieceRef> pieces) {
+absl::Status FdSink::Worker::Write(const UnitBytes& unit, std::span<const PieceRef> pieces) {
   const Plan& plan = sink_.plan_;
   const PlanSource& src = plan.sources[unit.unit->source];
   uint64_t written = 0;
   for (const PieceRef& pr : pieces) {
     const PlanTarget& t = plan.ranks[pr.rank].targets[pr.piece->target];
-    const OutputFile& f = sink_.files_[pr.rank];
-    const uint64_t target_at = f.target_offset[pr.piece->target];
+    const OutputFile& f = sink_.out_[pr.rank];
+    const Dest d{pr.rank, pr.piece->target, f, f.target_offset[pr.piece->target]};
+    CrcSegments* crc = sink_.options_.checksum ? unit.crc : nullptr;
     absl::Status s;
-    detail::ForEachBlock(*pr.piece, src.dtype, t.dtype,
-                         static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
-                         static_cast<int64_t>(unit.unit->end / pr.row_bytes), [&](const Block& b) {
-                           if (!s.ok()) return;
-                           s = WriteBlock(f, target_at + b.dst_offset, b, src.dtype, t.dtype,
-                                          unit.bytes.data() + b.src_offset);
-                           written += static_cast<uint64_t>(b.rows * b.width * DTypeSize(t.dtype));
-                         });
+    ForEachBlock(*pr.piece, src.dtype, t.dtype,
+                 static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
+                 static_cast<int64_t>(unit.unit->end / pr.row_bytes), [&](const Block& b) {
+                   if (!s.ok()) return;
+                   s = WriteBlock(d, b, src.dtype, t.dtype, unit.bytes.data() + b.src_offset, crc);
+                   written += static_cast<uint64_t>(b.rows * b.width * DTypeSize(t.dtype));
+                 });
     WD_RETURN_IF_ERROR(s);
   }
   sink_.written_.fetch_add(written, std::memory_order_relaxed);
   return absl::OkStatus();
 }
+
+namespace {
 
 // Copies `n` bytes of `in` at `in_offset` to `f` at `offset` inside the kernel.
 absl::Status CopyRange(int in, uint64_t in_offset, const OutputFile& f, uint64_t offset,
@@ -210,20 +191,25 @@ absl::Status CopyRange(int in, uint64_t in_offset, const OutputFile& f, uint64_t
   return absl::OkStatus();
 }
 
+}  // namespace
+
 // Pieces that are whole contiguous blocks of unchanged bytes (whole tensors, row slices, fused
 // parts) are copied file to file by the kernel, the way `cp` copies: no user-space buffer, and
 // on this development VM several times faster than write(2) into fresh page-cache pages.
-absl::StatusOr<bool> FileSink::CopyFromFile(detail::SinkWorker&, const detail::UnitBytes& unit,
-                                            int fd, uint64_t file_offset,
-                                            std::span<const PieceRef> pieces) {
-  if (!copy_file_range_ok_.load(std::memory_order_relaxed)) return false;
+absl::StatusOr<bool> FdSink::CopyFromFile(SinkWorker&, const UnitBytes& unit, int fd,
+                                          uint64_t file_offset, std::span<const PieceRef> pieces) {
+  // Bytes the kernel copies are not seen here, so cannot be checksummed on the way.
+  if (!options_.copy_file_range || options_.checksum ||
+      !copy_file_range_ok_.load(std::memory_order_relaxed)) {
+    return false;
+  }
   const PlanSource& src = plan_.sources[unit.unit->source];
   const int64_t es = DTypeSize(src.dtype);
   bool all = true;
   for (const PieceRef& pr : pieces) {
     const PlanTarget& t = plan_.ranks[pr.rank].targets[pr.piece->target];
     if (t.dtype != src.dtype) return false;
-    detail::ForEachBlock(
+    ForEachBlock(
         *pr.piece, src.dtype, t.dtype, static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
         static_cast<int64_t>(unit.unit->end / pr.row_bytes),
         [&](const Block& b) { all = all && b.SrcContiguous(es) && b.DstContiguous(es); });
@@ -232,17 +218,17 @@ absl::StatusOr<bool> FileSink::CopyFromFile(detail::SinkWorker&, const detail::U
   uint64_t written = 0;
   for (const PieceRef& pr : pieces) {
     const PlanTarget& t = plan_.ranks[pr.rank].targets[pr.piece->target];
-    const OutputFile& f = files_[pr.rank];
+    const OutputFile& f = out_[pr.rank];
     const uint64_t target_at = f.target_offset[pr.piece->target];
     absl::Status s;
-    detail::ForEachBlock(
+    ForEachBlock(
         *pr.piece, src.dtype, t.dtype, static_cast<int64_t>(unit.unit->begin / pr.row_bytes),
         static_cast<int64_t>(unit.unit->end / pr.row_bytes), [&](const Block& b) {
           if (!s.ok()) return;
           const uint64_t n = static_cast<uint64_t>(b.rows * b.width * es);
           s = CopyRange(fd, file_offset + b.src_offset, f, target_at + b.dst_offset, n);
           if (s.ok()) {
-            StartWriteback(f, target_at + b.dst_offset, n);
+            if (options_.start_writeback) StartWriteback(f, target_at + b.dst_offset, n);
             written += n;
           }
         });
@@ -262,7 +248,20 @@ absl::StatusOr<bool> FileSink::CopyFromFile(detail::SinkWorker&, const detail::U
   return true;
 }
 
-}  // namespace
+absl::Status FdSink::ZeroFill(size_t rank, uint32_t target, uint64_t offset, uint64_t bytes) {
+  if (!options_.zero_fill) return absl::OkStatus();
+  static const std::byte kZeros[64 << 10] = {};
+  const OutputFile& f = out_[rank];
+  const uint64_t at = f.target_offset[target] + offset;
+  for (uint64_t done = 0; done < bytes;) {
+    const uint64_t n = std::min<uint64_t>(sizeof(kZeros), bytes - done);
+    WD_RETURN_IF_ERROR(PwriteAll(f, kZeros, n, at + done));
+    done += n;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace detail
 
 absl::Status ExecutePlanToFiles(const Plan& plan, std::span<const OutputFile> files,
                                 const ExecutorOptions& options, LoadProgress* progress,
@@ -285,7 +284,7 @@ absl::Status ExecutePlanToFiles(const Plan& plan, std::span<const OutputFile> fi
   const uint64_t chunk = std::max<uint64_t>(64 << 10, options.chunk_bytes);
   WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, sizes, chunk));
   WD_ASSIGN_OR_RETURN(detail::PlanFiles in, detail::PlanFiles::Open(plan, options.io_mode));
-  FileSink sink(plan, files);
+  detail::FdSink sink(plan, files, {.start_writeback = true, .copy_file_range = true});
   absl::Status s = detail::RunReadPipeline(plan, work, in, sink,
                                            {.threads = threads,
                                             .uring_queue_depth = options.uring_queue_depth,
