@@ -11,7 +11,8 @@ in this order (so that drift of a shared machine touches every entry alike):
   - ceilings (bench/host_read_ceiling, --threads workers, 16 MiB pieces): pread into a reused
     buffer; into fresh malloc'ed memory; into a fresh memfd with a CRC32C per MiB (the work a
     host load cannot avoid: the floor weightd is held to, >= 0.95x); the same after
-    MADV_POPULATE_WRITE (page zeroing paid up front);
+    MADV_POPULATE_WRITE (page zeroing paid up front); pread into a reused 1 MiB buffer + CRC +
+    pwrite into a fresh memfd (what weightd's host executor does);
   - weightd load at TP 1, 2 and 4 (a daemon with the host backend, io_threads = --threads):
     wall time from the load request to generation 1, then a forced unload and a wait until the
     arenas' shmem is back with the kernel (so no entry pays for freeing another's memory);
@@ -230,7 +231,7 @@ def main():
               f"{'from ' + runai_py if runai_py else 'not installed'}")
         shmem0 = shmem_bytes()
         for r in range(a.rounds):
-            for mode in ("reused", "malloc", "memfd", "populate"):
+            for mode in ("reused", "malloc", "memfd", "populate", "pwrite"):
                 out = subprocess.run([ceiling, mode, str(a.threads), *files], check=True,
                                      capture_output=True, text=True).stdout.split()
                 add(f"ceiling: pread into {mode}", float(out[1]))
@@ -309,6 +310,7 @@ def main():
         w = med[f"weightd load tp={tp}"]
         line = f"  weightd tp={tp}: {floor / w:.2f}x the fresh-memfd+CRC floor (target 0.95)"
         line += f", {med['ceiling: pread into populate'] / w:.2f}x populate"
+        line += f", {med['ceiling: pread into pwrite'] / w:.2f}x pwrite"
         line += f", {med['safetensors numpy load_file'] / w:.2f}x numpy load_file"
         if "safetensors torch load_file" in med:
             line += f", {med['safetensors torch load_file'] / w:.2f}x torch load_file"

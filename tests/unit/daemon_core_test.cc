@@ -586,6 +586,60 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     }
 }
 
+// Workers start far apart (lanes of equal bytes), a worker whose lane is done takes the second
+// half of the fullest lane, and every unit is handed out exactly once, also under contention.
+TEST(UnitQueueTest, LanesOfEqualBytesStealingAndEveryUnitOnce) {
+  detail::WorkPlan work;
+  for (uint64_t i = 0; i < 10; ++i) work.units.push_back({0, i * 100, i * 100 + 100});
+  {
+    detail::UnitQueue q(work, 2);
+    std::optional<size_t> ahead;
+    EXPECT_EQ(q.Take(0, &ahead), 0u);
+    EXPECT_EQ(ahead, 1u);
+    EXPECT_EQ(q.Take(1, &ahead), 5u);
+    EXPECT_EQ(ahead, 6u);
+    // Worker 1 drains its lane, then steals [3, 5) from worker 0's [1, 5), leaving it [1, 3).
+    for (size_t want = 6; want < 10; ++want) EXPECT_EQ(q.Take(1, &ahead), want);
+    EXPECT_EQ(ahead, std::nullopt);
+    EXPECT_EQ(q.Take(1, &ahead), 3u);
+    EXPECT_EQ(ahead, 4u);
+    EXPECT_EQ(q.Take(0, &ahead), 1u);
+    EXPECT_EQ(ahead, 2u);
+    EXPECT_EQ(q.Take(0, &ahead), 2u);
+    EXPECT_EQ(ahead, std::nullopt);
+    EXPECT_EQ(q.Take(0, &ahead), 4u);  // the rest of worker 1's stolen lane
+    EXPECT_EQ(q.Take(1, &ahead), std::nullopt);
+    EXPECT_EQ(q.Take(0, &ahead), std::nullopt);
+  }
+  {
+    // Lanes split bytes, not units: one large unit is a lane of its own.
+    detail::WorkPlan uneven;
+    uneven.units.push_back({0, 0, 900});
+    for (uint64_t i = 0; i < 9; ++i) uneven.units.push_back({1, i * 100, i * 100 + 100});
+    detail::UnitQueue q(uneven, 2);
+    std::optional<size_t> ahead;
+    EXPECT_EQ(q.Take(1, &ahead), 1u);
+    EXPECT_EQ(q.Take(0, &ahead), 0u);
+    EXPECT_EQ(ahead, std::nullopt);
+  }
+  for (int workers : {1, 3, 4, 16}) {
+    SCOPED_TRACE(absl::StrCat(workers, " workers"));
+    detail::WorkPlan many;
+    for (uint64_t i = 0; i < 1000; ++i) many.units.push_back({0, i * 10, i * 10 + 1 + i % 7});
+    detail::UnitQueue q(many, workers);
+    std::vector<std::atomic<int>> seen(many.units.size());
+    std::vector<std::thread> pool;
+    for (int w = 0; w < workers; ++w) {
+      pool.emplace_back([&, w] {
+        std::optional<size_t> ahead;
+        while (std::optional<size_t> i = q.Take(w, &ahead)) seen[*i].fetch_add(1);
+      });
+    }
+    for (std::thread& t : pool) t.join();
+    for (size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i].load(), 1) << "unit " << i;
+  }
+}
+
 // Tensor-parallel slices and fused targets are written into the arenas' memfds (no mapping of
 // them is touched), and each one's CRC32C is taken while it is written. Column slices of `o`
 // make a row run per rank per row, more than one pwritev takes (IOV_MAX), in units of 1 MiB.

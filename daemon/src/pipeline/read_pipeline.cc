@@ -108,7 +108,8 @@ class Pipeline {
         options_(options),
         progress_(progress),
         threads_(std::max(1, options.threads)),
-        segments_(threads_) {}
+        segments_(threads_),
+        queue_(work, threads_) {}
 
   absl::Status Execute(TargetChecksums* checksums);
 
@@ -147,7 +148,7 @@ class Pipeline {
   std::unique_ptr<StagingRing> own_ring_;
   StagingRing* ring_ = nullptr;        // sink_ring_ or own_ring_
   std::vector<CrcSegments> segments_;  // [worker]
-  std::atomic<size_t> next_{0};
+  UnitQueue queue_;
   std::atomic<bool> failed_{false};
   std::atomic<bool> uring_warned_{false};
   absl::Mutex mu_;
@@ -249,13 +250,14 @@ void Pipeline::Work(int w) {
     if (progress_->cancel.load(std::memory_order_relaxed)) {
       return Fail(absl::CancelledError("load cancelled (unload --force)"));
     }
-    const size_t i = next_.fetch_add(1);
-    if (i >= units.size()) return;
+    std::optional<size_t> ahead;
+    const std::optional<size_t> next = queue_.Take(w, &ahead);
+    if (!next) return;
+    const size_t i = *next;
     // The unit this worker will likely take next, read ahead by the kernel meanwhile (the
     // page-cache path only: in the staged modes a cold unit must stay cold for O_DIRECT).
-    if (const size_t ahead = i + static_cast<size_t>(threads_);
-        !files_.staged() && ahead < units.size()) {
-      const WorkUnit& u = units[ahead];
+    if (ahead && !files_.staged()) {
+      const WorkUnit& u = units[*ahead];
       const PlanSource& s = plan_.sources[u.source];
       files_.WillNeed(s.file, s.offset + u.begin, u.end - u.begin);
     }

@@ -72,6 +72,48 @@ absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_
   return w;
 }
 
+UnitQueue::UnitQueue(const WorkPlan& work, int workers) {
+  const size_t n = static_cast<size_t>(std::max(1, workers));
+  lanes_.resize(n);
+  uint64_t total = 0;
+  for (const WorkUnit& u : work.units) total += u.end - u.begin;
+  // Lane k starts at the first unit at or after byte k/n of the whole.
+  size_t lane = 0;
+  uint64_t before = 0;
+  for (size_t i = 0; i < work.units.size(); ++i) {
+    while (lane + 1 < n && before >= total / n * (lane + 1)) {
+      lanes_[lane].end = i;
+      lanes_[++lane].next = i;
+    }
+    before += work.units[i].end - work.units[i].begin;
+  }
+  lanes_[lane].end = work.units.size();
+  for (size_t k = lane + 1; k < n; ++k) lanes_[k] = {work.units.size(), work.units.size()};
+}
+
+std::optional<size_t> UnitQueue::Take(int worker, std::optional<size_t>* ahead) {
+  absl::MutexLock l(&mu_);
+  Lane& own = lanes_[static_cast<size_t>(worker) % lanes_.size()];
+  if (own.next >= own.end) {
+    Lane* fullest = nullptr;
+    for (Lane& v : lanes_) {
+      if (v.end > v.next && (fullest == nullptr || v.end - v.next > fullest->end - fullest->next)) {
+        fullest = &v;
+      }
+    }
+    if (fullest == nullptr) {
+      *ahead = std::nullopt;
+      return std::nullopt;
+    }
+    const size_t mid = fullest->next + (fullest->end - fullest->next) / 2;
+    own = {mid, fullest->end};
+    fullest->end = mid;
+  }
+  const size_t i = own.next++;
+  *ahead = own.next < own.end ? std::optional<size_t>(own.next) : std::nullopt;
+  return i;
+}
+
 absl::StatusOr<PlanFiles> PlanFiles::Open(const Plan& plan, IoMode mode) {
   PlanFiles f;
   f.mode_ = mode;

@@ -9,12 +9,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "weightd/backend.h"
 #include "weightd/detail/uring_reader.h"
 #include "weightd/executor.h"
@@ -57,6 +59,27 @@ absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<Arena* const>
 // The same, against rank arenas of `arena_bytes[rank index]` bytes (sinks without arenas).
 absl::StatusOr<WorkPlan> BuildWorkPlan(const Plan& plan, std::span<const uint64_t> arena_bytes,
                                        uint64_t chunk);
+
+// Hands the units of a WorkPlan out to `workers` threads. Each worker walks a lane of its own,
+// a run of consecutive units holding about 1/workers of the bytes, so that workers read and
+// write far apart: in different layers, hence different segment arenas, whose memfds each
+// serialize their writers (a write holds the inode's lock while it copies). A worker whose lane
+// is done takes the second half of what is left of the fullest lane. Every unit is handed out
+// exactly once. Thread-safe.
+class UnitQueue {
+ public:
+  UnitQueue(const WorkPlan& work, int workers);
+  // The next unit for `worker`, or nullopt when none is left. `ahead` gets the unit this worker
+  // will take after it if nothing is stolen (for read-ahead), or nullopt.
+  std::optional<size_t> Take(int worker, std::optional<size_t>* ahead);
+
+ private:
+  struct Lane {
+    size_t next = 0, end = 0;
+  };
+  absl::Mutex mu_;
+  std::vector<Lane> lanes_ ABSL_GUARDED_BY(mu_);
+};
 
 // The plan's checkpoint files opened for reading units, and the choice of how each unit is read
 // (IoMode). Shared by the executors; thread-safe once opened.
