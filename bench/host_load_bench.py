@@ -3,7 +3,8 @@
 against what the machine allows, in the same run.
 
 Usage: host_load_bench.py [--build BUILD] [--gb 4] [--rounds 5] [--threads 2] [--cold]
-                          [--no-shard] [--work DIR] [--b-config '{"host_prefault": true}']
+                          [--no-shard] [--work DIR] [--b-config '{"io_mode": "auto"}']
+                          [--b-daemon OTHER/weightd]
 
 Method: writes a Llama-3-8B-shaped bf16 checkpoint of about --gb GB (4 shards, update_bench's
 writer) and reads it once into the page cache. Then --rounds interleaved rounds, each running,
@@ -25,8 +26,9 @@ in this order (so that drift of a shared machine touches every entry alike):
     TP=1 model and touches one byte per page, against one that load_file()s and touches alike;
   - with --cold: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`, root) before a
     weightd TP=1 load and before `cat` of the checkpoint files (target >= 0.9x cat).
-With --b-config, a second daemon whose config adds those keys loads at TP 1/2/4 right after
-the first in every round ("weightd[B]"): an A/B of a daemon setting within the same rounds.
+With --b-config and/or --b-daemon, a second daemon (whose config adds those keys, or another
+build of weightd) loads at TP 1/2/4 right after the first in every round ("weightd[B]"): an
+A/B of a daemon setting or of two builds within the same rounds.
 Prints per entry min and median (seconds, GB/s of checkpoint bytes) and the ratios of weightd
 to each floor and alternative (medians).
 """
@@ -143,6 +145,8 @@ def main():
     ap.add_argument("--no-shard", action="store_true")
     ap.add_argument("--work", help="directory for the checkpoint (kept; default: a temp dir)")
     ap.add_argument("--b-config", help="JSON object of daemon config keys for a B daemon")
+    ap.add_argument("--b-daemon", help="weightd binary of the B daemon (default: --build's)")
+    ap.add_argument("--raw", action="store_true", help="also print every round's seconds")
     a = ap.parse_args()
     build = os.path.abspath(a.build)
     os.environ.setdefault("WEIGHTD_CLIENT_LIB",
@@ -167,19 +171,20 @@ def main():
     ckpt_bytes = sum(os.path.getsize(f) for f in files)
     warm(ckpt)
     run = tempfile.mkdtemp(prefix="weightd-host-bench-run-")
-    def start_daemon(tag, extra):
+    def start_daemon(tag, extra, binary=os.path.join(build, "daemon", "weightd")):
         sock = os.path.join(run, f"weightd{tag}.sock")
         with open(os.path.join(run, f"weightd{tag}.json"), "w") as f:
             json.dump({"socket": sock, "backend": "host", "io_threads": a.threads, **extra}, f)
         log = open(os.path.join(run, f"weightd{tag}.log"), "w")
-        return sock, subprocess.Popen([os.path.join(build, "daemon", "weightd"), "--config",
+        return sock, subprocess.Popen([binary, "--config",
                                        os.path.join(run, f"weightd{tag}.json")], stderr=log)
 
     sock, proc = start_daemon("", {})
     procs = [proc]
     sock_b = None
-    if a.b_config:
-        sock_b, proc_b = start_daemon("-b", json.loads(a.b_config))
+    if a.b_config or a.b_daemon:
+        sock_b, proc_b = start_daemon("-b", json.loads(a.b_config or "{}"),
+                                      *([os.path.abspath(a.b_daemon)] if a.b_daemon else []))
         procs.append(proc_b)
     ceiling = os.path.join(build, "bench", "host_read_ceiling")
     weightctl = os.path.join(build, "client", "weightctl")
@@ -304,6 +309,10 @@ def main():
     print(f"\n{'entry':44} {'min s':>8} {'median s':>9} {'GB/s (med)':>10}")
     for k, v in res.items():
         print(f"{k:44} {min(v):8.3f} {med[k]:9.3f} {ckpt_bytes / med[k] / 1e9:10.2f}")
+    if a.raw:
+        print("\nevery round, in order (s):")
+        for k, v in res.items():
+            print(f"{k:44} " + " ".join(f"{x:.3f}" for x in v))
     print("\nratios (medians, GB/s of weightd / GB/s of the other; > 1: weightd faster):")
     floor = med["ceiling: pread into memfd"]
     for tp in (1, 2, 4):
@@ -317,10 +326,11 @@ def main():
         if "Run:ai streamer" in med:
             line += f", {med['Run:ai streamer'] / w:.2f}x Run:ai"
         print(line)
-    if a.b_config:
+    if sock_b:
+        what = " ".join(x for x in (a.b_config, a.b_daemon) if x)
         for tp in (1, 2, 4):
             w, b = med[f"weightd load tp={tp}"], med[f"weightd[B] load tp={tp}"]
-            print(f"  weightd[B] tp={tp} ({a.b_config}): {w / b:.2f}x weightd, "
+            print(f"  weightd[B] tp={tp} ({what}): {w / b:.2f}x weightd, "
                   f"{floor / b:.2f}x the floor")
     if "weightctl shard --tp 2 (fsync)" in med:
         print(f"  weightctl shard: {med['cp -r + sync'] / med['weightctl shard --tp 2 (fsync)']:.2f}"

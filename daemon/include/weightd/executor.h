@@ -8,7 +8,8 @@
 // ExecutePlanHost into host arenas, ExecutePlanCuda into device arenas, ExecutePlanToFiles into
 // `weightctl shard`'s output files. Every checkpoint byte the plan needs is read exactly once,
 // whatever the number of ranks: sources are visited in (file, offset) order and cut into
-// row-aligned units of at most chunk_bytes that `threads` workers take in turn. On the host a
+// row-aligned units of at most chunk_bytes that `threads` workers take lane by lane (one run of
+// the file order each, detail::UnitQueue, so that they write different arenas). On the host a
 // unit is read from the page cache in ~1 MiB steps (whole rows) into a per-thread buffer, and
 // each step's pieces (whole tensors, tensor-parallel slices, fused q/k/v and gate/up, casts,
 // replicas) are written into the arenas' memfds with pwrite/pwritev (detail/fd_sink.h),

@@ -14,15 +14,16 @@
 //   WD_RETURN_IF_ERROR(detail::RunReadPipeline(plan, work, files, sink, {.threads = 4}, &progress,
 //                                              &checksums));
 //
-// What the pipeline does once for every sink: `threads` workers take units in file order; a
-// unit is read into a buffer (a staging slot when the files are read with io_uring or the sink
-// owns a ring, else a per-thread buffer) and handed to the sink's worker, which applies the
-// pieces' Blocks. From the page cache a unit is read and handed over in steps of the sink's
-// read_step() (whole rows of every piece), so each step is still in cache when the sink writes
-// and checksums it. Then the plan's zero-fills (checked to lie inside their targets), the check
-// that no checkpoint file changed during the reads, and the target checksums (CrcSegments),
-// from which BuildRankManifest takes the CRC32C of every target it can instead of a second pass
-// over memory.
+// What the pipeline does once for every sink: `threads` workers take units from a UnitQueue
+// (work_units.h: each walks its own lane of the units in file order, far from the others, and
+// steals half of the fullest lane when done); a unit is read into a buffer (a staging slot when
+// the files are read with io_uring or the sink owns a ring, else a per-thread buffer) and handed
+// to the sink's worker, which applies the pieces' Blocks. From the page cache a unit is read and
+// handed over in steps of the sink's read_step() (whole rows of every piece), so each step is
+// still in cache when the sink writes and checksums it. Then the plan's zero-fills (checked to
+// lie inside their targets), the check that no checkpoint file changed during the reads, and
+// the target checksums (CrcSegments), from which BuildRankManifest takes the CRC32C of every
+// target it can instead of a second pass over memory.
 //
 // Errors: the first error of any worker (the reader's: file, offset, missing bytes; the sink's:
 // a write error naming the destination) stops the others at their next unit; CANCELLED when
