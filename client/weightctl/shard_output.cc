@@ -40,27 +40,6 @@ absl::Status CheckCancel(const LoadProgress& progress) {
   return absl::CancelledError("shard run cancelled");
 }
 
-absl::Status PwriteAll(int fd, const void* buf, uint64_t len, uint64_t off,
-                       const std::string& path) {
-  const auto* p = static_cast<const char*>(buf);
-  while (len > 0) {
-    const ssize_t n = pwrite(fd, p, std::min<uint64_t>(len, 1ull << 30), static_cast<off_t>(off));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, absl::StrCat("writing ", path, " at offset ", off));
-    }
-    if (n == 0) {
-      // Not expected of a regular file; without this the loop would spin.
-      return absl::DataLossError(
-          absl::StrCat("writing ", path, " at offset ", off, ": the write made no progress"));
-    }
-    p += n;
-    len -= n;
-    off += n;
-  }
-  return absl::OkStatus();
-}
-
 // Checks that the filesystem of `fd` has room for `needed` bytes (this file and the ones staged
 // before it, which are sparse until written), so that a disk too small for the output fails
 // here, in milliseconds, instead of after most of the data has been written. The blocks are not
@@ -123,8 +102,8 @@ absl::StatusOr<OutFile> CreateOutput(StagedFiles& staged, const std::string& nam
   unsigned char len[8];
   for (int i = 0; i < 8; ++i)
     len[i] = static_cast<unsigned char>((header.size() >> (8 * i)) & 0xFF);
-  WD_RETURN_IF_ERROR(PwriteAll(fd, len, 8, 0, path));
-  WD_RETURN_IF_ERROR(PwriteAll(fd, header.data(), header.size(), 8, path));
+  WD_RETURN_IF_ERROR(PwriteExact(fd, len, 8, 0, path));
+  WD_RETURN_IF_ERROR(PwriteExact(fd, header.data(), header.size(), 8, path));
   uint64_t o = data_start;
   for (const PlanTarget& t : r.targets) {
     out.target_offset.push_back(o);
@@ -156,7 +135,7 @@ absl::Status CopySideFile(const std::string& from, const std::string& name, Stag
     }
     if (n == 0) return absl::OkStatus();
     WD_RETURN_IF_ERROR(
-        PwriteAll(out->fd, buf.data(), static_cast<uint64_t>(n), off, out->temp_path));
+        PwriteExact(out->fd, buf.data(), static_cast<uint64_t>(n), off, out->temp_path));
     off += static_cast<uint64_t>(n);
   }
 }
