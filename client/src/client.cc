@@ -694,6 +694,7 @@ json ModelToJson(const ModelInfo& m) {
                      {"device", r.device},
                      {"state", r.state},
                      {"arena_bytes", r.arena_bytes},
+                     {"arenas", r.arenas},
                      {"tensors", r.tensors},
                      {"lease_count", r.lease_count},
                      {"leases", leases}});

@@ -107,8 +107,12 @@ void PrintModel(const ModelInfo& m) {
       if (std::find(pids.begin(), pids.end(), pid) == pids.end()) pids.push_back(std::move(pid));
     }
     if (r.lease_count > r.leases.size()) pids.push_back("...");
-    std::printf("    rank %d: %-9s device %d, %s, %u tensors, %llu leases%s%s\n", r.rank,
-                r.state.c_str(), r.device, HumanBytes(r.arena_bytes).c_str(), r.tensors,
+    // "in N arenas" from daemons that report segments.
+    const std::string arenas =
+        r.arenas > 0 ? absl::StrCat(" in ", r.arenas, r.arenas == 1 ? " arena" : " arenas") : "";
+    std::printf("    rank %d: %-9s device %d, %s%s, %u tensors, %llu leases%s%s\n", r.rank,
+                r.state.c_str(), r.device, HumanBytes(r.arena_bytes).c_str(), arenas.c_str(),
+                r.tensors,
                 static_cast<unsigned long long>(r.lease_count), pids.empty() ? "" : " pids ",
                 absl::StrJoin(pids, ",").c_str());
   }

@@ -1225,7 +1225,7 @@ TEST(ClientUpdateTest, StatusDecodesGenerationsAndUpdateProgress) {
                        R"({"models":[{"name":"m","state":"ready","generation":3,)"
                        R"("previous_generation":2,"update":{"state":"running","generation":4,)"
                        R"("bytes_total":100,"bytes_done":40,"seconds":1.5},)"
-                       R"("ranks":[{"rank":0,"leases":[{"lease":9,"pid":1,"uid":2,)"
+                       R"("ranks":[{"rank":0,"arenas":3,"leases":[{"lease":9,"pid":1,"uid":2,)"
                        R"("generation":3}]}]},{"name":"old","state":"ready","update":null}]})",
                        status)
                   .ok());
@@ -1241,6 +1241,7 @@ TEST(ClientUpdateTest, StatusDecodesGenerationsAndUpdateProgress) {
   ASSERT_EQ(got[0].ranks.size(), 1u);
   ASSERT_EQ(got[0].ranks[0].leases.size(), 1u);
   EXPECT_EQ(got[0].ranks[0].leases[0].generation, 3u);
+  EXPECT_EQ(got[0].ranks[0].arenas, 3u);
   // An older daemon: no generations, no update.
   EXPECT_EQ(got[1].generation, 0u);
   EXPECT_EQ(got[1].previous_generation, 0u);
@@ -1251,6 +1252,7 @@ TEST(ClientUpdateTest, StatusDecodesGenerationsAndUpdateProgress) {
   EXPECT_THAT(text, HasSubstr(R"("update":{"bytes_done":40,"bytes_total":100,"generation":4,)"
                               R"("seconds":1.5,"state":"running"})"));
   EXPECT_THAT(text, HasSubstr(R"("generation":3,"lease":9)"));
+  EXPECT_THAT(text, HasSubstr(R"("arenas":3)"));
 
   for (const char* models : {
            R"([{"name":"m","generation":-1}])",

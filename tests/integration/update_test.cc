@@ -736,6 +736,13 @@ void UpdateTest::OneLayerUpdate() {
   for (int r = 0; r < 2; ++r) {
     EXPECT_EQ(Metric("weightd_rank_arenas{model=\"m\",rank=\"" + std::to_string(r) + "\"}"), "3");
   }
+  // Status shows them too: in the reply, and in weightctl's listing and its --json.
+  for (const RankStatusInfo& r : Info("m").ranks) EXPECT_EQ(r.arenas, 3u) << "rank " << r.rank;
+  const RunResult st = RunProcess({WEIGHTCTL_BIN, "status", "m", "--socket", socket_});
+  EXPECT_THAT(st.out, HasSubstr("rank 0: ready     device -1, "));
+  EXPECT_THAT(st.out, HasSubstr(" in 3 arenas, "));
+  const RunResult js = RunProcess({WEIGHTCTL_BIN, "status", "m", "--json", "--socket", socket_});
+  EXPECT_THAT(js.out, HasSubstr(R"("arenas": 3)"));
   const ModelInfo before = Info("m");
   uint64_t model_bytes = 0;
   for (const RankStatusInfo& r : before.ranks) model_bytes += r.arena_bytes;

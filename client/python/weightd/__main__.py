@@ -32,8 +32,11 @@ def _print_model(m):
         print(text)
     for r in m["ranks"]:
         pids = sorted({lease["pid"] for lease in r.get("leases", [])})
+        n = r.get("arenas", 0)
+        arenas = f" in {n} arena{'s' if n != 1 else ''}" if n else ""
         print(f"    rank {r['rank']}: {r['state']:<9} device {r['device']}, "
-              f"{_bytes(r['arena_bytes'])}, {r['tensors']} tensors, {r['lease_count']} leases"
+              f"{_bytes(r['arena_bytes'])}{arenas}, {r['tensors']} tensors, "
+              f"{r['lease_count']} leases"
               + (" pids " + ",".join(map(str, pids)) if pids else ""))
 
 
