@@ -4,6 +4,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "weightd/status_macros.h"
 
 namespace weightd {
 namespace {
@@ -126,27 +127,20 @@ absl::StatusOr<SegmentedPlan> SplitPlan(const Plan& plan, const SegmentAssignmen
       out.input_target[s].push_back(t);
       sp.targets.push_back(std::move(target));
     }
-    for (const PlanPiece& p : rp.pieces) {
-      if (absl::Status s = target_of(p.target, "piece"); !s.ok()) return s;
-      const auto [s, local] = out.where[r][p.target];
-      PlanPiece q = p;
-      q.target = local;
-      out.plan.ranks[s].pieces.push_back(q);
-    }
-    for (const PlanZeroFill& z : rp.zero_fills) {
-      if (absl::Status s = target_of(z.target, "zero-fill"); !s.ok()) return s;
-      const auto [s, local] = out.where[r][z.target];
-      PlanZeroFill q = z;
-      q.target = local;
-      out.plan.ranks[s].zero_fills.push_back(q);
-    }
-    for (const PlanTransform& x : rp.transforms) {
-      if (absl::Status s = target_of(x.target, "transform"); !s.ok()) return s;
-      const auto [s, local] = out.where[r][x.target];
-      PlanTransform q = x;
-      q.target = local;
-      out.plan.ranks[s].transforms.push_back(q);
-    }
+    // Each piece, zero-fill and transform goes to its target's segment, renumbered there.
+    auto to_segments = [&](const auto& items, auto member, absl::string_view what) {
+      for (const auto& item : items) {
+        WD_RETURN_IF_ERROR(target_of(item.target, what));
+        const auto [s, local] = out.where[r][item.target];
+        auto moved = item;
+        moved.target = local;
+        (out.plan.ranks[s].*member).push_back(std::move(moved));
+      }
+      return absl::OkStatus();
+    };
+    WD_RETURN_IF_ERROR(to_segments(rp.pieces, &RankPlan::pieces, "piece"));
+    WD_RETURN_IF_ERROR(to_segments(rp.zero_fills, &RankPlan::zero_fills, "zero-fill"));
+    WD_RETURN_IF_ERROR(to_segments(rp.transforms, &RankPlan::transforms, "transform"));
   }
   return out;
 }
