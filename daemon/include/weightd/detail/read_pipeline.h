@@ -28,8 +28,8 @@
 // Errors: the first error of any worker (the reader's: file, offset, missing bytes; the sink's:
 // a write error naming the destination) stops the others at their next unit; CANCELLED when
 // progress->cancel is set. Thread-safety: RunReadPipeline is one call per plan; a Sink is called
-// from the workers concurrently (NewWorker, ZeroFill and Finish from one thread at a time), a
-// SinkWorker only from the thread that made it.
+// from the workers concurrently (NewWorker on each worker's thread, ZeroFill from one thread
+// after the workers), a SinkWorker only from the thread that made it.
 #ifndef WEIGHTD_DETAIL_READ_PIPELINE_H_
 #define WEIGHTD_DETAIL_READ_PIPELINE_H_
 
