@@ -42,7 +42,10 @@ absl::Status PreadExact(int fd, void* dst, uint64_t len, uint64_t offset,
 
 absl::Status PwritevExact(int fd, std::span<iovec> iov, uint64_t offset, const std::string& label) {
   size_t first = 0;
-  while (first < iov.size()) {
+  for (;;) {
+    // Empty iovecs need no write (and a write of 0 bytes would look like no progress).
+    while (first < iov.size() && iov[first].iov_len == 0) ++first;
+    if (first == iov.size()) break;
     const ssize_t n = ::pwritev(fd, iov.data() + first,
                                 static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX)),
                                 static_cast<off_t>(offset));

@@ -141,6 +141,37 @@ def test_numpy_memfd_reads_back_with_safetensors():
         assert got[name]["hex"] == little.tobytes().hex(), name
 
 
+def test_contiguous_host_tensors_are_written_without_a_mapping(monkeypatch):
+    """C-contiguous little-endian host arrays go into the memfd with pwrite: no mapping is made
+    (none to unmap before the seal); a transposed one among them still gets one."""
+    import weightd._memfd as memfd_module
+
+    made = []
+    real_mmap = memfd_module.mmap.mmap
+
+    def counting_mmap(*args, **kwargs):
+        made.append(args)
+        return real_mmap(*args, **kwargs)
+
+    monkeypatch.setattr(memfd_module.mmap, "mmap", counting_mmap)
+    big = np.arange(3 << 20, dtype=np.uint16).reshape(3, 1 << 20)  # 6 MiB, pages written whole
+    fd = safetensors_memfd({"a": big, "b": np.float32(2.5)})
+    try:
+        got = read_with_safetensors(fd=fd)
+    finally:
+        os.close(fd)
+    assert made == []
+    assert got["a"]["hex"] == big.tobytes().hex()
+    assert got["b"]["hex"] == np.float32(2.5).tobytes().hex()
+    fd = safetensors_memfd({"a": big, "t": big[:, :8].T})
+    try:
+        got = read_with_safetensors(fd=fd)
+    finally:
+        os.close(fd)
+    assert len(made) == 1
+    assert got["t"]["hex"] == np.ascontiguousarray(big[:, :8].T).tobytes().hex()
+
+
 def test_torch_memfd_reads_back_with_safetensors():
     torch = torch_or_skip()
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 3

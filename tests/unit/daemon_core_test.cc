@@ -586,6 +586,25 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     }
 }
 
+// PwritevExact writes every iovec, empty ones included (nothing to write is not "no progress"),
+// and names the label and offset with the errno text when the write fails.
+TEST(FileUtilTest, PwritevExactWritesEveryIovecAndNamesFailures) {
+  UniqueFd fd(::memfd_create("t", MFD_CLOEXEC));
+  ASSERT_TRUE(fd);
+  std::string a = "abc", b = "defg";
+  std::vector<iovec> iov = {{nullptr, 0}, {a.data(), a.size()}, {nullptr, 0}, {b.data(), b.size()},
+                            {nullptr, 0}};
+  ASSERT_TRUE(PwritevExact(fd.get(), iov, 5, "m").ok());
+  EXPECT_TRUE(PwriteExact(fd.get(), nullptr, 0, 0, "m").ok());
+  std::string got(12, '?');
+  ASSERT_TRUE(PreadExact(fd.get(), got.data(), got.size(), 0, "m").ok());
+  EXPECT_EQ(got, std::string("\0\0\0\0\0abcdefg", 12));
+  UniqueFd ro(::open(absl::StrCat("/proc/self/fd/", fd.get()).c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(ro);
+  const absl::Status s = PwriteExact(ro.get(), a.data(), a.size(), 7, "the memfd of arena x");
+  EXPECT_THAT(std::string(s.message()), HasSubstr("writing the memfd of arena x at offset 7: "));
+}
+
 // Workers start far apart (lanes of equal bytes), a worker whose lane is done takes the second
 // half of the fullest lane, and every unit is handed out exactly once, also under contention.
 TEST(UnitQueueTest, LanesOfEqualBytesStealingAndEveryUnitOnce) {

@@ -7,12 +7,14 @@ Client.update() hands the daemon for a dict of new tensors (docs/PROTOCOL.md "Ge
 
 Layout (the safetensors format): 8-byte little-endian header length N, N bytes of JSON
 {"<name>": {"dtype", "shape", "data_offsets": [begin, end]}} padded with spaces to a multiple of
-8, then the tensors back to back in the dict's order. The memfd is sized first and mapped, and
-each tensor is copied once, straight into its place in the mapping: np.copyto for numpy arrays,
-Tensor.copy_ for torch tensors (a CUDA tensor is copied device-to-host by torch directly into
-the memfd's pages; non-contiguous inputs are gathered by the same copy). The mapping is closed
-and the memfd sealed with F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL before it is
-returned, so the daemon reads exactly these bytes.
+8, then the tensors back to back in the dict's order. The memfd is sized first, and each tensor
+is copied once, straight into its place: tensors in host memory that are C-contiguous and
+little-endian with os.pwrite from their own buffer (whole pages written so are not zeroed
+first, and nothing needs unmapping), the others through a mapping made for them: np.copyto for
+numpy arrays, Tensor.copy_ for torch tensors (a CUDA tensor is copied device-to-host by torch
+directly into the memfd's pages; non-contiguous inputs are gathered by the same copy). Any
+mapping is closed and the memfd sealed with F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL
+before it is returned, so the daemon reads exactly these bytes.
 """
 import fcntl
 import json
@@ -98,22 +100,57 @@ def safetensors_memfd(tensors):
     fd = os.memfd_create("weightd-update", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, total)
-        mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        _pwrite_all(fd, len(text).to_bytes(8, "little") + text, 0)
+        mm = None
         try:
-            mm[0:8] = len(text).to_bytes(8, "little")
-            mm[8:data_start] = text
             for name, value, kind, begin, nbytes in plan:
-                if nbytes:
-                    _copy_into(mm, data_start + begin, nbytes, value, kind)
+                if not nbytes:
+                    continue
+                flat = _host_bytes(value, kind)
+                if flat is not None:
+                    _pwrite_all(fd, flat, data_start + begin)
+                    continue
+                if mm is None:
+                    mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                _copy_into(mm, data_start + begin, nbytes, value, kind)
         finally:
             # Every view of the mapping is gone by now (each copy drops its own), so the mapping
             # closes; a writable mapping left open would make F_SEAL_WRITE fail with EBUSY.
-            mm.close()
+            if mm is not None:
+                mm.close()
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _host_bytes(value, kind):
+    """`value`'s bytes as a flat byte memoryview when they can be written as they are (host
+    memory, C-contiguous, little-endian), else None."""
+    if kind == "numpy":
+        import numpy as np
+
+        value = np.asarray(value)
+        if value.dtype.byteorder == ">" or not value.flags.c_contiguous:
+            return None
+        return memoryview(value.reshape(-1).view(np.uint8))
+    if value.device.type != "cpu" or not value.is_contiguous():
+        return None
+    import torch
+
+    return memoryview(value.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd, data, offset):
+    """os.pwrite of all of `data` at `offset` (Linux writes at most ~2 GiB per call)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"pwrite into the update's memfd made no progress at offset {offset}")
+        view = view[n:]
+        offset += n
 
 
 def _copy_into(mm, start, nbytes, value, kind):

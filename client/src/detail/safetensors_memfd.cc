@@ -13,33 +13,13 @@
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "weightd/dtype.h"
+#include "weightd/file_util.h"
 #include "weightd/status_macros.h"
 
 namespace weightd::detail {
 namespace {
 
 using ordered_json = nlohmann::ordered_json;
-
-// pwrite until `n` bytes are written, retrying EINTR and short writes.
-absl::Status PwriteAll(int fd, const void* src, uint64_t n, uint64_t offset,
-                       const std::string& what) {
-  const auto* p = static_cast<const char*>(src);
-  while (n > 0) {
-    // One call moves at most 2 GiB - 4 KiB on Linux anyway; asking for less keeps ssize_t sane.
-    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, uint64_t{1} << 30));
-    const ssize_t w = ::pwrite(fd, p, chunk, static_cast<off_t>(offset));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, absl::StrCat("writing ", what, " into the update memfd"));
-    }
-    if (w == 0)
-      return absl::InternalError(absl::StrCat("writing ", what, ": pwrite wrote 0 bytes"));
-    p += w;
-    n -= static_cast<uint64_t>(w);
-    offset += static_cast<uint64_t>(w);
-  }
-  return absl::OkStatus();
-}
 
 }  // namespace
 
@@ -111,12 +91,13 @@ absl::StatusOr<UniqueFd> WriteSafetensorsMemfd(std::span<const UpdateTensor> ten
                        absl::StrCat("ftruncate of the update memfd to ", total, " bytes"));
   unsigned char prefix[8];
   for (int i = 0; i < 8; ++i) prefix[i] = static_cast<unsigned char>(text.size() >> (8 * i));
-  WD_RETURN_IF_ERROR(PwriteAll(fd.get(), prefix, sizeof(prefix), 0, "the header length"));
-  WD_RETURN_IF_ERROR(PwriteAll(fd.get(), text.data(), text.size(), 8, "the header"));
+  WD_RETURN_IF_ERROR(PwriteExact(fd.get(), prefix, sizeof(prefix), 0, "the update memfd (header length)"));
+  WD_RETURN_IF_ERROR(PwriteExact(fd.get(), text.data(), text.size(), 8, "the update memfd (header)"));
   uint64_t at = data_offset;
   for (const UpdateTensor& t : tensors) {
     WD_RETURN_IF_ERROR(
-        PwriteAll(fd.get(), t.data, t.nbytes, at, absl::StrCat("tensor '", t.name, "'")));
+        PwriteExact(fd.get(), t.data, t.nbytes, at,
+                    absl::StrCat("the update memfd (tensor '", t.name, "')")));
     at += t.nbytes;
   }
   WD_SYSCALL_OR_RETURN(
