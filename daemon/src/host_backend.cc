@@ -57,13 +57,9 @@ namespace {
 
 class HostArena final : public Arena {
  public:
-  HostArena(UniqueFd fd, uint64_t size, std::string label, std::byte* map,
+  HostArena(UniqueFd fd, uint64_t size, std::string label,
             std::shared_ptr<HostBackend::Ledger> ledger)
-      : fd_(std::move(fd)),
-        size_(size),
-        label_(std::move(label)),
-        write_map_(map),
-        ledger_(std::move(ledger)) {
+      : fd_(std::move(fd)), size_(size), label_(std::move(label)), ledger_(std::move(ledger)) {
     absl::MutexLock l(&ledger_->mu);
     ledger_->arenas[this] = size_;
   }
@@ -79,8 +75,17 @@ class HostArena final : public Arena {
   uint64_t size() const override { return size_; }
   int device() const override { return -1; }
   ArenaKind kind() const override { return ArenaKind::kHostMemfd; }
+  // Mapped on first use only: the executor writes through host_fd(), so a load leaves no
+  // writable mapping of its arenas in the daemon (and none to tear down at Seal()).
   std::span<std::byte> writable() override {
-    return write_map_ ? std::span<std::byte>(write_map_, size_) : std::span<std::byte>();
+    absl::MutexLock l(&map_mu_);
+    if (sealed_.load() || size_ == 0) return {};
+    if (write_map_ == nullptr) {
+      void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
+      if (p == MAP_FAILED) return {};
+      write_map_ = static_cast<std::byte*>(p);
+    }
+    return {write_map_, size_};
   }
   std::span<const std::byte> readable() const override {
     return read_map_ ? std::span<const std::byte>(read_map_, size_) : std::span<const std::byte>();
@@ -91,9 +96,12 @@ class HostArena final : public Arena {
   absl::Status Seal() override {
     if (sealed_) return absl::OkStatus();
     // F_SEAL_WRITE is refused (EBUSY) while any writable shared mapping exists.
-    if (write_map_ != nullptr) {
-      ::munmap(write_map_, size_);
-      write_map_ = nullptr;
+    {
+      absl::MutexLock l(&map_mu_);
+      if (write_map_ != nullptr) {
+        ::munmap(write_map_, size_);
+        write_map_ = nullptr;
+      }
     }
     WD_SYSCALL_OR_RETURN(::fcntl(fd_.get(), F_ADD_SEALS, kAllSeals),
                          absl::StrCat("sealing the memfd of ", label_));
@@ -145,7 +153,8 @@ class HostArena final : public Arena {
   UniqueFd fd_;
   uint64_t size_;
   std::string label_;
-  std::byte* write_map_ = nullptr;
+  absl::Mutex map_mu_;
+  std::byte* write_map_ ABSL_GUARDED_BY(map_mu_) = nullptr;
   const std::byte* read_map_ = nullptr;
   std::atomic<bool> sealed_{false};
   std::shared_ptr<HostBackend::Ledger> ledger_;
@@ -290,19 +299,7 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Allocate(const ArenaRequest&
     // device ordinal is kept in status for the engine's benefit.
   }
   WD_ASSIGN_OR_RETURN(UniqueFd fd, CreateMemfd(request.label, request.bytes));
-  std::byte* map = nullptr;
-  if (request.bytes > 0) {
-    void* p = ::mmap(nullptr, request.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      absl::Status s = ErrnoError(
-          err, absl::StrCat("mmap of the ", request.bytes, "-byte arena ", request.label));
-      if (err == ENOMEM) return absl::ResourceExhaustedError(s.message());
-      return s;
-    }
-    map = static_cast<std::byte*>(p);
-  }
-  return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, map, ledger_);
+  return std::make_unique<HostArena>(std::move(fd), request.bytes, request.label, ledger_);
 }
 
 absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd,
@@ -330,7 +327,7 @@ absl::StatusOr<std::unique_ptr<Arena>> HostBackend::Adopt(UniqueFd fd,
     return absl::FailedPreconditionError(absl::StrCat("arena ", label, " has ", st.st_size,
                                                       " bytes; its record says ", request.bytes));
   }
-  auto a = std::make_unique<HostArena>(std::move(fd), request.bytes, label, nullptr, ledger_);
+  auto a = std::make_unique<HostArena>(std::move(fd), request.bytes, label, ledger_);
   WD_RETURN_IF_ERROR(a->AdoptSealed());
   return a;
 }

@@ -7,10 +7,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -47,23 +49,12 @@ using testing::RandomTensor;
 using testing::TempDir;
 using testing::WriteSafetensors;
 
-// The resident memory (kB, /proc/self/smaps "Rss:") of the mapping that starts at `addr`;
-// fails the test when no mapping starts there.
-uint64_t ResidentKiB(const void* addr) {
-  std::ifstream smaps("/proc/self/smaps");
-  const std::string start = absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(addr)), "-");
-  bool in = false;
-  for (std::string line; std::getline(smaps, line);) {
-    // A mapping's first line starts "begin-end perms ..."; its fields "Name:   value kB".
-    const std::string first = line.substr(0, line.find(' '));
-    if (first.find('-') != std::string::npos && first.back() != ':') {
-      in = first.rfind(start, 0) == 0;
-      continue;
-    }
-    if (in && line.rfind("Rss:", 0) == 0) return std::stoull(line.substr(4));
-  }
-  ADD_FAILURE() << "no mapping starts at " << addr;
-  return ~0ull;
+// How many of this process's mappings (/proc/self/maps) name `what` (a memfd's name).
+size_t MappingsOf(absl::string_view what) {
+  std::ifstream maps("/proc/self/maps");
+  size_t n = 0;
+  for (std::string line; std::getline(maps, line);) n += absl::StrContains(line, what) ? 1 : 0;
+  return n;
 }
 
 TEST(ConfigTest, DefaultsAndEveryKey) {
@@ -482,8 +473,8 @@ class ExecutorTest : public ::testing::Test {
                   {"b", DType::kF32, {1000}, 131072, 4000},
                   {"z", DType::kU8, {4096}, 135168, 4096},
                   {"c", DType::kU16, {512, 256}, 139264, 262144}};
-    // "c" is a verbatim copy of s0: s0 is read straight into it (in several chunks) and "a"
-    // of both ranks is copied from there.
+    // "c" is a verbatim copy of s0, read in several chunks; "a" of both ranks slices the same
+    // source bytes.
     r0.pieces = {{0, 0, {1, 512, 256}, {0, 0, 0}, {1, 256, 256}, {0, 0, 0}, {1, 256, 256}},
                  {1, 1, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}, {0, 0, 0}, {1, 1, 1000}},
                  {0, 3, {1, 512, 256}, {0, 0, 0}, {1, 512, 256}, {0, 0, 0}, {1, 512, 256}}};
@@ -514,6 +505,22 @@ class ExecutorTest : public ::testing::Test {
     return out;
   }
 
+  // One host arena per rank of `plan`, owned by `owned`; with `fill`, every byte set to it
+  // (so that a zero-fill must really write).
+  std::vector<Arena*> HostArenas(const Plan& plan, std::vector<std::unique_ptr<Arena>>& owned,
+                                 std::optional<std::byte> fill = std::nullopt) {
+    std::vector<Arena*> raw;
+    for (const RankPlan& r : plan.ranks) {
+      owned.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
+      if (fill) {
+        std::span<std::byte> w = owned.back()->writable();
+        std::fill(w.begin(), w.end(), *fill);
+      }
+      raw.push_back(owned.back().get());
+    }
+    return raw;
+  }
+
   TempDir dir_;
   FakeTensor s0_, s1_;
   Plan plan_;
@@ -525,13 +532,7 @@ TEST_F(ExecutorTest, ChunkedReadsMatchWholeSourceCopies) {
     for (int threads : {1, 3}) {
       SCOPED_TRACE(absl::StrCat("io_mode ", IoModeName(mode), " threads ", threads));
       std::vector<std::unique_ptr<Arena>> arenas;
-      std::vector<Arena*> raw;
-      for (const RankPlan& r : plan_.ranks) {
-        arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
-        std::span<std::byte> w = arenas.back()->writable();
-        std::fill(w.begin(), w.end(), std::byte{0xEE});  // zero-fills must really write zeros
-        raw.push_back(arenas.back().get());
-      }
+      std::vector<Arena*> raw = HostArenas(plan_, arenas, std::byte{0xEE});
       LoadProgress progress;
       ExecutorOptions o;
       o.threads = threads;
@@ -702,16 +703,16 @@ TEST(ExecutorFdSinkTest, SlicesAndFusedTargetsAreWrittenThroughTheMemfdAndChecks
     std::vector<std::unique_ptr<Arena>> arenas;
     std::vector<Arena*> raw;
     for (const RankPlan& r : plan.ranks) {
-      arenas.push_back(*backend.Allocate({r.arena_bytes, -1, "x"}));
+      arenas.push_back(*backend.Allocate({r.arena_bytes, -1, "fdsink-test"}));
       raw.push_back(arenas.back().get());
     }
     LoadProgress progress;
     TargetChecksums crcs;
     ExecutorOptions eo{.threads = threads, .chunk_bytes = 1 << 20};
     ASSERT_TRUE(ExecutePlanHost(plan, raw, eo, &progress, &crcs).ok());
-    // Written through the memfds, never through a mapping: the arenas' writable mappings hold no
-    // page, so sealing has no page table to tear down.
-    for (Arena* a : raw) EXPECT_EQ(ResidentKiB(a->writable().data()), 0u);
+    // Written through the memfds, never through a mapping: the daemon holds no mapping of them,
+    // so sealing has no page table to tear down.
+    EXPECT_EQ(MappingsOf("memfd:weightd:fdsink-test"), 0u);
     EXPECT_EQ(progress.bytes_total.load(), q.bytes.size() + k.bytes.size() + o.bytes.size());
     std::vector<const FakeTensor*> src(3);
     src[sq] = &q;
@@ -741,11 +742,7 @@ TEST(ExecutorFdSinkTest, SlicesAndFusedTargetsAreWrittenThroughTheMemfdAndChecks
 // strided view, a cast, a zero-fill left to the pre-sized file), with any number of workers.
 TEST_F(ExecutorTest, FileSinkWritesTheBytesOfTheHostSink) {
   std::vector<std::unique_ptr<Arena>> arenas;
-  std::vector<Arena*> raw;
-  for (const RankPlan& r : plan_.ranks) {
-    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
-    raw.push_back(arenas.back().get());
-  }
+  std::vector<Arena*> raw = HostArenas(plan_, arenas);
   LoadProgress host_progress;
   ASSERT_TRUE(ExecutePlanHost(plan_, raw, {.threads = 2}, &host_progress).ok());
   for (int threads : {1, 3}) {
@@ -830,11 +827,7 @@ TEST_F(ExecutorTest, FileSinkWriteErrorNamesTheFile) {
 
 TEST_F(ExecutorTest, AutoModeReadsColdChunksWithUring) {
   std::vector<std::unique_ptr<Arena>> arenas;
-  std::vector<Arena*> raw;
-  for (const RankPlan& r : plan_.ranks) {
-    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
-    raw.push_back(arenas.back().get());
-  }
+  std::vector<Arena*> raw = HostArenas(plan_, arenas);
   ASSERT_TRUE(DropFileFromPageCache(dir_ / "m.safetensors").ok());
   UniqueFd fd(::open((dir_ / "m.safetensors").c_str(), O_RDONLY | O_CLOEXEC));
   auto f = ResidentFraction(fd.get(), 0, plan_.sources[1].offset, "m");
@@ -869,11 +862,7 @@ TEST_F(ExecutorTest, AShardRewrittenDuringTheLoadIsDataLoss) {
   ASSERT_TRUE(plan.ok()) << plan.status();
   ASSERT_TRUE(plan->files[0].identity.has_value());
   std::vector<std::unique_ptr<Arena>> arenas;
-  std::vector<Arena*> raw;
-  for (const RankPlan& r : plan->ranks) {
-    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
-    raw.push_back(arenas.back().get());
-  }
+  std::vector<Arena*> raw = HostArenas(*plan, arenas);
   auto rewrite = [&] {
     ::usleep(10000);  // a new modification time even on coarse-grained clocks
     UniqueFd fd(::open((dir_ / "m.safetensors").c_str(), O_WRONLY | O_CLOEXEC));
@@ -905,11 +894,7 @@ TEST_F(ExecutorTest, AShardRewrittenDuringTheLoadIsDataLoss) {
 
 TEST_F(ExecutorTest, CancelAndShortFileAndBadPlan) {
   std::vector<std::unique_ptr<Arena>> arenas;
-  std::vector<Arena*> raw;
-  for (const RankPlan& r : plan_.ranks) {
-    arenas.push_back(*backend_.Allocate({r.arena_bytes, -1, "x"}));
-    raw.push_back(arenas.back().get());
-  }
+  std::vector<Arena*> raw = HostArenas(plan_, arenas);
   LoadProgress cancelled;
   cancelled.cancel = true;
   EXPECT_EQ(ExecutePlanHost(plan_, raw, {}, &cancelled).code(), absl::StatusCode::kCancelled);
@@ -938,6 +923,11 @@ TEST_F(ExecutorTest, CancelAndShortFileAndBadPlan) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("target 'a' of rank 0"));
   EXPECT_EQ(ExecutePlanHost(plan_, std::span<Arena* const>(raw.data(), 1), {}, &p).code(),
             absl::StatusCode::kInternal);
+  // A sealed arena takes no writes, and the load says which arena.
+  ASSERT_TRUE(raw[1]->Seal().ok());
+  s = ExecutePlanHost(plan_, raw, {}, &p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("arena x of rank 1 is not a writable host memfd"));
 }
 
 // A registry over a checkpoint written by the test.

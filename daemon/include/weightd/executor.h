@@ -52,7 +52,8 @@ struct LoadProgress {
 };
 
 // How checkpoint bytes are read:
-//   kPread: pread into the arena (verbatim sources) or a per-thread buffer; the page-cache path.
+//   kPread: pread in ~1 MiB steps into a per-thread buffer (or, for CUDA, into a staging slot);
+//           the page-cache path.
 //   kUring: io_uring, O_DIRECT where the filesystem allows, into a StagingRing slot, then copied
 //           (and converted) from the slot. Falls back to kPread when io_uring is unavailable.
 //   kAuto:  per chunk, mincore decides: at least kCachedThreshold resident -> kPread, else kUring.

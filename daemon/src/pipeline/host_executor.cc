@@ -20,15 +20,20 @@ namespace weightd {
 absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_arenas,
                              const ExecutorOptions& options, LoadProgress* progress,
                              TargetChecksums* checksums) {
-  if (rank_arenas.size() != plan.ranks.size()) {
-    return absl::InternalError(absl::StrCat("executor got ", rank_arenas.size(), " arenas for ",
-                                            plan.ranks.size(), " ranks"));
-  }
+  const int threads = std::max(1, options.threads);
+  // Units of at most a chunk; in the staged modes a cold unit is read with O_DIRECT into a slot
+  // of the chunk and two pages (its 4 KiB-aligned superset). From the page cache a unit is read
+  // in steps of about 1 MiB into a per-thread buffer of that size.
+  const uint64_t slack = options.io_mode != IoMode::kPread ? 2 * kDirectIoAlignment : 0;
+  const uint64_t chunk = std::max<uint64_t>(
+      64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads - slack));
+  // Also checks that there is an arena for every rank and that the plan fits them.
+  WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
   std::vector<OutputFile> out(plan.ranks.size());
   for (size_t r = 0; r < plan.ranks.size(); ++r) {
     const Arena& a = *rank_arenas[r];
     if (a.host_fd() < 0 || a.size() < plan.ranks[r].arena_bytes) {
-      return absl::InternalError(absl::StrCat("arena of rank ", plan.ranks[r].rank,
+      return absl::InternalError(absl::StrCat("arena ", a.label(), " of rank ", plan.ranks[r].rank,
                                               " is not a writable host memfd of at least ",
                                               plan.ranks[r].arena_bytes, " bytes"));
     }
@@ -36,14 +41,6 @@ absl::Status ExecutePlanHost(const Plan& plan, std::span<Arena* const> rank_aren
     out[r].path = absl::StrCat("the memfd of arena ", a.label());
     for (const PlanTarget& t : plan.ranks[r].targets) out[r].target_offset.push_back(t.offset);
   }
-  const int threads = std::max(1, options.threads);
-  // Units of at most a chunk; in the staged modes a cold unit is read with O_DIRECT into a slot
-  // of the chunk and two pages (its 4 KiB-aligned superset). From the page cache a unit is read
-  // in FdSink::kStepBytes steps into a per-thread buffer of that size.
-  const uint64_t slack = options.io_mode != IoMode::kPread ? 2 * kDirectIoAlignment : 0;
-  const uint64_t chunk = std::max<uint64_t>(
-      64 << 10, std::min(options.chunk_bytes, options.buffer_budget / threads - slack));
-  WD_ASSIGN_OR_RETURN(detail::WorkPlan work, detail::BuildWorkPlan(plan, rank_arenas, chunk));
   WD_ASSIGN_OR_RETURN(detail::PlanFiles files, detail::PlanFiles::Open(plan, options.io_mode));
   // A fresh memfd reads as zeros already, but the arena of an update holds bytes copied from the
   // previous generation: zero-fills are written.

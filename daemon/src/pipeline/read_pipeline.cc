@@ -16,6 +16,10 @@
 namespace weightd::detail {
 namespace {
 
+// Bytes of each read from the page cache (rounded down to whole rows): small enough that the
+// sink writes them while they are still in cache (L2) after the read.
+constexpr uint64_t kReadStep = 1 << 20;
+
 uint32_t CrcOfZeros(uint64_t n) {
   static const std::byte kZeros[64 << 10] = {};
   uint32_t crc = 0;
@@ -125,11 +129,11 @@ class Pipeline {
   absl::Status Prepare();
   void Work(int w);
   absl::Status ReadUnit(Worker& wk, size_t i);
-  // A unit read into a staging slot or the worker's buffer, then written by the sink.
-  absl::Status ReadBuffered(Worker& wk, size_t i, UringReader* uring);
-  // A unit read from the page cache into the worker's buffer in steps of the sink's read_step(),
-  // each written by the sink right after its read.
-  absl::Status ReadInSteps(Worker& wk, size_t i, uint64_t step);
+  // A unit read into a staging slot (io_uring, or the sink's ring), then written by the sink.
+  absl::Status ReadIntoSlot(Worker& wk, size_t i, UringReader* uring);
+  // A unit read from the page cache into the worker's buffer in steps of kReadStep, each
+  // written by the sink right after its read.
+  absl::Status ReadInSteps(Worker& wk, size_t i);
   absl::Status ZeroFills();
   void Fail(absl::Status s) {
     absl::MutexLock l(&mu_);
@@ -170,34 +174,22 @@ absl::Status Pipeline::Prepare() {
   return absl::OkStatus();
 }
 
-absl::Status Pipeline::ReadBuffered(Worker& wk, size_t i, UringReader* uring) {
+absl::Status Pipeline::ReadIntoSlot(Worker& wk, size_t i, UringReader* uring) {
   const WorkUnit& u = work_.units[i];
   const PlanSource& src = plan_.sources[u.source];
-  const uint64_t len = u.end - u.begin;
-  StagingSlot slot;
-  std::byte* dst;
-  uint64_t capacity;
-  if (uring != nullptr || sink_ring_ != nullptr) {
-    WD_ASSIGN_OR_RETURN(slot, ring_->Acquire());
-    dst = slot.data();
-    capacity = slot.size();
-  } else {
-    if (wk.buffer.size() < len) wk.buffer.resize(len);
-    dst = wk.buffer.data();
-    capacity = wk.buffer.size();
-  }
+  WD_ASSIGN_OR_RETURN(StagingSlot slot, ring_->Acquire());
   WD_ASSIGN_OR_RETURN(std::span<const std::byte> bytes,
-                      ReadInto(files_, uring, src.file, src.offset + u.begin, len, dst, capacity,
-                               src.name, progress_));
-  return wk.out->Write({i, &u, bytes, slot ? &slot : nullptr, wk.crc}, work_.by_source[u.source]);
+                      ReadInto(files_, uring, src.file, src.offset + u.begin, u.end - u.begin,
+                               slot.data(), slot.size(), src.name, progress_));
+  return wk.out->Write({i, &u, bytes, &slot, wk.crc}, work_.by_source[u.source]);
 }
 
-absl::Status Pipeline::ReadInSteps(Worker& wk, size_t i, uint64_t step) {
+absl::Status Pipeline::ReadInSteps(Worker& wk, size_t i) {
   const WorkUnit& u = work_.units[i];
   const PlanSource& src = plan_.sources[u.source];
   // Whole row groups of every piece reading this source.
   const uint64_t rows = work_.row_align[u.source];
-  step = std::max(rows, step - step % rows);
+  const uint64_t step = std::max(rows, kReadStep - kReadStep % rows);
   if (wk.buffer.size() < std::min(step, u.end - u.begin)) {
     wk.buffer.resize(std::min(step, u.end - u.begin));
   }
@@ -230,10 +222,8 @@ absl::Status Pipeline::ReadUnit(Worker& wk, size_t i) {
       return absl::OkStatus();
     }
   }
-  if (uring == nullptr && sink_ring_ == nullptr && sink_.read_step() > 0) {
-    return ReadInSteps(wk, i, sink_.read_step());
-  }
-  return ReadBuffered(wk, i, uring);
+  if (uring == nullptr && sink_ring_ == nullptr) return ReadInSteps(wk, i);
+  return ReadIntoSlot(wk, i, uring);
 }
 
 void Pipeline::Work(int w) {

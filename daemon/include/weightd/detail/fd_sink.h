@@ -50,8 +50,6 @@ class FdSink final : public Sink {
   FdSink(const Plan& plan, std::span<const OutputFile> out, FdSinkOptions options)
       : plan_(plan), out_(out), options_(options) {}
 
-  // Units are read and written in steps that stay in cache between the read and the write.
-  uint64_t read_step() const override { return kStepBytes; }
   absl::StatusOr<std::unique_ptr<SinkWorker>> NewWorker(int) override;
   absl::Status ZeroFill(size_t rank, uint32_t target, uint64_t offset, uint64_t bytes) override;
   absl::StatusOr<bool> CopyFromFile(SinkWorker& worker, const UnitBytes& unit, int fd,
@@ -59,8 +57,6 @@ class FdSink final : public Sink {
                                     std::span<const PieceRef> pieces) override;
   // Tensor bytes written so far (zero-fills not counted).
   uint64_t written() const { return written_.load(); }
-
-  static constexpr uint64_t kStepBytes = 1 << 20;
 
  private:
   class Worker;

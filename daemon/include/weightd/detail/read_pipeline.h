@@ -16,11 +16,10 @@
 //
 // What the pipeline does once for every sink: `threads` workers take units from a UnitQueue
 // (work_units.h: each walks its own lane of the units in file order, far from the others, and
-// steals half of the fullest lane when done); a unit is read into a buffer (a staging slot when
-// the files are read with io_uring or the sink owns a ring, else a per-thread buffer) and handed
-// to the sink's worker, which applies the pieces' Blocks. From the page cache a unit is read and
-// handed over in steps of the sink's read_step() (whole rows of every piece), so each step is
-// still in cache when the sink writes and checksums it. Then the plan's zero-fills (checked to
+// steals half of the fullest lane when done); a unit is read into a staging slot when the files
+// are read with io_uring or the sink owns a ring, else from the page cache into a per-thread
+// buffer in steps of about 1 MiB (whole rows of every piece), each handed to the sink's worker,
+// which applies the pieces' Blocks while the step is still in cache. Then the plan's zero-fills (checked to
 // lie inside their targets), the check that no checkpoint file changed during the reads, and
 // the target checksums (CrcSegments), from which BuildRankManifest takes the CRC32C of every
 // target it can instead of a second pass over memory.
@@ -143,12 +142,8 @@ class SinkWorker {
 class Sink {
  public:
   virtual ~Sink() = default;
-  // Bytes (rounded down to whole rows, at least one row group) of each read from the page cache
-  // handed to a SinkWorker at a time, so that it writes them while they are in cache; 0 (the
-  // default) for whole units.
-  virtual uint64_t read_step() const { return 0; }
-  // The ring every buffered unit is read into (pinned memory for DMA), or null: the pipeline
-  // reads into slots of its own ring when io_uring may be used, else into a per-thread buffer.
+  // The ring every unit is read into (pinned memory for DMA), or null: the pipeline reads into
+  // slots of its own ring when io_uring may be used, else in steps into a per-thread buffer.
   virtual StagingRing* ring() { return nullptr; }
   // Lets the sink take a unit straight from the checkpoint file (`fd`, the unit's first byte at
   // `file_offset`) without the pipeline reading it: true when it wrote every piece (FileSink:

@@ -38,7 +38,7 @@ struct WorkUnit {
 };
 
 // A piece that copies its whole source, unchanged, onto its whole target: the source's bytes
-// are the target's bytes (read straight into the arena; checksummed from the read).
+// are the target's bytes (the CUDA executor checksums them from the staging slot).
 bool IsVerbatim(const Plan& plan, const RankPlan& rp, const PlanPiece& p);
 
 struct WorkPlan {
